@@ -1,0 +1,1 @@
+"""dynaflow.runtime: run intra-device schedules on unchanged models. Imports torch only."""

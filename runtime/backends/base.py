@@ -1,0 +1,34 @@
+"""The backend interface: turn a Plan into a callable that runs it once, and wait for the device."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..plan import Plan
+
+
+@dataclass(kw_only=True)
+class Runner:
+    """Runs a plan once per call. `notes`: how the backend realised the schedule (e.g. why SM
+    partitions were not applied), recorded with every measurement."""
+
+    run: Callable[[], None]
+    notes: dict[str, str] = field(default_factory=dict)
+    close: Callable[[], None] = lambda: None
+
+
+class Backend(ABC):
+    name: str = "abstract"
+
+    @abstractmethod
+    def prepare(self, plan: Plan) -> Runner:
+        """Create streams/threads/events once; the returned runner issues the plan's tasks."""
+
+    @abstractmethod
+    def synchronize(self) -> None:
+        """Block until all work issued so far has finished."""
+
+    def peak_bytes(self, plan: Plan, runner: Runner) -> int | None:
+        """Peak bytes allocated above the starting level during one run; None if unknown."""
+        return None

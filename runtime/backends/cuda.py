@@ -1,0 +1,102 @@
+"""CUDA backend: streams and events created once per plan; issue from one host thread.
+
+Each run forks every stream off the current stream and joins them back, so work of one run
+never overlaps the next and memory freed after a run is safe to reuse. SM shares become
+disjoint green-context partitions when the stack allows; otherwise the streams run
+unpartitioned and the runner's notes say why. With `cuda_graph`, the whole schedule is
+captured once (multi-stream capture: fork and join inside the capture) and replayed.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..plan import Plan
+from .base import Backend, Runner
+from .green_ctx import PartitionUnavailable, make_partitioned_streams
+
+
+class CUDABackend(Backend):
+    name = "cuda"
+
+    def __init__(self, device: str = "cuda") -> None:
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device.")
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._streams: dict[tuple, list] = {}
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def peak_bytes(self, plan: Plan, runner: Runner) -> int | None:
+        self.synchronize()
+        start = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        runner.run()
+        self.synchronize()
+        return torch.cuda.max_memory_allocated(self.device) - start
+
+    def prepare(self, plan: Plan) -> Runner:
+        streams, notes = self._get_streams(plan)
+        events = [torch.cuda.Event() for _ in plan.tasks]
+
+        def run_once() -> None:
+            plan.reset()
+            main = torch.cuda.current_stream(self.device)
+            for s in streams:
+                s.wait_stream(main)
+            for i, task in enumerate(plan.tasks):
+                stream = streams[task.stream]
+                with torch.cuda.stream(stream):
+                    for w in task.waits:
+                        stream.wait_event(events[w])
+                    task.fn()
+                    if i in plan_recorded:
+                        events[i].record(stream)
+            for s in streams:
+                main.wait_stream(s)
+
+        plan_recorded = {w for t in plan.tasks for w in t.waits}
+        if not plan.schedule.cuda_graph:
+            return Runner(run=run_once, notes=notes)
+        return Runner(run=self._capture(run_once), notes={**notes, "cuda_graph": "captured once, replayed"})
+
+    def _capture(self, run_once):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm up outside capture: lazy inits, cuBLAS workspaces
+                run_once()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run_once()
+        return graph.replay
+
+    def _get_streams(self, plan: Plan):
+        specs = plan.schedule.streams
+        shares = [s.sm_share for s in specs]
+        priorities = [s.priority for s in specs]
+        key = (tuple(shares), tuple(priorities))
+        notes: dict[str, str] = {}
+        if key not in self._streams:
+            self._streams[key] = self._make_streams(shares, priorities, notes)
+        streams, cached_notes = self._streams[key]
+        return streams, {**cached_notes, **notes}
+
+    def _make_streams(self, shares, priorities, notes):
+        if any(s is not None for s in shares):
+            if any(s is None for s in shares):
+                notes["partition"] = "mixed: streams without sm_share run on the SMs the others leave"
+            try:
+                want = [s for s in shares if s is not None]
+                part, granted = make_partitioned_streams(self.device.index, want, priorities)
+                notes["partition"] = f"green contexts, granted SMs {granted} for requested {want}"
+                it = iter(part)
+                streams = [next(it) if s is not None else torch.cuda.Stream(self.device, priority=p)
+                           for s, p in zip(shares, priorities)]
+                return streams, notes
+            except PartitionUnavailable as e:
+                notes["partition"] = f"unavailable: {e}; streams run unpartitioned"
+        return [torch.cuda.Stream(self.device, priority=p) for p in priorities], notes

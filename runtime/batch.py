@@ -1,0 +1,103 @@
+"""Batch layout: which requests a batch holds and how each model input is indexed by them.
+
+A nano-batch is a contiguous range of requests. Every batched input is indexed on dim 0 by
+flat tokens, by all requests, or by the requests of one kind (e.g. only decode requests), so a
+request range maps to one contiguous slice of each input: nano-batches are views, never copies.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+TOKENS = "tokens"
+REQUESTS = "requests"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BatchLayout:
+    """request_tokens[i], request_kinds[i]: tokens and kind of request i, in batch order.
+    input_axes[j]: how input j is indexed on dim 0: "tokens", "requests", a kind, or None (whole).
+    output_axis: how the output is indexed on dim 0 ("tokens" or "requests")."""
+
+    request_tokens: tuple[int, ...]
+    request_kinds: tuple[str, ...]
+    input_axes: tuple[str | None, ...]
+    output_axis: str = TOKENS
+
+    def __post_init__(self) -> None:
+        if not self.request_tokens:
+            raise ValueError("a batch must hold at least one request, but request_tokens is empty.")
+        if len(self.request_kinds) != len(self.request_tokens):
+            raise ValueError(
+                f"request_kinds has {len(self.request_kinds)} entries but request_tokens has "
+                f"{len(self.request_tokens)}; they must match."
+            )
+        if any(t < 1 for t in self.request_tokens):
+            raise ValueError(f"every request needs >= 1 token, but request_tokens={self.request_tokens!r}.")
+        axes = {TOKENS, REQUESTS, *self.request_kinds}
+        for j, axis in enumerate((*self.input_axes, self.output_axis)):
+            if axis is not None and axis not in axes:
+                raise ValueError(f"input_axes[{j}]={axis!r} is not one of {sorted(axes)} or None.")
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.request_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.request_tokens)
+
+    @classmethod
+    def uniform(cls, num_rows: int, num_inputs: int) -> "BatchLayout":
+        """Every input and the output indexed by the same rows (a user model with batch on dim 0)."""
+        return cls(request_tokens=(1,) * num_rows, request_kinds=(REQUESTS,) * num_rows,
+                   input_axes=(REQUESTS,) * num_inputs, output_axis=REQUESTS)
+
+    def request_ranges(self, split_unit: str, split_sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+        """Nano-batches as request ranges [r0, r1). Raises ValueError naming the rule broken."""
+        if not split_sizes:
+            return [(0, self.num_requests)]
+        if split_unit == REQUESTS:
+            return _ranges_from_sizes(split_sizes, self.num_requests, "requests")
+        token_ends = list(itertools.accumulate(self.request_tokens))
+        ranges = _ranges_from_sizes(split_sizes, self.num_tokens, "tokens")
+        request_of_end = {end: i + 1 for i, end in enumerate(token_ends)}
+        for _, end in ranges[:-1]:
+            if end not in request_of_end:
+                raise ValueError(
+                    f"split_sizes {list(split_sizes)} cut at token {end}, inside a request; token splits "
+                    f"must fall on request boundaries (request ends: {token_ends[:8]}{'...' if len(token_ends) > 8 else ''})."
+                )
+        bounds = [0] + [request_of_end[end] for _, end in ranges]
+        return list(zip(bounds, bounds[1:]))
+
+    def slices(self, r0: int, r1: int) -> dict[str, slice]:
+        """The dim-0 slice of every axis for requests [r0, r1)."""
+        out = {REQUESTS: slice(r0, r1)}
+        tok_before = sum(self.request_tokens[:r0])
+        out[TOKENS] = slice(tok_before, tok_before + sum(self.request_tokens[r0:r1]))
+        for kind in set(self.request_kinds):
+            start = self.request_kinds[:r0].count(kind)
+            out[kind] = slice(start, start + self.request_kinds[r0:r1].count(kind))
+        return out
+
+    def split_inputs(self, inputs: tuple[torch.Tensor, ...], r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+        """Views of every batched input for requests [r0, r1); unbatched inputs pass whole."""
+        if len(inputs) != len(self.input_axes):
+            raise ValueError(f"the model takes {len(self.input_axes)} inputs per the layout, but got {len(inputs)}.")
+        sl = self.slices(r0, r1)
+        return tuple(x if axis is None else x[sl[axis]] for x, axis in zip(inputs, self.input_axes))
+
+    def output_slice(self, r0: int, r1: int) -> slice:
+        return self.slices(r0, r1)[self.output_axis]
+
+
+def _ranges_from_sizes(sizes: tuple[int, ...], total: int, unit: str) -> list[tuple[int, int]]:
+    if sum(sizes) != total:
+        raise ValueError(
+            f"split_sizes must sum to the batch's {total} {unit}, but {list(sizes)} sums to {sum(sizes)}."
+        )
+    ends = list(itertools.accumulate(sizes))
+    return list(zip([0] + ends[:-1], ends))

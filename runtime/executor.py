@@ -1,0 +1,99 @@
+"""Run a schedule on an unchanged model: trace once, compile a schedule, call it.
+
+    ex = Executor(case)                  # traces the model into ops once
+    run = ex.compile(schedule)           # validates, builds tasks, streams, events
+    out = run()                          # the layer's output, written into run.out
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backends import Backend, Runner, get_backend
+from .counters import count
+from .graph import Op, OpGraph, trace
+from .plan import Plan, build_plan
+from .schedule import Schedule
+from .workload import Case
+
+
+@dataclass(kw_only=True)
+class Compiled:
+    plan: Plan
+    runner: Runner
+    backend: Backend
+
+    def __call__(self) -> torch.Tensor:
+        self.runner.run()
+        return self.plan.out
+
+    @property
+    def out(self) -> torch.Tensor:
+        return self.plan.out
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class Executor:
+    def __init__(self, case: Case, *, backend: Backend | None = None) -> None:
+        self.case = case
+        self.device = case.inputs[0].device
+        self.backend = backend or get_backend(str(self.device) if self.device.type == "cuda" else "cpu")
+        self.graph: OpGraph = trace(case.model)
+        self._out_like: torch.Tensor | None = None
+
+    def reference(self) -> torch.Tensor:
+        """The plain sequential eager run of the unchanged model."""
+        with torch.no_grad():
+            out = self.case.model(*self.case.inputs)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"{self.case.name}: the model must return one tensor, but returned {type(out).__name__}.")
+        self._out_like = out
+        return out
+
+    def compile(self, schedule: Schedule, *, sm_count: int | None = None) -> Compiled:
+        """Validate the schedule against this model and batch, and prepare it to run."""
+        check_shares(schedule, sm_count)
+        if self._out_like is None:
+            self.reference()
+        out = torch.empty_like(self._out_like)
+        plan = build_plan(self.graph, self.case, schedule, out)
+        runner = self.backend.prepare(plan)
+        return Compiled(plan=plan, runner=_no_grad(runner), backend=self.backend)
+
+    def profile_ops(self, *, flops_per_byte: float) -> OpGraph:
+        """Count each op's FLOPs and bytes on the whole batch and classify its resource:
+        copy (no arithmetic), compute (intensity above the machine balance), else memory."""
+        compiled = self.compile(Schedule())
+        plan, ops = compiled.plan, []
+        plan.reset()
+        with torch.no_grad():
+            for task, op in zip(plan.tasks, self.graph.ops):
+                _, c = count(task.fn)
+                resource = "copy" if c.only_copies else "compute" if c.flops / max(c.bytes, 1) >= flops_per_byte \
+                    else "memory"
+                ops.append(Op(name=op.name, deps=op.deps, flops=c.flops, bytes=c.bytes, resource=resource))
+        self.graph = OpGraph(ops=tuple(ops), module=self.graph.module, writes_output=self.graph.writes_output)
+        return self.graph
+
+
+def check_shares(schedule: Schedule, sm_count: int | None) -> None:
+    total = schedule.total_sm_share
+    if total is not None and sm_count is not None and total > sm_count:
+        raise ValueError(
+            f"streams' sm_share must sum to at most the device's {sm_count} SMs (threads on CPU), "
+            f"but {[s.sm_share for s in schedule.streams]} sums to {total}."
+        )
+
+
+def _no_grad(runner: Runner) -> Runner:
+    inner = runner.run
+
+    def run() -> None:
+        with torch.no_grad():
+            inner()
+
+    runner.run = run
+    return runner

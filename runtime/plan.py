@@ -1,0 +1,162 @@
+"""Lower (graph, inputs, schedule) to a list of tasks: one per (op, nano-batch), in issue order.
+
+A task runs one op's submodule on one nano-batch's values, on one stream, after waiting for
+the tasks on *other* streams it reads from (same-stream order is the issue order). Values are
+dropped after their last reader when producer and readers share a stream; values that cross
+streams live until the run ends, so no allocator can reuse memory another stream still reads.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from .graph import OpGraph
+from .schedule import Schedule, Step
+from .workload import Case
+
+
+@dataclass(kw_only=True, slots=True)
+class Task:
+    op: str
+    nano: int
+    stream: int
+    fn: Callable[[], None]
+    waits: tuple[int, ...]  # indices of tasks on other streams that must finish first
+
+
+@dataclass(kw_only=True)
+class Plan:
+    schedule: Schedule
+    tasks: list[Task]
+    out: torch.Tensor
+    ranges: list[tuple[int, int]]
+    join_copies: bool  # True when the graph could not write its output in place
+    envs: list[dict] = field(default_factory=list)
+    reset: Callable[[], None] = lambda: None
+
+    @property
+    def num_streams(self) -> int:
+        return len(self.schedule.streams)
+
+
+def default_order(graph: OpGraph, num_nano: int) -> tuple[Step, ...]:
+    """Nano-batch by nano-batch, ops in graph order, stream 0: the sequential issue order."""
+    return tuple(Step(op=op, nano=b) for b in range(num_nano) for op in graph.names)
+
+
+def check_order(order: tuple[Step, ...], graph: OpGraph, num_nano: int) -> None:
+    """Every (op, nano) exactly once, each after the steps it reads from."""
+    known = set(graph.names)
+    done: set[tuple[str, int]] = set()
+    for step in order:
+        if step.op not in known:
+            raise ValueError(f"order names op {step.op!r}, which the graph lacks; ops: {list(graph.names)}.")
+        for dep in graph.op(step.op).deps:
+            if (dep, step.nano) not in done:
+                raise ValueError(
+                    f"order issues ({step.op!r}, nano {step.nano}) before its input ({dep!r}, nano {step.nano}); "
+                    "each step must come after the steps it reads from."
+                )
+        done.add((step.op, step.nano))
+    missing = [(op, b) for b in range(num_nano) for op in graph.names if (op, b) not in done]
+    if missing:
+        raise ValueError(f"order must hold every (op, nano-batch) once, but lacks {missing[:4]} ({len(missing)} in all).")
+
+
+def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor) -> Plan:
+    ranges = case.layout.request_ranges(schedule.split_unit, schedule.split_sizes)
+    order = schedule.order or default_order(graph, len(ranges))
+    check_order(order, graph, len(ranges))
+    mod = graph.module
+    call_nodes = dict(zip(graph.names, _call_nodes(mod)))
+    consts = {n: _fetch_attr(mod, n.target) for n in mod.graph.nodes if n.op == "get_attr"}
+    placeholders = [n for n in mod.graph.nodes if n.op == "placeholder"]
+    output_value = next(n for n in mod.graph.nodes if n.op == "output").args[0]
+    envs: list[dict] = [dict() for _ in ranges]
+
+    def reset() -> None:
+        for b, (r0, r1) in enumerate(ranges):
+            envs[b].clear()
+            envs[b].update(zip(placeholders, _nano_inputs(case, r0, r1, out, graph.writes_output)))
+
+    stream_of = {(s.op, s.nano): s.stream for s in order}
+    index_of = {(s.op, s.nano): i for i, s in enumerate(order)}
+    drops = _drop_after(order, graph, call_nodes, stream_of, output_value)
+    tasks = []
+    for i, step in enumerate(order):
+        node = call_nodes[step.op]
+        env, sl = envs[step.nano], case.layout.output_slice(*ranges[step.nano])
+        join = (out, sl, output_value) if not graph.writes_output and _produces(node, output_value) else None
+        waits = tuple(sorted({index_of[(d, step.nano)] for d in graph.op(step.op).deps
+                              if stream_of[(d, step.nano)] != step.stream}))
+        tasks.append(Task(op=step.op, nano=step.nano, stream=step.stream, waits=waits,
+                          fn=_task_fn(mod, node, env, consts, drops.get(i, ()), join)))
+    return Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=not graph.writes_output,
+                envs=envs, reset=reset)
+
+
+def _nano_inputs(case: Case, r0: int, r1: int, out: torch.Tensor, writes_output: bool):
+    views = case.layout.split_inputs(case.inputs, r0, r1)
+    return (*views, out[case.layout.output_slice(r0, r1)]) if writes_output else views
+
+
+def _task_fn(mod, node: fx.Node, env: dict, consts: dict, drop: tuple, join):
+    submod = getattr(mod, node.target)
+    args = node.args
+
+    def load(a):
+        if isinstance(a, fx.Node):
+            if a in env:
+                return env[a]
+            if a in consts:
+                return consts[a]
+            if a.op == "call_function" and a.target is operator.getitem:
+                return load(a.args[0])[a.args[1]]
+            raise KeyError(a.name)
+        return a
+
+    def fn() -> None:
+        env[node] = submod(*[load(a) for a in args])
+        if join is not None:
+            out, sl, value = join
+            out[sl].copy_(load(value))
+        for n in drop:
+            env.pop(n, None)
+
+    return fn
+
+
+def _drop_after(order, graph: OpGraph, call_nodes, stream_of, output_value) -> dict[int, tuple]:
+    """Task index -> values it may drop: producers on its stream, all of whose readers share it."""
+    readers: dict[tuple[str, int], list[int]] = {}
+    for i, s in enumerate(order):
+        for d in graph.op(s.op).deps:
+            readers.setdefault((d, s.nano), []).append(i)
+    drops: dict[int, list] = {}
+    for (op, nano), idx in readers.items():
+        same_stream = all(order[i].stream == stream_of[(op, nano)] for i in idx)
+        if same_stream and not _produces(call_nodes[op], output_value):
+            drops.setdefault(max(idx), []).append(call_nodes[op])
+    return {i: tuple(v) for i, v in drops.items()}
+
+
+def _call_nodes(mod: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in mod.graph.nodes if n.op == "call_module"]
+
+
+def _produces(node: fx.Node, value) -> bool:
+    while isinstance(value, fx.Node) and value.op == "call_function" and value.target is operator.getitem:
+        value = value.args[0]
+    return value is node
+
+
+def _fetch_attr(mod: torch.nn.Module, target: str):
+    obj = mod
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+

@@ -1,0 +1,162 @@
+"""A schedule: how one layer's ops run on one device. Plain data, JSON round-trip.
+
+`Schedule()` is the sequential schedule: one nano-batch, one stream, ops in graph order.
+Everything else is a value of the same type, so "no tuned schedule" is never a special case.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+SCHEMA_VERSION = 1
+SPLIT_UNITS = ("requests", "tokens")
+MAX_STREAMS = 8
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamSpec:
+    """One stream. `sm_share`: SMs on a GPU (threads on CPU) reserved for it; None = no partition."""
+
+    sm_share: int | None = None
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sm_share is not None and (not isinstance(self.sm_share, int) or self.sm_share < 1):
+            raise ValueError(f"streams[].sm_share must be a positive int or None, but got {self.sm_share!r}.")
+        if not isinstance(self.priority, int) or not -3 <= self.priority <= 0:
+            raise ValueError(
+                f"streams[].priority must be an int in [-3, 0] (lower runs first), but got {self.priority!r}."
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Step:
+    """Issue op `op` of nano-batch `nano` on stream `stream`."""
+
+    op: str
+    nano: int
+    stream: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """Split sizes, streams, and the issue order of (op, nano-batch) steps.
+
+    split_sizes: nano-batch sizes in `split_unit`s; () means one nano-batch of the whole batch.
+    order: every (op, nano-batch) exactly once, each after its producers; () means nano-batch
+        by nano-batch, ops in graph order, all on stream 0.
+    """
+
+    split_unit: str = "requests"
+    split_sizes: tuple[int, ...] = ()
+    streams: tuple[StreamSpec, ...] = (StreamSpec(),)
+    order: tuple[Step, ...] = ()
+    cuda_graph: bool = False
+    label: str = "sequential"
+    schema_version: ClassVar[int] = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _set(self, "split_sizes", tuple(self.split_sizes))
+        _set(self, "streams", tuple(_as(StreamSpec, s, "streams") for s in self.streams))
+        _set(self, "order", tuple(_as(Step, s, "order") for s in self.order))
+        self._check_fields()
+
+    def _check_fields(self) -> None:
+        if self.split_unit not in SPLIT_UNITS:
+            raise ValueError(f"split_unit must be one of {SPLIT_UNITS}, but got {self.split_unit!r}.")
+        bad = [s for s in self.split_sizes if not isinstance(s, int) or isinstance(s, bool) or s < 1]
+        if bad:
+            raise ValueError(f"split_sizes must be positive ints, but got {self.split_sizes!r} (bad: {bad}).")
+        if not 1 <= len(self.streams) <= MAX_STREAMS:
+            raise ValueError(f"streams must hold 1..{MAX_STREAMS} streams, but got {len(self.streams)}.")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be a bool, but got {self.cuda_graph!r}.")
+        seen: set[tuple[str, int]] = set()
+        for step in self.order:
+            if not 0 <= step.nano < self.num_nano:
+                raise ValueError(
+                    f"order step {step} names nano-batch {step.nano}, but split_sizes "
+                    f"{self.split_sizes!r} makes {self.num_nano} nano-batch(es)."
+                )
+            if not 0 <= step.stream < len(self.streams):
+                raise ValueError(f"order step {step} names stream {step.stream}, but only {len(self.streams)} exist.")
+            if (step.op, step.nano) in seen:
+                raise ValueError(f"order holds ({step.op!r}, nano {step.nano}) twice; each step must appear once.")
+            seen.add((step.op, step.nano))
+
+    @property
+    def num_nano(self) -> int:
+        return max(1, len(self.split_sizes))
+
+    @property
+    def is_sequential(self) -> bool:
+        return self.num_nano == 1 and len(self.streams) == 1 and not self.order
+
+    @property
+    def total_sm_share(self) -> int | None:
+        shares = [s.sm_share for s in self.streams if s.sm_share is not None]
+        return sum(shares) if shares else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["schema_version"] = SCHEMA_VERSION
+        d["order"] = [[s.op, s.nano, s.stream] for s in self.order]  # compact: orders get long
+        return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Schedule":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a schedule must be a JSON object, but got {type(d).__name__}.")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"schedule schema_version must be {SCHEMA_VERSION}, but got {version!r}; "
+                "a newer dynaflow-tune wrote it, or it is not a schedule file."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - {"schema_version"})
+        if unknown:
+            raise ValueError(f"schedule has unknown field(s) {unknown}; known: {sorted(known)}.")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "order" in kwargs:
+            kwargs["order"] = [_step_from_json(s) for s in kwargs["order"]]
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Schedule":
+        return cls.from_dict(json.loads(text))
+
+    def __str__(self) -> str:
+        shares = [s.sm_share for s in self.streams]
+        return (f"Schedule({self.label}: split {self.split_unit} {list(self.split_sizes) or 'whole'}, "
+                f"{len(self.streams)} stream(s) shares={shares}, {len(self.order) or 'default'} steps, "
+                f"cuda_graph={self.cuda_graph})")
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)
+
+
+def _as(cls: type, value: object, name: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return cls(**value)
+        except TypeError as e:
+            raise ValueError(f"{name}: bad entry {dict(value)!r}: {e}") from None
+    raise ValueError(f"{name} entries must be {cls.__name__} or objects, but got {value!r}.")
+
+
+def _step_from_json(value: object) -> Step:
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        return Step(op=value[0], nano=value[1], stream=value[2])
+    if isinstance(value, Mapping):
+        return _as(Step, value, "order")
+    raise ValueError(f"order entries must be [op, nano, stream], but got {value!r}.")
+

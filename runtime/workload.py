@@ -1,0 +1,149 @@
+"""Workloads: a model preset plus a batch (decode requests x context, prefill tokens), dtype, device.
+
+`Workload.build()` gives a `Case`: the unchanged model, its inputs and their batch layout, the
+one thing the runtime needs. A user model plugs in as a `module:callable` returning a Case.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .batch import TOKENS, BatchLayout
+from .models.llama import LlamaConfig, LlamaLayer, init_weights
+from .models.moe import MixtralLayer, MoEConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+@dataclass(kw_only=True, slots=True)
+class Case:
+    """A model ready to run: module, inputs (dim 0 batched per layout), and the layout."""
+
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    layout: BatchLayout
+    name: str = "model"
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layout.num_tokens
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "llama-tiny": LlamaConfig(hidden=64, num_heads=4, num_kv_heads=2, intermediate=128, head_dim=16),
+    "llama3-8b": LlamaConfig(hidden=4096, num_heads=32, num_kv_heads=8, intermediate=14336),
+    # one tensor-parallel shard (TP=8) of Llama-3-70B; the all-reduce is not modelled
+    "llama3-70b": LlamaConfig(hidden=8192, num_heads=8, num_kv_heads=1, intermediate=3584),
+    "mixtral-tiny": MoEConfig(hidden=64, num_heads=4, num_kv_heads=2, intermediate=64, head_dim=16),
+    "mixtral-8x7b": MoEConfig(hidden=4096, num_heads=32, num_kv_heads=8, intermediate=14336, rope_theta=1e6),
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Workload:
+    """model: a preset name or "module:callable" (callable(workload) -> Case).
+    prefill_tokens are cut into requests of prefill_chunk tokens (default: one request)."""
+
+    model: str
+    num_decode: int = 0
+    context_len: int = 0
+    prefill_tokens: int = 0
+    prefill_chunk: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model not in PRESETS and ":" not in self.model:
+            raise ValueError(
+                f"model must be a preset {sorted(PRESETS)} or 'module:callable', but got {self.model!r}."
+            )
+        for name in ("num_decode", "context_len", "prefill_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, but got {value!r}.")
+        if self.num_decode and self.context_len < 1:
+            raise ValueError(f"context_len must be >= 1 with decode requests, but got {self.context_len}.")
+        if self.num_decode + self.prefill_tokens == 0 and self.model in PRESETS:
+            raise ValueError("a workload needs num_decode > 0 or prefill_tokens > 0, but both are 0.")
+        chunk = self.chunk
+        if self.prefill_tokens and (chunk < 1 or self.prefill_tokens % chunk):
+            raise ValueError(
+                f"prefill_chunk must divide prefill_tokens={self.prefill_tokens}, but got {self.prefill_chunk}."
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, but got {self.dtype!r}.")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', but got {self.device!r}.")
+
+    @property
+    def chunk(self) -> int:
+        return self.prefill_chunk or self.prefill_tokens
+
+    @property
+    def num_prefill(self) -> int:
+        return self.prefill_tokens // self.chunk if self.prefill_tokens else 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decode + self.prefill_tokens
+
+    @property
+    def key(self) -> str:
+        """Stable, filename-safe; the device type is part of it, the device index is not."""
+        model = re.sub(r"[^A-Za-z0-9.-]+", "-", self.model)
+        parts = [model, f"d{self.num_decode}x{self.context_len}", f"p{self.prefill_tokens}"]
+        if self.prefill_chunk and self.prefill_chunk != self.prefill_tokens:
+            parts.append(f"c{self.prefill_chunk}")
+        parts.append(DTYPE_SHORT[self.dtype])
+        return "_".join(parts)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def build(self) -> Case:
+        if self.model in PRESETS:
+            return build_preset(self)
+        return load_callable(self.model)(self)
+
+
+def build_preset(w: Workload) -> Case:
+    cfg = PRESETS[w.model]
+    layer_cls = MixtralLayer if isinstance(cfg, MoEConfig) else LlamaLayer
+    model = init_weights(layer_cls(cfg), w.seed).to(device=w.device, dtype=w.torch_dtype).eval()
+    gen = torch.Generator().manual_seed(w.seed + 1)
+    kv_shape = (w.num_decode, w.context_len + 1, cfg.num_kv_heads, cfg.head_dim)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(device=w.device, dtype=w.torch_dtype)
+
+    inputs = (
+        rand(w.num_tokens, cfg.hidden), rand(*kv_shape), rand(*kv_shape),
+        torch.full((w.num_decode,), w.context_len, dtype=torch.long, device=w.device),
+        torch.arange(w.chunk, device=w.device).repeat(w.num_prefill, 1),
+    )
+    layout = BatchLayout(
+        request_tokens=(1,) * w.num_decode + (w.chunk,) * w.num_prefill,
+        request_kinds=("decode",) * w.num_decode + ("prefill",) * w.num_prefill,
+        input_axes=(TOKENS, "decode", "decode", "decode", "prefill"),
+    )
+    return Case(model=model, inputs=inputs, layout=layout, name=w.model)
+
+
+def load_callable(spec: str) -> Callable[[Workload], Case]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model {spec!r}: cannot import {attr!r} from {module_name!r} ({e}).") from None
+    if not callable(fn):
+        raise ValueError(f"model {spec!r} must name a callable(workload) -> Case, but it is {type(fn).__name__}.")
+    return fn
+
