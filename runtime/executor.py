@@ -61,7 +61,7 @@ class Executor:
         out = torch.empty_like(self._out_like)
         plan = build_plan(self.graph, self.case, schedule, out)
         runner = self.backend.prepare(plan)
-        return Compiled(plan=plan, runner=_no_grad(runner), backend=self.backend)
+        return Compiled(plan=plan, runner=runner, backend=self.backend)
 
     def profile_ops(self, *, flops_per_byte: float) -> OpGraph:
         """Count each op's FLOPs and bytes on the whole batch and classify its resource:
@@ -87,13 +87,3 @@ def check_shares(schedule: Schedule, sm_count: int | None) -> None:
             f"but {[s.sm_share for s in schedule.streams]} sums to {total}."
         )
 
-
-def _no_grad(runner: Runner) -> Runner:
-    inner = runner.run
-
-    def run() -> None:
-        with torch.no_grad():
-            inner()
-
-    runner.run = run
-    return runner

@@ -119,6 +119,7 @@ def _task_fn(mod, node: fx.Node, env: dict, consts: dict, drop: tuple, join):
             raise KeyError(a.name)
         return a
 
+    @torch.no_grad()  # grad mode is per thread; schedules are for inference
     def fn() -> None:
         env[node] = submod(*[load(a) for a in args])
         if join is not None:

@@ -68,7 +68,7 @@ class Workload:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, but got {value!r}.")
-        if self.num_decode and self.context_len < 1:
+        if self.num_decode and self.context_len < 1 and self.model in PRESETS:
             raise ValueError(f"context_len must be >= 1 with decode requests, but got {self.context_len}.")
         if self.num_decode + self.prefill_tokens == 0 and self.model in PRESETS:
             raise ValueError("a workload needs num_decode > 0 or prefill_tokens > 0, but both are 0.")

@@ -64,14 +64,13 @@ def _run_threads(plan: Plan, pool: ThreadPoolExecutor) -> None:
 
 def _stream_worker(tasks: list[Task], ids: list[int], done, failed) -> None:
     try:
-        with torch.no_grad():  # grad mode is per thread
-            for i in ids:
-                for w in tasks[i].waits:
-                    done[w].wait()
-                if failed.is_set():
-                    return
-                tasks[i].fn()
-                done[i].set()
+        for i in ids:
+            for w in tasks[i].waits:
+                done[w].wait()
+            if failed.is_set():
+                return
+            tasks[i].fn()
+            done[i].set()
     except BaseException:
         failed.set()
         for ev in done:  # release every waiter so no stream hangs on a dead producer

@@ -1,0 +1,143 @@
+"""Hardware fingerprint and measured peaks.
+
+The key holds what makes a schedule invalid elsewhere (architecture, SM count, memory): a
+stored schedule is refused on a mismatch. Software versions are recorded but not keyed: a
+drift is a warning at load time, not a miss.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import telemetry
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hardware:
+    kind: str  # "cuda" or "cpu"
+    name: str
+    arch: str  # compute capability "9.0", or the CPU machine type
+    num_sms: int  # SMs on a GPU, cores on a CPU
+    memory_bytes: int
+    mig: bool | None = None
+    software: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        name = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        return f"{self.kind}-{name}-{self.arch.replace('.', '')}-{self.num_sms}sm-{round(self.memory_bytes / 2**30)}g"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Hardware":
+        return cls(**d)
+
+    def mismatch(self, other: "Hardware") -> list[str]:
+        """The hard fields that differ: a schedule tuned on `other` must not run here."""
+        return [f"{f}: {getattr(other, f)!r} vs {getattr(self, f)!r}"
+                for f in ("kind", "arch", "num_sms", "memory_bytes") if getattr(self, f) != getattr(other, f)]
+
+    def drift(self, other: "Hardware") -> list[str]:
+        """Software versions that changed since `other` was recorded."""
+        return [f"{k}: {other.software.get(k)!r} -> {v!r}" for k, v in self.software.items()
+                if other.software.get(k) not in (None, v) and v is not None]
+
+
+def detect(device: str = "cpu") -> Hardware:
+    if device.startswith("cuda"):
+        return _detect_cuda(torch.device(device))
+    return _detect_cpu()
+
+
+def _detect_cuda(dev: torch.device) -> Hardware:
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    nvml = telemetry.nvml_static(index)
+    software = {"torch": torch.__version__, "cuda": torch.version.cuda, "driver": nvml.get("driver")}
+    return Hardware(kind="cuda", name=props.name, arch=f"{props.major}.{props.minor}",
+                    num_sms=props.multi_processor_count, memory_bytes=props.total_memory,
+                    mig=nvml.get("mig"), software=software)
+
+
+def _detect_cpu() -> Hardware:
+    name = _cpu_model() or platform.processor() or "cpu"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return Hardware(kind="cpu", name=name, arch=platform.machine(), num_sms=cores, memory_bytes=memory,
+                    software={"torch": torch.__version__, "python": platform.python_version()})
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Peaks:
+    """Peaks measured on this device: a large GEMM and a large device-to-device copy."""
+
+    flops_per_s: float
+    bytes_per_s: float
+    dtype: str
+
+    @property
+    def balance(self) -> float:
+        return self.flops_per_s / self.bytes_per_s
+
+
+_PEAKS: dict[tuple[str, str], Peaks] = {}
+
+
+def measure_peaks(device: str, dtype: torch.dtype, *, hardware: Hardware,
+                  cache_dir: Path | None = None) -> Peaks:
+    """Measured once per (hardware, dtype) per process; cached as JSON under cache_dir if given."""
+    key = (hardware.key, str(dtype).removeprefix("torch."))
+    if key in _PEAKS:
+        return _PEAKS[key]
+    path = cache_dir / f"{key[0]}_{key[1]}.json" if cache_dir else None
+    if path and path.exists():
+        _PEAKS[key] = Peaks(**json.loads(path.read_text()))
+        return _PEAKS[key]
+    _PEAKS[key] = peaks = _run_peaks(device, dtype)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(peaks)))
+    return peaks
+
+
+def _run_peaks(device: str, dtype: torch.dtype) -> Peaks:
+    n = 4096 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    flops = 2 * n**3 / _best_time(lambda: torch.mm(a, b), device)
+    src = torch.empty(64 * 2**20 if device.startswith("cuda") else 16 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    bw = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), device)
+    return Peaks(flops_per_s=flops, bytes_per_s=bw, dtype=str(dtype).removeprefix("torch."))
+
+
+def _best_time(fn, device: str, repeats: int = 10) -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best

@@ -1,0 +1,176 @@
+"""Measurement, in one place: verify against the sequential reference, warm up, time, report.
+
+    bench = Bench(workload)              # builds the model once, runs the reference once
+    m = bench.measure(schedule)          # Measurement: outcome, median/spread, tokens/s, ...
+
+A candidate whose outputs differ from the reference is a result (INCORRECT), never a fast one.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import telemetry
+from .counters import count
+from .executor import Compiled, Executor
+from .hardware import Hardware, Peaks, detect, measure_peaks
+from .schedule import Schedule
+from .workload import Case, Workload
+
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (1e-2, 1e-2)}
+
+
+class TrialOutcome(str, Enum):
+    OK = "ok"
+    INCORRECT = "incorrect"
+    OOM = "oom"
+    TIMEOUT = "timeout"
+    CRASHED = "crashed"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MeasureConfig:
+    warmup: int = 3
+    repeats: int = 15
+    peaks_dir: Path | None = None  # where measured peaks are cached per hardware; None: per process
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.repeats < 1:
+            raise ValueError(f"warmup must be >= 0 and repeats >= 1, but got {self.warmup} and {self.repeats}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measurement:
+    outcome: TrialOutcome
+    message: str = ""
+    error_ratio: float | None = None  # worst |out - ref| / (atol + rtol |ref|); <= 1 passes
+    latency_ms: float | None = None  # median
+    latency_p10_ms: float | None = None
+    latency_p90_ms: float | None = None
+    samples_ms: tuple[float, ...] = ()
+    tokens_per_s: float | None = None
+    peak_bytes: int | None = None
+    flops: float | None = None
+    bytes: float | None = None
+    bound_ms: float | None = None  # roofline lower bound
+    efficiency: float | None = None  # bound_ms / latency_ms
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is TrialOutcome.OK
+
+    @property
+    def spread(self) -> float | None:
+        """(p90 - p10) / median: the relative noise of the samples."""
+        if self.latency_ms is None:
+            return None
+        return (self.latency_p90_ms - self.latency_p10_ms) / self.latency_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["outcome"] = self.outcome.value
+        d["spread"] = self.spread
+        return d
+
+    def summary(self) -> str:
+        if not self.ok:
+            return f"{self.outcome.value.upper()}: {self.message}"
+        eff = f", {self.efficiency:.1%} of roofline" if self.efficiency is not None else ""
+        return (f"{self.latency_ms:.3f} ms median (p10 {self.latency_p10_ms:.3f}, p90 {self.latency_p90_ms:.3f}), "
+                f"{self.tokens_per_s:,.0f} tokens/s, peak {self.peak_bytes / 2**20:.1f} MiB{eff}")
+
+
+class Bench:
+    """A workload ready to measure schedules on: model, reference output and bound, built once."""
+
+    def __init__(self, workload: Workload | None = None, *, case: Case | None = None,
+                 config: MeasureConfig = MeasureConfig(), hardware: Hardware | None = None) -> None:
+        if (workload is None) == (case is None):
+            raise ValueError("Bench needs exactly one of workload or case.")
+        self.case = case or workload.build()
+        self.config = config
+        self.device = str(self.case.inputs[0].device)
+        self.hardware = hardware or detect(self.device)
+        self.executor = Executor(self.case)
+        self.reference = self.executor.reference().clone()
+        _, counts = count(self.case.model, *self.case.inputs)
+        self.flops, self.bytes = counts.flops, counts.bytes
+        self.peaks: Peaks = measure_peaks(self.device, self.reference.dtype, hardware=self.hardware,
+                                          cache_dir=config.peaks_dir)
+        self.executor.profile_ops(flops_per_byte=self.peaks.balance)
+
+    @property
+    def bound_ms(self) -> float:
+        return 1e3 * max(self.flops / self.peaks.flops_per_s, self.bytes / self.peaks.bytes_per_s)
+
+    def measure(self, schedule: Schedule) -> Measurement:
+        try:
+            compiled = self.executor.compile(schedule, sm_count=self.hardware.num_sms)
+        except ValueError as e:
+            return Measurement(outcome=TrialOutcome.INVALID, message=str(e))
+        try:
+            return self._measure(compiled)
+        except torch.cuda.OutOfMemoryError as e:
+            return Measurement(outcome=TrialOutcome.OOM, message=str(e).splitlines()[0])
+        except Exception as e:  # a schedule that raises is a failed trial, not a failed study
+            return Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {e}")
+        finally:
+            compiled.close()
+
+    def check(self, out: torch.Tensor) -> float:
+        """Worst error relative to the dtype's tolerance; <= 1 means equal to the reference."""
+        rtol, atol = TOLERANCES.get(out.dtype, (1e-4, 1e-4))
+        ref = self.reference.float()
+        err = (out.float() - ref).abs() / (atol + rtol * ref.abs())
+        return float(err.max()) if err.numel() else 0.0
+
+    def _measure(self, compiled: Compiled) -> Measurement:
+        notes = dict(compiled.runner.notes)
+        first = self.check(compiled())
+        if first > 1:
+            return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=first, notes=notes,
+                               message=f"output differs from the sequential reference: error {first:.2f}x tolerance")
+        samples = self._time(compiled)
+        last = self.check(compiled.out)  # races show up on later runs too
+        if last > 1:
+            return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=last, notes=notes,
+                               message=f"output differs after timed runs: error {last:.2f}x tolerance (a race?)")
+        return self._result(samples, max(first, last), compiled, notes)
+
+    def _time(self, compiled: Compiled) -> list[float]:
+        sync = compiled.backend.synchronize
+        for _ in range(self.config.warmup):
+            compiled()
+        sync()
+        samples = []
+        for _ in range(self.config.repeats):
+            t0 = time.perf_counter()
+            compiled()
+            sync()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return samples
+
+    def _result(self, samples: list[float], error: float, compiled: Compiled, notes: dict) -> Measurement:
+        median = statistics.median(samples)
+        deciles = statistics.quantiles(samples, n=10) if len(samples) > 1 else [median] * 9
+        peak = compiled.backend.peak_bytes(compiled.plan, compiled.runner)
+        return Measurement(
+            outcome=TrialOutcome.OK, error_ratio=error, latency_ms=median, latency_p10_ms=deciles[0],
+            latency_p90_ms=deciles[-1], samples_ms=tuple(samples), tokens_per_s=self.case.num_tokens / median * 1e3,
+            peak_bytes=peak, flops=self.flops, bytes=self.bytes, bound_ms=self.bound_ms,
+            efficiency=self.bound_ms / median, telemetry=telemetry.sample(self.device), notes=notes,
+        )
+
+
+def measure(workload: Workload, schedule: Schedule, *, config: MeasureConfig = MeasureConfig()) -> Measurement:
+    """Verify, then time, one schedule on one workload."""
+    return Bench(workload, config=config).measure(schedule)

@@ -1,0 +1,71 @@
+"""Models the runtime has no special code for, as a user would write them."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynaflow.runtime import BatchLayout, Case, Workload
+
+
+class GatedBlock(nn.Module):
+    """A pre-norm MLP block with a side branch; rows are independent, so any split is valid."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.down = nn.Linear(4 * dim, dim)
+        self.gate = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        h = self.down(self.act(self.up(self.norm(x))))
+        g = torch.sigmoid(self.gate(x)) * scale
+        return x + h * g
+
+
+class BatchNormish(nn.Module):
+    """Mixes rows (centres over the batch): nano-batching changes its output."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return x + (h - h.mean(0, keepdim=True))
+
+
+class NoResidual(nn.Module):
+    """Ends in a module call, not an add: the join falls back to a copy."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.a = nn.Linear(dim, dim)
+        self.b = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def _case(model: nn.Module, rows: int, dim: int, seed: int, extra: tuple = ()) -> Case:
+    torch.manual_seed(seed)
+    inputs = (torch.randn(rows, dim), *extra)
+    return Case(model=model.eval(), inputs=inputs, layout=BatchLayout.uniform(rows, len(inputs)),
+                name=type(model).__name__)
+
+
+def gated_block(w: Workload) -> Case:
+    torch.manual_seed(w.seed)
+    rows = w.num_decode or 12
+    return _case(GatedBlock(), rows, 32, w.seed, extra=(torch.rand(rows, 1),))
+
+
+def batch_mixing(w: Workload) -> Case:
+    torch.manual_seed(w.seed)
+    return _case(BatchNormish(), w.num_decode or 8, 16, w.seed)
+
+
+def no_residual(w: Workload) -> Case:
+    torch.manual_seed(w.seed)
+    return _case(NoResidual(), w.num_decode or 8, 16, w.seed)

@@ -1,0 +1,26 @@
+"""Parse workload specs given on the command line: d<requests>x<context>[+p<tokens>[c<chunk>]]."""
+from __future__ import annotations
+
+import re
+
+from dynaflow.runtime import Workload
+
+_SPEC = re.compile(r"(?:d(?P<d>\d+)x(?P<c>\d+))?(?:\+?p(?P<p>\d+)(?:c(?P<chunk>\d+))?)?")
+FORMAT = "d<decode requests>x<context>[+p<prefill tokens>[c<chunk>]], e.g. d256x2048+p512 or p512c128"
+
+
+def parse_workload(spec: str, *, model: str, dtype: str, device: str) -> Workload:
+    m = _SPEC.fullmatch(spec.strip())
+    if not spec.strip() or m is None or not any(m.groupdict().values()):
+        raise ValueError(f"workload {spec!r} must look like {FORMAT}.")
+    g = {k: int(v) if v else 0 for k, v in m.groupdict().items()}
+    return Workload(model=model, num_decode=g["d"], context_len=g["c"], prefill_tokens=g["p"],
+                    prefill_chunk=g["chunk"] or None, dtype=dtype, device=device)
+
+
+def format_workload(w: Workload) -> str:
+    parts = [f"d{w.num_decode}x{w.context_len}"] if w.num_decode else []
+    if w.prefill_tokens:
+        chunk = f"c{w.prefill_chunk}" if w.prefill_chunk and w.prefill_chunk != w.prefill_tokens else ""
+        parts.append(f"p{w.prefill_tokens}{chunk}")
+    return "+".join(parts)
