@@ -78,10 +78,12 @@ def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor
     output_value = next(n for n in mod.graph.nodes if n.op == "output").args[0]
     envs: list[dict] = [dict() for _ in ranges]
 
+    views = [dict(zip(placeholders, _nano_inputs(case, r0, r1, out, graph.writes_output))) for r0, r1 in ranges]
+
     def reset() -> None:
-        for b, (r0, r1) in enumerate(ranges):
-            envs[b].clear()
-            envs[b].update(zip(placeholders, _nano_inputs(case, r0, r1, out, graph.writes_output)))
+        for env, initial in zip(envs, views):
+            env.clear()
+            env.update(initial)
 
     stream_of = {(s.op, s.nano): s.stream for s in order}
     index_of = {(s.op, s.nano): i for i, s in enumerate(order)}
@@ -105,30 +107,37 @@ def _nano_inputs(case: Case, r0: int, r1: int, out: torch.Tensor, writes_output:
 
 
 def _task_fn(mod, node: fx.Node, env: dict, consts: dict, drop: tuple, join):
-    submod = getattr(mod, node.target)
-    args = node.args
+    """Backends run tasks under torch.no_grad() (grad mode is per thread)."""
+    forward = getattr(mod, node.target).forward  # skips nn.Module.__call__'s hook machinery
+    loaders = [_loader(a, env, consts) for a in node.args]
+    if join is None:
+        def fn() -> None:
+            env[node] = forward(*[load() for load in loaders])
+            for n in drop:
+                del env[n]
+        return fn
+    out, sl, value = join
+    load_value = _loader(value, env, consts)
 
-    def load(a):
-        if isinstance(a, fx.Node):
-            if a in env:
-                return env[a]
-            if a in consts:
-                return consts[a]
-            if a.op == "call_function" and a.target is operator.getitem:
-                return load(a.args[0])[a.args[1]]
-            raise KeyError(a.name)
-        return a
-
-    @torch.no_grad()  # grad mode is per thread; schedules are for inference
-    def fn() -> None:
-        env[node] = submod(*[load(a) for a in args])
-        if join is not None:
-            out, sl, value = join
-            out[sl].copy_(load(value))
+    def fn_with_copy() -> None:
+        env[node] = forward(*[load() for load in loaders])
+        out[sl].copy_(load_value())
         for n in drop:
-            env.pop(n, None)
+            del env[n]
+    return fn_with_copy
 
-    return fn
+
+def _loader(a, env: dict, consts: dict) -> Callable[[], object]:
+    """A closure fetching one argument: a value of this nano-batch, a parameter, or a constant."""
+    if not isinstance(a, fx.Node):
+        return lambda: a
+    if a in consts:
+        value = consts[a]
+        return lambda: value
+    if a.op == "call_function" and a.target is operator.getitem:
+        src, idx = a.args
+        return lambda: env[src][idx]
+    return lambda: env[a]
 
 
 def _drop_after(order, graph: OpGraph, call_nodes, stream_of, output_value) -> dict[int, tuple]:

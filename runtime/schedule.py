@@ -102,6 +102,8 @@ class Schedule:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["schema_version"] = SCHEMA_VERSION
+        d["split_sizes"] = list(self.split_sizes)
+        d["streams"] = [dataclasses.asdict(s) for s in self.streams]
         d["order"] = [[s.op, s.nano, s.stream] for s in self.order]  # compact: orders get long
         return d
 

@@ -44,6 +44,7 @@ class CPUBackend(Backend):
         return mode.peak
 
 
+@torch.no_grad()
 def _run_inline(plan: Plan) -> None:
     plan.reset()
     for task in plan.tasks:
@@ -62,6 +63,7 @@ def _run_threads(plan: Plan, pool: ThreadPoolExecutor) -> None:
         f.result()  # re-raises a task's exception in the caller
 
 
+@torch.no_grad()  # grad mode is per thread
 def _stream_worker(tasks: list[Task], ids: list[int], done, failed) -> None:
     try:
         for i in ids:

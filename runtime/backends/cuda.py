@@ -41,6 +41,7 @@ class CUDABackend(Backend):
         streams, notes = self._get_streams(plan)
         events = [torch.cuda.Event() for _ in plan.tasks]
 
+        @torch.no_grad()
         def run_once() -> None:
             plan.reset()
             main = torch.cuda.current_stream(self.device)
