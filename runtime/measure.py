@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,6 +23,7 @@ from .hardware import Hardware, Peaks, detect, measure_peaks
 from .schedule import Schedule
 from .workload import Case, Workload
 
+OnSample = Callable[[list[float]], bool]
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (1e-2, 1e-2)}
 
 
@@ -33,6 +34,8 @@ class TrialOutcome(str, Enum):
     TIMEOUT = "timeout"
     CRASHED = "crashed"
     INVALID = "invalid"
+    PRUNED = "pruned"  # stopped early: clearly slower than the best so far
+    INTERRUPTED = "interrupted"  # the user stopped the study while it ran
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -71,7 +74,7 @@ class Measurement:
     @property
     def spread(self) -> float | None:
         """(p90 - p10) / median: the relative noise of the samples."""
-        if self.latency_ms is None:
+        if self.latency_ms is None or self.latency_p10_ms is None:
             return None
         return (self.latency_p90_ms - self.latency_p10_ms) / self.latency_ms
 
@@ -112,13 +115,16 @@ class Bench:
     def bound_ms(self) -> float:
         return 1e3 * max(self.flops / self.peaks.flops_per_s, self.bytes / self.peaks.bytes_per_s)
 
-    def measure(self, schedule: Schedule) -> Measurement:
+    def measure(self, schedule: Schedule, *, on_sample: OnSample | None = None,
+                time_limit_s: float | None = None) -> Measurement:
+        """on_sample(samples_ms) -> True stops timing early (PRUNED); time_limit_s bounds the
+        timing loop (TIMEOUT). A hung kernel needs a worker process to be cut off (tuner's pool)."""
         try:
             compiled = self.executor.compile(schedule, sm_count=self.hardware.num_sms)
         except ValueError as e:
             return Measurement(outcome=TrialOutcome.INVALID, message=str(e))
         try:
-            return self._measure(compiled)
+            return self._measure(compiled, on_sample, time_limit_s)
         except torch.cuda.OutOfMemoryError as e:
             return Measurement(outcome=TrialOutcome.OOM, message=str(e).splitlines()[0])
         except Exception as e:  # a schedule that raises is a failed trial, not a failed study
@@ -133,31 +139,40 @@ class Bench:
         err = (out.float() - ref).abs() / (atol + rtol * ref.abs())
         return float(err.max()) if err.numel() else 0.0
 
-    def _measure(self, compiled: Compiled) -> Measurement:
+    def _measure(self, compiled: Compiled, on_sample, time_limit_s) -> Measurement:
         notes = dict(compiled.runner.notes)
         first = self.check(compiled())
         if first > 1:
             return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=first, notes=notes,
                                message=f"output differs from the sequential reference: error {first:.2f}x tolerance")
-        samples = self._time(compiled)
+        samples, stop = self._time(compiled, on_sample, time_limit_s)
+        if stop is not None:
+            return Measurement(outcome=stop[0], message=stop[1], samples_ms=tuple(samples), notes=notes,
+                               latency_ms=statistics.median(samples) if samples else None)
         last = self.check(compiled.out)  # races show up on later runs too
         if last > 1:
             return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=last, notes=notes,
                                message=f"output differs after timed runs: error {last:.2f}x tolerance (a race?)")
         return self._result(samples, max(first, last), compiled, notes)
 
-    def _time(self, compiled: Compiled) -> list[float]:
+    def _time(self, compiled: Compiled, on_sample, time_limit_s):
+        """Warm up, then time `repeats` synced runs. Returns (samples, None) or (samples, (outcome, why))."""
         sync = compiled.backend.synchronize
+        start = time.perf_counter()
         for _ in range(self.config.warmup):
             compiled()
         sync()
-        samples = []
+        samples: list[float] = []
         for _ in range(self.config.repeats):
             t0 = time.perf_counter()
             compiled()
             sync()
             samples.append((time.perf_counter() - t0) * 1e3)
-        return samples
+            if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+                return samples, (TrialOutcome.TIMEOUT, f"timing exceeded the {time_limit_s:g} s limit")
+            if on_sample is not None and on_sample(samples):
+                return samples, (TrialOutcome.PRUNED, f"stopped after {len(samples)} samples: clearly slower")
+        return samples, None
 
     def _result(self, samples: list[float], error: float, compiled: Compiled, notes: dict) -> Measurement:
         median = statistics.median(samples)

@@ -37,6 +37,7 @@ class Case:
 
 PRESETS: dict[str, LlamaConfig] = {
     "llama-tiny": LlamaConfig(hidden=64, num_heads=4, num_kv_heads=2, intermediate=128, head_dim=16),
+    "llama-small": LlamaConfig(hidden=1024, num_heads=8, num_kv_heads=4, intermediate=2816),
     "llama3-8b": LlamaConfig(hidden=4096, num_heads=32, num_kv_heads=8, intermediate=14336),
     # one tensor-parallel shard (TP=8) of Llama-3-70B; the all-reduce is not modelled
     "llama3-70b": LlamaConfig(hidden=8192, num_heads=8, num_kv_heads=1, intermediate=3584),

@@ -89,7 +89,7 @@ def test_cpu_fingerprint_is_stable():
 def test_cli_measures_a_schedule_file(tmp_path, capsys):
     path = tmp_path / "s.json"
     path.write_text(Schedule(split_sizes=(2, 4), label="by-hand").to_json())
-    assert main(["measure", "--workload", "d4x16+p16c8", "--schedule", str(path), "--repeats", "3", "--json"]) == 0
+    assert main(["measure", "--model", "llama-tiny", "--workload", "d4x16+p16c8", "--schedule", str(path), "--repeats", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["workload"] == W.key and out["measurement"]["outcome"] == "ok"
     assert out["schedule"]["label"] == "by-hand"

@@ -16,9 +16,9 @@ from .workloads import FORMAT, parse_workload
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="llama-tiny",
+    p.add_argument("--model", default="llama-small",
                    help=f"a preset ({', '.join(sorted(PRESETS))}) or module:callable returning a Case "
-                        "(default: llama-tiny)")
+                        "(default: llama-small)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")

@@ -1,0 +1,98 @@
+"""The schedule store: results/schedules/<hardware key>/<workload key>.json, JSON only.
+
+A record says which schedule to run for one (hardware, workload) and why: its tokens/s, its
+speedup over the sequential baseline with the spread, the roofline efficiency, the study and
+trial it came from, and the software it was measured with. When no candidate beat the baseline
+by more than the spread, the record holds the sequential schedule and says so.
+Writes are atomic (temp file + rename): a crash never leaves half a record.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .hardware import Hardware
+from .schedule import Schedule
+from .workload import Workload
+
+RECORD_SCHEMA = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredSchedule:
+    hardware: Hardware
+    workload: Workload
+    schedule: Schedule
+    sequential_best: bool  # no candidate beat the baseline by more than the spread
+    tokens_per_s: float
+    baseline_tokens_per_s: float
+    speedup: float
+    speedup_spread: float  # relative noise the speedup had to exceed
+    efficiency: float | None
+    space: str
+    params: dict[str, Any] = field(default_factory=dict)  # the trial's params, for warm starts
+    study: str = ""
+    storage: str = ""
+    trial: int | None = None
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(record_schema=RECORD_SCHEMA, hardware=self.hardware.to_dict(), workload=asdict(self.workload),
+                 schedule=self.schedule.to_dict())
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StoredSchedule":
+        if d.get("record_schema") != RECORD_SCHEMA:
+            raise ValueError(f"record_schema must be {RECORD_SCHEMA}, but got {d.get('record_schema')!r}; "
+                             "a newer dynaflow-tune wrote it, or it is not a schedule record.")
+        d = dict(d)
+        d.pop("record_schema")
+        return cls(**{**d, "hardware": Hardware.from_dict(d["hardware"]), "workload": Workload(**d["workload"]),
+                      "schedule": Schedule.from_dict(d["schedule"])})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StoreConfig:
+    root: Path = Path("results")
+
+
+class ScheduleStore:
+    def __init__(self, config: StoreConfig = StoreConfig()) -> None:
+        self.root = Path(config.root) / "schedules"
+
+    def path(self, hardware_key: str, workload_key: str) -> Path:
+        return self.root / hardware_key / f"{workload_key}.json"
+
+    def save(self, record: StoredSchedule) -> Path:
+        path = self.path(record.hardware.key, record.workload.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record.to_dict(), f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def read(self, path: Path) -> StoredSchedule:
+        """Parse one record; any defect is a ValueError naming the file."""
+        try:
+            return StoredSchedule.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"schedule record {path} is unreadable: {type(e).__name__}: {e}") from None
+
+    def records(self, hardware_key: str | None = None) -> Iterator[tuple[Path, StoredSchedule | ValueError]]:
+        """Every record (or the error reading it), optionally for one hardware key."""
+        pattern = f"{hardware_key}/*.json" if hardware_key else "*/*.json"
+        for path in sorted(self.root.glob(pattern)):
+            try:
+                yield path, self.read(path)
+            except ValueError as e:
+                yield path, e

@@ -1,0 +1,102 @@
+"""What every search space gets, and the schedule-building helpers they share.
+
+A search space is a define-by-run function (trial, ctx) -> Schedule that never proposes an
+infeasible schedule: splits are snapped to request boundaries, SM shares are whole partition
+steps that fit the device, and orders are built from templates that respect dependencies.
+`trial` only needs optuna's suggest_* methods, so spaces are testable with a fixed trial.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Protocol
+
+from dynaflow.runtime import BatchLayout, Hardware, OpGraph, Schedule, Step, StreamSpec
+
+
+class Trial(Protocol):
+    def suggest_int(self, name: str, low: int, high: int) -> int: ...
+    def suggest_categorical(self, name: str, choices): ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SpaceContext:
+    hardware: Hardware
+    graph: OpGraph
+    layout: BatchLayout
+
+    @property
+    def sm_granularity(self) -> int:
+        """Green-context partitions come in steps of 8 SMs on Hopper and newer, 2 before; threads on CPU."""
+        if self.hardware.kind != "cuda":
+            return 1
+        return 8 if float(self.hardware.arch) >= 9.0 else 2
+
+    @property
+    def split_step(self) -> int:
+        """Decode requests per split step: keeps nano-batches GEMM-friendly on big batches."""
+        n = self.layout.request_kinds.count("decode")
+        return 8 if n >= 64 else 4 if n >= 16 else 1
+
+    def boundaries(self) -> list[int]:
+        """Request indices where a nano-batch may end: every split step, every non-decode request."""
+        kinds, n = self.layout.request_kinds, self.layout.num_requests
+        cuts = {i for i in range(0, n + 1) if i % self.split_step == 0 or i == n or
+                (i > 0 and kinds[i - 1] != "decode")}
+        return sorted(cuts)
+
+
+class SearchSpace(Protocol):
+    name: str
+
+    def __call__(self, trial: Trial, ctx: SpaceContext) -> Schedule: ...
+
+
+def splits_from_weights(ctx: SpaceContext, weights: list[int]) -> tuple[int, ...]:
+    """Nano-batch sizes (in requests) whose token counts follow `weights`, snapped to boundaries."""
+    tokens = list(itertools.accumulate(ctx.layout.request_tokens, initial=0))
+    bounds = ctx.boundaries()
+    total, acc, cuts = tokens[-1], 0, [0]
+    for w in weights[:-1]:
+        acc += w
+        target = total * acc / sum(weights)
+        at = min(bounds, key=lambda b: (abs(tokens[b] - target), b))
+        if cuts[-1] < at < ctx.layout.num_requests:
+            cuts.append(at)
+    cuts.append(ctx.layout.num_requests)
+    sizes = tuple(b - a for a, b in zip(cuts, cuts[1:]))
+    return sizes if len(sizes) > 1 else ()
+
+
+def staggered_order(ctx: SpaceContext, num_nano: int, stagger: int, stream_of) -> tuple[Step, ...]:
+    """Nano-batch b issues op j at slot j + b * stagger: stagger 0 is op-major, a large one nano-major.
+    Within a nano-batch ops keep graph order, so every dependency is issued first."""
+    names = ctx.graph.names
+    slots = sorted((j + b * stagger, b, j) for b in range(num_nano) for j in range(len(names)))
+    return tuple(Step(op=names[j], nano=b, stream=stream_of(names[j], b)) for _, b, j in slots)
+
+
+def sm_shares(trial: Trial, ctx: SpaceContext, num_streams: int) -> tuple[StreamSpec, ...]:
+    """Per-stream SM shares in whole partition steps, scaled down to fit the device if needed."""
+    step = ctx.sm_granularity
+    total_steps = ctx.hardware.num_sms // step
+    feasible = 1 < num_streams <= total_steps
+    if not feasible or not trial.suggest_categorical("partition", [False, True]):
+        return tuple(StreamSpec() for _ in range(num_streams))
+    want = [trial.suggest_int(f"sm_steps_{i}", 1, total_steps - num_streams + 1) for i in range(num_streams)]
+    if sum(want) > total_steps:
+        want = _fit(want, total_steps)
+    return tuple(StreamSpec(sm_share=w * step) for w in want)
+
+
+def _fit(want: list[int], total: int) -> list[int]:
+    scaled = [max(1, w * total // sum(want)) for w in want]
+    while sum(scaled) > total:  # the max(1, ...) floor can overshoot by a step or two
+        scaled[scaled.index(max(scaled))] -= 1
+    return scaled
+
+
+def single_stream_schedule(label: str) -> Schedule:
+    return Schedule(label=label)
+
+

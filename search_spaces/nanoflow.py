@@ -1,0 +1,38 @@
+"""NanoFlow-style: 1-4 nano-batches, ops on streams by resource class, SM shares, stagger.
+
+What varies: the number of nano-batches and their relative sizes (snapped to split steps and
+request boundaries), how ops map to streams (one stream; compute vs memory+copy; compute vs
+memory vs copy; one stream per nano-batch), each stream's SM share in partition steps (or no
+partition), the stagger between nano-batches, stream priorities, and CUDA-graph capture.
+"""
+from dynaflow.runtime import Schedule
+
+from .base import SpaceContext, Trial, sm_shares, splits_from_weights, staggered_order
+
+name = "nanoflow"
+MAPPINGS = {
+    "one": lambda res, b: 0,
+    "compute|rest": lambda res, b: 0 if res == "compute" else 1,
+    "compute|memory|copy": lambda res, b: {"compute": 0, "memory": 1, "copy": 2}[res],
+    "per-nano": lambda res, b: b,
+}
+
+
+def suggest(trial: Trial, ctx: SpaceContext) -> Schedule:
+    k = trial.suggest_int("num_nano", 1, min(4, len(ctx.boundaries()) - 1))
+    weights = [trial.suggest_int(f"weight_{i}", 1, 4) for i in range(k)]
+    sizes = splits_from_weights(ctx, weights) if k > 1 else ()
+    num_nano = max(1, len(sizes))
+    mapping = trial.suggest_categorical("streams", list(MAPPINGS))
+    route = MAPPINGS[mapping]
+    num_streams = max(route(op.resource, b) for op in ctx.graph.ops for b in range(num_nano)) + 1
+    stagger = trial.suggest_int("stagger", 0, 4)
+    streams = sm_shares(trial, ctx, num_streams)
+    if trial.suggest_categorical("prioritise_memory", [False, True]) and num_streams > 1:
+        streams = tuple(type(s)(sm_share=s.sm_share, priority=-1 if i > 0 else 0) for i, s in enumerate(streams))
+    graph = ctx.hardware.kind == "cuda" and trial.suggest_categorical("cuda_graph", [False, True])
+    if num_nano == 1 and num_streams == 1:  # one nano-batch on one stream is the baseline, however ordered
+        return Schedule(label="nanoflow:sequential")
+    order = staggered_order(ctx, num_nano, stagger, lambda op, b: route(ctx.graph.op(op).resource, b))
+    return Schedule(split_sizes=sizes, streams=streams, order=order, cuda_graph=graph,
+                    label=f"nanoflow:{num_nano}x:{mapping}:stagger{stagger}")

@@ -1,0 +1,36 @@
+"""Progress of a study on stderr: trials done, best so far and its speedup, failures by outcome."""
+from __future__ import annotations
+
+import sys
+
+from optuna.trial import TrialState
+
+from dynaflow.runtime import Measurement
+
+
+class Progress:
+    def __init__(self, *, total: int | None, desc: str, baseline_tokens_per_s: float, enabled: bool = True,
+                 done: int = 0) -> None:
+        self.baseline = baseline_tokens_per_s
+        self.failures: dict[str, int] = {}
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm  # optuna's own dependency
+
+            self.bar = tqdm(total=total, initial=done, desc=desc, unit="trial", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, study, m: Measurement) -> None:
+        if not m.ok:
+            self.failures[m.outcome.value] = self.failures.get(m.outcome.value, 0) + 1
+        if self.bar is None:
+            return
+        best = max((t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), default=None)
+        postfix = {"best": f"{best:,.0f} tok/s" if best else "-",
+                   "speedup": f"{best / self.baseline:.3f}x" if best else "-"}
+        postfix.update(self.failures)
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

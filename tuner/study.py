@@ -1,0 +1,156 @@
+"""The tuning loop for one (hardware, workload, space): Optuna ask/tell in this process.
+
+    ask -> build schedule -> measure (verify, time) -> tell -> ... -> confirm -> store
+
+Only this driver writes the study, so SQLite is safe. A re-run of the same command loads the
+study and continues; trials a killed run left RUNNING are marked failed first.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import optuna
+from optuna.trial import TrialState
+
+from dynaflow.runtime import Measurement, Schedule, TrialOutcome, Workload
+from dynaflow.runtime.store import ScheduleStore, StoreConfig
+from dynaflow.search_spaces import get_space
+
+from .config import TuneConfig
+from .measurer import Measurer
+from .progress import Progress
+
+BASELINE = "baseline"
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module=__name__)
+
+
+@dataclass(kw_only=True)
+class StudyResult:
+    study: optuna.Study
+    interrupted: bool = False
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+def study_name(hardware_key: str, workload: Workload, space: str) -> str:
+    return f"{hardware_key}/{workload.key}/{space}"
+
+
+def open_study(name: str, config: TuneConfig) -> optuna.Study:
+    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=config.seed),
+               "random": lambda: optuna.samplers.RandomSampler(seed=config.seed),
+               "qmc": lambda: optuna.samplers.QMCSampler(seed=config.seed)}[config.sampler]()
+    pruner = optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=5) if config.prune \
+        else optuna.pruners.NopPruner()
+    study = optuna.create_study(storage=config.storage, study_name=name, direction="maximize",
+                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial = optuna.trial.Trial(study, stale._trial_id)
+        trial.set_user_attr("outcome", TrialOutcome.CRASHED.value)
+        trial.set_user_attr("message", "the tuning process died during this trial")
+        study.tell(stale.number, state=TrialState.FAIL)
+    return study
+
+
+def search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(BASELINE)]
+
+
+def ensure_baseline(study: optuna.Study, measurer: Measurer, config: TuneConfig) -> Measurement:
+    """The sequential schedule, measured first and kept as a completed trial without params.
+    Measured twice, keeping the second: the first run in a process pays one-off start-up costs."""
+    measurer.measure(Schedule(), time_limit_s=config.trial_timeout_s)
+    m = measurer.measure(Schedule(), time_limit_s=config.trial_timeout_s)
+    if not m.ok:
+        raise RuntimeError(f"the sequential baseline failed ({m.outcome.value}): {m.message}")
+    if not any(t.user_attrs.get(BASELINE) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
+        study.add_trial(optuna.trial.create_trial(
+            value=m.tokens_per_s, intermediate_values=_per_sample(m, measurer),
+            user_attrs={BASELINE: True, **trial_attrs(Schedule(), m)}))
+    return m
+
+
+def enqueue_warm_starts(study: optuna.Study, config: TuneConfig, hardware_key: str, workload: Workload) -> int:
+    """Winners stored for this model's other workloads on this hardware, same space."""
+    store = ScheduleStore(StoreConfig(root=config.store_root))
+    n = 0
+    for _, rec in store.records(hardware_key):
+        if isinstance(rec, ValueError) or rec.space != config.space or rec.sequential_best or not rec.params:
+            continue
+        if rec.workload.model == workload.model and rec.workload.key != workload.key:
+            study.enqueue_trial(rec.params, skip_if_exists=True)
+            n += 1
+    return n
+
+
+def run_search(study: optuna.Study, measurer: Measurer, config: TuneConfig, progress: Progress) -> StudyResult:
+    space, ctx = get_space(config.space), measurer.space_context()
+    seen = {t.user_attrs.get("schedule"): t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    deadline = time.monotonic() + config.timeout_s if config.timeout_s else float("inf")
+    result = StudyResult(study=study)
+    while (config.trials is None or len(search_trials(study)) < config.trials) and time.monotonic() < deadline:
+        trial = study.ask()
+        try:
+            schedule = space(trial, ctx)
+            key = schedule.to_json()
+            m = seen_result(seen, key) or measurer.measure(schedule, on_sample=pruning_hook(trial, measurer),
+                                                           time_limit_s=config.trial_timeout_s)
+        except KeyboardInterrupt:
+            _finish(study, trial, Schedule(), _interrupted())
+            result.interrupted = True
+            break
+        except Exception as e:  # a bug in a space or measurer costs one trial, not the study
+            schedule, m = Schedule(), Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {e}")
+        _finish(study, trial, schedule, m)
+        if m.ok:
+            seen[schedule.to_json()] = m.tokens_per_s
+        result.outcomes[m.outcome.value] = result.outcomes.get(m.outcome.value, 0) + 1
+        progress.update(study, m)
+    return result
+
+
+def seen_result(seen: dict, key: str) -> Measurement | None:
+    """A schedule measured before in this study (TPE re-proposes): reuse its value, don't re-time it."""
+    if key not in seen:
+        return None
+    return Measurement(outcome=TrialOutcome.OK, tokens_per_s=seen[key], message="duplicate schedule: value reused")
+
+
+def pruning_hook(trial: optuna.Trial, measurer: Measurer):
+    tokens = measurer.space_context().layout.num_tokens
+
+    def on_sample(samples_ms: list[float]) -> bool:
+        trial.report(tokens / samples_ms[-1] * 1e3, step=len(samples_ms) - 1)
+        return trial.should_prune()
+
+    return on_sample
+
+
+def _finish(study: optuna.Study, trial: optuna.Trial, schedule: Schedule, m: Measurement) -> None:
+    for k, v in trial_attrs(schedule, m).items():
+        trial.set_user_attr(k, v)
+    if m.ok:
+        study.tell(trial, m.tokens_per_s)
+    else:
+        study.tell(trial, state=TrialState.PRUNED if m.outcome is TrialOutcome.PRUNED else TrialState.FAIL)
+
+
+def trial_attrs(schedule: Schedule, m: Measurement) -> dict:
+    attrs = {"outcome": m.outcome.value, "message": m.message, "schedule": schedule.to_json(),
+             "label": schedule.label, "latency_ms": m.latency_ms, "spread": m.spread,
+             "efficiency": m.efficiency, "peak_bytes": m.peak_bytes, "samples_ms": list(m.samples_ms)}
+    if m.telemetry:
+        attrs["telemetry"] = m.telemetry
+    if m.notes:
+        attrs["notes"] = m.notes
+    return attrs
+
+
+def _per_sample(m: Measurement, measurer: Measurer) -> dict[int, float]:
+    tokens = measurer.space_context().layout.num_tokens
+    return {i: tokens / s * 1e3 for i, s in enumerate(m.samples_ms)}
+
+
+def _interrupted() -> Measurement:
+    return Measurement(outcome=TrialOutcome.INTERRUPTED, message="stopped by the user (Ctrl-C)")
