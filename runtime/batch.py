@@ -25,6 +25,7 @@ class BatchLayout:
     request_kinds: tuple[str, ...]
     input_axes: tuple[str | None, ...]
     output_axis: str = TOKENS
+    kinds: tuple[str, ...] = ()  # request kinds inputs may be indexed by, even if none is in this batch
 
     def __post_init__(self) -> None:
         if not self.request_tokens:
@@ -36,7 +37,7 @@ class BatchLayout:
             )
         if any(t < 1 for t in self.request_tokens):
             raise ValueError(f"every request needs >= 1 token, but request_tokens={self.request_tokens!r}.")
-        axes = {TOKENS, REQUESTS, *self.request_kinds}
+        axes = {TOKENS, REQUESTS, *self.request_kinds, *self.kinds}
         for j, axis in enumerate((*self.input_axes, self.output_axis)):
             if axis is not None and axis not in axes:
                 raise ValueError(f"input_axes[{j}]={axis!r} is not one of {sorted(axes)} or None.")
@@ -78,7 +79,7 @@ class BatchLayout:
         out = {REQUESTS: slice(r0, r1)}
         tok_before = sum(self.request_tokens[:r0])
         out[TOKENS] = slice(tok_before, tok_before + sum(self.request_tokens[r0:r1]))
-        for kind in set(self.request_kinds):
+        for kind in {*self.request_kinds, *self.kinds}:
             start = self.request_kinds[:r0].count(kind)
             out[kind] = slice(start, start + self.request_kinds[r0:r1].count(kind))
         return out

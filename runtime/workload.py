@@ -133,7 +133,7 @@ def build_preset(w: Workload) -> Case:
     layout = BatchLayout(
         request_tokens=(1,) * w.num_decode + (w.chunk,) * w.num_prefill,
         request_kinds=("decode",) * w.num_decode + ("prefill",) * w.num_prefill,
-        input_axes=(TOKENS, "decode", "decode", "decode", "prefill"),
+        input_axes=(TOKENS, "decode", "decode", "decode", "prefill"), kinds=("decode", "prefill"),
     )
     return Case(model=model, inputs=inputs, layout=layout, name=w.model)
 

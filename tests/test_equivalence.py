@@ -14,8 +14,10 @@ CASES = {
     "llama-tiny": dict(model="llama-tiny", num_decode=6, context_len=24, prefill_tokens=24, prefill_chunk=8),
     "mixtral-tiny": dict(model="mixtral-tiny", num_decode=5, context_len=16, prefill_tokens=16, prefill_chunk=8),
     "user-gated-block": dict(model="user_models:gated_block", num_decode=11),
+    "llama-decode-only": dict(model="llama-tiny", num_decode=9, context_len=12),
+    "mixtral-prefill-only": dict(model="mixtral-tiny", prefill_tokens=32, prefill_chunk=8),
 }
-NUM_RANDOM = 70  # per model: 210 random schedules in all
+NUM_RANDOM = 50  # per case: 250 random schedules in all
 
 
 def _executor(name: str, device: str) -> Executor:

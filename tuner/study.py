@@ -23,7 +23,6 @@ from .measurer import Measurer
 from .progress import Progress
 
 BASELINE = "baseline"
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module=__name__)
 
 
 @dataclass(kw_only=True)
@@ -41,8 +40,10 @@ def open_study(name: str, config: TuneConfig) -> optuna.Study:
     sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=config.seed),
                "random": lambda: optuna.samplers.RandomSampler(seed=config.seed),
                "qmc": lambda: optuna.samplers.QMCSampler(seed=config.seed)}[config.sampler]()
-    pruner = optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=5) if config.prune \
-        else optuna.pruners.NopPruner()
+    with warnings.catch_warnings():  # WilcoxonPruner is marked experimental; it fits repeated timings
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        pruner = optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=5) if config.prune \
+            else optuna.pruners.NopPruner()
     study = optuna.create_study(storage=config.storage, study_name=name, direction="maximize",
                                 sampler=sampler, pruner=pruner, load_if_exists=True)
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -54,7 +55,9 @@ def open_study(name: str, config: TuneConfig) -> optuna.Study:
 
 
 def search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(BASELINE)]
+    """Search trials asked so far (enqueued warm starts not yet asked do not count)."""
+    asked = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    return [t for t in study.get_trials(deepcopy=False, states=asked) if not t.user_attrs.get(BASELINE)]
 
 
 def ensure_baseline(study: optuna.Study, measurer: Measurer, config: TuneConfig) -> Measurement:

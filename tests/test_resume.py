@@ -1,0 +1,60 @@
+"""A tuning process killed with SIGKILL mid-study, started again, loses no completed trial."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+
+CMD = [sys.executable, "-m", "dynaflow.tuner.cli", "tune", "--model", "llama-small", "--workload", "d4x64+p16",
+       "--space", "nanoflow", "--trials", "14", "--repeats", "6", "--warmup", "1", "--no-prune",
+       "--no-progress", "--confirm-rounds", "1"]
+
+
+def _finished(storage: str):
+    names = optuna.get_all_study_names(storage) if _exists(storage) else []
+    if not names:
+        return []
+    study = optuna.load_study(study_name=names[0], storage=storage)
+    return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not t.user_attrs.get("baseline")]
+
+
+def _exists(storage: str) -> bool:
+    return os.path.exists(storage.removeprefix("sqlite:///"))
+
+
+def test_sigkill_mid_study_then_resume(tmp_path):
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    cmd = CMD + ["--storage", storage, "--store", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(_finished(storage)) >= 3:
+                break
+        except Exception:  # the DB may be mid-creation
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+    name = optuna.get_all_study_names(storage)[0]
+    before = {t.number: (t.state, t.value) for t in optuna.load_study(study_name=name, storage=storage).trials
+              if t.state.is_finished()}
+    assert len([n for n in before]) >= 4  # the baseline and >= 3 search trials
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    study = optuna.load_study(study_name=name, storage=storage)
+    after = {t.number: t for t in study.trials}
+    for number, (state, value) in before.items():  # no completed trial lost or changed
+        assert after[number].state == state and after[number].value == value
+    search = [t for t in study.trials if not t.user_attrs.get("baseline")]
+    assert len(search) == 14  # the budget counts across the two runs ...
+    assert max(after) >= max(before) + 1  # ... and numbering continued
+    stale = [t for t in study.trials if t.user_attrs.get("message") == "the tuning process died during this trial"]
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in stale)
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
+    assert "stored" in rerun.stdout

@@ -1,0 +1,53 @@
+"""Search spaces never propose an infeasible schedule, on any hardware; the registry finds new ones."""
+import optuna
+import pytest
+
+from dynaflow import search_spaces
+from dynaflow.runtime import Hardware, detect
+from dynaflow.runtime.executor import check_shares
+from dynaflow.runtime.plan import check_order
+from fakes import H100, tiny_context
+
+A100 = Hardware(kind="cuda", name="NVIDIA A100-SXM4-80GB", arch="8.0", num_sms=108, memory_bytes=80 * 2**30)
+SMALL_BATCH = dict(num_decode=3, context_len=8, prefill_tokens=0)
+BIG_BATCH = dict(num_decode=96, context_len=8, prefill_tokens=64, prefill_chunk=32)
+
+
+@pytest.mark.parametrize("hardware", [H100, A100, detect("cpu")], ids=["h100", "a100", "cpu"])
+@pytest.mark.parametrize("batch", [SMALL_BATCH, BIG_BATCH], ids=["small", "big"])
+@pytest.mark.parametrize("space", sorted(search_spaces.registry()))
+def test_every_proposal_is_feasible(space, hardware, batch):
+    ctx = tiny_context(hardware, **batch)
+    suggest = search_spaces.get_space(space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    granularity = 8 if hardware.arch == "9.0" else 2 if hardware.kind == "cuda" else 1
+    for _ in range(40):
+        trial = study.ask()
+        s = suggest(trial, ctx)
+        ranges = ctx.layout.request_ranges(s.split_unit, s.split_sizes)  # raises if splits are infeasible
+        assert len(ranges) == s.num_nano
+        if s.order:
+            check_order(s.order, ctx.graph, s.num_nano)
+        check_shares(s, hardware.num_sms)
+        assert all(x.sm_share is None or x.sm_share % granularity == 0 for x in s.streams)
+        if s.split_sizes and ctx.split_step > 1:
+            assert all(b in ctx.boundaries() for b in _ends(ranges))
+        study.tell(trial, 1.0)
+
+
+def _ends(ranges):
+    return [r1 for _, r1 in ranges]
+
+
+def test_registry_finds_a_new_module_without_edits(tmp_path, monkeypatch):
+    (tmp_path / "everything_split.py").write_text(
+        "from dynaflow.runtime import Schedule\nname = 'everything-split'\n"
+        "def suggest(trial, ctx):\n    return Schedule(split_sizes=(1,) * ctx.layout.num_requests)\n")
+    monkeypatch.setattr(search_spaces, "__path__", [*search_spaces.__path__, str(tmp_path)])
+    assert "everything-split" in search_spaces.registry()
+    assert {"sequential", "dbo", "nanoflow"} <= set(search_spaces.registry())
+
+
+def test_unknown_space_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"space must be one of \['dbo', 'nanoflow', 'sequential'\], but got 'tbo'"):
+        search_spaces.get_space("tbo")

@@ -1,0 +1,124 @@
+"""The tuning loop on a fake measurer with a known landscape: it finds the optimum, records
+every failure type and keeps going, stores only real winners, and warm-starts neighbours."""
+import json
+
+import optuna
+import pytest
+
+from dynaflow.runtime import Schedule, TrialOutcome, Workload
+from dynaflow.runtime.store import ScheduleStore, StoreConfig
+from dynaflow.tuner.config import TuneConfig
+from dynaflow.tuner.tune import tune
+from fakes import FakeMeasurer, tiny_context
+
+W = Workload(model="llama-tiny", num_decode=32, context_len=16, prefill_tokens=32, prefill_chunk=16)
+OPTIMUM = "dbo:stagger-2:20/14"
+
+
+def dbo_landscape(schedule: Schedule) -> float:
+    """Latency in ms: the sequential baseline 10; DBO best at stagger-2 with 20 requests first."""
+    if schedule.is_sequential:
+        return 10.0
+    _, template, sizes = schedule.label.split(":")
+    first = int(sizes.split("/")[0])
+    return 8.0 + (0.0 if template == "stagger-2" else 1.0) + 0.1 * abs(first - 20)
+
+
+def config(tmp_path, **kw) -> TuneConfig:
+    base = dict(workloads=(W,), space="dbo", trials=40, storage=f"sqlite:///{tmp_path}/s.db",
+                store_root=tmp_path, progress=False, confirm_rounds=2, seed=0)
+    return TuneConfig(**{**base, **kw})
+
+
+def _study(cfg, measurer):
+    name = optuna.get_all_study_names(cfg.storage)[0]
+    return optuna.load_study(study_name=name, storage=cfg.storage)
+
+
+def test_search_reaches_the_optimum_within_budget(tmp_path):
+    cfg = config(tmp_path)
+    measurer = FakeMeasurer(tiny_context(), dbo_landscape)
+    [result] = tune(cfg, make_measurer=lambda w: measurer, log=lambda *a: None)
+    assert result.record.schedule.label == OPTIMUM
+    assert not result.record.sequential_best
+    assert result.record.speedup == pytest.approx(10.0 / 8.0, rel=0.01)
+    study = _study(cfg, measurer)
+    assert study.best_trial.user_attrs["label"] == OPTIMUM
+    assert len([t for t in study.trials if not t.user_attrs.get("baseline")]) == 40
+
+
+def test_every_failure_type_is_recorded_and_the_study_goes_on(tmp_path):
+    failures = {4: TrialOutcome.INCORRECT, 5: TrialOutcome.OOM, 6: TrialOutcome.TIMEOUT,
+                7: TrialOutcome.CRASHED, 8: TrialOutcome.INVALID, 9: RuntimeError}
+    cfg = config(tmp_path, trials=20)
+    measurer = FakeMeasurer(tiny_context(), dbo_landscape, failures=failures)
+    [result] = tune(cfg, make_measurer=lambda w: measurer, log=lambda *a: None)
+    study = _study(cfg, measurer)
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    outcomes = sorted(t.user_attrs["outcome"] for t in failed)
+    assert outcomes == sorted(["incorrect", "oom", "timeout", "crashed", "invalid", "crashed"])
+    assert any("RuntimeError: injected at call 9" in t.user_attrs["message"] for t in failed)
+    assert len([t for t in study.trials if not t.user_attrs.get("baseline")]) == 20  # budget still met
+    assert result.outcomes["incorrect"] == 1 and result.outcomes["crashed"] == 2
+
+
+def test_no_false_winner_when_nothing_beats_the_noise(tmp_path):
+    """Candidates 1% faster than a baseline with 5% noise: the store says sequential is best."""
+    def flat(schedule):
+        return 10.0 if schedule.is_sequential else 9.9
+
+    measurer = FakeMeasurer(tiny_context(), flat)
+    measurer.samples = 10
+    base_measure = measurer.measure
+
+    def noisy(schedule, **kw):
+        m = base_measure(schedule, **kw)
+        if m.ok:  # widen the spread to 5%
+            object.__setattr__(m, "latency_p10_ms", m.latency_ms * 0.97)
+            object.__setattr__(m, "latency_p90_ms", m.latency_ms * 1.03)
+            object.__setattr__(m, "samples_ms", tuple(m.latency_ms * (0.97 + 0.06 * i / 9) for i in range(10)))
+        return m
+
+    measurer.measure = noisy
+    [result] = tune(config(tmp_path, trials=6), make_measurer=lambda w: measurer, log=lambda *a: None)
+    assert result.record.sequential_best and result.record.schedule == Schedule()
+    assert result.record.speedup == 1.0 and result.record.speedup_spread > 0.05
+    saved = json.loads((tmp_path / "schedules" / H100_KEY / f"{W.key}.json").read_text())
+    assert saved["sequential_best"] is True and saved["trial"] is None
+
+
+H100_KEY = tiny_context().hardware.key
+
+
+def test_pruner_stops_clearly_slower_candidates(tmp_path):
+    def slow(schedule):
+        return 10.0 if schedule.is_sequential else 20.0
+
+    measurer = FakeMeasurer(tiny_context(), slow, samples=12)
+    [result] = tune(config(tmp_path, trials=5), make_measurer=lambda w: measurer, log=lambda *a: None)
+    assert result.outcomes.get("pruned", 0) >= 4
+
+
+def test_neighbouring_winners_are_enqueued_as_warm_starts(tmp_path):
+    measurer = FakeMeasurer(tiny_context(), dbo_landscape)
+    tune(config(tmp_path, trials=25), make_measurer=lambda w: measurer, log=lambda *a: None)
+    stored = ScheduleStore(StoreConfig(root=tmp_path)).read(tmp_path / "schedules" / H100_KEY / f"{W.key}.json")
+    assert stored.params
+    other = Workload(model="llama-tiny", num_decode=32, context_len=32, prefill_tokens=32, prefill_chunk=16)
+    logs = []
+    measurer2 = FakeMeasurer(tiny_context(), dbo_landscape)
+    tune(config(tmp_path, workloads=(other,), trials=1), make_measurer=lambda w: measurer2, log=logs.append)
+    assert "1 warm start(s) enqueued" in logs[0]
+    name = [n for n in optuna.get_all_study_names(f"sqlite:///{tmp_path}/s.db") if other.key in n][0]
+    first = [t for t in optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/s.db").trials
+             if not t.user_attrs.get("baseline")][0]
+    assert first.params == stored.params
+
+
+def test_bad_config_fields_are_named():
+    with pytest.raises(ValueError, match="--trials or --timeout-s"):
+        TuneConfig(workloads=(W,), trials=None)
+    with pytest.raises(ValueError, match="--sampler must be one of"):
+        TuneConfig(workloads=(W,), sampler="bayes")
+    with pytest.raises(ValueError, match="--storage must be an Optuna storage URL"):
+        TuneConfig(workloads=(W,), storage="results/db.sqlite")
