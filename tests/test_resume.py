@@ -58,3 +58,24 @@ def test_sigkill_mid_study_then_resume(tmp_path):
     assert all(t.state == optuna.trial.TrialState.FAIL for t in stale)
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
     assert "stored" in rerun.stdout
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_best_so_far(tmp_path):
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    cmd = [c if c != "14" else "200" for c in CMD] + ["--storage", storage, "--store", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(_finished(storage)) >= 2:
+                break
+        except Exception:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stored" in out and list((tmp_path / "schedules").glob("*/*.json"))
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
+    assert len(study.trials) < 100  # it stopped long before the budget
