@@ -48,3 +48,60 @@ class FakeMeasurer:
         return Measurement(outcome=TrialOutcome.OK, latency_ms=med, latency_p10_ms=min(samples),
                            latency_p90_ms=max(samples), samples_ms=tuple(samples),
                            tokens_per_s=tokens / med * 1e3, bound_ms=1.0, efficiency=1.0 / med)
+
+
+A100 = Hardware(kind="cuda", name="NVIDIA A100-SXM4-80GB", arch="8.0", num_sms=108, memory_bytes=80 * 2**30)
+
+
+def split_landscape(schedule) -> float:
+    """Latency in ms: the baseline 10, candidate k (k + 1 requests first) 10 - |k - 2| ... best at k = 2."""
+    if schedule.is_sequential:
+        return 10.0
+    k = schedule.split_sizes[0] - 1 if schedule.split_sizes else 5
+    return 8.0 + 0.4 * abs(k - 2)
+
+
+class PoisonFake(FakeMeasurer):
+    """Schedules labelled poison-exit kill the process, poison-hang hang it (inside a Ray actor);
+    with `die=False` they return CRASHED/TIMEOUT instead, for a single-process reference run."""
+
+    def __init__(self, ctx, die: bool = True) -> None:
+        super().__init__(ctx, split_landscape)
+        self.die = die
+
+    def measure(self, schedule, *, on_sample=None, time_limit_s=None):
+        import os
+        import time
+
+        if schedule.label == "poison-exit":
+            if self.die:
+                os._exit(3)
+            return Measurement(outcome=TrialOutcome.CRASHED, message="would exit")
+        if schedule.label == "poison-hang":
+            if self.die:
+                time.sleep(3600)
+            return Measurement(outcome=TrialOutcome.TIMEOUT, message="would hang")
+        return super().measure(schedule, on_sample=on_sample, time_limit_s=time_limit_s)
+
+
+def make_poison_fake(workload):
+    return PoisonFake(tiny_context())
+
+
+def make_sleeping_fake(workload, sleep_s: float = 0.05):
+    import time
+
+    class Sleeping(FakeMeasurer):
+        def measure(self, schedule, **kw):
+            time.sleep(sleep_s)
+            return super().measure(schedule, **kw)
+
+    return Sleeping(tiny_context(), split_landscape, samples=1)
+
+
+def make_gpu_typed_fake(workload):
+    """GPU 0 of the (faked) cluster is an H100, GPU 1 an A100."""
+    import ray
+
+    hardware = H100 if ray.get_gpu_ids()[0] == 0 else A100
+    return FakeMeasurer(tiny_context(hardware), split_landscape)

@@ -54,7 +54,7 @@ def test_sigkill_mid_study_then_resume(tmp_path):
     search = [t for t in study.trials if not t.user_attrs.get("baseline")]
     assert len(search) == 14  # the budget counts across the two runs ...
     assert max(after) >= max(before) + 1  # ... and numbering continued
-    stale = [t for t in study.trials if t.user_attrs.get("message") == "the tuning process died during this trial"]
+    stale = [t for t in study.trials if t.user_attrs.get("result", {}).get("message") == "the tuning process died during this trial"]
     assert all(t.state == optuna.trial.TrialState.FAIL for t in stale)
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
     assert "stored" in rerun.stdout

@@ -43,7 +43,7 @@ def test_search_reaches_the_optimum_within_budget(tmp_path):
     assert not result.record.sequential_best
     assert result.record.speedup == pytest.approx(10.0 / 8.0, rel=0.01)
     study = _study(cfg, measurer)
-    assert study.best_trial.user_attrs["label"] == OPTIMUM
+    assert study.best_trial.user_attrs["result"]["label"] == OPTIMUM
     assert len([t for t in study.trials if not t.user_attrs.get("baseline")]) == 40
 
 
@@ -55,9 +55,9 @@ def test_every_failure_type_is_recorded_and_the_study_goes_on(tmp_path):
     [result] = tune(cfg, make_measurer=lambda w: measurer, log=lambda *a: None)
     study = _study(cfg, measurer)
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    outcomes = sorted(t.user_attrs["outcome"] for t in failed)
+    outcomes = sorted(t.user_attrs["result"]["outcome"] for t in failed)
     assert outcomes == sorted(["incorrect", "oom", "timeout", "crashed", "invalid", "crashed"])
-    assert any("RuntimeError: injected at call 9" in t.user_attrs["message"] for t in failed)
+    assert any("RuntimeError: injected at call 9" in t.user_attrs["result"]["message"] for t in failed)
     assert len([t for t in study.trials if not t.user_attrs.get("baseline")]) == 20  # budget still met
     assert result.outcomes["incorrect"] == 1 and result.outcomes["crashed"] == 2
 

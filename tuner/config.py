@@ -42,6 +42,6 @@ class TuneConfig:
         if self.confirm_top < 1 or self.confirm_rounds < 1:
             raise ValueError(f"--confirm-top and --confirm-rounds must be >= 1, but got "
                              f"{self.confirm_top} and {self.confirm_rounds}.")
-        if "://" not in self.storage:
+        if "://" not in self.storage and not self.storage.startswith("journal:"):
             raise ValueError(f"--storage must be an Optuna storage URL such as sqlite:///results/studies.db "
-                             f"or postgresql://user@host/db, but got {self.storage!r}.")
+                             f"or postgresql://user@host/db, or journal:PATH, but got {self.storage!r}.")

@@ -17,7 +17,7 @@ from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 
 from .config import TuneConfig
 from .measurer import Measurer
-from .study import BASELINE
+from .study import BASELINE, result_of
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -41,15 +41,16 @@ def top_candidates(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial
             if not t.user_attrs.get(BASELINE) and t.value is not None]
     best, seen = [], set()
     for t in sorted(done, key=lambda t: -t.value):
-        if t.user_attrs["schedule"] not in seen and not Schedule.from_json(t.user_attrs["schedule"]).is_sequential:
-            seen.add(t.user_attrs["schedule"])
+        key = result_of(t)["schedule"]
+        if key not in seen and not Schedule.from_json(key).is_sequential:
+            seen.add(key)
             best.append(t)
     return best[:k]
 
 
 def confirm(study: optuna.Study, measurer: Measurer, config: TuneConfig, *, rounds: int | None = None) -> Verdict:
     candidates = top_candidates(study, config.confirm_top)
-    schedules = [Schedule()] + [Schedule.from_json(t.user_attrs["schedule"]) for t in candidates]
+    schedules = [Schedule()] + [Schedule.from_json(result_of(t)["schedule"]) for t in candidates]
     pooled: list[list[float]] = [[] for _ in schedules]
     bound = None
     for _ in range(rounds or config.confirm_rounds):

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import sys
 
-from optuna.trial import TrialState
-
 from dynaflow.runtime import Measurement
 
 
@@ -12,6 +10,7 @@ class Progress:
     def __init__(self, *, total: int | None, desc: str, baseline_tokens_per_s: float, enabled: bool = True,
                  done: int = 0) -> None:
         self.baseline = baseline_tokens_per_s
+        self.best = baseline_tokens_per_s
         self.failures: dict[str, int] = {}
         self.bar = None
         if enabled:
@@ -19,15 +18,17 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=done, desc=desc, unit="trial", file=sys.stderr, dynamic_ncols=True)
 
-    def update(self, study, m: Measurement) -> None:
-        if not m.ok:
+    def update(self, study, m: Measurement, workers: dict[str, dict[str, int]] | None = None) -> None:
+        if m.ok:
+            self.best = max(self.best, m.tokens_per_s)
+        else:
             self.failures[m.outcome.value] = self.failures.get(m.outcome.value, 0) + 1
         if self.bar is None:
             return
-        best = max((t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), default=None)
-        postfix = {"best": f"{best:,.0f} tok/s" if best else "-",
-                   "speedup": f"{best / self.baseline:.3f}x" if best else "-"}
+        postfix = {"best": f"{self.best:,.0f} tok/s", "speedup": f"{self.best / self.baseline:.3f}x"}
         postfix.update(self.failures)
+        for name, counts in (workers or {}).items():
+            postfix[name] = sum(counts.values())
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import optuna
@@ -23,6 +24,12 @@ from .measurer import Measurer
 from .progress import Progress
 
 BASELINE = "baseline"
+RESULT = "result"  # one user attr per trial holding its whole record: each attr is a storage write
+
+
+def result_of(trial: optuna.trial.FrozenTrial) -> dict:
+    """The trial's record: outcome, message, schedule, label, latency_ms, spread, efficiency, ..."""
+    return trial.user_attrs.get(RESULT, {})
 
 
 @dataclass(kw_only=True)
@@ -44,14 +51,29 @@ def open_study(name: str, config: TuneConfig) -> optuna.Study:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         pruner = optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=5) if config.prune \
             else optuna.pruners.NopPruner()
-    study = optuna.create_study(storage=config.storage, study_name=name, direction="maximize",
+    study = optuna.create_study(storage=make_storage(config.storage), study_name=name, direction="maximize",
                                 sampler=sampler, pruner=pruner, load_if_exists=True)
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial = optuna.trial.Trial(study, stale._trial_id)
-        trial.set_user_attr("outcome", TrialOutcome.CRASHED.value)
-        trial.set_user_attr("message", "the tuning process died during this trial")
+        trial.set_user_attr(RESULT, {"outcome": TrialOutcome.CRASHED.value, "schedule": None,
+                                     "message": "the tuning process died during this trial"})
         study.tell(stale.number, state=TrialState.FAIL)
     return study
+
+
+def make_storage(url: str):
+    """An Optuna storage URL, or journal:PATH for Optuna's append-only journal file (one node,
+    several processes, far fewer milliseconds per trial than SQLite). Local folders are created."""
+    for prefix in ("sqlite:///", "journal:"):
+        if url.startswith(prefix):
+            Path(url.removeprefix(prefix)).parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+
+        from .journal import UnsyncedJournalBackend
+
+        return JournalStorage(UnsyncedJournalBackend(url.removeprefix("journal:")))
+    return url
 
 
 def search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -70,7 +92,7 @@ def ensure_baseline(study: optuna.Study, measurer: Measurer, config: TuneConfig)
     if not any(t.user_attrs.get(BASELINE) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
         study.add_trial(optuna.trial.create_trial(
             value=m.tokens_per_s, intermediate_values=_per_sample(m, measurer),
-            user_attrs={BASELINE: True, **trial_attrs(Schedule(), m)}))
+            user_attrs={BASELINE: True, RESULT: trial_record(Schedule(), m, worker=None)}))
     return m
 
 
@@ -89,23 +111,23 @@ def enqueue_warm_starts(study: optuna.Study, config: TuneConfig, hardware_key: s
 
 def run_search(study: optuna.Study, measurer: Measurer, config: TuneConfig, progress: Progress) -> StudyResult:
     space, ctx = get_space(config.space), measurer.space_context()
-    seen = {t.user_attrs.get("schedule"): t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    seen = {result_of(t).get("schedule"): t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     deadline = time.monotonic() + config.timeout_s if config.timeout_s else float("inf")
-    result = StudyResult(study=study)
-    while (config.trials is None or len(search_trials(study)) < config.trials) and time.monotonic() < deadline:
-        trial = study.ask()
+    result, asked = StudyResult(study=study), len(search_trials(study))
+    while (config.trials is None or asked < config.trials) and time.monotonic() < deadline:
+        trial, asked = study.ask(), asked + 1
         try:
             schedule = space(trial, ctx)
             key = schedule.to_json()
             m = seen_result(seen, key) or measurer.measure(schedule, on_sample=pruning_hook(trial, measurer),
                                                            time_limit_s=config.trial_timeout_s)
         except KeyboardInterrupt:
-            _finish(study, trial, Schedule(), _interrupted())
+            finish_trial(study, trial, Schedule(), _interrupted())
             result.interrupted = True
             break
         except Exception as e:  # a bug in a space or measurer costs one trial, not the study
             schedule, m = Schedule(), Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {e}")
-        _finish(study, trial, schedule, m)
+        finish_trial(study, trial, schedule, m)
         if m.ok:
             seen[schedule.to_json()] = m.tokens_per_s
         result.outcomes[m.outcome.value] = result.outcomes.get(m.outcome.value, 0) + 1
@@ -130,24 +152,25 @@ def pruning_hook(trial: optuna.Trial, measurer: Measurer):
     return on_sample
 
 
-def _finish(study: optuna.Study, trial: optuna.Trial, schedule: Schedule, m: Measurement) -> None:
-    for k, v in trial_attrs(schedule, m).items():
-        trial.set_user_attr(k, v)
+def finish_trial(study: optuna.Study, trial: optuna.Trial, schedule: Schedule, m: Measurement, *,
+                 worker: str | None = None) -> None:
+    trial.set_user_attr(RESULT, trial_record(schedule, m, worker))
     if m.ok:
         study.tell(trial, m.tokens_per_s)
     else:
         study.tell(trial, state=TrialState.PRUNED if m.outcome is TrialOutcome.PRUNED else TrialState.FAIL)
 
 
-def trial_attrs(schedule: Schedule, m: Measurement) -> dict:
-    attrs = {"outcome": m.outcome.value, "message": m.message, "schedule": schedule.to_json(),
-             "label": schedule.label, "latency_ms": m.latency_ms, "spread": m.spread,
-             "efficiency": m.efficiency, "peak_bytes": m.peak_bytes, "samples_ms": list(m.samples_ms)}
+def trial_record(schedule: Schedule, m: Measurement, worker: str | None) -> dict:
+    record = {"outcome": m.outcome.value, "message": m.message, "schedule": schedule.to_json(),
+              "label": schedule.label, "latency_ms": m.latency_ms, "spread": m.spread,
+              "efficiency": m.efficiency, "peak_bytes": m.peak_bytes, "samples_ms": list(m.samples_ms),
+              "worker": worker}
     if m.telemetry:
-        attrs["telemetry"] = m.telemetry
+        record["telemetry"] = m.telemetry
     if m.notes:
-        attrs["notes"] = m.notes
-    return attrs
+        record["notes"] = m.notes
+    return record
 
 
 def _per_sample(m: Measurement, measurer: Measurer) -> dict[int, float]:
