@@ -109,10 +109,31 @@ class Workload:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def build_layout(self) -> BatchLayout:
+        """The batch layout, without building the model (presets); user models build their case."""
+        if self.model not in PRESETS:
+            return self.build().layout
+        return preset_layout(self.num_decode, self.num_prefill, self.chunk)
+
     def build(self) -> Case:
         if self.model in PRESETS:
             return build_preset(self)
         return load_callable(self.model)(self)
+
+
+def preset_layout(num_decode: int, num_prefill: int, chunk: int) -> BatchLayout:
+    """Built-in layers: decode tokens first, then prefill requests of `chunk` tokens each."""
+    return BatchLayout(
+        request_tokens=(1,) * num_decode + (chunk,) * num_prefill,
+        request_kinds=("decode",) * num_decode + ("prefill",) * num_prefill,
+        input_axes=(TOKENS, "decode", "decode", "decode", "prefill"), kinds=("decode", "prefill"),
+    )
+
+
+def preset_layout_of(inputs) -> BatchLayout:
+    """The layout of a built-in layer's live inputs (x, k_cache, v_cache, decode_pos, prefill_pos)."""
+    prefill_pos = inputs[4]
+    return preset_layout(inputs[3].shape[0], prefill_pos.shape[0], prefill_pos.shape[1])
 
 
 def build_preset(w: Workload) -> Case:
@@ -130,12 +151,7 @@ def build_preset(w: Workload) -> Case:
         torch.full((w.num_decode,), w.context_len, dtype=torch.long, device=w.device),
         torch.arange(w.chunk, device=w.device).repeat(w.num_prefill, 1),
     )
-    layout = BatchLayout(
-        request_tokens=(1,) * w.num_decode + (w.chunk,) * w.num_prefill,
-        request_kinds=("decode",) * w.num_decode + ("prefill",) * w.num_prefill,
-        input_axes=(TOKENS, "decode", "decode", "decode", "prefill"), kinds=("decode", "prefill"),
-    )
-    return Case(model=model, inputs=inputs, layout=layout, name=w.model)
+    return Case(model=model, inputs=inputs, layout=w.build_layout(), name=w.model)
 
 
 def load_callable(spec: str) -> Callable[[Workload], Case]:

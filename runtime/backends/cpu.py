@@ -20,6 +20,14 @@ from .base import Backend, Runner
 class CPUBackend(Backend):
     name = "cpu"
 
+    def __init__(self) -> None:
+        self._pools: dict[int, ThreadPoolExecutor] = {}  # made once per stream count, reused by every plan
+
+    def _pool(self, num_streams: int) -> ThreadPoolExecutor:
+        if num_streams not in self._pools:
+            self._pools[num_streams] = ThreadPoolExecutor(num_streams, thread_name_prefix="dynaflow-stream")
+        return self._pools[num_streams]
+
     def prepare(self, plan: Plan) -> Runner:
         notes = {}
         threads = plan.schedule.total_sm_share
@@ -28,9 +36,8 @@ class CPUBackend(Backend):
                                   f"{threads} thread(s) in all; per-stream shares are not enforceable")
         if plan.num_streams == 1:
             return Runner(run=_with_threads(threads, lambda: _run_inline(plan)), notes=notes)
-        pool = ThreadPoolExecutor(plan.num_streams, thread_name_prefix="dynaflow-stream")
-        run = _with_threads(threads, lambda: _run_threads(plan, pool))
-        return Runner(run=run, notes=notes, close=pool.shutdown)
+        pool = self._pool(plan.num_streams)
+        return Runner(run=_with_threads(threads, lambda: _run_threads(plan, pool)), notes=notes)
 
     def synchronize(self) -> None:
         pass

@@ -1,0 +1,161 @@
+"""Hugging Face transformers models: decoder layers run under the schedule of each live batch.
+
+    apply_schedules(model, smap)      # wraps model.model.layers[i]; transformers' code untouched
+    remove_schedules(model)           # puts the original layers back
+
+Each decoder layer runs as one op per nano-batch (the batch's rows), on the streams the
+schedule gives its nano-batches: dual-batch overlap at layer granularity. Tensors batched on
+dim 0 are passed as row views; a static KV cache is passed as a view of its rows, so every
+nano-batch writes its own rows in place. A cache that cannot be viewed by rows (a dynamic
+cache, or a static one not yet allocated: call `cache.early_initialization(...)` at start-up)
+makes that call run unsplit, and the reason is logged once. transformers is never imported.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .backends import get_backend
+from .batch import BatchLayout
+from .plan import Plan, Task
+from .schedule import Schedule
+from .serving import pick
+
+log = logging.getLogger("dynaflow")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder layers (`model.model.layers` in Llama, Qwen2, Mixtral, ...)."""
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and \
+                all(type(m).__name__.endswith("DecoderLayer") or isinstance(m, ScheduledDecoderLayer) for m in module):
+            return module
+    raise ValueError(f"{type(model).__name__} has no ModuleList of *DecoderLayer modules to schedule.")
+
+
+def apply_schedules(model: nn.Module, chooser: Callable[[BatchLayout], Schedule]) -> nn.Module:
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, ScheduledDecoderLayer):
+            layers[i] = ScheduledDecoderLayer(layer, chooser)
+    return model
+
+
+def remove_schedules(model: nn.Module) -> nn.Module:
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, ScheduledDecoderLayer):
+            layers[i] = layer.layer
+    return model
+
+
+class ScheduledDecoderLayer(nn.Module):
+    def __init__(self, layer: nn.Module, chooser) -> None:
+        super().__init__()
+        self.layer, self.chooser = layer, chooser
+        self.backend = None
+        self.split_calls = 0  # calls that ran as several nano-batches
+        self._said: set[str] = set()
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        rows, tokens = hidden_states.shape[:2]
+        cache = kwargs.get("past_key_values")
+        layout = BatchLayout(request_tokens=(tokens,) * rows, request_kinds=("decode" if tokens == 1 else "prefill",) * rows,
+                             input_axes=(), kinds=("decode", "prefill"))
+        schedule = pick(self.chooser, layout, int(cache.get_seq_length()) if cache is not None else 0)
+        reason = None if schedule.num_nano > 1 else "sequential"
+        if reason is None and cache is not None:
+            reason = _cache_unsplittable(cache, self._layer_idx())
+        if reason is not None:
+            if reason != "sequential":
+                self._say(reason)
+            return self.layer(hidden_states, *args, **kwargs)
+        return self._run_split(schedule, layout, hidden_states, args, kwargs, cache)
+
+    def _run_split(self, schedule: Schedule, layout: BatchLayout, hidden_states, args, kwargs, cache):
+        rows = hidden_states.shape[0]
+        ranges = layout.request_ranges(schedule.split_unit, schedule.split_sizes)
+        out = torch.empty_like(hidden_states)
+        idx = self._layer_idx()
+        tasks = []
+        for b, (r0, r1) in enumerate(ranges):
+            part = _rows(hidden_states, rows, r0, r1)
+            part_args = tuple(_rows(a, rows, r0, r1) for a in args)
+            part_kwargs = {k: _rows(v, rows, r0, r1) for k, v in kwargs.items()}
+            if cache is not None:
+                part_kwargs["past_key_values"] = CacheRows(cache, slice(r0, r1))
+            tasks.append(Task(op="layer", nano=b, stream=_stream_of(schedule, b), waits=(),
+                              fn=_nano_fn(self.layer, part, part_args, part_kwargs, out, slice(r0, r1))))
+        self.backend = self.backend or get_backend(str(out.device) if out.is_cuda else "cpu")
+        self.backend.prepare(Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=True)).run()
+        if cache is not None:  # every nano-batch wrote from the same position; advance it once
+            cache.layers[idx].cumulative_length.add_(hidden_states.shape[1])
+        self.split_calls += 1
+        return out
+
+    def _layer_idx(self) -> int | None:
+        attn = getattr(self.layer, "self_attn", None)
+        return getattr(attn, "layer_idx", None)
+
+    def _say(self, reason: str) -> None:
+        if reason not in self._said:
+            self._said.add(reason)
+            log.info("decoder layer %s runs unsplit: %s", self._layer_idx(), reason)
+
+
+def _nano_fn(layer, part, args, kwargs, out, sl):
+    def fn() -> None:
+        result = layer(part, *args, **kwargs)
+        out[sl].copy_(result[0] if isinstance(result, tuple) else result)
+
+    return fn
+
+
+def _stream_of(schedule: Schedule, nano: int) -> int:
+    """The stream of the nano-batch's first step in the schedule's order, else one per nano-batch."""
+    for step in schedule.order:
+        if step.nano == nano:
+            return step.stream
+    return nano % len(schedule.streams)
+
+
+def _rows(value, rows: int, r0: int, r1: int):
+    """Row views of batched tensors (dim 0 == the batch, at least 2 dims); others pass whole."""
+    if isinstance(value, torch.Tensor):
+        return value[r0:r1] if value.dim() >= 2 and value.shape[0] == rows and rows > 1 else value
+    if isinstance(value, tuple):
+        return tuple(_rows(v, rows, r0, r1) for v in value)
+    return value
+
+
+def _cache_unsplittable(cache, idx: int | None) -> str | None:
+    layers = getattr(cache, "layers", None)
+    if idx is None or layers is None or idx >= len(layers):
+        return f"{type(cache).__name__} cannot be viewed by rows"
+    layer = layers[idx]
+    if type(layer).__name__ != "StaticLayer":
+        return f"a {type(layer).__name__} grows by concatenation and cannot be split by rows; use a StaticCache"
+    if not getattr(layer, "is_initialized", False):
+        return "the static cache is not allocated yet; call cache.early_initialization(...) at start-up"
+    return None
+
+
+class CacheRows:
+    """Rows r0:r1 of a static cache, as one nano-batch's decoder layer sees it."""
+
+    def __init__(self, cache, rows: slice) -> None:
+        self.cache, self.rows = cache, rows
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        layer = self.cache.layers[layer_idx]
+        part = copy.copy(layer)
+        part.keys, part.values = layer.keys[self.rows], layer.values[self.rows]
+        part.cumulative_length = layer.cumulative_length.clone()  # advanced once, after all rows
+        return part.update(key_states, value_states, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.cache, name)

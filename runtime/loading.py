@@ -1,0 +1,162 @@
+"""Load tuned schedules at server start-up and pick one per live batch.
+
+    smap = ScheduleMap.load("results", model="llama3-8b", dtype="bfloat16")   # once, at start-up
+    schedule = smap.pick(batch_layout)                                        # every step
+
+The fallback chain, logged once per rule: the exact bucket; else the nearest stored bucket at
+or below the live batch (its splits rescaled to the live batch); else the sequential schedule.
+A record from another architecture, SM count or memory size is refused; a software drift warns.
+Loading parses JSON only: nothing in a file is ever executed.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from .batch import BatchLayout
+from .hardware import Hardware, detect
+from .schedule import Schedule
+from .store import ScheduleStore, StoreConfig, StoredSchedule
+from .workload import Workload
+
+log = logging.getLogger("dynaflow")
+Policy = Callable[[BatchLayout], Schedule]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Bucket:
+    """The batch shape a record was tuned for, and the shape of a live batch."""
+
+    num_decode: int
+    prefill_tokens: int
+    context_len: int
+
+    @classmethod
+    def of(cls, layout: BatchLayout, context_len: int = 0) -> "Bucket":
+        kinds, tokens = layout.request_kinds, layout.request_tokens
+        decode = sum(1 for k in kinds if k == "decode")
+        return cls(num_decode=decode, prefill_tokens=sum(t for k, t in zip(kinds, tokens) if k != "decode"),
+                   context_len=context_len)
+
+    def fits_under(self, live: "Bucket") -> bool:
+        return self.num_decode <= live.num_decode and self.prefill_tokens <= live.prefill_tokens
+
+
+def check_hardware(record: StoredSchedule, live: Hardware, source: str) -> None:
+    """Refuse a schedule tuned on other hardware; warn when the software has changed since."""
+    wrong = live.mismatch(record.hardware)
+    if wrong:
+        raise ValueError(f"{source} was tuned on {record.hardware.key}, but this is {live.key} "
+                         f"({'; '.join(wrong)}); re-tune on this hardware.")
+    drift = live.drift(record.hardware)
+    if drift:
+        log.warning("%s was measured with other software (%s); its speedup may have changed: re-tune to be sure",
+                    source, ", ".join(drift))
+
+
+def fit_to_batch(schedule: Schedule, layout: BatchLayout) -> Schedule | None:
+    """The schedule with its splits rescaled to `layout` (same proportions of tokens, cut on
+    request boundaries), or None when the live batch cannot hold that many nano-batches."""
+    if not schedule.split_sizes:
+        return schedule
+    total = layout.num_tokens if schedule.split_unit == "tokens" else layout.num_requests
+    if sum(schedule.split_sizes) == total:
+        try:
+            layout.request_ranges(schedule.split_unit, schedule.split_sizes)
+            return schedule
+        except ValueError:
+            pass
+    fractions = [c / sum(schedule.split_sizes) for c in itertools.accumulate(schedule.split_sizes)][:-1]
+    ends = list(itertools.accumulate(layout.request_tokens, initial=0))
+    cuts = [0]
+    for f in fractions:
+        target = f * ends[-1] if schedule.split_unit == "tokens" else f * layout.num_requests
+        positions = ends if schedule.split_unit == "tokens" else range(layout.num_requests + 1)
+        at = min(range(1, layout.num_requests), key=lambda r: abs(positions[r] - target), default=None)
+        if at is None or at <= cuts[-1]:
+            return None
+        cuts.append(at)
+    cuts.append(layout.num_requests)
+    sizes = tuple(b - a for a, b in zip(cuts, cuts[1:]))
+    return replace(schedule, split_unit="requests", split_sizes=sizes)
+
+
+class ScheduleMap:
+    """The stored schedules of one (hardware, model, dtype), looked up per live batch."""
+
+    def __init__(self, records: list[StoredSchedule], *, source: str = "schedules") -> None:
+        self.records = sorted(records, key=lambda r: (r.workload.num_decode + r.workload.prefill_tokens,
+                                                      r.workload.context_len))
+        self.buckets = [Bucket(num_decode=r.workload.num_decode, prefill_tokens=r.workload.prefill_tokens,
+                               context_len=r.workload.context_len) for r in self.records]
+        self.source = source
+        self._cache: dict[tuple, Schedule] = {}
+        self._said: set[str] = set()
+
+    @classmethod
+    def load(cls, store: str | Path, *, model: str, dtype: str = "bfloat16", hardware: Hardware | None = None,
+             device: str = "cuda", on_error: str = "raise") -> "ScheduleMap":
+        """Every record for this hardware, model and dtype under `store`. on_error: "raise" (a
+        corrupt, truncated or newer-schema file is an error naming it) or "warn" (skip it)."""
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn', but got {on_error!r}.")
+        live = hardware or detect(device)
+        records = []
+        for path, rec in ScheduleStore(StoreConfig(root=Path(store))).records(live.key):
+            if isinstance(rec, ValueError):
+                if on_error == "raise":
+                    raise rec
+                log.warning("%s; skipped", rec)
+                continue
+            if rec.workload.model == model and rec.workload.dtype == dtype:
+                check_hardware(rec, live, str(path))
+                records.append(rec)
+        log.info("loaded %d schedule(s) for %s %s on %s from %s", len(records), model, dtype, live.key, store)
+        return cls(records, source=str(store))
+
+    def pick(self, layout: BatchLayout, context_len: int = 0) -> Schedule:
+        """The schedule for this live batch (cached per batch shape)."""
+        key = (layout.request_tokens, layout.request_kinds, context_len)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._choose(layout, Bucket.of(layout, context_len))
+        return hit
+
+    __call__ = pick
+
+    def _choose(self, layout: BatchLayout, live: Bucket) -> Schedule:
+        exact = [r for r, b in zip(self.records, self.buckets)
+                 if (b.num_decode, b.prefill_tokens) == (live.num_decode, live.prefill_tokens)]
+        under = [r for r, b in zip(self.records, self.buckets) if b.fits_under(live)]
+        for rule, candidates in (("exact bucket", exact), ("nearest bucket below", under)):
+            if candidates:
+                rec = min(candidates, key=lambda r: (-(r.workload.num_decode + r.workload.prefill_tokens),
+                                                     abs(r.workload.context_len - live.context_len)))
+                fitted = fit_to_batch(rec.schedule, layout)
+                if fitted is not None:
+                    self._say(rule, f"{rule}: {rec.workload.key} for live {live}")
+                    return fitted
+        self._say("sequential", f"sequential: no stored bucket at or below live {live} in {self.source}")
+        return Schedule(label="sequential (fallback)")
+
+    def _say(self, rule: str, message: str) -> None:
+        if rule not in self._said:  # once per rule, not once per step
+            self._said.add(rule)
+            log.info("schedule lookup: %s", message)
+
+
+def load_schedule(store: str | Path, workload: Workload, *, hardware: Hardware | None = None,
+                  on_error: str = "raise") -> Schedule:
+    """The schedule for one workload on this hardware, through the fallback chain. `store` is a
+    store root, or one record file (then it must match this hardware)."""
+    path = Path(store)
+    live = hardware or detect(workload.device)
+    if path.is_file():
+        rec = ScheduleStore().read(path)
+        check_hardware(rec, live, str(path))
+        return rec.schedule
+    smap = ScheduleMap.load(path, model=workload.model, dtype=workload.dtype, hardware=live, on_error=on_error)
+    return smap.pick(workload.build_layout(), workload.context_len)

@@ -1,0 +1,83 @@
+"""Hugging Face models (random weights, built offline from configs) with their decoder layers
+run under schedules: prefill and static-cache decode equal the unscheduled model."""
+import pytest
+import torch
+
+from dynaflow.runtime import Schedule, StreamSpec, Step
+from dynaflow.runtime.hf import ScheduledDecoderLayer, apply_schedules, decoder_layers, remove_schedules
+
+transformers = pytest.importorskip("transformers")
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+}
+ROWS, PROMPT, STEPS = 5, 7, 3
+
+
+def build(arch: str):
+    config_cls, model_cls, extra = ARCHS[arch]
+    cfg = getattr(transformers, config_cls)(**COMMON, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(cfg).eval(), cfg
+
+
+def dbo_policy(layout):
+    """Two nano-batches on two streams above 2 requests; the second issued first."""
+    if layout.num_requests <= 2:
+        return Schedule()
+    first = layout.num_requests // 2
+    return Schedule(split_sizes=(first, layout.num_requests - first), streams=(StreamSpec(), StreamSpec()),
+                    order=(Step(op="layer", nano=1, stream=1), Step(op="layer", nano=0, stream=0)))
+
+
+def generate(model, cfg, ids):
+    """Prefill, then greedy decode steps with a static KV cache; the logits of every step."""
+    cache = transformers.StaticCache(config=cfg, max_cache_len=PROMPT + STEPS + 1)
+    cache.early_initialization(ids.shape[0], cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                               torch.float32, torch.device("cpu"))
+    logits = []
+    with torch.no_grad():
+        for step in range(STEPS + 1):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+            ids = out.logits[:, -1:].argmax(-1)
+    return logits
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_scheduled_layers_equal_the_unscheduled_model(arch):
+    model, cfg = build(arch)
+    ids = torch.randint(0, COMMON["vocab_size"], (ROWS, PROMPT), generator=torch.Generator().manual_seed(1))
+    reference = generate(model, cfg, ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_schedules(model, dbo_policy)
+    wrapped = list(decoder_layers(model))
+    assert all(isinstance(layer, ScheduledDecoderLayer) for layer in wrapped)
+    scheduled = generate(model, cfg, ids)
+    assert all(layer.split_calls == STEPS + 1 for layer in wrapped)  # prefill and every decode step split
+    for ref, got in zip(reference, scheduled):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    remove_schedules(model)
+    assert not any(isinstance(layer, ScheduledDecoderLayer) for layer in decoder_layers(model))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # weights untouched
+
+
+def test_dynamic_cache_runs_unsplit_and_says_why(caplog):
+    model, cfg = build("llama")
+    ids = torch.randint(0, COMMON["vocab_size"], (ROWS, PROMPT))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=True).logits
+        apply_schedules(model, dbo_policy)
+        with caplog.at_level("INFO", logger="dynaflow"):
+            got = model(input_ids=ids, use_cache=True).logits
+    torch.testing.assert_close(got, ref)
+    assert "cannot be split by rows; use a StaticCache" in caplog.text
+    assert all(layer.split_calls == 0 for layer in decoder_layers(model))
+
+
+def test_model_without_decoder_layers_is_refused():
+    with pytest.raises(ValueError, match="Linear has no ModuleList of \\*DecoderLayer"):
+        apply_schedules(torch.nn.Linear(2, 2), dbo_policy)
