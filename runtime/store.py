@@ -8,6 +8,7 @@ Writes are atomic (temp file + rename): a crash never leaves half a record.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -73,12 +74,7 @@ class ScheduleStore:
     def save(self, record: StoredSchedule) -> Path:
         path = self.path(record.hardware.key, record.workload.key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record.to_dict(), f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _write_atomic(path, record.to_dict(), indent=2)
         return path
 
     def read(self, path: Path) -> StoredSchedule:
@@ -88,11 +84,51 @@ class ScheduleStore:
         except (OSError, json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
             raise ValueError(f"schedule record {path} is unreadable: {type(e).__name__}: {e}") from None
 
+    def pack_path(self, hardware_key: str) -> Path:
+        return self.root / f"{hardware_key}.pack.json"
+
+    def write_pack(self, hardware_key: str, records: list[dict[str, Any]]) -> None:
+        """One file holding every validated record of a hardware key, stamped with its files'
+        names, sizes and mtimes: start-up reads it instead of each file while none changed."""
+        try:
+            _write_atomic(self.pack_path(hardware_key), {"pack_schema": RECORD_SCHEMA, "stamp": self._stamp(hardware_key),
+                                                         "records": records}, indent=None)
+        except OSError:  # a read-only store still loads, only more slowly
+            pass
+
+    def _stamp(self, hardware_key: str) -> str:
+        entries = sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(self.root / hardware_key)
+                         if e.name.endswith(".json"))
+        return hashlib.sha256(repr(entries).encode()).hexdigest()
+
+    def read_pack(self, hardware_key: str) -> list[dict[str, Any]] | None:
+        """The packed records if the pack is intact and current, else None."""
+        try:
+            data = json.loads(self.pack_path(hardware_key).read_text())
+            current = data["stamp"] == self._stamp(hardware_key)
+            return data["records"] if current and data["pack_schema"] == RECORD_SCHEMA else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def records(self, hardware_key: str | None = None) -> Iterator[tuple[Path, StoredSchedule | ValueError]]:
         """Every record (or the error reading it), optionally for one hardware key."""
-        pattern = f"{hardware_key}/*.json" if hardware_key else "*/*.json"
+        pattern = f"{hardware_key}/*.json" if hardware_key else "*/*.json"  # packs lie beside the folders
         for path in sorted(self.root.glob(pattern)):
             try:
                 yield path, self.read(path)
             except ValueError as e:
                 yield path, e
+
+
+def _write_atomic(path: Path, data: Any, *, indent: int | None) -> None:
+    """Temp file in the same folder, fsync, rename: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=indent, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

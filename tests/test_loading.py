@@ -1,0 +1,147 @@
+"""Start-up loading: the fallback chain, hardware refusal, version drift, bad files, policies."""
+import json
+import logging
+
+import pytest
+import torch
+
+from dynaflow.runtime import Executor, Schedule, StreamSpec, Step, Workload
+from dynaflow.runtime.loading import ScheduleMap, fit_to_batch, load_schedule
+from dynaflow.runtime.serving import ScheduledModule
+from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
+from dynaflow.runtime.workload import preset_layout
+from fakes import A100, H100
+
+
+def record(w: Workload, schedule: Schedule, hardware=H100) -> StoredSchedule:
+    return StoredSchedule(hardware=hardware, workload=w, schedule=schedule, sequential_best=schedule.is_sequential,
+                          tokens_per_s=1.0, baseline_tokens_per_s=1.0, speedup=1.2, speedup_spread=0.01,
+                          efficiency=0.5, space="nanoflow")
+
+
+def wl(d: int, p: int = 0, ctx: int = 2048) -> Workload:
+    return Workload(model="llama3-8b", num_decode=d, context_len=ctx, prefill_tokens=p, dtype="bfloat16", device="cuda")
+
+
+def split(*sizes) -> Schedule:
+    return Schedule(split_sizes=sizes, streams=(StreamSpec(), StreamSpec()), label=f"split{sizes}")
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ScheduleStore(StoreConfig(root=tmp_path))
+    s.save(record(wl(64), split(32, 32)))
+    s.save(record(wl(256), split(128, 128)))
+    s.save(record(wl(256, 512), split(128, 129)))
+    return tmp_path
+
+
+def test_exact_bucket(store, caplog):
+    with caplog.at_level(logging.INFO, logger="dynaflow"):
+        s = load_schedule(store, wl(256), hardware=H100)
+    assert s.label == "split(128, 128)" and s.split_sizes == (128, 128)
+    assert "exact bucket: llama3-8b_d256x2048_p0_bf16" in caplog.text
+
+
+def test_nearest_bucket_below_is_rescaled_to_the_live_batch(store, caplog):
+    with caplog.at_level(logging.INFO, logger="dynaflow"):
+        s = load_schedule(store, wl(200), hardware=H100)  # 64 and 256 stored: 64 is the one at or below
+    assert s.label == "split(32, 32)" and s.split_sizes == (100, 100)
+    assert "nearest bucket below: llama3-8b_d64x2048_p0_bf16" in caplog.text
+
+
+def test_no_bucket_below_falls_back_to_sequential(store, caplog):
+    with caplog.at_level(logging.INFO, logger="dynaflow"):
+        s = load_schedule(store, wl(16), hardware=H100)
+    assert s.is_sequential
+    assert "sequential: no stored bucket at or below" in caplog.text
+
+
+def test_each_rule_is_logged_once(store, caplog):
+    smap = ScheduleMap.load(store, model="llama3-8b", hardware=H100)
+    with caplog.at_level(logging.INFO, logger="dynaflow"):
+        for d in (200, 201, 202, 16, 17):
+            smap.pick(preset_layout(d, 0, 0), 2048)
+    assert caplog.text.count("nearest bucket below") == 1 and caplog.text.count("sequential: no stored") == 1
+
+
+def test_other_hardware_is_refused_naming_both(store):
+    path = next((store / "schedules" / H100.key).glob("*d64*"))
+    with pytest.raises(ValueError, match=f"was tuned on {H100.key}, but this is {A100.key}.*num_sms: 132 vs 108"):
+        load_schedule(path, wl(64), hardware=A100)
+
+
+def test_software_drift_warns(store, caplog):
+    newer = type(H100)(**{**H100.to_dict(), "software": {**H100.software, "torch": "2.99.0"}})
+    with caplog.at_level(logging.WARNING, logger="dynaflow"):
+        load_schedule(store, wl(64), hardware=newer)
+    assert "torch: '2.11.0' -> '2.99.0'" in caplog.text
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda text: text[: len(text) // 2], "JSONDecodeError"),
+    (lambda text: "", "JSONDecodeError"),
+    (lambda text: text.replace('"record_schema": 1', '"record_schema": 2'), "record_schema must be 1, but got 2"),
+    (lambda text: text.replace('"schema_version": 1', '"schema_version": 7'), "schedule schema_version must be 1"),
+])
+def test_bad_files_are_errors_naming_the_file_or_warnings(store, caplog, damage, words):
+    path = next((store / "schedules" / H100.key).glob("*d256x2048_p0*"))
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(ValueError) as e:
+        load_schedule(store, wl(256), hardware=H100)
+    assert str(path) in str(e.value) and words in str(e.value)
+    with caplog.at_level(logging.WARNING, logger="dynaflow"):
+        s = load_schedule(store, wl(256), hardware=H100, on_error="warn")
+    assert s.label == "split(32, 32)"  # the broken bucket skipped, the next rule answered
+    assert str(path) in caplog.text
+
+
+def test_loading_never_runs_code_from_the_file(store, tmp_path):
+    path = next((store / "schedules" / H100.key).glob("*d64*"))
+    data = json.loads(path.read_text())
+    data["schedule"]["label"] = "__import__('os').system('touch PWNED')"
+    path.write_text(json.dumps(data))
+    assert load_schedule(path, wl(64), hardware=H100).label.startswith("__import__")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_fit_to_batch_keeps_proportions_and_gives_up_when_too_small():
+    layout = preset_layout(10, 1, 30)  # 10 decode tokens + one 30-token prefill
+    assert fit_to_batch(Schedule(split_unit="tokens", split_sizes=(3, 1)), layout).split_sizes == (10, 1)
+    assert fit_to_batch(split(1, 1, 1), preset_layout(2, 0, 0)) is None
+
+
+def test_scheduled_module_runs_the_map_or_a_policy_per_call():
+    ex = Executor(Workload(model="llama-tiny", num_decode=8, context_len=16, prefill_tokens=16, prefill_chunk=8).build())
+    ref = ex.reference().clone()
+    names = ex.graph.names
+
+    def policy(layout):  # a ten-line dual-batch overlap: split only above 6 requests
+        if layout.num_requests <= 6:
+            return Schedule()
+        half = layout.num_requests // 2
+        order = tuple(Step(op=o, nano=b, stream=b) for o in names for b in (0, 1))
+        return Schedule(split_sizes=(half, layout.num_requests - half), streams=(StreamSpec(), StreamSpec()),
+                        order=order, label="dbo")
+
+    layer = ScheduledModule(ex.case.model, policy)
+    with torch.no_grad():
+        out = layer(*ex.case.inputs)
+    assert layer.last_schedule.label == "dbo"
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_pack_speeds_start_up_and_never_goes_stale(store):
+    first = load_schedule(store, wl(256), hardware=H100)
+    assert (store / "schedules" / f"{H100.key}.pack.json").exists()
+    assert load_schedule(store, wl(256), hardware=H100) == first  # from the pack
+    ScheduleStore(StoreConfig(root=store)).save(record(wl(256), split(100, 156)))  # re-tuned since
+    assert load_schedule(store, wl(256), hardware=H100).split_sizes == (100, 156)
+
+
+def test_a_warned_load_does_not_hide_a_broken_file_from_a_strict_one(store):
+    path = next((store / "schedules" / H100.key).glob("*d64*"))
+    path.write_text("{")
+    load_schedule(store, wl(256), hardware=H100, on_error="warn")
+    with pytest.raises(ValueError, match="unreadable"):
+        load_schedule(store, wl(256), hardware=H100)
