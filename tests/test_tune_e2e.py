@@ -19,8 +19,11 @@ def test_tune_writes_a_valid_record_that_a_fresh_measurement_matches(tmp_path, c
     assert rec.workload == w and path.stem == w.key and path.parent.name == rec.hardware.key
     bench = Bench(w, config=MeasureConfig(warmup=2, repeats=15))
     bench.executor.compile(rec.schedule, sm_count=bench.hardware.num_sms)  # validates against the model
-    fresh = [bench.measure(rec.schedule).tokens_per_s for _ in range(3)]
-    assert abs(statistics.median(fresh) - rec.tokens_per_s) / rec.tokens_per_s <= max(rec.speedup_spread, 0.1)
+    fresh = [bench.measure(rec.schedule) for _ in range(3)]
+    fresh_tps = statistics.median(m.tokens_per_s for m in fresh)
+    fresh_spread = statistics.median(m.spread for m in fresh)
+    # both numbers are medians of noisy samples: they must agree within the two spreads together
+    assert abs(fresh_tps - rec.tokens_per_s) / rec.tokens_per_s <= rec.speedup_spread + fresh_spread
     data = json.loads(path.read_text())
     assert data["record_schema"] == 1 and data["schedule"]["schema_version"] == 1
     assert data["hardware"]["software"]["torch"]
