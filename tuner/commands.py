@@ -36,6 +36,14 @@ def add_tuner_commands(sub, common, measure_flags) -> None:
                    "a local one); needs --workers")
     t.set_defaults(func=cmd_tune)
 
+    r = sub.add_parser("report", help="write a study's figures (PNG) and a Markdown summary, without Jupyter")
+    r.add_argument("--storage", default="sqlite:///results/studies.db", help="the study's storage URL")
+    r.add_argument("--study", default=None, help="study name (needed when the storage holds several)")
+    r.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
+    r.add_argument("--out", type=Path, default=Path("results/report"), help="folder for report.md and the PNGs")
+    r.add_argument("--no-timelines", action="store_true", help="skip re-running the best schedule for its timeline")
+    r.set_defaults(func=cmd_report)
+
     ls = sub.add_parser("list", help="print the stored schedules as a table")
     ls.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
     ls.set_defaults(func=cmd_list)
@@ -80,6 +88,15 @@ def _count(text: str) -> int:
         return int(text)
     except ValueError:
         raise ValueError(f"--workers must be a positive count or 'all', but got {text!r}.") from None
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.storage, args.out, store_root=args.store, study_name=args.study,
+                        timelines=not args.no_timelines)
+    print(f"wrote {path} and its figures")
+    return 0
 
 
 def cmd_list(args) -> int:

@@ -1,6 +1,8 @@
-"""Tables of stored schedules and of a study's trials, with pandas."""
+"""Tables of stored schedules, and `dynaflow-tune report`: a study's figures as PNG files and a
+Markdown summary, without Jupyter."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -19,3 +21,111 @@ def stored_table(root: Path) -> pd.DataFrame:
                      "tokens_per_s": round(rec.tokens_per_s), "efficiency": rec.efficiency and round(rec.efficiency, 3),
                      "space": rec.space, "trial": rec.trial, "created_at": rec.created_at})
     return pd.DataFrame(rows)
+
+
+def timelines_for(study, store_root: Path) -> tuple[list, str | None]:
+    """Timelines of the sequential and the best schedule, re-run here when this machine is the
+    study's hardware; else ([], why)."""
+    from dynaflow.runtime import Bench, MeasureConfig, Schedule, detect
+    from dynaflow.runtime.timeline import record_timeline
+
+    from .analysis import best_schedule, study_workload, workload_from_record
+
+    hardware, workload_key = study_workload(study)
+    workload = workload_from_record(store_root, hardware, workload_key)
+    if workload is None:
+        return [], f"no stored record for {workload_key} under {store_root}: timelines need its workload"
+    if detect(workload.device).key != hardware:
+        return [], f"this machine is not {hardware}: timelines are recorded on the study's hardware"
+    bench = Bench(workload, config=MeasureConfig(warmup=1, repeats=1))
+    resources = {op.name: op.resource for op in bench.executor.graph.ops}
+    out = []
+    for schedule in (Schedule(), best_schedule(study)):
+        compiled = bench.executor.compile(schedule.__class__(**{**schedule.__dict__, "cuda_graph": False}))
+        out.append(record_timeline(compiled, resources))
+    return out, None
+
+
+def write_report(storage: str, out_dir: Path, *, store_root: Path = Path("results"),
+                 study_name: str | None = None, timelines: bool = True) -> Path:
+    import matplotlib.pyplot as plt
+
+    from . import analysis
+
+    study = analysis.load_study(storage, study_name)
+    df = analysis.trials_table(study)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes, figures = [], {}
+
+    def save(name: str, fig) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{name}.png", dpi=110)
+        plt.close(fig)
+        figures[name] = f"{name}.png"
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    analysis.plot_history(study, df, ax)
+    save("history", fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if (why := analysis.plot_importances(study, ax)) is None:
+        save("importances", fig)
+    else:
+        notes.append(why)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    analysis.plot_outcomes(df, ax)
+    save("outcomes", fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    analysis.plot_winner_spread(study, ax)
+    save("spread", fig)
+    records = stored_table(store_root)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    analysis.plot_buckets(records[records.speedup.notna()] if not records.empty else records, ax)
+    save("buckets", fig)
+    notes.append(analysis.plot_pareto(study, ax) or "")
+    if timelines:
+        tls, why = timelines_for(study, store_root)
+        if tls:
+            fig, axes = plt.subplots(len(tls), 1, figsize=(9, 1.6 + 1.2 * sum(len({s.stream for s in t.spans})
+                                                                              for t in tls)), squeeze=False)
+            analysis.plot_timelines(tls, [a[0] for a in axes])
+            save("timelines", fig)
+            for name, tl in zip(("sequential", "best"), tls):
+                tl.to_chrome_trace(out_dir / f"trace_{name}.json")
+        else:
+            notes.append(why)
+    path = out_dir / "report.md"
+    path.write_text(_markdown(study, df, figures, [n for n in notes if n]))
+    return path
+
+
+def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]) -> str:
+    search = df[~df.baseline]
+    base = df.loc[df.baseline, "tokens_per_s"]
+    best = df[df.state == "COMPLETE"].tokens_per_s.max()
+    verdict = study.user_attrs.get("confirmation", {})
+    lines = [f"# {study.study_name}", "",
+             f"- trials: {len(search)} ({', '.join(f'{k} {v}' for k, v in search.outcome.value_counts().items())})",
+             f"- sequential baseline: {base.iloc[0]:,.0f} tokens/s" if len(base) else "- no baseline",
+             f"- best trial: {best:,.0f} tokens/s ({best / base.iloc[0]:.3f}x the baseline)" if len(base) else "",
+             f"- confirmation: {verdict}" if verdict else "- not confirmed yet", ""]
+    top = search[search.state == "COMPLETE"].nlargest(5, "tokens_per_s")[["number", "tokens_per_s", "speedup", "label"]]
+    lines += ["## Best trials", "", _table(top), ""]
+    lines += [f"![{name}]({file})" for name, file in figures.items()]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        rows.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    return "\n".join(rows)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+    return re.sub(r"\|", "/", str(v))

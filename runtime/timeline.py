@@ -1,0 +1,97 @@
+"""When each op of each nano-batch ran, on which stream: CUDA events on a GPU, clocks on CPU.
+
+    tl = record_timeline(compiled)           # runs the schedule once, timing every task
+    tl.to_chrome_trace("trace.json")         # open in chrome://tracing or ui.perfetto.dev
+
+Recording wraps the plan's tasks for one run and restores them; the model is not touched.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .executor import Compiled
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Span:
+    op: str
+    nano: int
+    stream: int
+    start_ms: float
+    end_ms: float
+    resource: str = "compute"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timeline:
+    label: str
+    spans: tuple[Span, ...]
+
+    @property
+    def makespan_ms(self) -> float:
+        return max((s.end_ms for s in self.spans), default=0.0)
+
+    def to_chrome_trace(self, path: str | Path | None = None) -> dict:
+        """The Chrome/Perfetto trace-event format: one thread per stream, one slice per task."""
+        events = [{"name": s.op, "cat": s.resource, "ph": "X", "pid": 1, "tid": s.stream,
+                   "ts": s.start_ms * 1e3, "dur": (s.end_ms - s.start_ms) * 1e3,
+                   "args": {"nano_batch": s.nano, "resource": s.resource}} for s in self.spans]
+        events += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": k, "args": {"name": f"stream {k}"}}
+                   for k in sorted({s.stream for s in self.spans})]
+        trace = {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"schedule": self.label}}
+        if path is not None:
+            Path(path).write_text(json.dumps(trace))
+        return trace
+
+
+def record_timeline(compiled: Compiled, resources: dict[str, str] | None = None) -> Timeline:
+    """Run the compiled schedule once with every task timed. Not for measuring: timing adds
+    a little overhead per task, which is why measurement (Bench.measure) never does this."""
+    plan, resources = compiled.plan, resources or {}
+    if plan.schedule.cuda_graph:
+        raise ValueError("a timeline needs the schedule run eagerly: a CUDA graph replays without its tasks; "
+                         "compile it with cuda_graph=False to see its timeline.")
+    cuda = compiled.out.is_cuda
+    marks: list[tuple] = []
+    lock = threading.Lock()
+    originals = [t.fn for t in plan.tasks]
+    base = torch.cuda.Event(enable_timing=True) if cuda else None
+
+    def timed(task, fn):
+        def run() -> None:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+            else:
+                start = time.perf_counter()
+                fn()
+                end = time.perf_counter()
+            with lock:
+                marks.append((task, start, end))
+        return run
+
+    for task in plan.tasks:
+        task.fn = timed(task, task.fn)
+    try:
+        compiled()  # warm: first-run costs are not the schedule's
+        marks.clear()
+        if cuda:
+            base.record()
+        t0 = time.perf_counter()
+        compiled()
+        compiled.backend.synchronize()
+    finally:
+        for task, fn in zip(plan.tasks, originals):
+            task.fn = fn
+    spans = [Span(op=t.op, nano=t.nano, stream=t.stream, resource=resources.get(t.op, "compute"),
+                  start_ms=base.elapsed_time(s) if cuda else (s - t0) * 1e3,
+                  end_ms=base.elapsed_time(e) if cuda else (e - t0) * 1e3) for t, s, e in marks]
+    return Timeline(label=plan.schedule.label, spans=tuple(sorted(spans, key=lambda s: s.start_ms)))
