@@ -116,9 +116,22 @@ class Workload:
         return preset_layout(self.num_decode, self.num_prefill, self.chunk)
 
     def build(self) -> Case:
+        check_device(self.device)
         if self.model in PRESETS:
             return build_preset(self)
         return load_callable(self.model)(self)
+
+
+def check_device(device: str) -> None:
+    """A CUDA device that is not there is a one-line error, not a traceback from deep in torch."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device; "
+                         "use --device cpu, or install a CUDA build of torch on a GPU machine.")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist.")
 
 
 def preset_layout(num_decode: int, num_prefill: int, chunk: int) -> BatchLayout:

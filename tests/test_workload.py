@@ -89,3 +89,9 @@ def test_copy_join_fallback_is_reported():
     ex = Executor(Workload(model="user_models:no_residual", num_decode=8).build())
     ex.reference()
     assert ex.compile(Schedule(split_sizes=(4, 4))).plan.join_copies
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_one_line_error():
+    with pytest.raises(ValueError, match="device 'cuda' asked for, but torch .* sees no CUDA device"):
+        Workload(model="llama-tiny", num_decode=2, context_len=4, device="cuda").build()
