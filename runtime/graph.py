@@ -65,8 +65,9 @@ def trace(model: nn.Module) -> OpGraph:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # fx raises many types; the user needs the model name and the reason
         raise ValueError(
-            f"{type(model).__name__} cannot be traced by torch.fx ({type(e).__name__}: {e}); "
-            "data-dependent Python control flow must move into a child module."
+            f"{type(model).__name__} cannot be traced by torch.fx ({type(e).__name__}: {e}); the runtime cuts "
+            "models with torch.fx, so Python branches on tensor values (or signatures fx cannot read) must not be "
+            "in the traced forward."
         ) from None
     writes_output = _rewrite_final_add(gm)
     pid, names = _assign_partitions(gm, model)
