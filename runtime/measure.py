@@ -119,18 +119,21 @@ class Bench:
                 time_limit_s: float | None = None) -> Measurement:
         """on_sample(samples_ms) -> True stops timing early (PRUNED); time_limit_s bounds the
         timing loop (TIMEOUT). A hung kernel needs a worker process to be cut off (tuner's pool)."""
+        compiled = None
         try:
             compiled = self.executor.compile(schedule, sm_count=self.hardware.num_sms)
-        except ValueError as e:
-            return Measurement(outcome=TrialOutcome.INVALID, message=str(e))
-        try:
             return self._measure(compiled, on_sample, time_limit_s)
+        except ValueError as e:  # the schedule breaks a rule of this model, batch or device
+            if compiled is None:
+                return Measurement(outcome=TrialOutcome.INVALID, message=str(e))
+            return Measurement(outcome=TrialOutcome.CRASHED, message=f"ValueError: {e}")
         except torch.cuda.OutOfMemoryError as e:
             return Measurement(outcome=TrialOutcome.OOM, message=str(e).splitlines()[0])
-        except Exception as e:  # a schedule that raises is a failed trial, not a failed study
+        except Exception as e:  # a schedule that raises (also in CUDA-graph capture) is a failed trial
             return Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {e}")
         finally:
-            compiled.close()
+            if compiled is not None:
+                compiled.close()
 
     def check(self, out: torch.Tensor) -> float:
         """Worst error relative to the dtype's tolerance; <= 1 means equal to the reference."""

@@ -87,6 +87,8 @@ class CUDABackend(Backend):
         return streams, {**cached_notes, **notes}
 
     def _make_streams(self, shares, priorities, notes):
+        # Green contexts are made once per distinct set of shares and kept for the process: a
+        # search over many share sets creates many (untested on a GPU yet: watch for exhaustion).
         if any(s is not None for s in shares):
             if any(s is None for s in shares):
                 notes["partition"] = "mixed: streams without sm_share run on the SMs the others leave"
