@@ -29,7 +29,7 @@ class CPUBackend(Backend):
         return self._pools[num_streams]
 
     def prepare(self, plan: Plan) -> Runner:
-        notes = {}
+        notes = {"cuda_graph": "ignored on cpu"} if plan.schedule.cuda_graph else {}
         threads = plan.schedule.total_sm_share
         if threads is not None:
             notes["partition"] = (f"cpu: thread shares cap torch's process-global intra-op pool at "
