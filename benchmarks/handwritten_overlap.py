@@ -46,20 +46,20 @@ def main() -> None:
         schedules = {"sequential": Schedule(cuda_graph=graph, label="sequential"),
                      "handwritten": handwritten(bench, cuda_graph=graph)}
         samples = {k: [] for k in schedules}
-        notes = {}
+        notes, peaks = {}, {}
         for _ in range(args.rounds):  # interleaved rounds
             for name, s in schedules.items():
                 m = bench.measure(s)
                 if not m.ok:
                     raise SystemExit(f"{name}: {m.outcome.value}: {m.message}")
                 samples[name].extend(m.samples_ms)
-                notes[name] = m.notes
+                notes[name], peaks[name] = m.notes, m.peak_bytes
         seq, hand = (statistics.median(samples[k]) for k in schedules)
         print(f"\n{'CUDA graphs' if graph else 'eager'}:")
         for name, med in (("sequential", seq), ("handwritten", hand)):
             print(f"  {name:<12} {med:9.3f} ms  {w.num_tokens / med * 1e3:12,.0f} tokens/s  "
-                  f"efficiency {bench.bound_ms / med:6.1%}  {notes[name] or ''}")
-        print(f"  speedup      {seq / hand:9.3f}x")
+                  f"efficiency {bench.bound_ms / med:6.1%}  peak {peaks[name] / 2**20:8.1f} MiB  {notes[name] or ''}")
+        print(f"  speedup      {seq / hand:9.3f}x   peak memory {peaks['handwritten'] / peaks['sequential']:.2f}x")
 
 
 if __name__ == "__main__":

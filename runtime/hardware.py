@@ -124,7 +124,8 @@ def _run_peaks(device: str, dtype: torch.dtype) -> Peaks:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     flops = 2 * n**3 / _best_time(lambda: torch.mm(a, b), device)
-    src = torch.empty(64 * 2**20 if device.startswith("cuda") else 16 * 2**20, dtype=torch.uint8, device=device)
+    size = 256 * 2**20 if device.startswith("cuda") else 64 * 2**20  # well past the caches
+    src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     bw = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), device)
     return Peaks(flops_per_s=flops, bytes_per_s=bw, dtype=str(dtype).removeprefix("torch."))

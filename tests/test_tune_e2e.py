@@ -32,3 +32,10 @@ def test_tune_writes_a_valid_record_that_a_fresh_measurement_matches(tmp_path, c
 def test_list_prints_the_stored_table(tmp_path, capsys):
     assert main(["list", "--store", str(tmp_path)]) == 0
     assert "no stored schedules" in capsys.readouterr().out
+
+
+def test_ray_flags_are_checked_at_the_edge(capsys):
+    assert main(["tune", "--ray-address", "ray://x:1", "--trials", "1"]) == 2
+    assert "--ray-address needs --workers" in capsys.readouterr().err
+    assert main(["tune", "--workers", "many", "--trials", "1"]) == 2
+    assert "--workers must be a positive count or 'all', but got 'many'" in capsys.readouterr().err
