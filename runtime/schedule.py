@@ -100,12 +100,10 @@ class Schedule:
         return sum(shares) if shares else None
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["schema_version"] = SCHEMA_VERSION
-        d["split_sizes"] = list(self.split_sizes)
-        d["streams"] = [dataclasses.asdict(s) for s in self.streams]
-        d["order"] = [[s.op, s.nano, s.stream] for s in self.order]  # compact: orders get long
-        return d
+        return {"schema_version": SCHEMA_VERSION, "split_unit": self.split_unit, "split_sizes": list(self.split_sizes),
+                "streams": [{"sm_share": s.sm_share, "priority": s.priority} for s in self.streams],
+                "order": [[s.op, s.nano, s.stream] for s in self.order],  # compact: orders get long
+                "cuda_graph": self.cuda_graph, "label": self.label}
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)

@@ -122,3 +122,14 @@ def test_bad_config_fields_are_named():
         TuneConfig(workloads=(W,), sampler="bayes")
     with pytest.raises(ValueError, match="--storage must be an Optuna storage URL"):
         TuneConfig(workloads=(W,), storage="results/db.sqlite")
+
+
+def test_another_space_does_not_overwrite_a_better_stored_winner(tmp_path):
+    measurer = FakeMeasurer(tiny_context(), dbo_landscape)
+    [first] = tune(config(tmp_path, trials=25), make_measurer=lambda w: measurer, log=lambda *a: None)
+    assert first.record.space == "dbo" and first.record.speedup > 1.2
+    flat = FakeMeasurer(tiny_context(), lambda s: 10.0)  # the sequential space finds nothing better
+    [second] = tune(config(tmp_path, space="sequential", trials=2), make_measurer=lambda w: flat, log=lambda *a: None)
+    assert second.record.space == "dbo" and second.record.schedule == first.record.schedule
+    stored = ScheduleStore(StoreConfig(root=tmp_path)).read(tmp_path / "schedules" / H100_KEY / f"{W.key}.json")
+    assert stored.space == "dbo"

@@ -67,8 +67,9 @@ def cmd_tune(args) -> int:
         rec = r.record
         verdict = "sequential is best" if rec.sequential_best else f"{rec.speedup:.3f}x over sequential"
         fails = ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()) if k != "ok") or "none"
+        kept = f" (kept: the {rec.space} space's stored winner is better)" if rec.space != config.space else ""
         print(f"{r.workload.key}: {verdict} (noise {rec.speedup_spread:.1%}), {rec.tokens_per_s:,.0f} tokens/s; "
-              f"failed/pruned trials: {fails}\n  stored {r.path}\n  schedule {rec.schedule}")
+              f"failed/pruned trials: {fails}\n  stored {r.path}{kept}\n  schedule {rec.schedule}")
     return 130 if any(r.interrupted for r in results) else 0
 
 

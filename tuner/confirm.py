@@ -99,5 +99,21 @@ def store_verdict(verdict: Verdict, study: optuna.Study, measurer: Measurer, wor
     )
     study.set_user_attr("confirmation", {"winner_trial": record.trial, "speedup": verdict.speedup,
                                          "noise": verdict.noise, "sequential_best": record.sequential_best})
-    path = ScheduleStore(StoreConfig(root=config.store_root)).save(record)
-    return record, str(path)
+    store = ScheduleStore(StoreConfig(root=config.store_root))
+    kept = better_stored(store, record)
+    if kept is not None:
+        return kept, str(store.path(kept.hardware.key, kept.workload.key))
+    return record, str(store.save(record))
+
+
+def better_stored(store: ScheduleStore, record: StoredSchedule) -> StoredSchedule | None:
+    """A record another search space stored for the same key with a larger speedup: tuning one
+    space must not overwrite another's winner. A re-tune of the same space always replaces."""
+    path = store.path(record.hardware.key, record.workload.key)
+    if not path.exists():
+        return None
+    try:
+        old = store.read(path)
+    except ValueError:
+        return None  # an unreadable record is replaced
+    return old if old.space != record.space and old.speedup > record.speedup else None

@@ -1,22 +1,52 @@
-"""Optuna's journal file, without an fsync per record.
+"""Optuna's journal file, tuned for one driver process writing many small records.
 
-Each record still reaches the file (write + flush) before the call returns, under Optuna's file
-lock, so a killed or crashed tuner loses nothing: only a power cut or kernel crash could lose the
-last records. Skipping the fsync takes the driver from ~10 ms to a few ms per trial, which is
-what keeps a pool of many workers busy.
+- No fsync per record: each record still reaches the file (write + flush) before the call
+  returns, so a killed or crashed tuner loses nothing; only a power cut or kernel crash could
+  lose the last records.
+- An flock on a side file instead of Optuna's symlink lock (which is built for NFS): two tuners
+  on one local journal still serialise their writes.
+- Reads that would find nothing new return without opening the file.
+Together these take the driver from ~10 ms to a few ms per trial on a small machine.
 """
 from __future__ import annotations
 
+import fcntl
 import json
-from typing import Any
+import os
+from typing import Any, Iterator
 
 from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import get_lock_file
+from optuna.storages.journal._file import BaseJournalFileLock
+
+
+class FlockLock(BaseJournalFileLock):
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+
+    def acquire(self) -> bool:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return True
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 class UnsyncedJournalBackend(JournalFileBackend):
+    def __init__(self, file_path: str) -> None:
+        super().__init__(file_path, lock_obj=FlockLock(file_path))
+
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         lines = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
-        with get_lock_file(self._lock), open(self._file_path, "ab") as f:
-            f.write(lines.encode("utf-8"))
-            f.flush()
+        self._lock.acquire()
+        try:
+            with open(self._file_path, "ab") as f:
+                f.write(lines.encode("utf-8"))
+                f.flush()
+        finally:
+            self._lock.release()
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        known = self._log_number_offset.get(log_number_from)
+        if known is not None and known >= os.stat(self._file_path).st_size:
+            return
+        yield from super().read_logs(log_number_from)
