@@ -73,8 +73,11 @@ class RayPool:
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             address = config.address or os.environ.get("RAY_ADDRESS")
-            ray.init(address=address, include_dashboard=False, log_to_driver=False) if address \
-                else ray.init(include_dashboard=False, log_to_driver=False)
+            if address:  # a cluster's own runtime_env decides what its workers can import
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            else:  # local workers import what the driver can (e.g. --model mymodule:make_case)
+                path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+                ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
         self.num_workers = self._check_capacity()
         options = {"num_gpus": 1, "num_cpus": 0} if config.use_gpus else {"num_cpus": 1}
         self.actor_cls = ray.remote(max_restarts=0, **options)(MeasureWorker)
