@@ -83,6 +83,13 @@ def test_two_gpu_types_get_two_studies(tmp_path):
         assert len(workers) == 1
     stored = [p.parent.name for p, _ in ScheduleStore(StoreConfig(root=tmp_path)).records()]
     assert sorted(stored) == sorted([H100.key, A100.key])
+    spans = []  # the two types searched at the same time, not one after the other
+    for name in names:
+        searched = [t for t in optuna.load_study(study_name=name, storage=cfg.storage).trials
+                    if not t.user_attrs.get("baseline")]
+        spans.append((min(t.datetime_start for t in searched), max(t.datetime_complete for t in searched)))
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1
 
 
 def test_impossible_worker_count_is_refused_at_once(tmp_path):

@@ -4,6 +4,8 @@
                   wait for one result -> tell; a dead worker's trial is CRASHED, a worker past
                   the time limit is killed and its trial is TIMEOUT; either way a fresh worker
                   takes its place, and the schedule that killed it is never dispatched again.
+
+Each hardware type is a lane with its own study and workers; all lanes run in the one loop.
 """
 from __future__ import annotations
 
@@ -22,14 +24,6 @@ from .study import StudyResult, finish_trial, result_of, search_trials, seen_res
 
 
 @dataclass(kw_only=True)
-class _InFlight:
-    trial: optuna.Trial
-    schedule: Schedule
-    actor: object
-    started: float
-
-
-@dataclass(kw_only=True)
 class PoolStats:
     per_worker: dict[str, dict[str, int]] = field(default_factory=dict)
     driver_s: float = 0.0  # time the driver spent outside waiting: ask, build, tell, dispatch
@@ -41,122 +35,147 @@ class PoolStats:
         self.trials += 1
 
 
-def run_search_pool(study: optuna.Study, group: Group, pool: RayPool, config: TuneConfig,
-                    progress: Progress, stats: PoolStats) -> StudyResult:
-    space, ctx = get_space(config.space), group.context
-    seen, poison = _known(study)
-    deadline = time.monotonic() + config.timeout_s if config.timeout_s else float("inf")
-    result, inflight, workers = StudyResult(study=study), {}, _Workers(pool, group)
-    asked = len(search_trials(study))
+@dataclass(kw_only=True)
+class _InFlight:
+    trial: optuna.Trial
+    schedule: Schedule
+    actor: object
+    started: float
+
+
+class Lane:
+    """One study searched by the workers of one hardware type."""
+
+    def __init__(self, study: optuna.Study, group: Group, pool: RayPool, config: TuneConfig,
+                 progress: Progress, stats: PoolStats) -> None:
+        self.study, self.group, self.pool, self.config = study, group, pool, config
+        self.progress, self.stats = progress, stats
+        self.space = get_space(config.space)
+        self.seen, self.poison = _known(study)
+        self.asked = len(search_trials(study))
+        self.deadline = time.monotonic() + config.timeout_s if config.timeout_s else float("inf")
+        self.result = StudyResult(study=study)
+        self.inflight: dict = {}
+        self.idle = list(group.actors)
+        self.starting: dict = {}  # fresh actors still preparing: the driver never blocks on them
+
+    def refs(self) -> list:
+        return [*self.inflight, *self.starting]
+
+    def dispatch(self) -> None:
+        """Give every idle worker a trial while the budget lasts."""
+        while self.idle and time.monotonic() < self.deadline and \
+                (self.config.trials is None or self.asked < self.config.trials):
+            actor, self.asked = self.idle.pop(), self.asked + 1
+            if not self._send(actor):
+                self.idle.append(actor)  # answered without a worker: it takes the next trial
+
+    def _send(self, actor) -> bool:
+        trial = self.study.ask()
+        try:
+            schedule = self.space(trial, self.group.context)
+        except Exception as e:  # a bug in a space costs one trial
+            schedule = Schedule()
+            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"search space raised {type(e).__name__}: {e}")
+        else:
+            key = schedule.to_json()
+            m = Measurement(outcome=TrialOutcome.CRASHED, message="this schedule killed a worker before; not re-run") \
+                if key in self.poison else seen_result(self.seen, key)
+        if m is None:
+            ref = actor.measure.remote(schedule, self.config.trial_timeout_s)
+            self.inflight[ref] = _InFlight(trial=trial, schedule=schedule, actor=actor, started=time.monotonic())
+            return True
+        self._record(trial, schedule, m, "driver")
+        return False
+
+    def ready(self, ref) -> None:
+        if ref in self.starting:
+            self.pool.check_replacement(self.group, ref)
+            self.idle.append(self.starting.pop(ref))
+            return
+        from ray.exceptions import RayActorError, RayError
+
+        job = self.inflight.pop(ref)
+        name = self.pool.name(job.actor)
+        try:
+            m = self.pool.ray.get(ref)
+            self.idle.append(job.actor)
+        except RayActorError as e:
+            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"worker died: {type(e).__name__}")
+            self._replace(job)
+        except RayError as e:  # the task failed but its worker lives
+            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            self.idle.append(job.actor)
+        self._record(job.trial, job.schedule, m, name)
+
+    def expire(self) -> None:
+        """Trials past their limit (and still without a result) are TIMEOUT; their workers are replaced."""
+        limit = self.config.trial_timeout_s and self.config.trial_timeout_s + self.pool.config.grace_s
+        late = [ref for ref, job in self.inflight.items() if limit and time.monotonic() - job.started > limit]
+        arrived, _ = self.pool.ray.wait(late, num_returns=len(late), timeout=0) if late else ([], [])
+        for ref in late:
+            if ref in arrived:
+                continue  # collected on the next pass
+            job = self.inflight.pop(ref)
+            name = self.pool.name(job.actor)
+            self._replace(job)
+            m = Measurement(outcome=TrialOutcome.TIMEOUT, message=f"no result within {limit:g} s; worker replaced")
+            self._record(job.trial, job.schedule, m, name)
+
+    def interrupt(self) -> None:
+        for job in self.inflight.values():
+            finish_trial(self.study, job.trial, job.schedule,
+                         Measurement(outcome=TrialOutcome.INTERRUPTED, message="stopped by the user (Ctrl-C)"))
+        self.inflight.clear()
+        self.result.interrupted = True
+
+    def _replace(self, job: _InFlight) -> None:
+        self.poison.add(job.schedule.to_json())
+        fresh, ref = self.pool.start_replacement(self.group, job.actor)
+        self.starting[ref] = fresh
+
+    def _record(self, trial, schedule: Schedule, m: Measurement, worker: str) -> None:
+        finish_trial(self.study, trial, schedule, m, worker=worker)
+        if m.ok:
+            self.seen[schedule.to_json()] = m.tokens_per_s
+        self.result.outcomes[m.outcome.value] = self.result.outcomes.get(m.outcome.value, 0) + 1
+        self.stats.count(worker, m.outcome.value)
+        self.progress.update(self.study, m, self.stats.per_worker)
+
+
+def run_lanes(lanes: list[Lane], pool: RayPool) -> list[StudyResult]:
+    """Drive every lane until each has spent its budget and has nothing in flight."""
     try:
         while True:
             t0 = time.perf_counter()
-            while workers.idle and time.monotonic() < deadline and (config.trials is None or asked < config.trials):
-                actor, asked = workers.idle.pop(), asked + 1
-                if not _dispatch(study, space, ctx, actor, config, seen, poison, inflight, result, progress, stats):
-                    workers.idle.append(actor)  # answered without a worker: it takes the next trial
-            stats.driver_s += time.perf_counter() - t0
-            if not inflight and not workers.starting:
-                return result
-            ready, _ = pool.ray.wait([*inflight, *workers.starting], num_returns=1, timeout=0.1)
+            for lane in lanes:
+                lane.dispatch()
+            owner = {ref: lane for lane in lanes for ref in lane.refs()}
+            _charge(lanes, time.perf_counter() - t0)
+            if not owner:
+                return [lane.result for lane in lanes]
+            ready, _ = pool.ray.wait(list(owner), num_returns=1, timeout=0.1)
             t0 = time.perf_counter()
             for ref in ready:
-                if ref in workers.starting:
-                    workers.started(ref)
-                else:
-                    _collect(study, inflight.pop(ref), ref, workers, poison, seen, result, progress, stats)
-            _expire(study, inflight, config, workers, poison, seen, result, progress, stats)
-            stats.driver_s += time.perf_counter() - t0
+                owner[ref].ready(ref)
+            for lane in lanes:
+                lane.expire()
+            _charge(lanes, time.perf_counter() - t0)
     except KeyboardInterrupt:
-        for job in inflight.values():
-            finish_trial(study, job.trial, job.schedule,
-                         Measurement(outcome=TrialOutcome.INTERRUPTED, message="stopped by the user (Ctrl-C)"))
-        result.interrupted = True
-        return result
+        for lane in lanes:
+            lane.interrupt()
+        return [lane.result for lane in lanes]
 
 
-class _Workers:
-    """Idle actors, and fresh ones still preparing (the driver never blocks on a replacement)."""
-
-    def __init__(self, pool: RayPool, group: Group) -> None:
-        self.pool, self.group = pool, group
-        self.idle = list(group.actors)
-        self.starting: dict = {}
-
-    def replace(self, dead) -> None:
-        fresh, ref = self.pool.start_replacement(self.group, dead)
-        self.starting[ref] = fresh
-
-    def started(self, ref) -> None:
-        self.pool.check_replacement(self.group, ref)
-        self.idle.append(self.starting.pop(ref))
+def run_search_pool(study: optuna.Study, group: Group, pool: RayPool, config: TuneConfig,
+                    progress: Progress, stats: PoolStats) -> StudyResult:
+    """One study on one group of workers."""
+    return run_lanes([Lane(study, group, pool, config, progress, stats)], pool)[0]
 
 
-def _collect(study, job: _InFlight, ref, workers: _Workers, poison, seen, result, progress, stats) -> None:
-    from ray.exceptions import RayActorError, RayError
-
-    name = workers.pool.name(job.actor)
-    try:
-        m = workers.pool.ray.get(ref)
-        workers.idle.append(job.actor)
-    except RayActorError as e:
-        m = Measurement(outcome=TrialOutcome.CRASHED, message=f"worker died: {type(e).__name__}")
-        poison.add(job.schedule.to_json())
-        workers.replace(job.actor)
-    except RayError as e:  # the task failed but its worker lives
-        m = Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {str(e).splitlines()[0]}")
-        workers.idle.append(job.actor)
-    _record(study, job, m, name, seen, result, progress, stats)
-
-
-def _expire(study, inflight: dict, config, workers: _Workers, poison, seen, result, progress, stats) -> None:
-    """Trials past their limit (and still without a result) are TIMEOUT; their workers are replaced."""
-    limit = config.trial_timeout_s and config.trial_timeout_s + workers.pool.config.grace_s
-    if not limit:
-        return
-    late = [ref for ref, job in inflight.items() if time.monotonic() - job.started > limit]
-    arrived, _ = workers.pool.ray.wait(late, num_returns=len(late), timeout=0) if late else ([], [])
-    for ref in late:
-        if ref in arrived:
-            continue  # collected on the next pass
-        job = inflight.pop(ref)
-        name = workers.pool.name(job.actor)
-        poison.add(job.schedule.to_json())
-        workers.replace(job.actor)
-        m = Measurement(outcome=TrialOutcome.TIMEOUT, message=f"no result within {limit:g} s; worker replaced")
-        _record(study, job, m, name, seen, result, progress, stats)
-
-
-def _dispatch(study, space, ctx, actor, config, seen, poison, inflight, result, progress, stats) -> bool:
-    """Ask a trial and send it to `actor`; False when it was answered without a worker."""
-    trial = study.ask()
-    try:
-        schedule = space(trial, ctx)
-    except Exception as e:  # a bug in a space costs one trial
-        schedule = Schedule()
-        m = Measurement(outcome=TrialOutcome.CRASHED, message=f"search space raised {type(e).__name__}: {e}")
-    else:
-        key = schedule.to_json()
-        m = Measurement(outcome=TrialOutcome.CRASHED, message="this schedule killed a worker before; not re-run") \
-            if key in poison else seen_result(seen, key)
-    if m is None:
-        ref = actor.measure.remote(schedule, config.trial_timeout_s)
-        inflight[ref] = _InFlight(trial=trial, schedule=schedule, actor=actor, started=time.monotonic())
-        return True
-    finish_trial(study, trial, schedule, m, worker="driver")
-    result.outcomes[m.outcome.value] = result.outcomes.get(m.outcome.value, 0) + 1
-    stats.count("driver", m.outcome.value)
-    progress.update(study, m)
-    return False
-
-
-def _record(study, job: _InFlight, m: Measurement, worker: str, seen, result, progress, stats) -> None:
-    finish_trial(study, job.trial, job.schedule, m, worker=worker)
-    if m.ok:
-        seen[job.schedule.to_json()] = m.tokens_per_s
-    result.outcomes[m.outcome.value] = result.outcomes.get(m.outcome.value, 0) + 1
-    stats.count(worker, m.outcome.value)
-    progress.update(study, m, stats.per_worker)
+def _charge(lanes: list[Lane], seconds: float) -> None:
+    for lane in lanes:
+        lane.stats.driver_s += seconds / len(lanes)
 
 
 def _known(study: optuna.Study) -> tuple[dict[str, float], set[str]]:

@@ -8,7 +8,7 @@ from dynaflow.runtime import Measurement
 
 class Progress:
     def __init__(self, *, total: int | None, desc: str, baseline_tokens_per_s: float, enabled: bool = True,
-                 done: int = 0) -> None:
+                 done: int = 0, position: int = 0) -> None:
         self.baseline = baseline_tokens_per_s
         self.best = baseline_tokens_per_s
         self.failures: dict[str, int] = {}
@@ -16,7 +16,8 @@ class Progress:
         if enabled:
             from tqdm import tqdm  # optuna's own dependency
 
-            self.bar = tqdm(total=total, initial=done, desc=desc, unit="trial", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, desc=desc, unit="trial", file=sys.stderr, dynamic_ncols=True,
+                            position=position)
 
     def update(self, study, m: Measurement, workers: dict[str, dict[str, int]] | None = None) -> None:
         if m.ok:

@@ -1,4 +1,7 @@
-"""Tune every workload of a TuneConfig in turn; one study and one stored record each."""
+"""Tune every workload of a TuneConfig in turn; one study and one stored record each.
+
+    start (study, baseline, warm starts) -> search -> finish (confirm, store)
+"""
 from __future__ import annotations
 
 import functools
@@ -46,9 +49,17 @@ def tune(config: TuneConfig, *, make_measurer=None, pool: PoolConfig | None = No
     return results
 
 
-def tune_one(workload: Workload, measurer: Measurer, config: TuneConfig, *, log=print,
-             search=None) -> WorkloadResult:
-    """search(study, progress) -> StudyResult; default: measure trials one by one with `measurer`."""
+@dataclass(kw_only=True)
+class Session:
+    """One study being tuned: opened, baseline measured, warm starts enqueued, progress shown."""
+
+    workload: Workload
+    measurer: Measurer
+    study: optuna.Study
+    progress: Progress
+
+
+def start(workload: Workload, measurer: Measurer, config: TuneConfig, *, log=print, position: int = 0) -> Session:
     name = study_name(measurer.hardware.key, workload, config.space)
     study = open_study(name, config)
     baseline = ensure_baseline(study, measurer, config)
@@ -56,26 +67,37 @@ def tune_one(workload: Workload, measurer: Measurer, config: TuneConfig, *, log=
     done = len(search_trials(study))
     log(f"study {name}: {done} trial(s) so far, baseline {baseline.tokens_per_s:,.0f} tokens/s"
         + (f", {warm} warm start(s) enqueued" if warm else ""))
-    progress = Progress(total=config.trials, desc=workload.key, baseline_tokens_per_s=baseline.tokens_per_s,
-                        enabled=config.progress, done=done)
+    progress = Progress(total=config.trials, desc=f"{measurer.hardware.key[:24]} {workload.key}" if position else
+                        workload.key, baseline_tokens_per_s=baseline.tokens_per_s, enabled=config.progress,
+                        done=done, position=position)
+    return Session(workload=workload, measurer=measurer, study=study, progress=progress)
+
+
+def finish(session: Session, result, config: TuneConfig) -> WorkloadResult:
+    """Confirm the best candidates against the baseline and store the verdict."""
     try:
-        result = (search or (lambda s, p: run_search(s, measurer, config, p)))(study, progress)
-    finally:
-        progress.close()
-    try:
-        verdict = confirm(study, measurer, config, rounds=1 if result.interrupted else None)
+        verdict = confirm(session.study, session.measurer, config, rounds=1 if result.interrupted else None)
     except KeyboardInterrupt:
         print("interrupted again: nothing stored for this workload", file=sys.stderr)
         raise
-    record, path = store_verdict(verdict, study, measurer, workload, config)
-    return WorkloadResult(workload=workload, study=name, record=record, path=path,
+    record, path = store_verdict(verdict, session.study, session.measurer, session.workload, config)
+    return WorkloadResult(workload=session.workload, study=session.study.study_name, record=record, path=path,
                           outcomes=result.outcomes, interrupted=result.interrupted)
 
 
+def tune_one(workload: Workload, measurer: Measurer, config: TuneConfig, *, log=print) -> WorkloadResult:
+    session = start(workload, measurer, config, log=log)
+    try:
+        result = run_search(session.study, measurer, config, session.progress)
+    finally:
+        session.progress.close()
+    return finish(session, result, config)
+
+
 def tune_pool(config: TuneConfig, make_measurer, pool_config: PoolConfig, *, log=print) -> list[WorkloadResult]:
-    """One study per (hardware type, workload); each type's workers search it in parallel.
-    Hardware types are tuned one after the other."""
-    from .parallel import PoolStats, run_search_pool
+    """One study per (hardware type, workload). All hardware types search at once, each with
+    its own workers; the baseline and the confirmation run on each type's first worker."""
+    from .parallel import Lane, PoolStats, run_lanes
     from .pool import ActorMeasurer, RayPool
 
     pool = RayPool(pool_config, make_measurer)
@@ -83,14 +105,20 @@ def tune_pool(config: TuneConfig, make_measurer, pool_config: PoolConfig, *, log
     try:
         log(f"ray pool: {pool.num_workers} worker(s)")
         for workload in config.workloads:
-            for group in pool.groups(workload).values():
-                stats = PoolStats()
-                result = tune_one(workload, ActorMeasurer(pool, group), config, log=log,
-                                  search=lambda s, p: run_search_pool(s, group, pool, config, p, stats))
-                log(summary_line(group.hardware.key, stats))
-                results.append(result)
-                if result.interrupted:
-                    return results
+            groups = list(pool.groups(workload).values())
+            sessions = [start(workload, ActorMeasurer(pool, g), config, log=log, position=i)
+                        for i, g in enumerate(groups)]
+            lanes = [Lane(s.study, g, pool, config, s.progress, PoolStats()) for s, g in zip(sessions, groups)]
+            try:
+                outcomes = run_lanes(lanes, pool)
+            finally:
+                for s in sessions:
+                    s.progress.close()
+            for session, lane, outcome in zip(sessions, lanes, outcomes):
+                log(summary_line(lane.group.hardware.key, lane.stats))
+                results.append(finish(session, outcome, config))
+            if any(r.interrupted for r in results):
+                return results
     finally:
         pool.close()
     return results
