@@ -94,9 +94,3 @@ def _fit(want: list[int], total: int) -> list[int]:
     while sum(scaled) > total:  # the max(1, ...) floor can overshoot by a step or two
         scaled[scaled.index(max(scaled))] -= 1
     return scaled
-
-
-def single_stream_schedule(label: str) -> Schedule:
-    return Schedule(label=label)
-
-

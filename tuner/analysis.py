@@ -9,7 +9,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files, not windows: works without a display
 import matplotlib.patches  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 
