@@ -143,10 +143,10 @@ class Lane:
         self.progress.update(self.study, m, self.stats.per_worker)
 
 
-def run_lanes(lanes: list[Lane], pool: RayPool) -> list[StudyResult]:
-    """Drive every lane until each has spent its budget and has nothing in flight."""
+def run_lanes(lanes: list[Lane], pool: RayPool, stop=()) -> list[StudyResult]:
+    """Drive every lane until each has spent its budget and has nothing in flight, or `stop`."""
     try:
-        while True:
+        while not stop:
             t0 = time.perf_counter()
             for lane in lanes:
                 lane.dispatch()
@@ -162,15 +162,16 @@ def run_lanes(lanes: list[Lane], pool: RayPool) -> list[StudyResult]:
                 lane.expire()
             _charge(lanes, time.perf_counter() - t0)
     except KeyboardInterrupt:
-        for lane in lanes:
-            lane.interrupt()
-        return [lane.result for lane in lanes]
+        pass
+    for lane in lanes:
+        lane.interrupt()
+    return [lane.result for lane in lanes]
 
 
 def run_search_pool(study: optuna.Study, group: Group, pool: RayPool, config: TuneConfig,
-                    progress: Progress, stats: PoolStats) -> StudyResult:
+                    progress: Progress, stats: PoolStats, stop=()) -> StudyResult:
     """One study on one group of workers."""
-    return run_lanes([Lane(study, group, pool, config, progress, stats)], pool)[0]
+    return run_lanes([Lane(study, group, pool, config, progress, stats)], pool, stop)[0]
 
 
 def _charge(lanes: list[Lane], seconds: float) -> None:

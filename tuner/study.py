@@ -109,18 +109,23 @@ def enqueue_warm_starts(study: optuna.Study, config: TuneConfig, hardware_key: s
     return n
 
 
-def run_search(study: optuna.Study, measurer: Measurer, config: TuneConfig, progress: Progress) -> StudyResult:
+def run_search(study: optuna.Study, measurer: Measurer, config: TuneConfig, progress: Progress,
+               stop=()) -> StudyResult:
+    """`stop`: a flag the Ctrl-C handler raises; checked between samples and between trials."""
     space, ctx = get_space(config.space), measurer.space_context()
     seen = {result_of(t).get("schedule"): t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     deadline = time.monotonic() + config.timeout_s if config.timeout_s else float("inf")
     result, asked = StudyResult(study=study), len(search_trials(study))
-    while (config.trials is None or asked < config.trials) and time.monotonic() < deadline:
+    while (config.trials is None or asked < config.trials) and time.monotonic() < deadline and not stop:
         trial, asked = study.ask(), asked + 1
         try:
             schedule = space(trial, ctx)
             key = schedule.to_json()
-            m = seen_result(seen, key) or measurer.measure(schedule, on_sample=pruning_hook(trial, measurer),
+            prune = pruning_hook(trial, measurer)
+            m = seen_result(seen, key) or measurer.measure(schedule, on_sample=lambda x: bool(stop) or prune(x),
                                                            time_limit_s=config.trial_timeout_s)
+            if stop and not m.ok:
+                m = _interrupted()
         except KeyboardInterrupt:
             finish_trial(study, trial, Schedule(), _interrupted())
             result.interrupted = True
@@ -132,6 +137,7 @@ def run_search(study: optuna.Study, measurer: Measurer, config: TuneConfig, prog
             seen[schedule.to_json()] = m.tokens_per_s
         result.outcomes[m.outcome.value] = result.outcomes.get(m.outcome.value, 0) + 1
         progress.update(study, m)
+    result.interrupted = result.interrupted or bool(stop)
     return result
 
 

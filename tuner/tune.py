@@ -15,6 +15,7 @@ from dynaflow.runtime.store import StoredSchedule
 
 from .confirm import confirm, store_verdict
 from .config import TuneConfig
+from .interrupt import stop_on_ctrl_c
 from .measurer import BenchMeasurer, Measurer
 from .pool import PoolConfig
 from .progress import Progress
@@ -38,15 +39,16 @@ def tune(config: TuneConfig, *, make_measurer=None, pool: PoolConfig | None = No
     measure_config = MeasureConfig(warmup=config.warmup, repeats=config.repeats,
                                    peaks_dir=config.store_root.absolute() / "peaks")
     make_measurer = make_measurer or functools.partial(BenchMeasurer, config=measure_config)
-    if pool is not None:
-        return tune_pool(config, make_measurer, pool, log=log)
-    results = []
-    for workload in config.workloads:
-        result = tune_one(workload, make_measurer(workload), config, log=log)
-        results.append(result)
-        if result.interrupted:
-            break
-    return results
+    with stop_on_ctrl_c() as stop:
+        if pool is not None:
+            return tune_pool(config, make_measurer, pool, log=log, stop=stop)
+        results = []
+        for workload in config.workloads:
+            result = tune_one(workload, make_measurer(workload), config, log=log, stop=stop)
+            results.append(result)
+            if result.interrupted:
+                break
+        return results
 
 
 @dataclass(kw_only=True)
@@ -85,16 +87,17 @@ def finish(session: Session, result, config: TuneConfig) -> WorkloadResult:
                           outcomes=result.outcomes, interrupted=result.interrupted)
 
 
-def tune_one(workload: Workload, measurer: Measurer, config: TuneConfig, *, log=print) -> WorkloadResult:
+def tune_one(workload: Workload, measurer: Measurer, config: TuneConfig, *, log=print, stop=()) -> WorkloadResult:
     session = start(workload, measurer, config, log=log)
     try:
-        result = run_search(session.study, measurer, config, session.progress)
+        result = run_search(session.study, measurer, config, session.progress, stop)
     finally:
         session.progress.close()
     return finish(session, result, config)
 
 
-def tune_pool(config: TuneConfig, make_measurer, pool_config: PoolConfig, *, log=print) -> list[WorkloadResult]:
+def tune_pool(config: TuneConfig, make_measurer, pool_config: PoolConfig, *, log=print,
+              stop=()) -> list[WorkloadResult]:
     """One study per (hardware type, workload). All hardware types search at once, each with
     its own workers; the baseline and the confirmation run on each type's first worker."""
     from .parallel import Lane, PoolStats, run_lanes
@@ -110,7 +113,7 @@ def tune_pool(config: TuneConfig, make_measurer, pool_config: PoolConfig, *, log
                         for i, g in enumerate(groups)]
             lanes = [Lane(s.study, g, pool, config, s.progress, PoolStats()) for s, g in zip(sessions, groups)]
             try:
-                outcomes = run_lanes(lanes, pool)
+                outcomes = run_lanes(lanes, pool, stop)
             finally:
                 for s in sessions:
                     s.progress.close()
