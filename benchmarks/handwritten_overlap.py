@@ -11,6 +11,7 @@ trailing by two ops, and on a GPU SM partitions of 104 + 24 SMs (green contexts,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import optuna
@@ -26,7 +27,7 @@ def handwritten(bench: Bench, *, cuda_graph: bool) -> Schedule:
     params = {"num_nano": 2, "weight_0": 1, "weight_1": 1, "streams": "compute|rest", "stagger": 2,
               "partition": gpu, "sm_steps_0": 13, "sm_steps_1": 3, "prioritise_memory": True, "cuda_graph": cuda_graph}
     schedule = get_space("nanoflow")(optuna.trial.FixedTrial(params), ctx)
-    return Schedule(**{**schedule.__dict__, "label": "handwritten nanoflow" + (" +graph" if cuda_graph else "")})
+    return dataclasses.replace(schedule, label="handwritten nanoflow" + (" +graph" if cuda_graph else ""))
 
 
 def main() -> None:

@@ -27,6 +27,14 @@ OnSample = Callable[[list[float]], bool]
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (1e-2, 1e-2)}
 
 
+def relative_spread(samples: list[float]) -> float:
+    """(p90 - p10) / median of timing samples: their relative noise; 0 for fewer than 2."""
+    if len(samples) < 2:
+        return 0.0
+    deciles = statistics.quantiles(samples, n=10)
+    return (deciles[-1] - deciles[0]) / statistics.median(samples)
+
+
 class TrialOutcome(str, Enum):
     OK = "ok"
     INCORRECT = "incorrect"

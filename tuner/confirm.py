@@ -13,6 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dynaflow.runtime import Schedule, Workload
+from dynaflow.runtime.measure import relative_spread
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 
 from .config import TuneConfig
@@ -65,7 +66,7 @@ def confirm(study: optuna.Study, measurer: Measurer, config: TuneConfig, *, roun
     if winners:
         return winners[0]
     base = statistics.median(pooled[0])
-    noise = max((v.noise for v in verdicts), default=_spread(pooled[0]))
+    noise = max((v.noise for v in verdicts), default=relative_spread(pooled[0]))
     best = max(verdicts, key=lambda v: v.speedup, default=None)
     return Verdict(trial=None, schedule=Schedule(), median_ms=base, baseline_ms=base,
                    speedup=best.speedup if best else 1.0, noise=noise, bound_ms=bound)
@@ -74,14 +75,7 @@ def confirm(study: optuna.Study, measurer: Measurer, config: TuneConfig, *, roun
 def _verdict(trial, schedule: Schedule, samples: list[float], base: list[float], bound) -> Verdict:
     median, base_median = statistics.median(samples), statistics.median(base)
     return Verdict(trial=trial, schedule=schedule, median_ms=median, baseline_ms=base_median,
-                   speedup=base_median / median, noise=max(_spread(samples), _spread(base)), bound_ms=bound)
-
-
-def _spread(samples: list[float]) -> float:
-    if len(samples) < 2:
-        return 0.0
-    deciles = statistics.quantiles(samples, n=10)
-    return (deciles[-1] - deciles[0]) / statistics.median(samples)
+                   speedup=base_median / median, noise=max(relative_spread(samples), relative_spread(base)), bound_ms=bound)
 
 
 def store_verdict(verdict: Verdict, study: optuna.Study, measurer: Measurer, workload: Workload,

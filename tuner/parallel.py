@@ -20,7 +20,7 @@ from dynaflow.search_spaces import get_space
 from .config import TuneConfig
 from .pool import Group, RayPool
 from .progress import Progress
-from .study import StudyResult, finish_trial, result_of, search_trials, seen_result
+from .study import StudyResult, finish_trial, record_trial, result_of, search_trials, seen_result
 
 
 @dataclass(kw_only=True)
@@ -135,10 +135,7 @@ class Lane:
         self.starting[ref] = fresh
 
     def _record(self, trial, schedule: Schedule, m: Measurement, worker: str) -> None:
-        finish_trial(self.study, trial, schedule, m, worker=worker)
-        if m.ok:
-            self.seen[schedule.to_json()] = m.tokens_per_s
-        self.result.outcomes[m.outcome.value] = self.result.outcomes.get(m.outcome.value, 0) + 1
+        record_trial(self.study, trial, schedule, m, seen=self.seen, result=self.result, worker=worker)
         self.stats.count(worker, m.outcome.value)
         self.progress.update(self.study, m, self.stats.per_worker)
 

@@ -2,6 +2,7 @@
 Markdown summary, without Jupyter."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def timelines_for(study, store_root: Path) -> tuple[list, str | None]:
     resources = {op.name: op.resource for op in bench.executor.graph.ops}
     out = []
     for schedule in (Schedule(), best_schedule(study)):
-        compiled = bench.executor.compile(schedule.__class__(**{**schedule.__dict__, "cuda_graph": False}))
+        compiled = bench.executor.compile(dataclasses.replace(schedule, cuda_graph=False))
         out.append(record_timeline(compiled, resources))
     return out, None
 

@@ -132,13 +132,19 @@ def run_search(study: optuna.Study, measurer: Measurer, config: TuneConfig, prog
             break
         except Exception as e:  # a bug in a space or measurer costs one trial, not the study
             schedule, m = Schedule(), Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {e}")
-        finish_trial(study, trial, schedule, m)
-        if m.ok:
-            seen[schedule.to_json()] = m.tokens_per_s
-        result.outcomes[m.outcome.value] = result.outcomes.get(m.outcome.value, 0) + 1
+        record_trial(study, trial, schedule, m, seen=seen, result=result)
         progress.update(study, m)
     result.interrupted = result.interrupted or bool(stop)
     return result
+
+
+def record_trial(study: optuna.Study, trial, schedule: Schedule, m: Measurement, *, seen: dict,
+                 result: StudyResult, worker: str | None = None) -> None:
+    """Tell the study, remember an OK schedule's value, count the outcome."""
+    finish_trial(study, trial, schedule, m, worker=worker)
+    if m.ok:
+        seen[schedule.to_json()] = m.tokens_per_s
+    result.outcomes[m.outcome.value] = result.outcomes.get(m.outcome.value, 0) + 1
 
 
 def seen_result(seen: dict, key: str) -> Measurement | None:
