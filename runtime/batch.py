@@ -74,6 +74,14 @@ class BatchLayout:
         bounds = [0] + [request_of_end[end] for _, end in ranges]
         return list(zip(bounds, bounds[1:]))
 
+    def nearest_cuts(self, fractions: list[float], allowed, unit: str = TOKENS) -> list[int]:
+        """For each cumulative fraction of the batch (measured in tokens or requests), the allowed
+        request boundary nearest to it (the smaller one on a tie)."""
+        positions = list(itertools.accumulate(self.request_tokens, initial=0)) if unit == TOKENS \
+            else range(self.num_requests + 1)
+        allowed = list(allowed)
+        return [min(allowed, key=lambda r: (abs(positions[r] - f * positions[-1]), r)) for f in fractions]
+
     def slices(self, r0: int, r1: int) -> dict[str, slice]:
         """The dim-0 slice of every axis for requests [r0, r1)."""
         out = {REQUESTS: slice(r0, r1)}

@@ -71,15 +71,11 @@ def fit_to_batch(schedule: Schedule, layout: BatchLayout) -> Schedule | None:
         except ValueError:
             pass
     fractions = [c / sum(schedule.split_sizes) for c in itertools.accumulate(schedule.split_sizes)][:-1]
-    ends = list(itertools.accumulate(layout.request_tokens, initial=0))
-    cuts = [0]
-    for f in fractions:
-        target = f * ends[-1] if schedule.split_unit == "tokens" else f * layout.num_requests
-        positions = ends if schedule.split_unit == "tokens" else range(layout.num_requests + 1)
-        at = min(range(1, layout.num_requests), key=lambda r: abs(positions[r] - target), default=None)
-        if at is None or at <= cuts[-1]:
-            return None
-        cuts.append(at)
+    if layout.num_requests < 2:
+        return None
+    cuts = [0, *layout.nearest_cuts(fractions, range(1, layout.num_requests), unit=schedule.split_unit)]
+    if any(b <= a for a, b in zip(cuts, cuts[1:])):
+        return None
     cuts.append(layout.num_requests)
     sizes = tuple(b - a for a, b in zip(cuts, cuts[1:]))
     return replace(schedule, split_unit="requests", split_sizes=sizes)

@@ -16,6 +16,7 @@ from torch import nn
 from .backends import Backend, get_backend
 from .batch import BatchLayout
 from .graph import trace
+from .loading import ScheduleMap
 from .plan import build_plan
 from .schedule import Schedule
 from .workload import Case, preset_layout_of
@@ -49,6 +50,4 @@ class ScheduledModule(nn.Module):
 
 def pick(chooser, layout: BatchLayout, context_len: int) -> Schedule:
     """A ScheduleMap takes the live context length too; a plain policy sees the layout only."""
-    from .loading import ScheduleMap
-
     return chooser.pick(layout, context_len) if isinstance(chooser, ScheduleMap) else chooser(layout)

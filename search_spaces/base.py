@@ -53,14 +53,11 @@ class SearchSpace(Protocol):
 
 
 def splits_from_weights(ctx: SpaceContext, weights: list[int]) -> tuple[int, ...]:
-    """Nano-batch sizes (in requests) whose token counts follow `weights`, snapped to boundaries."""
-    tokens = list(itertools.accumulate(ctx.layout.request_tokens, initial=0))
-    bounds = ctx.boundaries()
-    total, acc, cuts = tokens[-1], 0, [0]
-    for w in weights[:-1]:
-        acc += w
-        target = total * acc / sum(weights)
-        at = min(bounds, key=lambda b: (abs(tokens[b] - target), b))
+    """Nano-batch sizes (in requests) whose token counts follow `weights`, snapped to boundaries;
+    cuts that snap onto each other merge their nano-batches."""
+    fractions = [c / sum(weights) for c in itertools.accumulate(weights)][:-1]
+    cuts = [0]
+    for at in ctx.layout.nearest_cuts(fractions, ctx.boundaries()):
         if cuts[-1] < at < ctx.layout.num_requests:
             cuts.append(at)
     cuts.append(ctx.layout.num_requests)

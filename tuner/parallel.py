@@ -20,7 +20,7 @@ from dynaflow.search_spaces import get_space
 from .config import TuneConfig
 from .pool import Group, RayPool
 from .progress import Progress
-from .study import StudyResult, finish_trial, record_trial, result_of, search_trials, seen_result
+from .study import StudyResult, finish_trial, known_schedules, record_trial, search_trials, seen_result
 
 
 @dataclass(kw_only=True)
@@ -51,7 +51,7 @@ class Lane:
         self.study, self.group, self.pool, self.config = study, group, pool, config
         self.progress, self.stats = progress, stats
         self.space = get_space(config.space)
-        self.seen, self.poison = _known(study)
+        self.seen, self.poison = known_schedules(study)
         self.asked = len(search_trials(study))
         self.deadline = time.monotonic() + config.timeout_s if config.timeout_s else float("inf")
         self.result = StudyResult(study=study)
@@ -174,15 +174,3 @@ def run_search_pool(study: optuna.Study, group: Group, pool: RayPool, config: Tu
 def _charge(lanes: list[Lane], seconds: float) -> None:
     for lane in lanes:
         lane.stats.driver_s += seconds / len(lanes)
-
-
-def _known(study: optuna.Study) -> tuple[dict[str, float], set[str]]:
-    """Values of schedules measured before, and schedules that killed a worker, from the study."""
-    seen, poison = {}, set()
-    for t in study.get_trials(deepcopy=False):
-        r = result_of(t)
-        if t.state == optuna.trial.TrialState.COMPLETE:
-            seen[r.get("schedule")] = t.value
-        elif r.get("outcome") in ("crashed", "timeout") and "worker" in r.get("message", ""):
-            poison.add(r.get("schedule"))
-    return seen, poison

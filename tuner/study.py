@@ -113,7 +113,7 @@ def run_search(study: optuna.Study, measurer: Measurer, config: TuneConfig, prog
                stop=()) -> StudyResult:
     """`stop`: a flag the Ctrl-C handler raises; checked between samples and between trials."""
     space, ctx = get_space(config.space), measurer.space_context()
-    seen = {result_of(t).get("schedule"): t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    seen, _ = known_schedules(study)
     deadline = time.monotonic() + config.timeout_s if config.timeout_s else float("inf")
     result, asked = StudyResult(study=study), len(search_trials(study))
     while (config.trials is None or asked < config.trials) and time.monotonic() < deadline and not stop:
@@ -145,6 +145,18 @@ def record_trial(study: optuna.Study, trial, schedule: Schedule, m: Measurement,
     if m.ok:
         seen[schedule.to_json()] = m.tokens_per_s
     result.outcomes[m.outcome.value] = result.outcomes.get(m.outcome.value, 0) + 1
+
+
+def known_schedules(study: optuna.Study) -> tuple[dict[str, float], set[str]]:
+    """Values of schedules measured before, and schedules that killed a worker, from the study."""
+    seen, poison = {}, set()
+    for t in study.get_trials(deepcopy=False):
+        r = result_of(t)
+        if t.state == TrialState.COMPLETE:
+            seen[r.get("schedule")] = t.value
+        elif r.get("outcome") in ("crashed", "timeout") and "worker" in r.get("message", ""):
+            poison.add(r.get("schedule"))
+    return seen, poison
 
 
 def seen_result(seen: dict, key: str) -> Measurement | None:
