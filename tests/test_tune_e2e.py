@@ -1,32 +1,60 @@
 """End to end on the CPU backend: tune, store, reload, re-measure."""
 import json
 import statistics
+from pathlib import Path
+
+import optuna
+import pytest
 
 from dynaflow.runtime import Bench, MeasureConfig, Workload
-from dynaflow.runtime.store import ScheduleStore, StoreConfig
+from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.tuner.cli import main
 
 
-def test_tune_writes_a_valid_record_that_a_fresh_measurement_matches(tmp_path, capsys):
-    args = ["tune", "--model", "llama-small", "--workload", "d8x64+p32", "--space", "dbo", "--trials", "6",
+def _tune(tmp_path, model: str, workload: str, capsys) -> tuple[Path, StoredSchedule]:
+    args = ["tune", "--model", model, "--workload", workload, "--space", "dbo", "--trials", "6",
             "--repeats", "8", "--storage", f"sqlite:///{tmp_path}/s.db", "--store", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out
     [path] = list((tmp_path / "schedules").glob("*/*.json"))
     assert str(path) in out
-    rec = ScheduleStore(StoreConfig(root=tmp_path)).read(path)
+    return path, ScheduleStore(StoreConfig(root=tmp_path)).read(path)
+
+
+def test_tune_on_the_tiny_preset_writes_a_valid_record_of_a_correct_schedule(tmp_path, capsys):
+    path, rec = _tune(tmp_path, "llama-small", "d8x64+p32", capsys)
     w = Workload(model="llama-small", num_decode=8, context_len=64, prefill_tokens=32)
     assert rec.workload == w and path.stem == w.key and path.parent.name == rec.hardware.key
-    bench = Bench(w, config=MeasureConfig(warmup=2, repeats=15))
-    bench.executor.compile(rec.schedule, sm_count=bench.hardware.num_sms)  # validates against the model
-    fresh = [bench.measure(rec.schedule) for _ in range(3)]
-    fresh_tps = statistics.median(m.tokens_per_s for m in fresh)
-    fresh_spread = statistics.median(m.spread for m in fresh)
-    # both numbers are medians of noisy samples: they must agree within the two spreads together
-    assert abs(fresh_tps - rec.tokens_per_s) / rec.tokens_per_s <= rec.speedup_spread + fresh_spread
     data = json.loads(path.read_text())
     assert data["record_schema"] == 1 and data["schedule"]["schema_version"] == 1
     assert data["hardware"]["software"]["torch"]
+    # the record is one confirmation: its numbers agree with each other and with the study's verdict
+    assert rec.tokens_per_s == pytest.approx(rec.baseline_tokens_per_s * rec.speedup)
+    assert rec.efficiency is not None and 0 < rec.efficiency <= 1
+    study = optuna.load_study(study_name=rec.study, storage=rec.storage)
+    assert study.user_attrs["confirmation"]["sequential_best"] == rec.sequential_best
+    bench = Bench(w, config=MeasureConfig(warmup=1, repeats=3))
+    fresh = bench.measure(rec.schedule)  # verifies against the sequential reference first
+    assert fresh.ok, fresh.summary()
+    # timings on a shared 2-core machine move by 2x (CI saw it); this only catches unit slips
+    # (ms vs s, requests vs tokens); the exact agreement is checked on the paced model below
+    assert 0.2 < fresh.tokens_per_s / rec.tokens_per_s < 5
+
+
+def test_tuned_numbers_match_a_fresh_measurement_within_the_recorded_spread(tmp_path, capsys):
+    """The paced model sleeps like a kernel runs, so its timings hold on a loaded machine."""
+    path, rec = _tune(tmp_path, "user_models:paced_block", "d16x0", capsys)
+    w = Workload(model="user_models:paced_block", num_decode=16)
+    assert rec.workload == w
+    bench = Bench(w, config=MeasureConfig(warmup=2, repeats=15))
+    fresh = [bench.measure(rec.schedule) for _ in range(3)]
+    assert all(m.ok for m in fresh)
+    fresh_tps = statistics.median(m.tokens_per_s for m in fresh)
+    fresh_spread = statistics.median(m.spread for m in fresh)
+    assert abs(fresh_tps - rec.tokens_per_s) / rec.tokens_per_s <= rec.speedup_spread + fresh_spread
+    # two nano-batches on two threads overlap their sleeps: the tuner must find and keep that
+    print(rec.speedup, rec.speedup_spread, rec.tokens_per_s, fresh_tps, fresh_spread)
+    assert not rec.sequential_best and rec.speedup > 1.2, rec
 
 
 def test_list_prints_the_stored_table(tmp_path, capsys):

@@ -1,7 +1,10 @@
 """Models the runtime has no special code for, as a user would write them."""
 from __future__ import annotations
 
+import time
+
 import torch
+import torch.fx
 from torch import nn
 
 from dynaflow.runtime import BatchLayout, Case, Workload
@@ -22,6 +25,33 @@ class GatedBlock(nn.Module):
         h = self.down(self.act(self.up(self.norm(x))))
         g = torch.sigmoid(self.gate(x)) * scale
         return x + h * g
+
+
+PACE_S_PER_ROW = 2e-4
+
+
+def pace(x: torch.Tensor) -> torch.Tensor:
+    """Stands for a device kernel: sleeps in proportion to its rows, releasing the GIL like a kernel
+    frees the host. Its time does not depend on how busy the CPU is, so timings of a model built on
+    it are steady on a loaded CI machine."""
+    time.sleep(PACE_S_PER_ROW * x.shape[0])
+    return x
+
+
+torch.fx.wrap("pace")  # one op in the traced graph, not traced through
+
+
+class PacedBlock(nn.Module):
+    """Two paced 'kernels' around a small MLP: a model whose speed a test can predict."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, dim)
+        self.down = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = pace(self.up(x))
+        return x + pace(self.down(torch.relu(h)))
 
 
 class BatchNormish(nn.Module):
@@ -69,3 +99,8 @@ def batch_mixing(w: Workload) -> Case:
 def no_residual(w: Workload) -> Case:
     torch.manual_seed(w.seed)
     return _case(NoResidual(), w.num_decode or 8, 16, w.seed)
+
+
+def paced_block(w: Workload) -> Case:
+    torch.manual_seed(w.seed)
+    return _case(PacedBlock(), w.num_decode or 8, 16, w.seed)
