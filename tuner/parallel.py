@@ -27,6 +27,7 @@ from .study import StudyResult, finish_trial, known_schedules, record_trial, sea
 class PoolStats:
     per_worker: dict[str, dict[str, int]] = field(default_factory=dict)
     driver_s: float = 0.0  # time the driver spent outside waiting: ask, build, tell, dispatch
+    study_s: float = 0.0  # the part of it spent in Optuna and its storage: ask, suggest, tell
     trials: int = 0
 
     def count(self, worker: str, outcome: str) -> None:
@@ -71,6 +72,7 @@ class Lane:
                 self.idle.append(actor)  # answered without a worker: it takes the next trial
 
     def _send(self, actor) -> bool:
+        t0 = time.perf_counter()
         trial = self.study.ask()
         try:
             schedule = self.space(trial, self.group.context)
@@ -81,6 +83,7 @@ class Lane:
             key = schedule.to_json()
             m = Measurement(outcome=TrialOutcome.CRASHED, message="this schedule killed a worker before; not re-run") \
                 if key in self.poison else seen_result(self.seen, key)
+        self.stats.study_s += time.perf_counter() - t0
         if m is None:
             ref = actor.measure.remote(schedule, self.config.trial_timeout_s)
             self.inflight[ref] = _InFlight(trial=trial, schedule=schedule, actor=actor, started=time.monotonic())
@@ -135,7 +138,9 @@ class Lane:
         self.starting[ref] = fresh
 
     def _record(self, trial, schedule: Schedule, m: Measurement, worker: str) -> None:
+        t0 = time.perf_counter()
         record_trial(self.study, trial, schedule, m, seen=self.seen, result=self.result, worker=worker)
+        self.stats.study_s += time.perf_counter() - t0
         self.stats.count(worker, m.outcome.value)
         self.progress.update(self.study, m, self.stats.per_worker)
 
