@@ -1,5 +1,6 @@
 """End to end on the CPU backend: tune, store, reload, re-measure."""
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -67,3 +68,16 @@ def test_ray_flags_are_checked_at_the_edge(capsys):
     assert "--ray-address needs --workers" in capsys.readouterr().err
     assert main(["tune", "--workers", "many", "--trials", "1"]) == 2
     assert "--workers must be a positive count or 'all', but got 'many'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["tune", "measure", "ops", "report", "list"])
+def test_help_documents_every_flag_and_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert not re.search(r"default: [^()]*\) \(default:", text), text  # argparse's default after our own
+    parser = __import__("dynaflow.tuner.cli", fromlist=["build_parser"]).build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        assert action.help, f"{command} {action.option_strings} has no help"

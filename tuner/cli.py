@@ -15,25 +15,35 @@ from dynaflow.runtime import PRESETS, Bench, MeasureConfig, Schedule
 from .workloads import FORMAT, parse_workload
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once, and only when there is one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama-small",
-                   help=f"a preset ({', '.join(sorted(PRESETS))}) or module:callable returning a Case "
-                        "(default: llama-small)")
+                   help=f"a preset ({', '.join(sorted(PRESETS))}) or module:callable returning a Case")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
 def _measure_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default: 3)")
-    p.add_argument("--repeats", type=int, default=15, help="timed runs; the median is reported (default: 15)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
+    p.add_argument("--repeats", type=int, default=15, help="timed runs; the median is reported")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynaflow-tune", description="Search intra-device schedules for LLM layers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("measure", help="verify and time one schedule on one workload, print the measurement")
+    m = sub.add_parser("measure", help="verify and time one schedule on one workload, print the measurement",
+                       formatter_class=HelpFormatter)
     _common(m)
     _measure_flags(m)
     m.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
@@ -41,13 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="schedule JSON file, or a stored schedule record (default: sequential)")
     m.add_argument("--json", action="store_true", help="print the measurement as JSON")
 
-    o = sub.add_parser("ops", help="print the model's op graph: ops, resource class, FLOPs, bytes, deps")
+    o = sub.add_parser("ops", help="print the model's op graph: ops, resource class, FLOPs, bytes, deps",
+                       formatter_class=HelpFormatter)
     _common(o)
     o.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
 
     from .commands import add_tuner_commands  # tune, list: flags only, optuna is imported on use
 
-    add_tuner_commands(sub, _common, _measure_flags)
+    add_tuner_commands(sub, _common, _measure_flags, HelpFormatter)
     return parser
 
 

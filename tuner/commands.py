@@ -1,7 +1,6 @@
 """The tuner's commands: `tune` and `list`. Their bodies import optuna/pandas when they run."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from .config import SAMPLERS, TuneConfig
@@ -10,9 +9,9 @@ from .workloads import FORMAT, parse_workload
 DEFAULT_WORKLOADS = ["d16x256+p64"]
 
 
-def add_tuner_commands(sub, common, measure_flags) -> None:
+def add_tuner_commands(sub, common, measure_flags, formatter) -> None:
     t = sub.add_parser("tune", help="search schedules for each workload and store the winners",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=formatter)
     common(t)
     measure_flags(t)
     t.add_argument("--workload", action="append", default=None,
@@ -36,7 +35,8 @@ def add_tuner_commands(sub, common, measure_flags) -> None:
                    "a local one); needs --workers")
     t.set_defaults(func=cmd_tune)
 
-    r = sub.add_parser("report", help="write a study's figures (PNG) and a Markdown summary, without Jupyter")
+    r = sub.add_parser("report", help="write a study's figures (PNG) and a Markdown summary, without Jupyter",
+                       formatter_class=formatter)
     r.add_argument("--storage", default="sqlite:///results/studies.db", help="the study's storage URL")
     r.add_argument("--study", default=None, help="study name (needed when the storage holds several)")
     r.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
@@ -44,7 +44,7 @@ def add_tuner_commands(sub, common, measure_flags) -> None:
     r.add_argument("--no-timelines", action="store_true", help="skip re-running the best schedule for its timeline")
     r.set_defaults(func=cmd_report)
 
-    ls = sub.add_parser("list", help="print the stored schedules as a table")
+    ls = sub.add_parser("list", help="print the stored schedules as a table", formatter_class=formatter)
     ls.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
     ls.set_defaults(func=cmd_list)
 
