@@ -75,6 +75,7 @@ class Executor:
                 resource = "copy" if c.only_copies else "compute" if c.flops / max(c.bytes, 1) >= flops_per_byte \
                     else "memory"
                 ops.append(Op(name=op.name, deps=op.deps, flops=c.flops, bytes=c.bytes, resource=resource))
+        compiled.close()
         self.graph = OpGraph(ops=tuple(ops), module=self.graph.module, writes_output=self.graph.writes_output)
         return self.graph
 

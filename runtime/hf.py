@@ -91,7 +91,7 @@ class ScheduledDecoderLayer(nn.Module):
             tasks.append(Task(op="layer", nano=b, stream=_stream_of(schedule, b), waits=(),
                               fn=_nano_fn(self.layer, part, part_args, part_kwargs, out, slice(r0, r1))))
         self.backend = self.backend or get_backend(str(out.device) if out.is_cuda else "cpu")
-        self.backend.prepare(Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=True)).run()
+        self.backend.run(Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=True))
         if cache is not None:  # every nano-batch wrote from the same position; advance it once
             cache.layers[idx].cumulative_length.add_(hidden_states.shape[1])
         self.split_calls += 1

@@ -44,7 +44,7 @@ class ScheduledModule(nn.Module):
         self.backend = backend
         out = torch.empty_like(inputs[0])
         plan = build_plan(self.graph, Case(model=self.module, inputs=tuple(inputs), layout=layout), schedule, out)
-        backend.prepare(plan).run()
+        backend.run(plan)
         return out
 
 

@@ -43,7 +43,10 @@ def timelines_for(study, store_root: Path) -> tuple[list, str | None]:
     out = []
     for schedule in (Schedule(), best_schedule(study)):
         compiled = bench.executor.compile(dataclasses.replace(schedule, cuda_graph=False))
-        out.append(record_timeline(compiled, resources))
+        try:
+            out.append(record_timeline(compiled, resources))
+        finally:
+            compiled.close()
     return out, None
 
 

@@ -1,4 +1,5 @@
-"""CUDA backend: streams and events created once per plan; issue from one host thread.
+"""CUDA backend: streams made once per share set (the most recent few kept), events per plan;
+issue from one host thread.
 
 Each run forks every stream off the current stream and joins them back, so work of one run
 never overlaps the next and memory freed after a run is safe to reuse. SM shares become
@@ -12,7 +13,7 @@ import torch
 
 from ..plan import Plan
 from .base import Backend, Runner
-from .green_ctx import PartitionUnavailable, make_partitioned_streams
+from .green_ctx import PartitionUnavailable, StreamSet, StreamSets, make_partitioned_streams
 
 
 class CUDABackend(Backend):
@@ -24,7 +25,7 @@ class CUDABackend(Backend):
         self.device = torch.device(device)
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._streams: dict[tuple, list] = {}
+        self._sets = StreamSets(make=self._make_streams, synchronize=self.synchronize)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -38,7 +39,10 @@ class CUDABackend(Backend):
         return torch.cuda.max_memory_allocated(self.device) - start
 
     def prepare(self, plan: Plan) -> Runner:
-        streams, notes = self._get_streams(plan)
+        specs = plan.schedule.streams
+        key = (tuple(s.sm_share for s in specs), tuple(s.priority for s in specs))
+        stream_set = self._sets.acquire(key)
+        streams, notes = stream_set.streams, stream_set.notes
         events = [torch.cuda.Event() for _ in plan.tasks]
 
         @torch.no_grad()
@@ -59,9 +63,21 @@ class CUDABackend(Backend):
                 main.wait_stream(s)
 
         plan_recorded = {w for t in plan.tasks for w in t.waits}
+        released = []
+
+        def close() -> None:  # once per runner, however often called
+            if not released:
+                released.append(True)
+                self._sets.release(key)
+
         if not plan.schedule.cuda_graph:
-            return Runner(run=run_once, notes=notes)
-        return Runner(run=self._capture(run_once), notes={**notes, "cuda_graph": "captured once, replayed"})
+            return Runner(run=run_once, notes=notes, close=close)
+        try:
+            replay = self._capture(run_once)
+        except BaseException:
+            close()
+            raise
+        return Runner(run=replay, notes={**notes, "cuda_graph": "captured once, replayed"}, close=close)
 
     def _capture(self, run_once):
         side = torch.cuda.Stream(self.device)
@@ -75,31 +91,20 @@ class CUDABackend(Backend):
             run_once()
         return graph.replay
 
-    def _get_streams(self, plan: Plan):
-        specs = plan.schedule.streams
-        shares = [s.sm_share for s in specs]
-        priorities = [s.priority for s in specs]
-        key = (tuple(shares), tuple(priorities))
+    def _make_streams(self, key) -> StreamSet:
+        shares, priorities = key
         notes: dict[str, str] = {}
-        if key not in self._streams:
-            self._streams[key] = self._make_streams(shares, priorities, notes)
-        streams, cached_notes = self._streams[key]
-        return streams, {**cached_notes, **notes}
-
-    def _make_streams(self, shares, priorities, notes):
-        # Green contexts are made once per distinct set of shares and kept for the process: a
-        # search over many share sets creates many (untested on a GPU yet: watch for exhaustion).
         if any(s is not None for s in shares):
             if any(s is None for s in shares):
                 notes["partition"] = "mixed: streams without sm_share run on the SMs the others leave"
             try:
                 want = [s for s in shares if s is not None]
-                part, granted = make_partitioned_streams(self.device.index, want, priorities)
+                part, granted, close = make_partitioned_streams(self.device.index, want, priorities)
                 notes["partition"] = f"green contexts, granted SMs {granted} for requested {want}"
                 it = iter(part)
                 streams = [next(it) if s is not None else torch.cuda.Stream(self.device, priority=p)
                            for s, p in zip(shares, priorities)]
-                return streams, notes
+                return StreamSet(streams=streams, notes=notes, close=close)
             except PartitionUnavailable as e:
                 notes["partition"] = f"unavailable: {e}; streams run unpartitioned"
-        return [torch.cuda.Stream(self.device, priority=p) for p in priorities], notes
+        return StreamSet(streams=[torch.cuda.Stream(self.device, priority=p) for p in priorities], notes=notes)
