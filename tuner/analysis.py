@@ -46,12 +46,20 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return df
 
 
+def best_search_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The fastest completed search trial (the baseline left out); the first of equals, so a
+    re-proposed duplicate never stands in for the trial that was timed."""
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+            and t.user_attrs.get(RESULT) and not t.user_attrs.get(BASELINE)]
+    return max(done, key=lambda t: t.value, default=None)
+
+
 def winner_samples(study: optuna.Study) -> tuple[list[float], list[float]]:
-    """Latency samples of the best trial and of the baseline."""
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get(RESULT)]
-    best = max(done, key=lambda t: t.value)
-    base = next(t for t in done if t.user_attrs.get(BASELINE))
-    return best.user_attrs[RESULT].get("samples_ms", []), base.user_attrs[RESULT].get("samples_ms", [])
+    """Latency samples of the best search trial (none: empty) and of the baseline."""
+    best = best_search_trial(study)
+    base = next((t for t in study.trials if t.user_attrs.get(BASELINE)), None)
+    samples = [] if best is None else best.user_attrs[RESULT].get("samples_ms", [])
+    return samples, [] if base is None else base.user_attrs[RESULT].get("samples_ms", [])
 
 
 def plot_history(study: optuna.Study, df: pd.DataFrame, ax) -> None:
@@ -134,10 +142,8 @@ def study_workload(study: optuna.Study) -> tuple[str, str]:
 
 
 def best_schedule(study: optuna.Study) -> Schedule:
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get(BASELINE)]
-    if not done:
-        return Schedule()
-    return Schedule.from_json(max(done, key=lambda t: t.value).user_attrs[RESULT]["schedule"])
+    best = best_search_trial(study)
+    return Schedule() if best is None else Schedule.from_json(best.user_attrs[RESULT]["schedule"])
 
 
 def workload_from_record(store_root: Path, hardware: str, workload: str) -> Workload | None:
