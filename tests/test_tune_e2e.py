@@ -22,7 +22,7 @@ def _tune(tmp_path, model: str, workload: str, capsys) -> tuple[Path, StoredSche
     return path, ScheduleStore(StoreConfig(root=tmp_path)).read(path)
 
 
-def test_tune_on_the_tiny_preset_writes_a_valid_record_of_a_correct_schedule(tmp_path, capsys):
+def test_tune_on_a_built_in_preset_writes_a_valid_record_of_a_correct_schedule(tmp_path, capsys):
     path, rec = _tune(tmp_path, "llama-small", "d8x64+p32", capsys)
     w = Workload(model="llama-small", num_decode=8, context_len=64, prefill_tokens=32)
     assert rec.workload == w and path.stem == w.key and path.parent.name == rec.hardware.key
