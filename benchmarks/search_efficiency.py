@@ -1,11 +1,11 @@
-"""How many trials TPE, random and grid search need to come within 2% of the exhaustive optimum,
-on a deterministic landscape: the nanoflow space (on a finite grid of its parameters) at
-llama3-8b dimensions, each schedule's latency from benchmarks/costmodel.py.
+"""How many trials TPE, random and grid search need to come within 2% (and 0.5%, and all the way)
+of the exhaustive optimum, on a deterministic landscape: the nanoflow space (on a finite grid of
+its parameters) at llama3-8b dimensions, each schedule's latency from benchmarks/costmodel.py.
 
     python benchmarks/search_efficiency.py [--workload d256x2048+p512] [--seeds 5]
 
-Target: TPE within 5% of the grid's size. Prints the grid size, the optimum, and per sampler
-the median trials (over seeds) to reach within 2%, as a fraction of the grid size.
+Target: TPE within 5% of the grid's size. Prints the grid size, the optimum, and per target and
+sampler the median trials (over seeds) to reach it, as a fraction of the grid size.
 """
 from __future__ import annotations
 
@@ -84,6 +84,9 @@ def exhaustive(land: Landscape) -> tuple[float, float, int]:
     return min(lat), sequential, len(points)
 
 
+TARGETS = {"within 2%": 0.02, "within 0.5%": 0.005, "to the optimum": 0.0}
+
+
 def trials_to_reach(land: Landscape, sampler, target: float, limit: int) -> int:
     study = optuna.create_study(sampler=sampler, direction="minimize")
     for n in range(1, limit + 1):
@@ -106,21 +109,23 @@ def main() -> None:
     land = Landscape(w)
     t0 = time.perf_counter()
     best, sequential, size = exhaustive(land)
-    target = best / 0.98  # within 2% in tokens/s
     print(f"{w.key}: grid of {size:,} points ({len(land.cache):,} distinct schedules), exhaustive in "
           f"{time.perf_counter() - t0:.0f} s")
-    print(f"sequential {sequential * 1e3:.3f} ms, optimum {best * 1e3:.3f} ms ({sequential / best:.3f}x), "
-          f"{sum(v <= target for v in land.cache.values())} distinct schedules within 2%")
+    print(f"sequential {sequential * 1e3:.3f} ms, optimum {best * 1e3:.3f} ms ({sequential / best:.3f}x)")
     samplers = {"tpe": lambda s: optuna.samplers.TPESampler(seed=s),
                 "random": lambda s: optuna.samplers.RandomSampler(seed=s),
                 "grid": lambda s: optuna.samplers.GridSampler(GRID, seed=s)}
     limit = size // 20  # the target: 5% of the grid; a sampler that needs more is reported at the cap
-    print(f"{'sampler':<8} {'median trials':>14} {'of grid':>9}   per seed (capped at {limit})")
-    for name, make in samplers.items():
-        runs = [trials_to_reach(land, make(s), target, limit) for s in range(args.seeds)]
-        med = statistics.median(runs)
-        print(f"{name:<8} {med:>14.0f} {med / size:>9.2%}   {runs}")
-    print("target: TPE's median within 5% of the grid's size")
+    for label, within in TARGETS.items():
+        target = best / (1 - within) * (1 + 1e-12)  # within x of the optimum's tokens/s
+        reach = sum(v <= target for v in land.cache.values())
+        print(f"\nto come {label} ({reach} distinct schedule(s) qualify); per seed, capped at {limit}")
+        print(f"{'sampler':<8} {'median trials':>14} {'of grid':>9}   per seed")
+        for name, make in samplers.items():
+            runs = [trials_to_reach(land, make(s), target, limit) for s in range(args.seeds)]
+            med = statistics.median(runs)
+            print(f"{name:<8} {med:>14.0f} {med / size:>9.2%}   {runs}")
+    print("\ntarget: TPE's median within 5% of the grid's size (for coming within 2%)")
 
 
 if __name__ == "__main__":
