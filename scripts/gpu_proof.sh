@@ -5,9 +5,12 @@
 #   bash scripts/gpu_proof.sh tests        # pytest -m cuda: CUDA backend, graphs, green contexts
 #   bash scripts/gpu_proof.sh overhead     # runtime vs eager, llama3-8b d256x2048+p512
 #   bash scripts/gpu_proof.sh overlap      # hand-written NanoFlow-style vs sequential
-#   bash scripts/gpu_proof.sh tune [WORKLOAD ...]   # llama3-8b: 7 min of search per workload, then confirmation
+#   bash scripts/gpu_proof.sh tune [WORKLOAD ...]   # 7 min of search per workload, then confirmation
+#   SPACE=dbo bash scripts/gpu_proof.sh tune         # the dbo space's best, for the comparison
+#   MODEL=mixtral-8x7b bash scripts/gpu_proof.sh tune d256x2048+p512
 #
-# Default tune workloads: decode 64/256/512 x 2048, with and without 512 prefill tokens.
+# Default tune workloads: decode 64/256/512 x 2048, with and without 512 prefill tokens;
+# MODEL defaults to llama3-8b and SPACE to nanoflow.
 set -euo pipefail
 OUTDIR="${OUTDIR:-results/gpu}"
 mkdir -p "$OUTDIR"
@@ -35,7 +38,8 @@ case "$stage" in
         workloads=("$@")
         [ ${#workloads[@]} -gt 0 ] || workloads=(d64x2048 d256x2048 d512x2048 d64x2048+p512 d256x2048+p512 d512x2048+p512)
         for w in "${workloads[@]}"; do
-            run "tune_llama3-8b_$w" python3 -m dynaflow.tuner.cli tune --device cuda --model llama3-8b \
+            run "tune_${MODEL:-llama3-8b}_${SPACE:-nanoflow}_$w" python3 -m dynaflow.tuner.cli tune --device cuda \
+                --model "${MODEL:-llama3-8b}" --space "${SPACE:-nanoflow}" \
                 --workload "$w" --timeout-s 420 --trials 200 --no-progress \
                 --storage "sqlite:///$OUTDIR/studies.db" --store "$OUTDIR" || echo "tune $w failed: see above"
         done
