@@ -4,12 +4,14 @@ import json
 from pathlib import Path
 
 import nbformat
+import optuna
 import pytest
 from nbclient import NotebookClient
 
 from dynaflow.runtime import Executor, Schedule, StreamSpec, Step, Workload
 from dynaflow.runtime.timeline import record_timeline
 from dynaflow.tuner.cli import main
+from dynaflow.tuner.report import _verdict
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "analyze_trials.ipynb"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,6 +51,19 @@ def test_report_writes_decodable_pngs(tuned, tmp_path):
         assert matplotlib.image.imread(p).shape[0] > 100  # decodes to a real image
     md = (tmp_path / "report.md").read_text()
     assert "sequential baseline" in md and "![history](history.png)" in md
+    verdict = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage) \
+        .user_attrs["confirmation"]
+    said = "- confirmation: sequential is best" if verdict["sequential_best"] else \
+        f"- confirmation: trial {verdict['winner_trial']} stored"
+    assert said in md and "{" not in md  # the verdict in words, not a dict
+
+
+def test_the_verdict_reads_in_words():
+    assert _verdict(None) == "not run yet"
+    assert _verdict({"sequential_best": True, "speedup": 0.97, "noise": 0.2, "winner_trial": None}) == \
+        "sequential is best: no candidate beat the baseline by more than the noise (best candidate 0.970x, noise 20.0%)"
+    assert _verdict({"sequential_best": False, "speedup": 1.31, "noise": 0.04, "winner_trial": 7}) == \
+        "trial 7 stored: 1.310x over the baseline (noise 4.0%)"
 
 
 def test_report_on_a_missing_study_names_it(tuned, capsys):

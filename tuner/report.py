@@ -106,19 +106,32 @@ def write_report(storage: str, out_dir: Path, *, store_root: Path = Path("result
 def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]) -> str:
     search = df[~df.baseline]
     base = df.loc[df.baseline, "tokens_per_s"]
-    best = df[df.state == "COMPLETE"].tokens_per_s.max()
-    verdict = study.user_attrs.get("confirmation", {})
+    done = search[search.state == "COMPLETE"]
     lines = [f"# {study.study_name}", "",
              f"- trials: {len(search)} ({', '.join(f'{k} {v}' for k, v in search.outcome.value_counts().items())})",
-             f"- sequential baseline: {base.iloc[0]:,.0f} tokens/s" if len(base) else "- no baseline",
-             f"- best trial: {best:,.0f} tokens/s ({best / base.iloc[0]:.3f}x the baseline)" if len(base) else "",
-             f"- confirmation: {verdict}" if verdict else "- not confirmed yet", ""]
-    top = search[search.state == "COMPLETE"].nlargest(5, "tokens_per_s")[["number", "tokens_per_s", "speedup", "label"]]
-    lines += ["## Best trials", "", _table(top), ""]
+             f"- sequential baseline: {base.iloc[0]:,.0f} tokens/s" if len(base) else "- no baseline"]
+    if len(done) and len(base):
+        best = done.tokens_per_s.max()
+        lines.append(f"- best search trial: {best:,.0f} tokens/s ({best / base.iloc[0]:.3f}x the baseline)")
+    else:
+        lines.append("- best search trial: none completed (every trial was pruned or failed)")
+    lines += [f"- confirmation: {_verdict(study.user_attrs.get('confirmation'))}", ""]
+    top = done.nlargest(5, "tokens_per_s")[["number", "tokens_per_s", "speedup", "label"]]
+    lines += ["## Best trials", "", _table(top) if len(top) else "none completed", ""]
     lines += [f"![{name}]({file})" for name, file in figures.items()]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _verdict(v: dict | None) -> str:
+    """The interleaved re-measurement's answer, in words."""
+    if not v:
+        return "not run yet"
+    if v["sequential_best"]:
+        return (f"sequential is best: no candidate beat the baseline by more than the noise "
+                f"(best candidate {v['speedup']:.3f}x, noise {v['noise']:.1%})")
+    return f"trial {v['winner_trial']} stored: {v['speedup']:.3f}x over the baseline (noise {v['noise']:.1%})"
 
 
 def _table(df: pd.DataFrame) -> str:
