@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 from dynaflow.runtime import Executor, Schedule, StreamSpec, Step, Workload
 from dynaflow.runtime.timeline import record_timeline
 from dynaflow.tuner.cli import main
-from dynaflow.tuner.report import _verdict
+from dynaflow.tuner.analysis import verdict_text
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "analyze_trials.ipynb"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -59,10 +59,10 @@ def test_report_writes_decodable_pngs(tuned, tmp_path):
 
 
 def test_the_verdict_reads_in_words():
-    assert _verdict(None) == "not run yet"
-    assert _verdict({"sequential_best": True, "speedup": 0.97, "noise": 0.2, "winner_trial": None}) == \
+    assert verdict_text(None) == "not run yet"
+    assert verdict_text({"sequential_best": True, "speedup": 0.97, "noise": 0.2, "winner_trial": None}) == \
         "sequential is best: no candidate beat the baseline by more than the noise (best candidate 0.970x, noise 20.0%)"
-    assert _verdict({"sequential_best": False, "speedup": 1.31, "noise": 0.04, "winner_trial": 7}) == \
+    assert verdict_text({"sequential_best": False, "speedup": 1.31, "noise": 0.04, "winner_trial": 7}) == \
         "trial 7 stored: 1.310x over the baseline (noise 4.0%)"
 
 

@@ -62,6 +62,16 @@ def winner_samples(study: optuna.Study) -> tuple[list[float], list[float]]:
     return samples, [] if base is None else base.user_attrs[RESULT].get("samples_ms", [])
 
 
+def verdict_text(v: dict | None) -> str:
+    """The interleaved re-measurement's answer (a study's "confirmation" attribute), in words."""
+    if not v:
+        return "not run yet"
+    if v["sequential_best"]:
+        return (f"sequential is best: no candidate beat the baseline by more than the noise "
+                f"(best candidate {v['speedup']:.3f}x, noise {v['noise']:.1%})")
+    return f"trial {v['winner_trial']} stored: {v['speedup']:.3f}x over the baseline (noise {v['noise']:.1%})"
+
+
 def plot_history(study: optuna.Study, df: pd.DataFrame, ax) -> None:
     ok = df[df.state == "COMPLETE"]
     ax.scatter(ok.number, ok.tokens_per_s, s=12, label="trial")

@@ -104,6 +104,8 @@ def write_report(storage: str, out_dir: Path, *, store_root: Path = Path("result
 
 
 def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]) -> str:
+    from .analysis import verdict_text
+
     search = df[~df.baseline]
     base = df.loc[df.baseline, "tokens_per_s"]
     done = search[search.state == "COMPLETE"]
@@ -115,23 +117,13 @@ def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]
         lines.append(f"- best search trial: {best:,.0f} tokens/s ({best / base.iloc[0]:.3f}x the baseline)")
     else:
         lines.append("- best search trial: none completed (every trial was pruned or failed)")
-    lines += [f"- confirmation: {_verdict(study.user_attrs.get('confirmation'))}", ""]
+    lines += [f"- confirmation: {verdict_text(study.user_attrs.get('confirmation'))}", ""]
     top = done.nlargest(5, "tokens_per_s")[["number", "tokens_per_s", "speedup", "label"]]
     lines += ["## Best trials", "", _table(top) if len(top) else "none completed", ""]
     lines += [f"![{name}]({file})" for name, file in figures.items()]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
-
-
-def _verdict(v: dict | None) -> str:
-    """The interleaved re-measurement's answer, in words."""
-    if not v:
-        return "not run yet"
-    if v["sequential_best"]:
-        return (f"sequential is best: no candidate beat the baseline by more than the noise "
-                f"(best candidate {v['speedup']:.3f}x, noise {v['noise']:.1%})")
-    return f"trial {v['winner_trial']} stored: {v['speedup']:.3f}x over the baseline (noise {v['noise']:.1%})"
 
 
 def _table(df: pd.DataFrame) -> str:
