@@ -21,7 +21,8 @@ COLOURS = {"compute": "tab:blue", "memory": "tab:orange", "copy": "tab:green"}
 
 
 def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
-    names = optuna.get_all_study_names(make_storage(storage))
+    opened = make_storage(storage)  # one storage (one engine for SQLite) for the lookup and the load
+    names = optuna.get_all_study_names(opened)
     if not names:
         raise ValueError(f"no study in {storage}.")
     if study_name is None:
@@ -30,7 +31,7 @@ def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
         study_name = names[0]
     if study_name not in names:
         raise ValueError(f"no study {study_name!r} in {storage}; it holds: {names}")
-    return optuna.load_study(study_name=study_name, storage=make_storage(storage))
+    return optuna.load_study(study_name=study_name, storage=opened)
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:

@@ -85,7 +85,7 @@ class StreamSets:
     def acquire(self, key: Hashable) -> StreamSet:
         entry = self._sets.get(key)
         if entry is None:
-            self._evict(room_for=1)
+            self._make_room()
             entry = self._sets[key] = self.make(key)
         self._sets.move_to_end(key)
         entry.users += 1
@@ -99,9 +99,10 @@ class StreamSets:
     def __len__(self) -> int:
         return len(self._sets)
 
-    def _evict(self, room_for: int) -> None:
+    def _make_room(self) -> None:
+        """Room for one more set: close the least recently used idle sets past capacity."""
         idle = [k for k, e in self._sets.items() if e.users == 0]
-        excess = len(self._sets) + room_for - self.capacity
+        excess = len(self._sets) + 1 - self.capacity
         if excess <= 0 or not idle:
             return
         self.synchronize()
