@@ -31,8 +31,8 @@ def main() -> None:
 
     from dynaflow.runtime import Workload
     from dynaflow.tuner.config import TuneConfig
-    from dynaflow.tuner.parallel import PoolStats, run_search_pool
-    from dynaflow.tuner.pool import PoolConfig, RayPool
+    from dynaflow.tuner.ray_fanout import Lane, PoolStats, run_lanes
+    from dynaflow.tuner.ray_fanout import PoolConfig, RayPool
     from dynaflow.tuner.progress import Progress
     from dynaflow.tuner.study import open_study
     from fakes import make_sleeping_fake
@@ -57,8 +57,8 @@ def main() -> None:
             [group] = pool.groups(w).values()
             study, stats = open_study(f"scaling-{n}", cfg), PoolStats()
             t0 = time.perf_counter()
-            run_search_pool(study, group, pool, cfg, Progress(total=None, desc="", baseline_tokens_per_s=1,
-                                                              enabled=False), stats)
+            progress = Progress(total=None, desc="", baseline_tokens_per_s=1, enabled=False)
+            run_lanes([Lane(study, group, pool, cfg, progress, stats)], pool)
             wall = time.perf_counter() - t0
             measured = sum(c for w_, cs in stats.per_worker.items() if w_ != "driver" for c in cs.values())
             rows.append((n, trials, measured, measured / wall, stats.driver_s / trials * 1e3,

@@ -13,10 +13,35 @@ COPY_OPS = {_ATEN.copy_.default, _ATEN.cat.default, _ATEN.clone.default, _ATEN._
             _ATEN.index_put_.default, _ATEN.index_put.default, _ATEN.index.Tensor, _ATEN.stack.default}
 
 
+MATMULS = {_ATEN.mm.default: 0, _ATEN.bmm.default: 0, _ATEN.addmm.default: 1, _ATEN.baddbmm.default: 1}
+REDUCTIONS = {"aten::sum", "aten::mean", "aten::var_mean", "aten::var", "aten::_softmax", "aten::softmax",
+              "aten::_log_softmax", "aten::linalg_vector_norm", "aten::norm", "aten::_fused_rms_norm", "aten::cumsum"}
+
+
+def reduction_length(func, args) -> int:
+    """Terms summed into one output element by this op: the inner dimension of a matmul, the
+    longer of head_dim and the key length in attention, the reduced extent of a reduction."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if func in MATMULS:
+        return int(args[MATMULS[func]].shape[-1])
+    name = func._schema.name
+    if "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name:
+        q, k = tensors[0], tensors[1]
+        return int(max(q.shape[-1], k.shape[-2]))
+    if name in REDUCTIONS and tensors:
+        dims = args[1] if len(args) > 1 and isinstance(args[1], (int, list, tuple)) else None
+        if isinstance(dims, int):
+            return int(tensors[0].shape[dims]) if tensors[0].dim() else 1
+        if dims:
+            return int(torch.tensor([tensors[0].shape[d] for d in dims]).prod())
+        return tensors[0].numel()
+    return 1
+
+
 class BytesCounterMode(TorchDispatchMode):
     """Counts the least bytes a run must move: every tensor it did not create, read once, plus
-    every output it returns. Also records whether any op did arithmetic (else it is a copy op)
-    and the bytes the explicit copy ops moved."""
+    every output it returns. Also records whether any op did arithmetic (else it is a copy op),
+    the bytes the explicit copy ops moved, and the longest reduction any op made."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -24,6 +49,7 @@ class BytesCounterMode(TorchDispatchMode):
         self.external: dict[tuple[int, int], int] = {}
         self.only_copies = True
         self.copy_bytes = 0
+        self.max_reduction = 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -31,6 +57,7 @@ class BytesCounterMode(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and _storage_ptr(t) not in self.created:
                 self.external[(t.data_ptr(), t.nbytes)] = t.nbytes
         out = func(*args, **kwargs)
+        self.max_reduction = max(self.max_reduction, reduction_length(func, args))
         if func in COPY_OPS:
             self.copy_bytes += sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
         elif not _is_view(func):
@@ -52,6 +79,7 @@ class Counts:
     bytes: float
     only_copies: bool
     copy_bytes: int
+    max_reduction: int = 1  # the most terms summed into one output element, by any op
 
 
 def count(fn, *args) -> tuple[object, Counts]:
@@ -62,7 +90,8 @@ def count(fn, *args) -> tuple[object, Counts]:
         out = fn(*args)
     out_bytes = sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
     counts = Counts(flops=float(flop_mode.get_total_flops()), bytes=float(byte_mode.external_bytes + out_bytes),
-                    only_copies=byte_mode.only_copies, copy_bytes=byte_mode.copy_bytes)
+                    only_copies=byte_mode.only_copies, copy_bytes=byte_mode.copy_bytes,
+                    max_reduction=byte_mode.max_reduction)
     return out, counts
 
 

@@ -42,6 +42,14 @@ class OpGraph:
     def names(self) -> tuple[str, ...]:
         return tuple(op.name for op in self.ops)
 
+    @property
+    def depth(self) -> int:
+        """Ops on the longest dependency path."""
+        longest: dict[str, int] = {}
+        for op in self.ops:  # topological order
+            longest[op.name] = 1 + max((longest[d] for d in op.deps if d in longest), default=0)
+        return max(longest.values(), default=0)
+
     def op(self, name: str) -> Op:
         for op in self.ops:
             if op.name == name:

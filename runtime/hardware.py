@@ -11,12 +11,14 @@ import os
 import platform
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import telemetry
+from .files import write_json_atomic
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -102,20 +104,38 @@ class Peaks:
 _PEAKS: dict[tuple[str, str], Peaks] = {}
 
 
-def measure_peaks(device: str, dtype: torch.dtype, *, hardware: Hardware,
-                  cache_dir: Path | None = None) -> Peaks:
-    """Measured once per (hardware, dtype) per process; cached as JSON under cache_dir if given."""
+def measure_peaks(device: str, dtype: torch.dtype, *, hardware: Hardware, cache_dir: Path | None = None,
+                  remeasure: bool = False) -> Peaks:
+    """Measured once per (hardware, dtype) and cached as JSON under cache_dir (the store's
+    `peaks/` folder for every command), so every process reads the same balance; `remeasure`
+    renews the file. An unreadable cache file is measured again and replaced, with a warning
+    naming it."""
     key = (hardware.key, str(dtype).removeprefix("torch."))
-    if key in _PEAKS:
+    if key in _PEAKS and not remeasure:
         return _PEAKS[key]
-    path = cache_dir / f"{key[0]}_{key[1]}.json" if cache_dir else None
-    if path and path.exists():
-        _PEAKS[key] = Peaks(**json.loads(path.read_text()))
-        return _PEAKS[key]
+    path = Path(cache_dir) / f"{key[0]}_{key[1]}.json" if cache_dir else None
+    if path is not None and path.exists() and not remeasure:
+        try:
+            _PEAKS[key] = _read_peaks(path)
+            return _PEAKS[key]
+        except ValueError as e:
+            warnings.warn(f"{e}; measuring the peaks again")
     _PEAKS[key] = peaks = _run_peaks(device, dtype)
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(peaks)))
+    if path is not None:
+        try:
+            write_json_atomic(path, asdict(peaks))
+        except OSError as e:  # a read-only store: the peaks still serve this process
+            warnings.warn(f"cannot cache the device peaks in {path}: {e.strerror or e}")
+    return peaks
+
+
+def _read_peaks(path: Path) -> Peaks:
+    try:
+        peaks = Peaks(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, RecursionError) as e:
+        raise ValueError(f"peaks cache {path} is unreadable ({type(e).__name__})") from None
+    if not all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in (peaks.flops_per_s, peaks.bytes_per_s)):
+        raise ValueError(f"peaks cache {path} holds non-positive or non-finite peaks")
     return peaks
 
 

@@ -7,6 +7,7 @@ A candidate whose outputs differ from the reference is a result (INCORRECT), nev
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,46 @@ from .schedule import Schedule
 from .workload import Case, Workload
 
 OnSample = Callable[[list[float]], bool]
-TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (1e-2, 1e-2)}
+ACCUMULATE = torch.float32  # GEMMs and attention accumulate in float32 for every dtype here
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Tolerance:
+    """An output passes when |out - ref| <= rtol * |ref| + atol, element-wise.
+
+    Derived (`derive`) from the dtype and the layer's reductions, after Higham's bound on n
+    rounded additions (n * eps): rtol = K * eps(float32) + sqrt(D) * eps(dtype), atol = rtol *
+    rms(reference). K is the longest reduction any op makes (terms summed into one element:
+    a GEMM's inner dimension, attention's key length), whose order a schedule may change (other
+    GEMM blockings for other nano-batch sizes); D is the number of ops on the graph's longest
+    path, each rounding its output to the dtype once. A schedule that drops a dependency or
+    cuts a batch wrong errs by the size of the values themselves, far above either term."""
+
+    rtol: float
+    atol: float
+    reduction: int | None = None  # K, when derived
+    depth: int | None = None  # D, when derived
+
+    def __post_init__(self) -> None:
+        if not (self.rtol >= 0 and self.atol >= 0 and math.isfinite(self.rtol + self.atol)):
+            raise ValueError(f"rtol and atol must be finite and >= 0, but got {self.rtol!r} and {self.atol!r}.")
+
+    @classmethod
+    def derive(cls, dtype: torch.dtype, *, reduction: int, depth: int, reference: torch.Tensor) -> "Tolerance":
+        eps_acc, eps_out = torch.finfo(ACCUMULATE).eps, torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+        rtol = reduction * eps_acc + math.sqrt(depth) * eps_out
+        rms = float(reference.float().pow(2).mean().sqrt()) if reference.numel() else 0.0
+        return cls(rtol=rtol, atol=rtol * rms, reduction=reduction, depth=depth)
+
+    def error(self, out: torch.Tensor, ref: torch.Tensor) -> float:
+        """Worst |out - ref| / (atol + rtol |ref|): <= 1 passes."""
+        ref = ref.float()
+        err = (out.float() - ref).abs() / (self.atol + self.rtol * ref.abs()).clamp_min(torch.finfo(torch.float32).tiny)
+        worst = float(err.max()) if err.numel() else 0.0
+        return worst if math.isfinite(worst) else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rtol": self.rtol, "atol": self.atol, "reduction": self.reduction, "depth": self.depth}
 
 
 def relative_spread(samples: list[float]) -> float:
@@ -44,6 +84,7 @@ class TrialOutcome(str, Enum):
     INVALID = "invalid"
     PRUNED = "pruned"  # stopped early: clearly slower than the best so far
     INTERRUPTED = "interrupted"  # the user stopped the study while it ran
+    SKIPPED = "skipped"  # not measured: other processes sharing the study had spent its budget
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -51,10 +92,16 @@ class MeasureConfig:
     warmup: int = 3
     repeats: int = 15
     peaks_dir: Path | None = None  # where measured peaks are cached per hardware; None: per process
+    remeasure_peaks: bool = False  # measure the peaks again and renew the cache
+    rtol: float | None = None  # replaces the derived tolerance's rtol (see Tolerance)
+    atol: float | None = None  # replaces the derived tolerance's atol
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.repeats < 1:
             raise ValueError(f"warmup must be >= 0 and repeats >= 1, but got {self.warmup} and {self.repeats}.")
+        for flag, v in (("--rtol", self.rtol), ("--atol", self.atol)):
+            if v is not None and not (0 <= v < math.inf):
+                raise ValueError(f"{flag} must be a finite number >= 0, but got {v!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +109,7 @@ class Measurement:
     outcome: TrialOutcome
     message: str = ""
     error_ratio: float | None = None  # worst |out - ref| / (atol + rtol |ref|); <= 1 passes
+    tolerance: dict[str, Any] | None = None  # the Tolerance the output was checked against
     latency_ms: float | None = None  # median
     latency_p10_ms: float | None = None
     latency_p90_ms: float | None = None
@@ -116,8 +164,13 @@ class Bench:
         _, counts = count(self.case.model, *self.case.inputs)
         self.flops, self.bytes = counts.flops, counts.bytes
         self.peaks: Peaks = measure_peaks(self.device, self.reference.dtype, hardware=self.hardware,
-                                          cache_dir=config.peaks_dir)
+                                          cache_dir=config.peaks_dir, remeasure=config.remeasure_peaks)
         self.executor.profile_ops(flops_per_byte=self.peaks.balance)
+        derived = Tolerance.derive(self.reference.dtype, reduction=counts.max_reduction,
+                                   depth=self.executor.graph.depth, reference=self.reference)
+        self.tolerance = Tolerance(rtol=derived.rtol if config.rtol is None else config.rtol,
+                                   atol=derived.atol if config.atol is None else config.atol,
+                                   reduction=derived.reduction, depth=derived.depth)
 
     @property
     def bound_ms(self) -> float:
@@ -144,25 +197,23 @@ class Bench:
                 compiled.close()
 
     def check(self, out: torch.Tensor) -> float:
-        """Worst error relative to the dtype's tolerance; <= 1 means equal to the reference."""
-        rtol, atol = TOLERANCES.get(out.dtype, (1e-4, 1e-4))
-        ref = self.reference.float()
-        err = (out.float() - ref).abs() / (atol + rtol * ref.abs())
-        return float(err.max()) if err.numel() else 0.0
+        """Worst error relative to the tolerance; <= 1 means equal to the reference."""
+        return self.tolerance.error(out, self.reference)
 
     def _measure(self, compiled: Compiled, on_sample, time_limit_s) -> Measurement:
-        notes = dict(compiled.runner.notes)
+        notes, tol = dict(compiled.runner.notes), self.tolerance.to_dict()
         first = self.check(compiled())
         if first > 1:
-            return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=first, notes=notes,
-                               message=f"output differs from the sequential reference: error {first:.2f}x tolerance")
+            return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=first, notes=notes, tolerance=tol,
+                               message=f"output differs from the sequential reference: error {first:.2f}x tolerance "
+                                       f"(rtol {tol['rtol']:.2g}, atol {tol['atol']:.2g})")
         samples, stop = self._time(compiled, on_sample, time_limit_s)
         if stop is not None:
             return Measurement(outcome=stop[0], message=stop[1], samples_ms=tuple(samples), notes=notes,
                                latency_ms=statistics.median(samples) if samples else None)
         last = self.check(compiled.out)  # races show up on later runs too
         if last > 1:
-            return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=last, notes=notes,
+            return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=last, notes=notes, tolerance=tol,
                                message=f"output differs after timed runs: error {last:.2f}x tolerance (a race?)")
         return self._result(samples, max(first, last), compiled, notes)
 
@@ -194,7 +245,15 @@ class Bench:
             latency_p90_ms=deciles[-1], samples_ms=tuple(samples), tokens_per_s=self.case.num_tokens / median * 1e3,
             peak_bytes=peak, flops=self.flops, bytes=self.bytes, bound_ms=self.bound_ms,
             efficiency=self.bound_ms / median, telemetry=telemetry.sample(self.device), notes=notes,
+            tolerance=self.tolerance.to_dict(),
         )
+
+
+def tolerance_for(executor: Executor, reference: torch.Tensor) -> Tolerance:
+    """The derived tolerance of an executor's model and batch (what Bench checks against)."""
+    _, counts = count(executor.case.model, *executor.case.inputs)
+    return Tolerance.derive(reference.dtype, reduction=counts.max_reduction, depth=executor.graph.depth,
+                            reference=reference)
 
 
 def measure(workload: Workload, schedule: Schedule, *, config: MeasureConfig = MeasureConfig()) -> Measurement:

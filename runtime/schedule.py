@@ -105,6 +105,12 @@ class Schedule:
                 "order": [[s.op, s.nano, s.stream] for s in self.order],  # compact: orders get long
                 "cuda_graph": self.cuda_graph, "label": self.label}
 
+    def key(self) -> str:
+        """What the schedule does, without its label: equal keys run the same way."""
+        d = self.to_dict()
+        del d["label"]
+        return json.dumps(d, sort_keys=True)
+
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .files import write_json_atomic
 from .hardware import Hardware
 from .schedule import Schedule
 from .workload import Workload
 
-RECORD_SCHEMA = 1
+RECORD_SCHEMA = 2  # 2 added `verdict` and `speedup_interval`; schema-1 records still load
+VERDICTS = ("winner", "sequential_best", "inconclusive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,18 +30,28 @@ class StoredSchedule:
     hardware: Hardware
     workload: Workload
     schedule: Schedule
-    sequential_best: bool  # no candidate beat the baseline by more than the spread
+    sequential_best: bool  # the record holds the sequential schedule (verdict is not "winner")
     tokens_per_s: float
     baseline_tokens_per_s: float
     speedup: float
     speedup_spread: float  # relative noise the speedup had to exceed
     efficiency: float | None
     space: str
+    verdict: str = ""  # winner, sequential_best or inconclusive (see tuner/confirm.py); "" from sequential_best
+    speedup_interval: tuple[float, float] | None = None  # 95% interval of the best candidate's speedup
     params: dict[str, Any] = field(default_factory=dict)  # the trial's params, for warm starts
     study: str = ""
     storage: str = ""
     trial: int | None = None
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def __post_init__(self) -> None:
+        if not self.verdict:
+            object.__setattr__(self, "verdict", "sequential_best" if self.sequential_best else "winner")
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, but got {self.verdict!r}.")
+        if self.speedup_interval is not None:
+            object.__setattr__(self, "speedup_interval", tuple(self.speedup_interval))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -50,8 +61,8 @@ class StoredSchedule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StoredSchedule":
-        if d.get("record_schema") != RECORD_SCHEMA:
-            raise ValueError(f"record_schema must be {RECORD_SCHEMA}, but got {d.get('record_schema')!r}; "
+        if d.get("record_schema") not in (1, RECORD_SCHEMA):
+            raise ValueError(f"record_schema must be 1 or {RECORD_SCHEMA}, but got {d.get('record_schema')!r}; "
                              "a newer dynaflow-tune wrote it, or it is not a schedule record.")
         d = dict(d)
         d.pop("record_schema")
@@ -74,7 +85,7 @@ class ScheduleStore:
     def save(self, record: StoredSchedule) -> Path:
         path = self.path(record.hardware.key, record.workload.key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, record.to_dict(), indent=2)
+        write_json_atomic(path, record.to_dict(), indent=2)
         return path
 
     def read(self, path: Path) -> StoredSchedule:
@@ -91,7 +102,7 @@ class ScheduleStore:
         """One file holding every validated record of a hardware key, stamped with its files'
         names, sizes and mtimes: start-up reads it instead of each file while none changed."""
         try:
-            _write_atomic(self.pack_path(hardware_key), {"pack_schema": RECORD_SCHEMA, "stamp": self._stamp(hardware_key),
+            write_json_atomic(self.pack_path(hardware_key), {"pack_schema": RECORD_SCHEMA, "stamp": self._stamp(hardware_key),
                                                          "records": records}, indent=None)
         except OSError:  # a read-only store still loads, only more slowly
             pass
@@ -118,17 +129,3 @@ class ScheduleStore:
                 yield path, self.read(path)
             except ValueError as e:
                 yield path, e
-
-
-def _write_atomic(path: Path, data: Any, *, indent: int | None) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=indent, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,6 +1,6 @@
 """When each op of each nano-batch ran, on which stream: CUDA events on a GPU, clocks on CPU.
 
-    tl = record_timeline(compiled)           # runs the schedule once, timing every task
+    tl = record_timeline(compiled)           # runs the schedule 5 times, every task timed, medians kept
     tl.to_chrome_trace("trace.json")         # open in chrome://tracing or ui.perfetto.dev
 
 Recording wraps the plan's tasks for one run and restores them; the model is not touched.
@@ -8,6 +8,7 @@ Recording wraps the plan's tasks for one run and restores them; the model is not
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -50,9 +51,13 @@ class Timeline:
         return trace
 
 
-def record_timeline(compiled: Compiled, resources: dict[str, str] | None = None) -> Timeline:
-    """Run the compiled schedule once with every task timed. Not for measuring: timing adds
-    a little overhead per task, which is why measurement (Bench.measure) never does this."""
+def record_timeline(compiled: Compiled, resources: dict[str, str] | None = None, *, runs: int = 5) -> Timeline:
+    """Run the compiled schedule `runs` times with every task timed; each (op, nano-batch) span
+    is the median start and end over the runs (one run's noise would draw a different picture
+    each time). Not for measuring: timing adds a little overhead per task, which is why
+    measurement (Bench.measure) never does this."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, but got {runs}.")
     plan, resources = compiled.plan, resources or {}
     if plan.schedule.cuda_graph:
         raise ValueError("a timeline needs the schedule run eagerly: a CUDA graph replays without its tasks; "
@@ -61,7 +66,6 @@ def record_timeline(compiled: Compiled, resources: dict[str, str] | None = None)
     marks: list[tuple] = []
     lock = threading.Lock()
     originals = [t.fn for t in plan.tasks]
-    base = torch.cuda.Event(enable_timing=True) if cuda else None
 
     def timed(task, fn):
         def run() -> None:
@@ -80,18 +84,29 @@ def record_timeline(compiled: Compiled, resources: dict[str, str] | None = None)
 
     for task in plan.tasks:
         task.fn = timed(task, task.fn)
+    per_task: dict[int, list[tuple[float, float]]] = {}
     try:
         compiled()  # warm: first-run costs are not the schedule's
-        marks.clear()
-        if cuda:
-            base.record()
-        t0 = time.perf_counter()
-        compiled()
         compiled.backend.synchronize()
+        for _ in range(runs):
+            marks.clear()
+            base = torch.cuda.Event(enable_timing=True) if cuda else None
+            if cuda:
+                base.record()
+            t0 = time.perf_counter()
+            compiled()
+            compiled.backend.synchronize()
+            for t, s, e in marks:
+                span = (base.elapsed_time(s), base.elapsed_time(e)) if cuda else ((s - t0) * 1e3, (e - t0) * 1e3)
+                per_task.setdefault(id(t), []).append(span)
     finally:
         for task, fn in zip(plan.tasks, originals):
             task.fn = fn
-    spans = [Span(op=t.op, nano=t.nano, stream=t.stream, resource=resources.get(t.op, "compute"),
-                  start_ms=base.elapsed_time(s) if cuda else (s - t0) * 1e3,
-                  end_ms=base.elapsed_time(e) if cuda else (e - t0) * 1e3) for t, s, e in marks]
+    spans = []
+    for t in plan.tasks:
+        times = per_task.get(id(t), [])
+        if times:
+            spans.append(Span(op=t.op, nano=t.nano, stream=t.stream, resource=resources.get(t.op, "compute"),
+                              start_ms=statistics.median(a for a, _ in times),
+                              end_ms=statistics.median(b for _, b in times)))
     return Timeline(label=plan.schedule.label, spans=tuple(sorted(spans, key=lambda s: s.start_ms)))

@@ -1,4 +1,4 @@
-"""A measurer with a known landscape, for testing the tuner without timing anything."""
+"""A target with a known landscape, for testing the tuner without timing anything."""
 from __future__ import annotations
 
 import statistics
@@ -17,7 +17,7 @@ def tiny_context(hardware: Hardware = H100, **batch) -> SpaceContext:
     return SpaceContext(hardware=hardware, graph=ex.graph, layout=ex.case.layout)
 
 
-class FakeMeasurer:
+class FakeTarget:
     """latency_ms = landscape(schedule); `failures` maps the n-th real measure call to an outcome
     (or to an exception class, which the measurer raises)."""
 
@@ -61,7 +61,7 @@ def split_landscape(schedule) -> float:
     return 8.0 + 0.4 * abs(k - 2)
 
 
-class PoisonFake(FakeMeasurer):
+class PoisonFake(FakeTarget):
     """Schedules labelled poison-exit kill the process, poison-hang hang it (inside a Ray actor);
     with `die=False` they return CRASHED/TIMEOUT instead, for a single-process reference run."""
 
@@ -91,7 +91,7 @@ def make_poison_fake(workload):
 def make_sleeping_fake(workload, sleep_s: float = 0.05):
     import time
 
-    class Sleeping(FakeMeasurer):
+    class Sleeping(FakeTarget):
         def measure(self, schedule, **kw):
             time.sleep(sleep_s)
             return super().measure(schedule, **kw)
@@ -104,4 +104,4 @@ def make_gpu_typed_fake(workload):
     import ray
 
     hardware = H100 if ray.get_gpu_ids()[0] == 0 else A100
-    return FakeMeasurer(tiny_context(hardware), split_landscape)
+    return FakeTarget(tiny_context(hardware), split_landscape)

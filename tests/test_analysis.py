@@ -53,17 +53,47 @@ def test_report_writes_decodable_pngs(tuned, tmp_path):
     assert "sequential baseline" in md and "![history](history.png)" in md
     verdict = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage) \
         .user_attrs["confirmation"]
-    said = "- confirmation: sequential is best" if verdict["sequential_best"] else \
-        f"- confirmation: trial {verdict['winner_trial']} stored"
-    assert said in md and "{" not in md  # the verdict in words, not a dict
+    assert f"- confirmation: {verdict_text(verdict)}" in md and "{" not in md  # the verdict in words, not a dict
 
 
 def test_the_verdict_reads_in_words():
     assert verdict_text(None) == "not run yet"
-    assert verdict_text({"sequential_best": True, "speedup": 0.97, "noise": 0.2, "winner_trial": None}) == \
-        "sequential is best: no candidate beat the baseline by more than the noise (best candidate 0.970x, noise 20.0%)"
-    assert verdict_text({"sequential_best": False, "speedup": 1.31, "noise": 0.04, "winner_trial": 7}) == \
-        "trial 7 stored: 1.310x over the baseline (noise 4.0%)"
+    base = {"speedup": 0.97, "low": 0.93, "high": 1.01, "noise": 0.2, "min_effect": 0.03, "best_trial": 4}
+    assert verdict_text({**base, "verdict": "sequential_best", "winner_trial": None}) == \
+        "sequential is best: no candidate can be faster by 3% or more (best candidate 0.970x, 95% interval 0.93-1.01x)"
+    assert verdict_text({**base, "verdict": "sequential_best", "best_trial": None}) == \
+        "sequential is best: no candidate completed (every trial was pruned or failed)"
+    assert verdict_text({**base, "verdict": "winner", "speedup": 1.31, "low": 1.2, "high": 1.4, "winner_trial": 7}) == \
+        "1.310x over sequential, confirmed (95% interval 1.20-1.40x; trial 7)"
+    said = verdict_text({**base, "verdict": "inconclusive", "speedup": 1.02, "low": 0.9, "high": 1.2})
+    assert said.startswith("inconclusive: best candidate 1.020x (95% interval 0.90-1.20x, noise 20%)")
+    assert "--confirm-rounds" in said and "quieter machine" in said  # what to do
+
+
+def test_an_empty_study_draws_sentences_not_empty_axes(tmp_path):
+    """A study with no trial at all: every figure says why it is empty; no Pareto figure is drawn."""
+    storage = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(storage=storage, study_name="hw/w/nanoflow")
+    assert main(["report", "--storage", storage, "--store", str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    pngs = {p.name for p in (tmp_path / "r").glob("*.png")}
+    assert "pareto.png" not in pngs and "history.png" in pngs
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "no Pareto front" in md and "confirmation: not run yet" in md
+
+
+def test_several_studies_are_listed_and_the_newest_opens(tuned, capsys):
+    storage, _ = tuned
+    newer = optuna.create_study(storage=storage, study_name="other/w/dbo")
+    newer.add_trial(optuna.trial.create_trial(value=1.0))
+    from dynaflow.tuner import analysis
+
+    table = analysis.studies_table(storage)
+    assert list(table.study) == ["other/w/dbo", optuna.get_all_study_names(storage)[0]]
+    assert analysis.load_study(storage).study_name == "other/w/dbo"
+    assert main(["studies", "--storage", storage]) == 0
+    out = capsys.readouterr().out
+    assert "other/w/dbo" in out and "nanoflow" in out and "verdict" in out
+    optuna.delete_study(study_name="other/w/dbo", storage=storage)
 
 
 def test_report_on_a_missing_study_names_it(tuned, capsys):

@@ -134,7 +134,7 @@ def test_random_schedules_on_the_simulated_device_equal_sequential(name, sim):
         try:
             for seed in range(3):  # three interleavings of the same issue
                 sim.rng.seed(f"{name}-{i}-{seed}")
-                assert_equal_to_reference(run_between_main_stream_work(sim, run), ref)
+                assert_equal_to_reference(run_between_main_stream_work(sim, run), ref, ex)
         finally:
             run.close()
         multi_stream += len(schedule.streams) > 1 and schedule.num_nano > 1
@@ -154,7 +154,7 @@ def test_the_simulator_catches_a_missing_cross_stream_wait(sim, monkeypatch):
     for seed in range(20):
         sim.rng.seed(seed)
         try:
-            assert_equal_to_reference(run_between_main_stream_work(sim, run), ref)
+            assert_equal_to_reference(run_between_main_stream_work(sim, run), ref, ex)
         except (AssertionError, KeyError, RuntimeError):
             failures += 1
             for s in sim.streams:
@@ -166,7 +166,7 @@ def test_sm_shares_without_cuda_bindings_run_unpartitioned_and_say_why(sim):
     ex = Executor(Workload(**CASES["llama-tiny"]).build(), backend=SimBackend(sim))
     ref = ex.reference().clone()
     run = ex.compile(Schedule(split_sizes=(3, 6), streams=(StreamSpec(sm_share=64), StreamSpec(sm_share=32))))
-    assert_equal_to_reference(run_between_main_stream_work(sim, run), ref)
+    assert_equal_to_reference(run_between_main_stream_work(sim, run), ref, ex)
     assert run.runner.notes["partition"].startswith("unavailable: ")
     run.close()
     assert all(e.users == 0 for e in ex.backend._sets._sets.values())

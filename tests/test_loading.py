@@ -81,7 +81,7 @@ def test_software_drift_warns(store, caplog):
 @pytest.mark.parametrize("damage, words", [
     (lambda text: text[: len(text) // 2], "JSONDecodeError"),
     (lambda text: "", "JSONDecodeError"),
-    (lambda text: text.replace('"record_schema": 1', '"record_schema": 2'), "record_schema must be 1, but got 2"),
+    (lambda text: text.replace('"record_schema": 2', '"record_schema": 3'), "record_schema must be 1 or 2, but got 3"),
     (lambda text: text.replace('"schema_version": 1', '"schema_version": 7'), "schedule schema_version must be 1"),
 ])
 def test_bad_files_are_errors_naming_the_file_or_warnings(store, caplog, damage, words):

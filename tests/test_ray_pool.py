@@ -10,7 +10,7 @@ import pytest
 from dynaflow import search_spaces
 from dynaflow.runtime.store import ScheduleStore, StoreConfig
 from dynaflow.tuner.config import TuneConfig
-from dynaflow.tuner.pool import PoolConfig
+from dynaflow.tuner.ray_fanout import PoolConfig
 from dynaflow.tuner.tune import tune
 from fakes import A100, H100, PoisonFake, make_gpu_typed_fake, make_poison_fake, tiny_context
 from test_tuner import W
@@ -48,9 +48,9 @@ def _search(storage):
 def test_crash_and_hang_cost_one_trial_each(tmp_path, faulty_space):
     logs = []
     cfg = config(tmp_path / "ray")
-    [result] = tune(cfg, make_measurer=make_poison_fake, log=logs.append,
+    [result] = tune(cfg, make_target=make_poison_fake, log=logs.append,
                     pool=PoolConfig(workers=2, grace_s=0.5))
-    trials = _search(cfg.storage)
+    trials = _search(cfg.storage.url)
     assert len(trials) == 12  # the budget was met despite the poison
     by_label = {t.user_attrs["result"]["label"]: t for t in trials}
     assert by_label["poison-exit"].user_attrs["result"]["outcome"] == "crashed"
@@ -64,20 +64,20 @@ def test_crash_and_hang_cost_one_trial_each(tmp_path, faulty_space):
 
     # the same winner as a single-process run on the same landscape
     ref_cfg = config(tmp_path / "single")
-    [ref] = tune(ref_cfg, make_measurer=lambda w: PoisonFake(tiny_context(), die=False), log=lambda *a: None)
+    [ref] = tune(ref_cfg, make_target=lambda w: PoisonFake(tiny_context(), die=False), log=lambda *a: None)
     assert result.record.schedule == ref.record.schedule and result.record.schedule.label == "cand2"
     assert result.record.speedup == pytest.approx(ref.record.speedup)
 
 
 def test_two_gpu_types_get_two_studies(tmp_path):
     cfg = config(tmp_path, space="dbo", trials=4)
-    results = tune(cfg, make_measurer=make_gpu_typed_fake, log=lambda *a: None,
+    results = tune(cfg, make_target=make_gpu_typed_fake, log=lambda *a: None,
                    pool=PoolConfig(workers=2, use_gpus=True))
     assert sorted(r.record.hardware.key for r in results) == sorted([H100.key, A100.key])
-    names = optuna.get_all_study_names(cfg.storage)
+    names = optuna.get_all_study_names(cfg.storage.url)
     assert sorted(n.split("/")[0] for n in names) == sorted([H100.key, A100.key])
     for name in names:  # each study's trials ran only on its own hardware type
-        study = optuna.load_study(study_name=name, storage=cfg.storage)
+        study = optuna.load_study(study_name=name, storage=cfg.storage.url)
         workers = {t.user_attrs["result"]["worker"] for t in study.trials
                    if (t.user_attrs["result"].get("worker") or "driver") != "driver"}
         assert len(workers) == 1
@@ -85,7 +85,7 @@ def test_two_gpu_types_get_two_studies(tmp_path):
     assert sorted(stored) == sorted([H100.key, A100.key])
     spans = []  # the two types searched at the same time, not one after the other
     for name in names:
-        searched = [t for t in optuna.load_study(study_name=name, storage=cfg.storage).trials
+        searched = [t for t in optuna.load_study(study_name=name, storage=cfg.storage.url).trials
                     if not t.user_attrs.get("baseline")]
         spans.append((min(t.datetime_start for t in searched), max(t.datetime_complete for t in searched)))
     (a0, a1), (b0, b1) = spans
@@ -94,7 +94,7 @@ def test_two_gpu_types_get_two_studies(tmp_path):
 
 def test_impossible_worker_count_is_refused_at_once(tmp_path):
     with pytest.raises(ValueError, match=r"--workers 3 needs 3 GPU\(s\), but the Ray cluster has 2"):
-        tune(config(tmp_path, space="dbo"), make_measurer=make_gpu_typed_fake, log=lambda *a: None,
+        tune(config(tmp_path, space="dbo"), make_target=make_gpu_typed_fake, log=lambda *a: None,
              pool=PoolConfig(workers=3, use_gpus=True))
 
 

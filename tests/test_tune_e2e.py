@@ -27,7 +27,7 @@ def test_tune_on_a_built_in_preset_writes_a_valid_record_of_a_correct_schedule(t
     w = Workload(model="llama-small", num_decode=8, context_len=64, prefill_tokens=32)
     assert rec.workload == w and path.stem == w.key and path.parent.name == rec.hardware.key
     data = json.loads(path.read_text())
-    assert data["record_schema"] == 1 and data["schedule"]["schema_version"] == 1
+    assert data["record_schema"] == 2 and data["schedule"]["schema_version"] == 1
     assert data["hardware"]["software"]["torch"]
     # the record is one confirmation: its numbers agree with each other and with the study's verdict
     assert rec.tokens_per_s == pytest.approx(rec.baseline_tokens_per_s * rec.speedup)

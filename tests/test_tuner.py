@@ -8,8 +8,9 @@ import pytest
 from dynaflow.runtime import Schedule, TrialOutcome, Workload
 from dynaflow.runtime.store import ScheduleStore, StoreConfig
 from dynaflow.tuner.config import TuneConfig
+from dynaflow.tuner.study import counts_toward_budget
 from dynaflow.tuner.tune import tune
-from fakes import FakeMeasurer, tiny_context
+from fakes import FakeTarget, tiny_context
 
 W = Workload(model="llama-tiny", num_decode=32, context_len=16, prefill_tokens=32, prefill_chunk=16)
 OPTIMUM = "dbo:stagger-2:20/14"
@@ -31,34 +32,50 @@ def config(tmp_path, **kw) -> TuneConfig:
 
 
 def _study(cfg, measurer):
-    name = optuna.get_all_study_names(cfg.storage)[0]
-    return optuna.load_study(study_name=name, storage=cfg.storage)
+    name = optuna.get_all_study_names(cfg.storage.url)[0]
+    return optuna.load_study(study_name=name, storage=cfg.storage.url)
 
 
 def test_search_reaches_the_optimum_within_budget(tmp_path):
-    cfg = config(tmp_path)
-    measurer = FakeMeasurer(tiny_context(), dbo_landscape)
-    [result] = tune(cfg, make_measurer=lambda w: measurer, log=lambda *a: None)
+    cfg = config(tmp_path, trials=25)
+    measurer = FakeTarget(tiny_context(), dbo_landscape)
+    [result] = tune(cfg, make_target=lambda w: measurer, log=lambda *a: None)
     assert result.record.schedule.label == OPTIMUM
     assert not result.record.sequential_best
     assert result.record.speedup == pytest.approx(10.0 / 8.0, rel=0.01)
     study = _study(cfg, measurer)
     assert study.best_trial.user_attrs["result"]["label"] == OPTIMUM
-    assert len([t for t in study.trials if not t.user_attrs.get("baseline")]) == 40
+    counted = [t for t in study.trials if counts_toward_budget(t)]
+    assert len(counted) == result.distinct == 25  # the budget counts distinct schedules ...
+    keys = [Schedule.from_json(t.user_attrs["result"]["schedule"]).key() for t in counted]
+    assert len(set(keys)) == 25  # ... each measured once
+    dups = [t for t in study.trials if t.user_attrs.get("result", {}).get("duplicate")]
+    assert all(Schedule.from_json(t.user_attrs["result"]["schedule"]).key() in keys for t in dups)
+
+
+def test_a_budget_larger_than_the_space_ends_when_the_search_converges(tmp_path):
+    """The dbo space holds 30 distinct schedules on this batch: asked for 60, the run stops once
+    proposals keep repeating measured schedules, having measured each schedule at most once."""
+    target = FakeTarget(tiny_context(), dbo_landscape)
+    [result] = tune(config(tmp_path, trials=60), make_target=lambda w: target, log=lambda *a: None)
+    assert result.exhausted and 20 <= result.distinct <= 30
+    confirmation = 2 * (1 + len(result.verdict.candidates))  # 2 rounds of the baseline and each candidate
+    assert target.calls == result.distinct + 2 + confirmation  # each schedule timed once; the baseline twice
 
 
 def test_every_failure_type_is_recorded_and_the_study_goes_on(tmp_path):
     failures = {4: TrialOutcome.INCORRECT, 5: TrialOutcome.OOM, 6: TrialOutcome.TIMEOUT,
                 7: TrialOutcome.CRASHED, 8: TrialOutcome.INVALID, 9: RuntimeError}
     cfg = config(tmp_path, trials=20)
-    measurer = FakeMeasurer(tiny_context(), dbo_landscape, failures=failures)
-    [result] = tune(cfg, make_measurer=lambda w: measurer, log=lambda *a: None)
+    measurer = FakeTarget(tiny_context(), dbo_landscape, failures=failures)
+    [result] = tune(cfg, make_target=lambda w: measurer, log=lambda *a: None)
     study = _study(cfg, measurer)
-    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL
+              and not t.user_attrs["result"].get("duplicate")]  # a re-proposed incorrect schedule is reused
     outcomes = sorted(t.user_attrs["result"]["outcome"] for t in failed)
     assert outcomes == sorted(["incorrect", "oom", "timeout", "crashed", "invalid", "crashed"])
     assert any("RuntimeError: injected at call 9" in t.user_attrs["result"]["message"] for t in failed)
-    assert len([t for t in study.trials if not t.user_attrs.get("baseline")]) == 20  # budget still met
+    assert len([t for t in study.trials if counts_toward_budget(t)]) == 20  # budget still met
     assert result.outcomes["incorrect"] == 1 and result.outcomes["crashed"] == 2
 
 
@@ -67,7 +84,7 @@ def test_no_false_winner_when_nothing_beats_the_noise(tmp_path):
     def flat(schedule):
         return 10.0 if schedule.is_sequential else 9.9
 
-    measurer = FakeMeasurer(tiny_context(), flat)
+    measurer = FakeTarget(tiny_context(), flat)
     measurer.samples = 10
     base_measure = measurer.measure
 
@@ -80,7 +97,7 @@ def test_no_false_winner_when_nothing_beats_the_noise(tmp_path):
         return m
 
     measurer.measure = noisy
-    [result] = tune(config(tmp_path, trials=6), make_measurer=lambda w: measurer, log=lambda *a: None)
+    [result] = tune(config(tmp_path, trials=6), make_target=lambda w: measurer, log=lambda *a: None)
     assert result.record.sequential_best and result.record.schedule == Schedule()
     assert result.record.speedup == 1.0 and result.record.speedup_spread > 0.05
     saved = json.loads((tmp_path / "schedules" / H100_KEY / f"{W.key}.json").read_text())
@@ -94,20 +111,20 @@ def test_pruner_stops_clearly_slower_candidates(tmp_path):
     def slow(schedule):
         return 10.0 if schedule.is_sequential else 20.0
 
-    measurer = FakeMeasurer(tiny_context(), slow, samples=12)
-    [result] = tune(config(tmp_path, trials=5), make_measurer=lambda w: measurer, log=lambda *a: None)
+    measurer = FakeTarget(tiny_context(), slow, samples=12)
+    [result] = tune(config(tmp_path, trials=5), make_target=lambda w: measurer, log=lambda *a: None)
     assert result.outcomes.get("pruned", 0) >= 4
 
 
 def test_neighbouring_winners_are_enqueued_as_warm_starts(tmp_path):
-    measurer = FakeMeasurer(tiny_context(), dbo_landscape)
-    tune(config(tmp_path, trials=25), make_measurer=lambda w: measurer, log=lambda *a: None)
+    measurer = FakeTarget(tiny_context(), dbo_landscape)
+    tune(config(tmp_path, trials=25), make_target=lambda w: measurer, log=lambda *a: None)
     stored = ScheduleStore(StoreConfig(root=tmp_path)).read(tmp_path / "schedules" / H100_KEY / f"{W.key}.json")
     assert stored.params
     other = Workload(model="llama-tiny", num_decode=32, context_len=32, prefill_tokens=32, prefill_chunk=16)
     logs = []
-    measurer2 = FakeMeasurer(tiny_context(), dbo_landscape)
-    tune(config(tmp_path, workloads=(other,), trials=1), make_measurer=lambda w: measurer2, log=logs.append)
+    target2 = FakeTarget(tiny_context(), dbo_landscape)
+    tune(config(tmp_path, workloads=(other,), trials=1), make_target=lambda w: target2, log=logs.append)
     assert "1 warm start(s) enqueued" in logs[0]
     name = [n for n in optuna.get_all_study_names(f"sqlite:///{tmp_path}/s.db") if other.key in n][0]
     first = [t for t in optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/s.db").trials
@@ -125,11 +142,11 @@ def test_bad_config_fields_are_named():
 
 
 def test_another_space_does_not_overwrite_a_better_stored_winner(tmp_path):
-    measurer = FakeMeasurer(tiny_context(), dbo_landscape)
-    [first] = tune(config(tmp_path, trials=25), make_measurer=lambda w: measurer, log=lambda *a: None)
+    measurer = FakeTarget(tiny_context(), dbo_landscape)
+    [first] = tune(config(tmp_path, trials=25), make_target=lambda w: measurer, log=lambda *a: None)
     assert first.record.space == "dbo" and first.record.speedup > 1.2
-    flat = FakeMeasurer(tiny_context(), lambda s: 10.0)  # the sequential space finds nothing better
-    [second] = tune(config(tmp_path, space="sequential", trials=2), make_measurer=lambda w: flat, log=lambda *a: None)
+    flat = FakeTarget(tiny_context(), lambda s: 10.0)  # the sequential space finds nothing better
+    [second] = tune(config(tmp_path, space="sequential", trials=2), make_target=lambda w: flat, log=lambda *a: None)
     assert second.record.space == "dbo" and second.record.schedule == first.record.schedule
     stored = ScheduleStore(StoreConfig(root=tmp_path)).read(tmp_path / "schedules" / H100_KEY / f"{W.key}.json")
     assert stored.space == "dbo"

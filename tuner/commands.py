@@ -1,76 +1,202 @@
-"""The tuner's commands: `tune` and `list`. Their bodies import optuna/pandas when they run."""
+"""The subcommands and their flags. Each command builds its config from the flags, once, and
+imports optuna, pandas or matplotlib only when it runs."""
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
+from dynaflow.runtime import PRESETS, Bench, MeasureConfig, Schedule
+
 from .config import SAMPLERS, TuneConfig
-from .workloads import FORMAT, parse_workload
+from .storage import StorageConfig
+from .workloads import FORMAT, default_dtype, parse_workload
 
 DEFAULT_WORKLOADS = ["d16x256+p64"]
+DEFAULT_STORAGE = "sqlite:///results/studies.db"
 
 
-def add_tuner_commands(sub, common, measure_flags, formatter) -> None:
-    t = sub.add_parser("tune", help="search schedules for each workload and store the winners",
-                       formatter_class=formatter)
-    common(t)
-    measure_flags(t)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once, and only when there is one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynaflow-tune", description="Search intra-device schedules for LLM layers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    m = command("measure", "verify and time one schedule on one workload, print the measurement", cmd_measure)
+    _model_flags(m)
+    _measure_flags(m)
+    m.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
+    m.add_argument("--schedule", type=Path, default=None,
+                   help="schedule JSON file, or a stored schedule record (default: sequential)")
+    m.add_argument("--json", action="store_true", help="print the measurement as JSON")
+
+    o = command("ops", "print the model's op graph: ops, resource class, FLOPs, bytes, deps", cmd_ops)
+    _model_flags(o)
+    o.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
+    o.add_argument("--remeasure-peaks", action="store_true", help="measure the device peaks again and renew the cache")
+
+    t = command("tune", "search schedules for each workload and store the winners", cmd_tune)
+    _model_flags(t)
+    _measure_flags(t)
+    _tune_flags(t)
+
+    ls = command("list", "print the stored schedules as a table", cmd_list)
+    ls.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
+
+    st = command("studies", "list the studies in a storage: name, trials, verdict", cmd_studies)
+    st.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL or journal:PATH")
+
+    r = command("report", "write a study's figures (PNG) and a Markdown summary, without Jupyter", cmd_report)
+    r.add_argument("--storage", default=DEFAULT_STORAGE, help="the study's storage URL")
+    r.add_argument("--study", default=None, help="study name (default: the newest; see `dynaflow-tune studies`)")
+    r.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
+    r.add_argument("--out", type=Path, default=Path("results/report"), help="folder for report.md and the PNGs")
+    r.add_argument("--no-timelines", action="store_true", help="skip re-running the best schedule for its timeline")
+    return parser
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama-small",
+                   help=f"a preset ({', '.join(sorted(PRESETS))}) or module:callable returning a Case")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--store", type=Path, default=Path("results"),
+                   help="root of the schedule store; its peaks/ folder caches the device peaks")
+
+
+def _measure_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
+    p.add_argument("--repeats", type=int, default=15, help="timed runs; the median is reported")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance of the output check "
+                   "(default: derived from the dtype and the longest reduction; see README)")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance of the output check (default: derived)")
+    p.add_argument("--remeasure-peaks", action="store_true", help="measure the device peaks again and renew the cache")
+
+
+def _tune_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--workload", action="append", default=None,
                    help=f"a batch bucket, repeatable: {FORMAT} (default: {DEFAULT_WORKLOADS[0]})")
     t.add_argument("--space", default="nanoflow", help="search space: dbo, nanoflow, sequential")
-    t.add_argument("--trials", type=int, default=30, help="search trials per workload, counted across resumed runs")
+    t.add_argument("--trials", type=int, default=30,
+                   help="distinct schedules measured per workload, counted across resumed runs and processes")
     t.add_argument("--timeout-s", type=float, default=None, help="wall-time budget of the search, per workload")
     t.add_argument("--trial-timeout-s", type=float, default=60.0, help="a trial timing longer is TIMEOUT")
-    t.add_argument("--storage", default="sqlite:///results/studies.db", help="Optuna storage URL (sqlite:///..., postgresql://...) or journal:PATH "
-                   "(Optuna's journal file: much less driver time per trial than SQLite)")
-    t.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
+    t.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (sqlite:///..., postgresql://...) "
+                   "or journal:PATH (Optuna's journal file: much less driver time per trial than SQLite)")
+    t.add_argument("--heartbeat-s", type=int, default=10, help="a running trial's heartbeat; a trial silent for "
+                   "3 heartbeats belonged to a process that died and is failed")
     t.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler")
     t.add_argument("--seed", type=int, default=0, help="sampler seed")
     t.add_argument("--no-prune", action="store_true", help="time every trial fully (no Wilcoxon pruning)")
     t.add_argument("--confirm-top", type=int, default=3, help="candidates re-measured against the baseline")
     t.add_argument("--confirm-rounds", type=int, default=3, help="interleaved re-measurement rounds")
+    t.add_argument("--min-effect", type=float, default=0.03, help="the smallest speedup the confirmation must "
+                   "resolve: 'sequential is best' means no candidate can be this much faster")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--workers", default=None, help="fan trials out over N Ray actors (or 'all'): one per GPU, "
                    "or per CPU slot on cpu; default: tune in this process without Ray")
     t.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else start "
                    "a local one); needs --workers")
-    t.set_defaults(func=cmd_tune)
 
-    r = sub.add_parser("report", help="write a study's figures (PNG) and a Markdown summary, without Jupyter",
-                       formatter_class=formatter)
-    r.add_argument("--storage", default="sqlite:///results/studies.db", help="the study's storage URL")
-    r.add_argument("--study", default=None, help="study name (needed when the storage holds several)")
-    r.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
-    r.add_argument("--out", type=Path, default=Path("results/report"), help="folder for report.md and the PNGs")
-    r.add_argument("--no-timelines", action="store_true", help="skip re-running the best schedule for its timeline")
-    r.set_defaults(func=cmd_report)
 
-    ls = sub.add_parser("list", help="print the stored schedules as a table", formatter_class=formatter)
-    ls.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
-    ls.set_defaults(func=cmd_list)
+def measure_config(args, **kw) -> MeasureConfig:
+    return MeasureConfig(warmup=args.warmup, repeats=args.repeats, rtol=args.rtol, atol=args.atol,
+                         peaks_dir=args.store.absolute() / "peaks", remeasure_peaks=args.remeasure_peaks, **kw)
+
+
+def _workload(args, spec: str):
+    return parse_workload(spec, model=args.model, dtype=default_dtype(args.dtype, args.device), device=args.device)
+
+
+def cmd_measure(args) -> int:
+    w = _workload(args, args.workload)
+    schedule = load_schedule_file(args.schedule) if args.schedule else Schedule()
+    bench = Bench(w, config=measure_config(args))
+    m = bench.measure(schedule)
+    if args.json:
+        print(json.dumps({"workload": w.key, "hardware": bench.hardware.key, "schedule": schedule.to_dict(),
+                          "measurement": m.to_dict()}, indent=2))
+    else:
+        print(f"workload  {w.key} ({w.num_tokens} tokens)\nhardware  {bench.hardware.key}\nschedule  {schedule}")
+        print(f"result    {m.summary()}")
+        tol = bench.tolerance
+        print(f"checked   against the sequential reference: rtol {tol.rtol:.2g}, atol {tol.atol:.2g}"
+              + (f" (error {m.error_ratio:.2g}x of it)" if m.error_ratio is not None else ""))
+        for k, v in m.notes.items():
+            print(f"note      {k}: {v}")
+    return 0 if m.ok else 1
+
+
+def cmd_ops(args) -> int:
+    w = _workload(args, args.workload)
+    bench = Bench(w, config=MeasureConfig(warmup=0, repeats=1, peaks_dir=args.store.absolute() / "peaks",
+                                          remeasure_peaks=args.remeasure_peaks))
+    peaks = bench.peaks
+    print(f"{w.key} on {bench.hardware.key}: machine balance {peaks.balance:.1f} FLOP/byte "
+          f"({peaks.flops_per_s / 1e9:,.0f} GFLOP/s, {peaks.bytes_per_s / 1e9:,.1f} GB/s, measured once and cached "
+          f"under {args.store / 'peaks'}; --remeasure-peaks renews it)")
+    print(bench.executor.graph.describe())
+    return 0
+
+
+def load_schedule_file(path: Path) -> Schedule:
+    """A bare schedule JSON, or a store record holding one under "schedule"."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read schedule file {path}: {e}") from None
+    if isinstance(data, dict) and "schedule" in data:
+        data = data["schedule"]
+    try:
+        return Schedule.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def cmd_tune(args) -> int:
-    from .cli import default_dtype
+    from dynaflow.search_spaces import get_space
+
     from .tune import tune
 
-    dtype = default_dtype(args)
-    workloads = tuple(parse_workload(w, model=args.model, dtype=dtype, device=args.device)
-                      for w in (args.workload or DEFAULT_WORKLOADS))
+    workloads = tuple(_workload(args, w) for w in (args.workload or DEFAULT_WORKLOADS))
     config = TuneConfig(workloads=workloads, space=args.space, trials=args.trials, timeout_s=args.timeout_s,
-                        trial_timeout_s=args.trial_timeout_s, storage=args.storage, store_root=args.store,
-                        sampler=args.sampler, seed=args.seed, warmup=args.warmup, repeats=args.repeats,
-                        prune=not args.no_prune, confirm_top=args.confirm_top,
-                        confirm_rounds=args.confirm_rounds, progress=not args.no_progress)
-    _check_space(config.space)
+                        trial_timeout_s=args.trial_timeout_s, store_root=args.store,
+                        storage=StorageConfig(url=args.storage, heartbeat_s=args.heartbeat_s),
+                        sampler=args.sampler, seed=args.seed, measure=measure_config(args),
+                        prune=not args.no_prune, confirm_top=args.confirm_top, confirm_rounds=args.confirm_rounds,
+                        min_effect=args.min_effect, progress=not args.no_progress)
+    get_space(config.space)  # an unknown space is a usage error before anything runs
     results = tune(config, pool=pool_config(args))
     for r in results:
-        rec = r.record
-        verdict = "sequential is best" if rec.sequential_best else f"{rec.speedup:.3f}x over sequential"
-        fails = ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()) if k != "ok") or "none"
-        kept = f" (kept: the {rec.space} space's stored winner is better)" if rec.space != config.space else ""
-        print(f"{r.workload.key}: {verdict} (noise {rec.speedup_spread:.1%}), {rec.tokens_per_s:,.0f} tokens/s; "
-              f"failed/pruned trials: {fails}\n  stored {r.path}{kept}\n  schedule {rec.schedule}")
+        print(result_lines(r))
     return 130 if any(r.interrupted for r in results) else 0
+
+
+def result_lines(r) -> str:
+    from .confirm import verdict_text
+
+    rec = r.record
+    fails = ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()) if k != "ok") or "none"
+    converged = "; the search converged (proposals kept repeating measured schedules)" if r.exhausted else ""
+    return (f"{r.workload.key}: {verdict_text(r.verdict.attrs())}\n"
+            f"  {r.distinct} distinct schedule(s) measured in the study, {r.duplicates} duplicate proposal(s) "
+            f"answered from it this run{converged}; failed/pruned this run: {fails}\n"
+            f"  stored {r.path}: {rec.verdict.replace('_', ' ')}, {rec.tokens_per_s:,.0f} tokens/s"
+            + (f" ({r.kept})" if r.kept else "") + f"\n  schedule {rec.schedule}")
 
 
 def pool_config(args):
@@ -78,7 +204,7 @@ def pool_config(args):
         if args.ray_address:
             raise ValueError("--ray-address needs --workers N (or all).")
         return None
-    from .pool import PoolConfig
+    from .ray_fanout import PoolConfig
 
     workers = args.workers if args.workers == "all" else _count(args.workers)
     return PoolConfig(workers=workers, address=args.ray_address, use_gpus=args.device.startswith("cuda"))
@@ -89,6 +215,14 @@ def _count(text: str) -> int:
         return int(text)
     except ValueError:
         raise ValueError(f"--workers must be a positive count or 'all', but got {text!r}.") from None
+
+
+def cmd_studies(args) -> int:
+    from .analysis import studies_table
+
+    table = studies_table(args.storage)
+    print(f"no study in {args.storage}" if table.empty else table.to_string(index=False))
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -106,9 +240,3 @@ def cmd_list(args) -> int:
     table = stored_table(args.store)
     print("no stored schedules under " + str(args.store / "schedules") if table.empty else table.to_string(index=False))
     return 0
-
-
-def _check_space(name: str) -> None:
-    from dynaflow.search_spaces import get_space
-
-    get_space(name)

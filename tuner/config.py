@@ -4,44 +4,54 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynaflow.runtime import Workload
+from dynaflow.runtime import MeasureConfig, Workload
+
+from .storage import StorageConfig
 
 SAMPLERS = ("tpe", "random", "qmc")
+
+
+class TuneError(RuntimeError):
+    """A run that cannot go on, said in one line with what to do (the CLI prints it, no traceback)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TuneConfig:
     workloads: tuple[Workload, ...]
     space: str = "nanoflow"
-    trials: int | None = 30  # search trials per workload study, counted across resumed runs
+    trials: int | None = 30  # distinct schedules measured per workload study, across resumed runs
     timeout_s: float | None = None  # wall time of this run's search, per workload
     trial_timeout_s: float | None = 60.0
-    storage: str = "sqlite:///results/studies.db"
+    storage: StorageConfig = StorageConfig()
     store_root: Path = Path("results")
     sampler: str = "tpe"
     seed: int | None = 0
-    warmup: int = 2
-    repeats: int = 10
+    measure: MeasureConfig = MeasureConfig(warmup=2, repeats=10)
     prune: bool = True
     confirm_top: int = 3
     confirm_rounds: int = 3
+    min_effect: float = 0.03  # the smallest speedup the confirmation is asked to resolve
+    max_duplicates: int = 25  # proposals in a row of schedules already measured: the search converged
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.storage, str):
+            object.__setattr__(self, "storage", StorageConfig(url=self.storage))
         if not self.workloads:
             raise ValueError("at least one --workload is needed.")
         if self.trials is None and self.timeout_s is None:
             raise ValueError("give --trials or --timeout-s (or both): the search needs a budget.")
         if self.trials is not None and self.trials < 0:
             raise ValueError(f"--trials must be >= 0, but got {self.trials}.")
-        if self.timeout_s is not None and self.timeout_s <= 0:
+        if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"--timeout-s must be > 0, but got {self.timeout_s}.")
+        if self.trial_timeout_s is not None and not self.trial_timeout_s > 0:
+            raise ValueError(f"--trial-timeout-s must be > 0, but got {self.trial_timeout_s}.")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler must be one of {SAMPLERS}, but got {self.sampler!r}.")
         if self.confirm_top < 1 or self.confirm_rounds < 1:
             raise ValueError(f"--confirm-top and --confirm-rounds must be >= 1, but got "
                              f"{self.confirm_top} and {self.confirm_rounds}.")
-        if "://" not in self.storage and not self.storage.startswith("journal:"):
-            raise ValueError(f"--storage must be an Optuna storage URL such as sqlite:///results/studies.db "
-                             f"or postgresql://user@host/db, or journal:PATH, but got {self.storage!r}.")
+        if not 0 < self.min_effect < 1:
+            raise ValueError(f"--min-effect must be in (0, 1), e.g. 0.03 for 3%, but got {self.min_effect}.")

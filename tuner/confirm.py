@@ -1,14 +1,20 @@
 """No false winners: re-measure the top candidates interleaved with the baseline, then store.
 
-A candidate is stored only if its pooled median beats the baseline's by more than the noise
-(the larger relative p10-p90 spread of the two). Otherwise the record says sequential is best
-for this hardware and workload, which is a valid answer, not a failure.
+Three verdicts, from a 95% bootstrap interval of each candidate's speedup (baseline median over
+candidate median, on the pooled samples of every confirmation round):
+- `winner`: the best candidate whose interval lies above 1: a speedup beyond the noise;
+- `sequential_best`: every candidate's interval ends below 1 + min_effect: none can be faster
+  by more than the smallest effect this confirmation is asked to resolve (also when no
+  candidate completed);
+- `inconclusive`: otherwise: the noise is too large to tell. The sequential schedule is
+  stored, marked as such, and never replaces a conclusive record.
 """
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -17,97 +23,195 @@ from dynaflow.runtime.measure import relative_spread
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 
 from .config import TuneConfig
-from .measurer import Measurer
 from .study import BASELINE, result_of
+from .targets import Target
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Verdict:
-    trial: optuna.trial.FrozenTrial | None
+class Candidate:
+    trial: optuna.trial.FrozenTrial
     schedule: Schedule
-    median_ms: float
-    baseline_ms: float
+    samples_ms: tuple[float, ...]
     speedup: float
-    noise: float
+    low: float  # the speedup's confidence interval
+    high: float
+    noise: float  # the larger relative p10-p90 spread of candidate and baseline
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    kind: str  # one of runtime.store.VERDICTS
+    best: Candidate | None  # the winner, or the fastest candidate when there is none
+    baseline_samples_ms: tuple[float, ...]
     bound_ms: float | None
+    min_effect: float
+    candidates: tuple[Candidate, ...] = field(default=())
 
     @property
     def wins(self) -> bool:
-        return self.trial is not None and self.speedup > 1 + self.noise
+        return self.kind == "winner"
+
+    @property
+    def baseline_ms(self) -> float:
+        return statistics.median(self.baseline_samples_ms)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.best.samples_ms) if self.wins else self.baseline_ms
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.best.schedule if self.wins else Schedule()
+
+    @property
+    def noise(self) -> float:
+        return self.best.noise if self.best else relative_spread(list(self.baseline_samples_ms))
+
+    def attrs(self) -> dict:
+        """What the study keeps of the confirmation: the report and the notebook read it."""
+        return {"verdict": self.kind, "winner_trial": self.best.trial.number if self.wins else None,
+                "speedup": self.best.speedup if self.best else 1.0, "low": self.best.low if self.best else None,
+                "high": self.best.high if self.best else None, "noise": self.noise, "min_effect": self.min_effect,
+                "sequential_best": not self.wins, "baseline_samples_ms": list(self.baseline_samples_ms),
+                "best_samples_ms": list(self.best.samples_ms) if self.best else [],
+                "best_trial": self.best.trial.number if self.best else None}
 
 
 def top_candidates(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     """The k best distinct schedules among completed search trials."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if not t.user_attrs.get(BASELINE) and t.value is not None]
+            if not t.user_attrs.get(BASELINE) and t.value is not None and not result_of(t).get("duplicate")]
     best, seen = [], set()
     for t in sorted(done, key=lambda t: -t.value):
-        key = result_of(t)["schedule"]
-        if key not in seen and not Schedule.from_json(key).is_sequential:
-            seen.add(key)
+        schedule = Schedule.from_json(result_of(t)["schedule"])
+        if schedule.key() not in seen and not schedule.is_sequential:
+            seen.add(schedule.key())
             best.append(t)
     return best[:k]
 
 
-def confirm(study: optuna.Study, measurer: Measurer, config: TuneConfig, *, rounds: int | None = None) -> Verdict:
-    candidates = top_candidates(study, config.confirm_top)
-    schedules = [Schedule()] + [Schedule.from_json(result_of(t)["schedule"]) for t in candidates]
+def confirm(study: optuna.Study, target: Target, config: TuneConfig, *, rounds: int | None = None) -> Verdict:
+    trials = top_candidates(study, config.confirm_top)
+    schedules = [Schedule()] + [Schedule.from_json(result_of(t)["schedule"]) for t in trials]
     pooled: list[list[float]] = [[] for _ in schedules]
     bound = None
     for _ in range(rounds or config.confirm_rounds):
         for i, s in enumerate(schedules):
-            m = measurer.measure(s, time_limit_s=config.trial_timeout_s)
+            m = target.measure(s, time_limit_s=config.trial_timeout_s)
             if m.ok:
                 pooled[i].extend(m.samples_ms)
                 bound = m.bound_ms
-    verdicts = [_verdict(t, s, pooled[i + 1], pooled[0], bound)
-                for i, (t, s) in enumerate(zip(candidates, schedules[1:])) if pooled[i + 1]]
-    winners = sorted((v for v in verdicts if v.wins), key=lambda v: -v.speedup)
+    if not pooled[0]:
+        pooled[0] = list(result_of(_baseline(study)).get("samples_ms") or [float("nan")])
+    candidates = tuple(_candidate(t, s, pooled[i + 1], pooled[0])
+                       for i, (t, s) in enumerate(zip(trials, schedules[1:])) if pooled[i + 1])
+    return judge(candidates, tuple(pooled[0]), bound, config.min_effect)
+
+
+def judge(candidates: tuple[Candidate, ...], baseline: tuple[float, ...], bound_ms: float | None,
+          min_effect: float) -> Verdict:
+    winners = [c for c in candidates if c.low > 1.0]
     if winners:
-        return winners[0]
-    base = statistics.median(pooled[0])
-    noise = max((v.noise for v in verdicts), default=relative_spread(pooled[0]))
-    best = max(verdicts, key=lambda v: v.speedup, default=None)
-    return Verdict(trial=None, schedule=Schedule(), median_ms=base, baseline_ms=base,
-                   speedup=best.speedup if best else 1.0, noise=noise, bound_ms=bound)
+        kind, best = "winner", max(winners, key=lambda c: c.speedup)
+    else:
+        best = max(candidates, key=lambda c: c.speedup, default=None)
+        kind = "sequential_best" if all(c.high < 1.0 + min_effect for c in candidates) else "inconclusive"
+    return Verdict(kind=kind, best=best, baseline_samples_ms=baseline, bound_ms=bound_ms, min_effect=min_effect,
+                   candidates=candidates)
 
 
-def _verdict(trial, schedule: Schedule, samples: list[float], base: list[float], bound) -> Verdict:
-    median, base_median = statistics.median(samples), statistics.median(base)
-    return Verdict(trial=trial, schedule=schedule, median_ms=median, baseline_ms=base_median,
-                   speedup=base_median / median, noise=max(relative_spread(samples), relative_spread(base)), bound_ms=bound)
+def _candidate(trial, schedule: Schedule, samples: list[float], base: list[float]) -> Candidate:
+    low, high = speedup_interval(base, samples)
+    return Candidate(trial=trial, schedule=schedule, samples_ms=tuple(samples),
+                     speedup=statistics.median(base) / statistics.median(samples), low=low, high=high,
+                     noise=max(relative_spread(samples), relative_spread(base)))
 
 
-def store_verdict(verdict: Verdict, study: optuna.Study, measurer: Measurer, workload: Workload,
-                  config: TuneConfig) -> tuple[StoredSchedule, str]:
-    tokens = workload.num_tokens if workload.num_tokens else measurer.space_context().layout.num_tokens
+def speedup_interval(base: list[float], cand: list[float]) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of median(base) / median(cand) (scipy, seeded)."""
+    from scipy import stats
+
+    if len(base) < 2 or len(cand) < 2:
+        ratio = statistics.median(base) / statistics.median(cand)
+        return 0.0, float("inf") if ratio > 0 else 0.0  # one sample each: nothing can be concluded
+
+    def ratio(b, c, axis):
+        return np.median(b, axis=axis) / np.median(c, axis=axis)
+
+    kwargs = dict(vectorized=True, n_resamples=RESAMPLES, method="percentile", confidence_level=CONFIDENCE)
+    data = (np.asarray(base, dtype=float), np.asarray(cand, dtype=float))
+    try:
+        ci = stats.bootstrap(data, ratio, rng=0, **kwargs).confidence_interval
+    except TypeError:  # scipy < 1.15 names the seed random_state
+        ci = stats.bootstrap(data, ratio, random_state=0, **kwargs).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
+def _baseline(study: optuna.Study):
+    return next(t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE))
+
+
+def store_verdict(verdict: Verdict, study: optuna.Study, target: Target, workload: Workload,
+                  config: TuneConfig) -> tuple[StoredSchedule, str, str | None]:
+    """Store the verdict; returns the record in the store, its path, and why an older record was
+    kept instead (None when this verdict was stored)."""
+    tokens = workload.num_tokens if workload.num_tokens else target.space_context().layout.num_tokens
+    best = verdict.best
     record = StoredSchedule(
-        hardware=measurer.hardware, workload=workload, schedule=verdict.schedule,
+        hardware=target.hardware, workload=workload, schedule=verdict.schedule, verdict=verdict.kind,
         sequential_best=not verdict.wins, tokens_per_s=tokens / verdict.median_ms * 1e3,
         baseline_tokens_per_s=tokens / verdict.baseline_ms * 1e3,
-        speedup=verdict.speedup if verdict.wins else 1.0, speedup_spread=verdict.noise,
+        speedup=best.speedup if verdict.wins else 1.0, speedup_spread=verdict.noise,
+        speedup_interval=(best.low, best.high) if best else None,
         efficiency=verdict.bound_ms / verdict.median_ms if verdict.bound_ms else None,
-        space=config.space, params=dict(verdict.trial.params) if verdict.wins else {},
-        study=study.study_name, storage=config.storage,
-        trial=verdict.trial.number if verdict.wins else None,
+        space=config.space, params=dict(best.trial.params) if verdict.wins else {},
+        study=study.study_name, storage=config.storage.url, trial=best.trial.number if verdict.wins else None,
     )
-    study.set_user_attr("confirmation", {"winner_trial": record.trial, "speedup": verdict.speedup,
-                                         "noise": verdict.noise, "sequential_best": record.sequential_best})
+    study.set_user_attr("confirmation", verdict.attrs())
     store = ScheduleStore(StoreConfig(root=config.store_root))
-    kept = better_stored(store, record)
+    kept, why = kept_record(store, record)
     if kept is not None:
-        return kept, str(store.path(kept.hardware.key, kept.workload.key))
-    return record, str(store.save(record))
+        return kept, str(store.path(kept.hardware.key, kept.workload.key)), why
+    return record, str(store.save(record)), None
 
 
-def better_stored(store: ScheduleStore, record: StoredSchedule) -> StoredSchedule | None:
-    """A record another search space stored for the same key with a larger speedup: tuning one
-    space must not overwrite another's winner. A re-tune of the same space always replaces."""
+def kept_record(store: ScheduleStore, record: StoredSchedule) -> tuple[StoredSchedule | None, str | None]:
+    """A stored record this one must not replace, and why: an inconclusive verdict never replaces
+    a conclusive record; tuning one space never overwrites another space's better winner. A
+    re-tune of the same space with a conclusive verdict always replaces."""
     path = store.path(record.hardware.key, record.workload.key)
     if not path.exists():
-        return None
+        return None, None
     try:
         old = store.read(path)
     except ValueError:
-        return None  # an unreadable record is replaced
-    return old if old.space != record.space and old.speedup > record.speedup else None
+        return None, None  # an unreadable record is replaced
+    if record.verdict == "inconclusive" and old.verdict != "inconclusive":
+        return old, f"kept: the stored {old.verdict.replace('_', ' ')} record is conclusive, this run was not"
+    if old.space != record.space and old.speedup > record.speedup:
+        return old, f"kept: the {old.space} space's stored winner is better"
+    return None, None
+
+
+
+def verdict_text(v: dict | None) -> str:
+    """A confirmation (a study's "confirmation" attribute, Verdict.attrs()) in words, with what to
+    do when it is inconclusive."""
+    if not v:
+        return "not run yet"
+    kind = v.get("verdict") or ("sequential_best" if v.get("sequential_best") else "winner")
+    interval = f"95% interval {v['low']:.2f}-{v['high']:.2f}x" if v.get("low") is not None else "no interval"
+    if kind == "winner":
+        return f"{v['speedup']:.3f}x over sequential, confirmed ({interval}; trial {v['winner_trial']})"
+    effect = v.get("min_effect") or 0.03
+    if kind == "sequential_best":
+        if v.get("best_trial") is None:
+            return "sequential is best: no candidate completed (every trial was pruned or failed)"
+        return (f"sequential is best: no candidate can be faster by {effect:.0%} or more "
+                f"(best candidate {v['speedup']:.3f}x, {interval})")
+    return (f"inconclusive: best candidate {v['speedup']:.3f}x ({interval}, noise {v['noise']:.0%}) could be "
+            f"{effect:.0%} faster or not; sequential kept. To decide: more rounds (--confirm-rounds 9), "
+            "pinned threads (taskset -c 0-1, OMP_NUM_THREADS), or a quieter machine")

@@ -1,4 +1,6 @@
-"""Progress of a study on stderr: trials done, best so far and its speedup, failures by outcome."""
+"""Progress of a study on stderr: distinct schedules measured, the best so far and its speedup
+(single measurements, marked unconfirmed: the confirmation re-measures before anything is
+stored), failures by outcome, duplicates answered from the study."""
 from __future__ import annotations
 
 import sys
@@ -12,26 +14,34 @@ class Progress:
         self.baseline = baseline_tokens_per_s
         self.best = baseline_tokens_per_s
         self.failures: dict[str, int] = {}
+        self.duplicates = 0
         self.bar = None
         if enabled:
             from tqdm import tqdm  # optuna's own dependency
 
-            self.bar = tqdm(total=total, initial=done, desc=desc, unit="trial", file=sys.stderr, dynamic_ncols=True,
-                            position=position)
+            total = None if total is None else max(total, done)  # a budget already spent reads n/n
+            self.bar = tqdm(total=total, initial=done, desc=desc, unit=" schedules", file=sys.stderr,
+                            dynamic_ncols=True, position=position)
 
-    def update(self, study, m: Measurement, workers: dict[str, dict[str, int]] | None = None) -> None:
+    def update(self, m: Measurement, *, counted: bool = True, workers: dict[str, dict[str, int]] | None = None) -> None:
         if m.ok:
             self.best = max(self.best, m.tokens_per_s)
-        else:
+        if not counted:
+            self.duplicates += 1
+        elif not m.ok:
             self.failures[m.outcome.value] = self.failures.get(m.outcome.value, 0) + 1
         if self.bar is None:
             return
-        postfix = {"best": f"{self.best:,.0f} tok/s", "speedup": f"{self.best / self.baseline:.3f}x"}
+        postfix = {"unconfirmed best": f"{self.best:,.0f} tok/s ({self.best / self.baseline:.2f}x)"}
         postfix.update(self.failures)
+        if self.duplicates:
+            postfix["duplicates"] = self.duplicates
         for name, counts in (workers or {}).items():
             postfix[name] = sum(counts.values())
         self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(1)
+        self.bar.update(1 if counted else 0)
+        if not counted:
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -18,7 +18,7 @@ def stored_table(root: Path) -> pd.DataFrame:
             rows.append({"hardware": path.parent.name, "workload": path.stem, "schedule": f"UNREADABLE: {rec}"})
             continue
         rows.append({"hardware": rec.hardware.key, "workload": rec.workload.key, "schedule": rec.schedule.label,
-                     "speedup": round(rec.speedup, 3), "noise": round(rec.speedup_spread, 3),
+                     "verdict": rec.verdict, "speedup": round(rec.speedup, 3), "noise": round(rec.speedup_spread, 3),
                      "tokens_per_s": round(rec.tokens_per_s), "efficiency": rec.efficiency and round(rec.efficiency, 3),
                      "space": rec.space, "trial": rec.trial, "created_at": rec.created_at})
     return pd.DataFrame(rows)
@@ -38,7 +38,7 @@ def timelines_for(study, store_root: Path) -> tuple[list, str | None]:
         return [], f"no stored record for {workload_key} under {store_root}: timelines need its workload"
     if detect(workload.device).key != hardware:
         return [], f"this machine is not {hardware}: timelines are recorded on the study's hardware"
-    bench = Bench(workload, config=MeasureConfig(warmup=1, repeats=1))
+    bench = Bench(workload, config=MeasureConfig(warmup=1, repeats=1, peaks_dir=Path(store_root).absolute() / "peaks"))
     resources = {op.name: op.resource for op in bench.executor.graph.ops}
     out = []
     for schedule in (Schedule(), best_schedule(study)):
@@ -53,6 +53,7 @@ def timelines_for(study, store_root: Path) -> tuple[list, str | None]:
 def write_report(storage: str, out_dir: Path, *, store_root: Path = Path("results"),
                  study_name: str | None = None, timelines: bool = True) -> Path:
     import matplotlib.pyplot as plt
+    import optuna
 
     from . import analysis
 
@@ -76,6 +77,10 @@ def write_report(storage: str, out_dir: Path, *, store_root: Path = Path("result
     else:
         notes.append(why)
         plt.close(fig)
+    if (why := analysis.pareto_note(study)) is None:
+        save("pareto", optuna.visualization.matplotlib.plot_pareto_front(study).figure)
+    else:
+        notes.append(why)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     analysis.plot_outcomes(df, ax)
     save("outcomes", fig)
@@ -86,7 +91,6 @@ def write_report(storage: str, out_dir: Path, *, store_root: Path = Path("result
     fig, ax = plt.subplots(figsize=(7, 4))
     analysis.plot_buckets(records[records.speedup.notna()] if not records.empty else records, ax)
     save("buckets", fig)
-    notes.append(analysis.plot_pareto(study, ax) or "")
     if timelines:
         tls, why = timelines_for(study, store_root)
         if tls:
@@ -104,13 +108,14 @@ def write_report(storage: str, out_dir: Path, *, store_root: Path = Path("result
 
 
 def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]) -> str:
-    from .analysis import verdict_text
+    from .confirm import verdict_text
 
-    search = df[~df.baseline]
+    search = df[~df.baseline] if len(df) else df
     base = df.loc[df.baseline, "tokens_per_s"]
-    done = search[search.state == "COMPLETE"]
+    done = search[(search.state == "COMPLETE") & ~search.duplicate] if len(search) else search
     lines = [f"# {study.study_name}", "",
-             f"- trials: {len(search)} ({', '.join(f'{k} {v}' for k, v in search.outcome.value_counts().items())})",
+             f"- trials: {len(search)} ({', '.join(f'{k} {v}' for k, v in search.outcome.value_counts().items())}), "
+             f"{int((~search.duplicate).sum()) if len(search) else 0} distinct schedules",
              f"- sequential baseline: {base.iloc[0]:,.0f} tokens/s" if len(base) else "- no baseline"]
     if len(done) and len(base):
         best = done.tokens_per_s.max()

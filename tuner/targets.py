@@ -1,5 +1,5 @@
-"""What the tuning loop measures with: a Bench on this device, or anything with the same shape
-(a fake with a known landscape in tests, a Ray worker pool)."""
+"""Where a trial is measured: this process's device, or anything with the same shape (a Ray
+actor's device, a fake with a known landscape in tests)."""
 from __future__ import annotations
 
 from typing import Protocol
@@ -9,7 +9,7 @@ from dynaflow.runtime.measure import OnSample
 from dynaflow.search_spaces import SpaceContext
 
 
-class Measurer(Protocol):
+class Target(Protocol):
     hardware: Hardware
 
     def space_context(self) -> SpaceContext: ...
@@ -18,8 +18,8 @@ class Measurer(Protocol):
                 time_limit_s: float | None = None) -> Measurement: ...
 
 
-class BenchMeasurer:
-    """Measures in this process, on the workload's device."""
+class LocalTarget:
+    """Measures on the workload's device, in this process."""
 
     def __init__(self, workload: Workload, config: MeasureConfig) -> None:
         self.bench = Bench(workload, config=config)

@@ -1,0 +1,71 @@
+"""One study being tuned, start to finish, whoever measures its trials (this process or a Ray pool):
+
+    start: open the study, measure the baseline, enqueue warm starts, show progress
+    finish: confirm the best candidates against the baseline, store the verdict
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import optuna
+
+from dynaflow.runtime import Workload
+from dynaflow.runtime.store import StoredSchedule
+
+from .config import TuneConfig
+from .confirm import Verdict, confirm, store_verdict
+from .progress import Progress
+from .study import StudyResult, enqueue_warm_starts, ensure_baseline, open_study, search_trials, study_name
+from .targets import Target
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkloadResult:
+    workload: Workload
+    study: str
+    record: StoredSchedule
+    path: str
+    kept: str | None  # why the stored record is an older one, or None
+    verdict: Verdict
+    outcomes: dict[str, int]
+    distinct: int  # distinct schedules measured in the study, across runs
+    duplicates: int  # proposals this run answered from the study
+    interrupted: bool
+    exhausted: bool
+
+
+@dataclass(kw_only=True)
+class Session:
+    workload: Workload
+    target: Target
+    study: optuna.Study
+    progress: Progress
+
+
+def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, position: int = 0) -> Session:
+    name = study_name(target.hardware.key, workload, config.space)
+    study = open_study(name, config)
+    baseline = ensure_baseline(study, target, config)
+    warm = enqueue_warm_starts(study, config, target.hardware.key, workload)
+    done = len(search_trials(study))
+    log(f"study {name}: {done} schedule(s) measured so far, baseline {baseline.tokens_per_s:,.0f} tokens/s"
+        + (f", {warm} warm start(s) enqueued" if warm else ""))
+    progress = Progress(total=config.trials, desc=f"{target.hardware.key[:24]} {workload.key}" if position else
+                        workload.key, baseline_tokens_per_s=baseline.tokens_per_s, enabled=config.progress,
+                        done=done, position=position)
+    return Session(workload=workload, target=target, study=study, progress=progress)
+
+
+def finish(session: Session, result: StudyResult, config: TuneConfig) -> WorkloadResult:
+    """Confirm the best candidates against the baseline and store the verdict."""
+    try:
+        verdict = confirm(session.study, session.target, config, rounds=1 if result.interrupted else None)
+    except KeyboardInterrupt:
+        print("interrupted again: nothing stored for this workload", file=sys.stderr)
+        raise
+    record, path, kept = store_verdict(verdict, session.study, session.target, session.workload, config)
+    return WorkloadResult(workload=session.workload, study=session.study.study_name, record=record, path=path,
+                          kept=kept, verdict=verdict, outcomes=result.outcomes,
+                          distinct=len(search_trials(session.study)), duplicates=result.duplicates,
+                          interrupted=result.interrupted, exhausted=result.exhausted)
