@@ -78,6 +78,17 @@ class NoResidual(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+class Noisy(nn.Module):
+    """Adds fresh noise on every call: no run equals another, not even the sequential one."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(x) + torch.randn_like(x)
+
+
 def _case(model: nn.Module, rows: int, dim: int, seed: int, extra: tuple = ()) -> Case:
     torch.manual_seed(seed)
     inputs = (torch.randn(rows, dim), *extra)
@@ -104,3 +115,7 @@ def no_residual(w: Workload) -> Case:
 def paced_block(w: Workload) -> Case:
     torch.manual_seed(w.seed)
     return _case(PacedBlock(), w.num_decode or 8, 16, w.seed)
+
+
+def noisy_block(w: Workload) -> Case:
+    return _case(Noisy(), w.num_decode or 8, 16, w.seed)

@@ -1,0 +1,93 @@
+"""Verification never fails the sequential schedule, in any fresh process, and still catches a
+schedule that computes the wrong thing."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynaflow.runtime import Bench, MeasureConfig, Schedule, Workload
+from dynaflow.runtime.batch import BatchLayout
+from dynaflow.runtime.measure import Tolerance
+
+# (model, workload spec, fresh processes): 20 processes over 3 workloads
+RUNS = [("llama-small", "d24x256+p64", 10), ("llama3-8b", "d64x1024+p256", 3), ("mixtral-tiny", "d16x128+p64c16", 7)]
+CHILD = """
+import json, sys
+from pathlib import Path
+from dynaflow.runtime import Bench, MeasureConfig, Schedule
+from dynaflow.tuner.workloads import parse_workload
+w = parse_workload(sys.argv[1], model=sys.argv[2], dtype="float32", device="cpu")
+bench = Bench(w, config=MeasureConfig(warmup=0, repeats=1, peaks_dir=Path(sys.argv[3])))
+m = bench.measure(Schedule())
+print(json.dumps({"outcome": m.outcome.value, "error": m.error_ratio, "tolerance": m.tolerance}))
+"""
+
+
+def test_the_sequential_schedule_passes_in_every_fresh_process(tmp_path):
+    jobs = [(model, spec) for model, spec, n in RUNS for _ in range(n)]
+    results = []
+    for i in range(0, len(jobs), 2):  # two at a time: the machine's load varies too
+        procs = [subprocess.Popen([sys.executable, "-c", CHILD, spec, model, str(tmp_path)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for model, spec in jobs[i:i + 2]]
+        for (model, spec), p in zip(jobs[i:i + 2], procs):
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-2000:]
+            results.append((model, spec, json.loads(out.strip().splitlines()[-1])))
+    assert len(results) >= 20 and len({(m, s) for m, s, _ in results}) >= 3
+    bad = [(m, s, r) for m, s, r in results if r["outcome"] != "ok"]
+    assert not bad, f"the sequential schedule failed verification: {bad}"
+    tol = {(m, s): r["tolerance"] for m, s, r in results}
+    assert tol[("llama3-8b", "d64x1024+p256")]["reduction"] == 14336  # the down projection's inner dimension
+
+
+def test_the_tolerance_follows_the_dtype_and_the_reductions():
+    ref = torch.ones(4, 8)
+    fp32 = Tolerance.derive(torch.float32, reduction=4096, depth=9, reference=ref)
+    assert fp32.rtol == pytest.approx(4096 * torch.finfo(torch.float32).eps + 3 * torch.finfo(torch.float32).eps)
+    assert fp32.atol == pytest.approx(fp32.rtol * 1.0)  # rms of the reference is 1
+    bf16 = Tolerance.derive(torch.bfloat16, reduction=4096, depth=9, reference=ref)
+    assert bf16.rtol > 10 * fp32.rtol
+    assert Tolerance.derive(torch.float32, reduction=16384, depth=9, reference=ref).rtol > 3 * fp32.rtol
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return Bench(Workload(model="llama-small", num_decode=12, context_len=64), config=MeasureConfig(warmup=0, repeats=2))
+
+
+def test_a_wrong_split_still_fails(bench, monkeypatch):
+    """Nano-batches fed views one row too early (an off-by-one in the split) are INCORRECT."""
+    honest = BatchLayout.split_inputs
+
+    def off_by_one(self, inputs, r0, r1):
+        views = honest(self, inputs, r0, r1)
+        if r0 == 0:
+            return views
+        shifted = honest(self, inputs, r0 - 1, r1 - 1)
+        return tuple(s if v.shape == s.shape else v for v, s in zip(views, shifted))
+
+    monkeypatch.setattr(BatchLayout, "split_inputs", off_by_one)
+    m = bench.measure(Schedule(split_sizes=(6, 6)))
+    assert m.outcome.value == "incorrect" and m.error_ratio > 10, m.summary()
+    monkeypatch.setattr(BatchLayout, "split_inputs", honest)
+    assert bench.measure(Schedule(split_sizes=(6, 6))).ok
+
+
+def test_flags_replace_the_derived_tolerance_and_bad_values_name_the_flag(tmp_path):
+    from dynaflow.tuner.cli import main
+
+    with pytest.raises(ValueError, match="--rtol must be a finite number >= 0, but got -1"):
+        MeasureConfig(rtol=-1.0)
+    args = ["measure", "--model", "llama-tiny", "--workload", "d4x16", "--repeats", "1", "--warmup", "0",
+            "--rtol", "0", "--atol", "0.5", "--store", str(tmp_path), "--json"]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(args) == 0
+    tol = json.loads(buf.getvalue())["measurement"]["tolerance"]
+    assert tol["rtol"] == 0 and tol["atol"] == 0.5 and tol["reduction"] == 128  # derived K kept for the record
