@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dynaflow.runtime import BatchLayout, Hardware, OpGraph, Schedule, Step, StreamSpec
+from dynaflow.runtime.backends.green_ctx import sm_granularity
 
 
 class Trial(Protocol):
@@ -27,10 +28,10 @@ class SpaceContext:
 
     @property
     def sm_granularity(self) -> int:
-        """Green-context partitions come in steps of 8 SMs on Hopper and newer, 2 before; threads on CPU."""
+        """Green-context partitions come in steps of 8 SMs on Hopper and newer, 4 before; threads on CPU."""
         if self.hardware.kind != "cuda":
             return 1
-        return 8 if float(self.hardware.arch) >= 9.0 else 2
+        return sm_granularity(self.hardware.arch)
 
     @property
     def split_step(self) -> int:

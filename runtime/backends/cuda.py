@@ -99,7 +99,8 @@ class CUDABackend(Backend):
                 notes["partition"] = "mixed: streams without sm_share run on the SMs the others leave"
             try:
                 want = [s for s in shares if s is not None]
-                part, granted, close = make_partitioned_streams(self.device.index, want, priorities)
+                own = [p for s, p in zip(shares, priorities) if s is not None]  # each share's own priority
+                part, granted, close = make_partitioned_streams(self.device.index, want, own)
                 notes["partition"] = f"green contexts, granted SMs {granted} for requested {want}"
                 it = iter(part)
                 streams = [next(it) if s is not None else torch.cuda.Stream(self.device, priority=p)

@@ -1,9 +1,16 @@
 """Disjoint SM partitions from CUDA green contexts, through cuda-bindings' driver API.
 
 torch's own GreenContext.create() splits the whole device on each call, so two of them can
-overlap (pytorch/pytorch#195378). Here the device's SM resource is split once, one share after
-another from what remains, so the partitions are disjoint by construction. Shares are rounded
-up by the driver to its granularity (8 SMs on Hopper); the granted sizes are returned.
+overlap (pytorch/pytorch#195378). The driver's rules (cuda-bindings docs): a split's remainder
+cannot be split again without first creating a descriptor and a green context, and the SM
+resources in one descriptor must come from one split call. So the device's SM resource is split
+once, into groups of the partition granularity (8 SMs from sm_90, 4 before: the driver's minimum
+there), and each partition is one descriptor of k of those groups: disjoint by construction.
+The SMs each partition was granted are read back from its groups.
+
+Shares the device cannot grant (not a multiple of the granularity, more groups than it has) are
+a ValueError: the schedule is invalid here. A stack without green contexts (no cuda-bindings,
+an old driver, a missing symbol) raises PartitionUnavailable with the reason.
 
 A search meets many share sets; `StreamSets` keeps the most recent few and destroys the green
 contexts of a set no runner holds when it needs room, so a long search does not exhaust them.
@@ -18,7 +25,13 @@ import torch
 
 
 class PartitionUnavailable(RuntimeError):
-    """Raised with the reason when SM partitions cannot be made on this device or stack."""
+    """Raised with the reason when this stack cannot make SM partitions at all."""
+
+
+def sm_granularity(arch: str) -> int:
+    """SMs per partition step: 8 from sm_90 (the driver's minimum and step), 4 before (sm_80's
+    minimum; its step of 2 cannot make every group of one split a legal partition on its own)."""
+    return 8 if float(arch) >= 9.0 else 4
 
 
 def _check(result):
@@ -28,17 +41,25 @@ def _check(result):
     return rest[0] if len(rest) == 1 else rest
 
 
-def make_partitioned_streams(device_index: int, shares: list[int], priorities: list[int]):
-    """One stream per share, on disjoint SM partitions.
-    Returns (streams, granted SM counts, close): close() destroys the streams and green contexts."""
+def _driver():
     try:
         from cuda.bindings import driver
     except ImportError as e:
-        raise PartitionUnavailable(f"cuda-bindings is not installed ({e}); pip install cuda-python") from None
-    torch.cuda.init()
-    dev = _check(driver.cuDeviceGet(device_index))
-    remaining = _check(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-    streams, granted, made = [], [], []  # made: (green context, raw stream) to destroy on close
+        raise PartitionUnavailable(f"cuda-bindings is not installed ({e}); pip install cuda-bindings") from None
+    return driver
+
+
+def make_partitioned_streams(device_index: int, shares: list[int], priorities: list[int]):
+    """One stream per share (priorities[i] goes with shares[i]), on disjoint SM partitions.
+    Returns (streams, granted SM counts, close): close() destroys the streams and green contexts."""
+    driver = _driver()
+    major, minor = torch.cuda.get_device_capability(device_index)
+    step = sm_granularity(f"{major}.{minor}")
+    bad = [s for s in shares if s < step or s % step]
+    if bad:
+        raise ValueError(f"streams' sm_share must be multiples of {step} SMs on sm_{major}{minor}, "
+                         f"but got {shares} (bad: {bad}).")
+    made: list = []  # (green context, raw stream) to destroy on close
 
     def close() -> None:
         for ctx, raw in reversed(made):
@@ -48,20 +69,40 @@ def make_partitioned_streams(device_index: int, shares: list[int], priorities: l
         made.clear()
 
     try:
-        for share, priority in zip(shares, priorities):
-            groups, _, remaining = _check(driver.cuDevSmResourceSplitByCount(1, remaining, 0, share))
-            part = groups[0]
-            desc = _check(driver.cuDevResourceGenerateDesc([part], 1))
-            ctx = _check(driver.cuGreenCtxCreate(desc, dev, driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
-            made.append((ctx, None))
-            raw = _check(driver.cuGreenCtxStreamCreate(ctx, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, priority))
-            made[-1] = (ctx, raw)
-            streams.append(torch.cuda.get_stream_from_external(int(raw), device=device_index))
-            granted.append(int(part.sm.smCount))
+        streams, granted = _make(driver, device_index, shares, priorities, step, made)
+    except PartitionUnavailable:
+        close()
+        raise
+    except (AttributeError, TypeError, RuntimeError) as e:  # a binding or driver without green contexts
+        close()
+        raise PartitionUnavailable(f"{type(e).__name__}: {e}") from None
     except BaseException:
-        close()  # a later share failed: the partitions made so far are not kept
+        close()  # a share the device cannot grant: the partitions made so far are not kept
         raise
     return streams, granted, close
+
+
+def _make(driver, device_index: int, shares: list[int], priorities: list[int], step: int, made: list):
+    torch.cuda.init()
+    dev = _check(driver.cuDeviceGet(device_index))
+    whole = _check(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+    groups, num_groups, _ = _check(driver.cuDevSmResourceSplitByCount(whole.sm.smCount // step, whole, 0, step))
+    need = sum(s // step for s in shares)
+    if need > num_groups:
+        raise ValueError(f"streams' sm_share sum to {sum(shares)} SMs, but this device splits into {num_groups} "
+                         f"groups of {step} ({num_groups * step} SMs usable).")
+    streams, granted, at = [], [], 0
+    for share, priority in zip(shares, priorities):
+        part = list(groups[at:at + share // step])
+        at += len(part)
+        desc = _check(driver.cuDevResourceGenerateDesc(part, len(part)))
+        ctx = _check(driver.cuGreenCtxCreate(desc, dev, driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+        made.append((ctx, None))
+        raw = _check(driver.cuGreenCtxStreamCreate(ctx, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, priority))
+        made[-1] = (ctx, raw)
+        streams.append(torch.cuda.get_stream_from_external(int(raw), device=device_index))
+        granted.append(sum(int(g.sm.smCount) for g in part))
+    return streams, granted
 
 
 @dataclass(kw_only=True)

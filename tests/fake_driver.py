@@ -1,0 +1,126 @@
+"""A fake `cuda.bindings.driver` that enforces the green-context rules the driver documents, so
+that breaking one fails a test on the CPU:
+- a split's remainder cannot be split again (it needs a descriptor and a green context first);
+- the SM groups of one descriptor come from one split call, and no group goes to two partitions;
+- granularity: from sm_90 at least 8 SMs in steps of 8; on sm_80 at least 4 in steps of 2;
+- green contexts are made with CU_GREEN_CTX_DEFAULT_STREAM, their streams CU_STREAM_NON_BLOCKING.
+Calls return (CUresult, ...) tuples as cuda-bindings does; a broken rule returns an error code.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+import types
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+SUCCESS, INVALID_VALUE, INVALID_RESOURCE_CONFIGURATION = 0, 1, 914
+
+
+class CUdevResourceType(IntEnum):
+    CU_DEV_RESOURCE_TYPE_SM = 1
+
+
+class CUgreenCtxCreate_flags(IntEnum):
+    CU_GREEN_CTX_DEFAULT_STREAM = 1
+
+
+class CUstream_flags(IntEnum):
+    CU_STREAM_DEFAULT = 0
+    CU_STREAM_NON_BLOCKING = 1
+
+
+@dataclass
+class _SM:
+    smCount: int
+
+
+@dataclass(eq=False)
+class Resource:
+    sm: _SM
+    split: int | None = None  # the split call it came from; None: the device's whole resource
+    remainder: bool = False
+    ids: tuple[int, ...] = ()  # which SMs
+
+
+@dataclass
+class FakeDriver:
+    num_sms: int = 132
+    arch: tuple[int, int] = (9, 0)
+    splits: itertools.count = field(default_factory=itertools.count)
+    used: set = field(default_factory=set)  # groups already in a descriptor
+    contexts: dict = field(default_factory=dict)  # live green contexts -> their SM ids
+    streams: dict = field(default_factory=dict)  # live raw stream handle -> (context, priority)
+    handles: itertools.count = field(default_factory=lambda: itertools.count(1000))
+    violations: list = field(default_factory=list)
+
+    def _fail(self, code: int, why: str):
+        self.violations.append(why)
+        return (code,)
+
+    def cuDeviceGet(self, ordinal):
+        return SUCCESS, ordinal
+
+    def cuDeviceGetDevResource(self, dev, kind):
+        return SUCCESS, Resource(sm=_SM(self.num_sms), ids=tuple(range(self.num_sms)))
+
+    def cuDevSmResourceSplitByCount(self, nb_groups, resource, use_flags, min_count):
+        if resource.remainder:
+            return self._fail(INVALID_RESOURCE_CONFIGURATION, "split of a split's remainder")
+        minimum, step = (8, 8) if self.arch >= (9, 0) else (4, 2)
+        if min_count < minimum or min_count % step:
+            return self._fail(INVALID_VALUE, f"minCount {min_count} breaks granularity (min {minimum}, step {step})")
+        split = next(self.splits)
+        n = min(nb_groups, resource.sm.smCount // min_count)
+        groups = [Resource(sm=_SM(min_count), split=split, ids=resource.ids[i * min_count:(i + 1) * min_count])
+                  for i in range(n)]
+        rest = resource.ids[n * min_count:]
+        return SUCCESS, groups, n, Resource(sm=_SM(len(rest)), split=split, remainder=True, ids=rest)
+
+    def cuDevResourceGenerateDesc(self, groups, n):
+        if len(groups) != n or not groups:
+            return self._fail(INVALID_VALUE, "descriptor group count")
+        if len({g.split for g in groups}) != 1 or any(g.split is None or g.remainder for g in groups):
+            return self._fail(INVALID_RESOURCE_CONFIGURATION, "descriptor groups from different split calls")
+        if any((g.split, g.ids) in self.used for g in groups):  # partitions of one split must not share a group
+            return self._fail(INVALID_RESOURCE_CONFIGURATION, "a group in two descriptors: partitions overlap")
+        self.used.update((g.split, g.ids) for g in groups)
+        return SUCCESS, tuple(i for g in groups for i in g.ids)
+
+    def cuGreenCtxCreate(self, desc, dev, flags):
+        if flags != CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM:
+            return self._fail(INVALID_VALUE, "green context without CU_GREEN_CTX_DEFAULT_STREAM")
+        ctx = next(self.handles)
+        self.contexts[ctx] = desc
+        return SUCCESS, ctx
+
+    def cuGreenCtxStreamCreate(self, ctx, flags, priority):
+        if ctx not in self.contexts:
+            return self._fail(INVALID_VALUE, "stream on a destroyed green context")
+        if flags != CUstream_flags.CU_STREAM_NON_BLOCKING:
+            return self._fail(INVALID_VALUE, "green-context stream without CU_STREAM_NON_BLOCKING")
+        raw = next(self.handles)
+        self.streams[raw] = (ctx, priority)
+        return SUCCESS, raw
+
+    def cuStreamDestroy(self, raw):
+        self.streams.pop(raw)
+        return (SUCCESS,)
+
+    def cuGreenCtxDestroy(self, ctx):
+        if any(c == ctx for c, _ in self.streams.values()):
+            return self._fail(INVALID_VALUE, "green context destroyed before its streams")
+        self.contexts.pop(ctx)
+        return (SUCCESS,)
+
+    def install(self, monkeypatch) -> None:
+        module = types.ModuleType("cuda.bindings.driver")
+        for name in dir(self):
+            if name.startswith("cu"):
+                setattr(module, name, getattr(self, name))
+        for enum in (CUdevResourceType, CUgreenCtxCreate_flags, CUstream_flags):
+            setattr(module, enum.__name__, enum)
+        cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
+        cuda.bindings, bindings.driver = bindings, module
+        for name, mod in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.driver", module)):
+            monkeypatch.setitem(sys.modules, name, mod)
