@@ -41,7 +41,7 @@ def run_search(study: optuna.Study, target: Target, config: TuneConfig, progress
                 finish_trial(study, p.trial, p.schedule, interrupted())
                 result.interrupted = True
                 break
-            except Exception as e:  # a bug in a measurer costs one trial, not the study
+            except Exception as e:  # a bug in a target costs one trial, not the study
                 m = Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {e}")
             record_trial(study, p.trial, p.schedule, m, known=known, result=result)
             heartbeat.discard(p.trial)
