@@ -1,6 +1,7 @@
 """FLOP and byte counts of a run, from torch's dispatcher (no model knowledge needed)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ def reduction_length(func, args) -> int:
         if isinstance(dims, int):
             return int(tensors[0].shape[dims]) if tensors[0].dim() else 1
         if dims:
-            return int(torch.tensor([tensors[0].shape[d] for d in dims]).prod())
+            return math.prod(tensors[0].shape[d] for d in dims)
         return tensors[0].numel()
     return 1
 

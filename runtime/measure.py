@@ -64,7 +64,7 @@ class Tolerance:
         return worst if math.isfinite(worst) else math.inf
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rtol": self.rtol, "atol": self.atol, "reduction": self.reduction, "depth": self.depth}
+        return asdict(self)
 
 
 def relative_spread(samples: list[float]) -> float:
@@ -166,8 +166,7 @@ class Bench:
         self.peaks: Peaks = measure_peaks(self.device, self.reference.dtype, hardware=self.hardware,
                                           cache_dir=config.peaks_dir, remeasure=config.remeasure_peaks)
         self.executor.profile_ops(flops_per_byte=self.peaks.balance)
-        derived = Tolerance.derive(self.reference.dtype, reduction=counts.max_reduction,
-                                   depth=self.executor.graph.depth, reference=self.reference)
+        derived = tolerance_for(self.executor, self.reference, counts=counts)
         self.tolerance = Tolerance(rtol=derived.rtol if config.rtol is None else config.rtol,
                                    atol=derived.atol if config.atol is None else config.atol,
                                    reduction=derived.reduction, depth=derived.depth)
@@ -249,9 +248,10 @@ class Bench:
         )
 
 
-def tolerance_for(executor: Executor, reference: torch.Tensor) -> Tolerance:
-    """The derived tolerance of an executor's model and batch (what Bench checks against)."""
-    _, counts = count(executor.case.model, *executor.case.inputs)
+def tolerance_for(executor: Executor, reference: torch.Tensor, *, counts=None) -> Tolerance:
+    """The derived tolerance of an executor's model and batch (what Bench checks against);
+    `counts`: the model's counts, when the caller has them already."""
+    counts = counts or count(executor.case.model, *executor.case.inputs)[1]
     return Tolerance.derive(reference.dtype, reduction=counts.max_reduction, depth=executor.graph.depth,
                             reference=reference)
 

@@ -74,6 +74,11 @@ class StoredSchedule:
 class StoreConfig:
     root: Path = Path("results")
 
+    @property
+    def peaks_dir(self) -> Path:
+        """Where the device peaks are cached, one file per hardware and dtype, for every command."""
+        return Path(self.root).absolute() / "peaks"
+
 
 class ScheduleStore:
     def __init__(self, config: StoreConfig = StoreConfig()) -> None:

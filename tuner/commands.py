@@ -8,6 +8,8 @@ from pathlib import Path
 
 from dynaflow.runtime import PRESETS, Bench, MeasureConfig, Schedule
 
+from dynaflow.runtime.store import StoreConfig
+
 from .config import SAMPLERS, TuneConfig
 from .storage import StorageConfig
 from .workloads import FORMAT, default_dtype, parse_workload
@@ -113,9 +115,9 @@ def _tune_flags(t: argparse.ArgumentParser) -> None:
                    "a local one); needs --workers")
 
 
-def measure_config(args, **kw) -> MeasureConfig:
+def measure_config(args) -> MeasureConfig:
     return MeasureConfig(warmup=args.warmup, repeats=args.repeats, rtol=args.rtol, atol=args.atol,
-                         peaks_dir=args.store.absolute() / "peaks", remeasure_peaks=args.remeasure_peaks, **kw)
+                         peaks_dir=StoreConfig(root=args.store).peaks_dir, remeasure_peaks=args.remeasure_peaks)
 
 
 def _workload(args, spec: str):
@@ -143,7 +145,7 @@ def cmd_measure(args) -> int:
 
 def cmd_ops(args) -> int:
     w = _workload(args, args.workload)
-    bench = Bench(w, config=MeasureConfig(warmup=0, repeats=1, peaks_dir=args.store.absolute() / "peaks",
+    bench = Bench(w, config=MeasureConfig(warmup=0, repeats=1, peaks_dir=StoreConfig(root=args.store).peaks_dir,
                                           remeasure_peaks=args.remeasure_peaks))
     peaks = bench.peaks
     print(f"{w.key} on {bench.hardware.key}: machine balance {peaks.balance:.1f} FLOP/byte "

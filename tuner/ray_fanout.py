@@ -216,7 +216,7 @@ class Lane:
 
     def dispatch(self) -> None:
         """Give every idle worker a trial while the budget lasts."""
-        while self.idle and not self.result.exhausted and self.budget.left(self.study):
+        while self.idle and self.budget.left(self.study):
             actor = self.idle.pop()
             if not self._send(actor):
                 self.idle.append(actor)  # answered without a worker: it takes the next trial

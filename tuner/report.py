@@ -38,7 +38,7 @@ def timelines_for(study, store_root: Path) -> tuple[list, str | None]:
         return [], f"no stored record for {workload_key} under {store_root}: timelines need its workload"
     if detect(workload.device).key != hardware:
         return [], f"this machine is not {hardware}: timelines are recorded on the study's hardware"
-    bench = Bench(workload, config=MeasureConfig(warmup=1, repeats=1, peaks_dir=Path(store_root).absolute() / "peaks"))
+    bench = Bench(workload, config=MeasureConfig(warmup=1, repeats=1, peaks_dir=StoreConfig(root=store_root).peaks_dir))
     resources = {op.name: op.resource for op in bench.executor.graph.ops}
     out = []
     for schedule in (Schedule(), best_schedule(study)):

@@ -30,7 +30,7 @@ def run_search(study: optuna.Study, target: Target, config: TuneConfig, progress
     space, ctx, known = get_space(config.space), target.space_context(), Known(study)
     result, heartbeat, run = StudyResult(study=study), Heartbeat(study), Budget(config)
     try:
-        while run.left(study) and not stop and not result.exhausted:
+        while run.left(study) and not stop:
             p = propose(study, space, ctx, known, config, heartbeat, explore=run.stuck)
             try:
                 prune = pruning_hook(p.trial, target)
@@ -74,10 +74,11 @@ def propose(study: optuna.Study, space, ctx, known: Known, config: TuneConfig, h
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = study.ask()
         heartbeat.add(trial)
-        schedule = space(trial, ctx)
-    except Exception as e:  # a bug in a space costs one trial
-        return Proposal(trial=trial, schedule=Schedule(), answer=Measurement(
-            outcome=TrialOutcome.CRASHED, message=f"search space raised {type(e).__name__}: {e}"))
+        try:  # the space suggests through the sampler chosen above
+            schedule = space(trial, ctx)
+        except Exception as e:  # a bug in a space costs one trial
+            return Proposal(trial=trial, schedule=Schedule(), answer=Measurement(
+                outcome=TrialOutcome.CRASHED, message=f"search space raised {type(e).__name__}: {e}"))
     finally:
         study.sampler = sampler
     if (m := known.reuse(schedule)) is not None:

@@ -117,27 +117,26 @@ class Known:
     incorrect, invalid), and schedules that killed a worker (never dispatched again)."""
 
     def __init__(self, study: optuna.Study) -> None:
-        self.results: dict[str, tuple[optuna.trial.FrozenTrial | None, Measurement]] = {}
+        self.results: dict[str, Measurement] = {}
         self.poison: set[str] = set()
         for t in study.get_trials(deepcopy=False):
             r = result_of(t)
             if not r.get("schedule") or r.get("duplicate"):
                 continue
             if t.state.is_finished() and r.get("outcome") in REUSABLE:
-                self.results.setdefault(_key(r), (t, _reusable(t, r)))
+                self.results.setdefault(_key(r), _reusable(t, r))
             elif r.get("outcome") in ("crashed", "timeout") and "worker" in (r.get("message") or ""):
                 self.poison.add(_key(r))
 
-    def remember(self, schedule: Schedule, m: Measurement, trial=None) -> None:
+    def remember(self, schedule: Schedule, m: Measurement) -> None:
         if m.outcome.value in REUSABLE:
-            self.results.setdefault(schedule.key(), (trial, m))
+            self.results.setdefault(schedule.key(), m)
 
     def reuse(self, schedule: Schedule) -> Measurement | None:
         """A schedule measured before (TPE re-proposes): its result again, marked, not re-timed."""
-        hit = self.results.get(schedule.key())
-        if hit is None:
+        m = self.results.get(schedule.key())
+        if m is None:
             return None
-        m = hit[1]
         return Measurement(outcome=m.outcome, tokens_per_s=m.tokens_per_s, samples_ms=m.samples_ms,
                            message=f"{DUPLICATE}: {m.outcome.value} result reused")
 
@@ -163,7 +162,7 @@ def record_trial(study: optuna.Study, trial, schedule: Schedule, m: Measurement,
     if duplicate:
         result.duplicates += 1
         return
-    known.remember(schedule, m, trial)
+    known.remember(schedule, m)
     result.outcomes[m.outcome.value] = result.outcomes.get(m.outcome.value, 0) + 1
 
 

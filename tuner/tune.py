@@ -11,6 +11,8 @@ import functools
 
 import optuna
 
+from dynaflow.runtime.store import StoreConfig
+
 from .config import TuneConfig
 from .interrupt import stop_on_ctrl_c
 from .search import run_search
@@ -25,7 +27,7 @@ def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     measure = config.measure
     if measure.peaks_dir is None:  # one peaks file per hardware for every command (the store's)
-        measure = dataclasses.replace(measure, peaks_dir=config.store_root.absolute() / "peaks")
+        measure = dataclasses.replace(measure, peaks_dir=StoreConfig(root=config.store_root).peaks_dir)
     make_target = make_target or functools.partial(LocalTarget, config=measure)
     with stop_on_ctrl_c() as stop:
         if pool is not None:
