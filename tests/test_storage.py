@@ -49,7 +49,7 @@ def test_a_trial_whose_process_stops_beating_is_failed_and_a_live_one_is_not(tmp
     storage = open_storage(StorageConfig(url=url, heartbeat_s=1, grace_s=2))
     study = optuna.create_study(storage=storage, study_name="s")
     with pytest.warns(UserWarning, match="Heartbeat of storage"):  # ours beats, not Study.optimize
-        live, dead = study.ask(), study.ask()
+        live, dead, never = study.ask(), study.ask(), study.ask()  # never: killed before its first beat
     beat = Heartbeat(study)
     beat.add(live)
     beat.add(dead)
@@ -58,7 +58,8 @@ def test_a_trial_whose_process_stops_beating_is_failed_and_a_live_one_is_not(tmp
     fail_stale_trials(study)
     beat.close()
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    assert states == {live.number: optuna.trial.TrialState.RUNNING, dead.number: optuna.trial.TrialState.FAIL}
+    assert states == {live.number: optuna.trial.TrialState.RUNNING, dead.number: optuna.trial.TrialState.FAIL,
+                      never.number: optuna.trial.TrialState.FAIL}
     assert "heartbeats" in result_of(study.get_trials(deepcopy=False)[dead.number])["message"]
 
 

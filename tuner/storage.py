@@ -7,7 +7,10 @@
 - Heartbeats: each running trial's driver records one every `heartbeat_s`; a RUNNING trial
   whose heartbeat is older than the grace period belonged to a process that died, and
   `optuna.storages.fail_stale_trials` fails it. A second tuner on a live study leaves the
-  first's trials alone. RDB storages have this built in; the journal gets it below.
+  first's trials alone. RDB storages have this built in; the journal gets it below. Optuna
+  never fails a RUNNING trial that has no heartbeat at all, so a process killed between `ask`
+  and its first beat would leave one RUNNING for ever: both storages here also fail a trial
+  silent since its start for longer than the grace period.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -65,8 +69,7 @@ def open_storage(config: StorageConfig | str) -> BaseStorage | str:
 def _rdb(url: str, config: StorageConfig) -> optuna.storages.RDBStorage:
     with warnings.catch_warnings():  # heartbeat_interval is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=config.heartbeat_s,
-                                             grace_period=config.grace_period_s)
+        storage = HeartbeatRDBStorage(url, heartbeat_interval=config.heartbeat_s, grace_period=config.grace_period_s)
     if url.startswith("sqlite:///"):
         _sqlite_wal(storage)
     return storage
@@ -99,6 +102,27 @@ def _sqlite_wal(storage: optuna.storages.RDBStorage) -> None:
     storage.engine.dispose()  # connections opened while creating the schema predate the pragmas
 
 
+def _silent_since_start(trials: list[tuple[int, datetime | None]], grace_s: float) -> list[int]:
+    """Ids of (id, start) RUNNING trials without a heartbeat that started over `grace_s` ago."""
+    cutoff = datetime.now() - timedelta(seconds=grace_s)  # Optuna stamps starts in local time
+    return [trial_id for trial_id, start in trials if start is not None and start < cutoff]
+
+
+class HeartbeatRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage; a RUNNING trial that never beat is stale once past the grace period."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.scoped_session) as session:
+            rows = (session.query(models.TrialModel)
+                    .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING,
+                            ~models.TrialModel.heartbeats.any()).all())
+            never_beat = [(t.trial_id, t.datetime_start) for t in rows]  # local time, as Optuna reports it
+        return super()._get_stale_trial_ids(study_id) + _silent_since_start(never_beat, self.grace_period)
+
+
 def _journal(path: str, config: StorageConfig) -> "HeartbeatJournalStorage":
     from .journal import UnsyncedJournalBackend
 
@@ -120,8 +144,10 @@ class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         now = time.time()
         running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        return [t._trial_id for t in running
+        beat = [t._trial_id for t in running
                 if HEARTBEAT_ATTR in t.system_attrs and now - t.system_attrs[HEARTBEAT_ATTR] > self.grace_s]
+        never = [(t._trial_id, t.datetime_start) for t in running if HEARTBEAT_ATTR not in t.system_attrs]
+        return beat + _silent_since_start(never, self.grace_s)
 
     def get_heartbeat_interval(self) -> int | None:
         return self.heartbeat_s
