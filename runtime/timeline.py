@@ -66,14 +66,20 @@ def record_timeline(compiled: Compiled, resources: dict[str, str] | None = None,
     marks: list[tuple] = []
     lock = threading.Lock()
     originals = [t.fn for t in plan.tasks]
+    runner = compiled.runner
+    # On a device each stream's spans are timed with events of its own context (a green stream
+    # may record no other), from a base event that stream records before each run: the streams
+    # are idle then, so the bases fire together, within the microseconds between their issues.
+    events = {id(t): (runner.mark(t.stream, True), runner.mark(t.stream, True)) for t in plan.tasks} if cuda else {}
+    bases = [runner.mark(k, True) for k in range(len(runner.streams))] if cuda else []
 
     def timed(task, fn):
         def run() -> None:
             if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                start, end = events[id(task)]
+                start.record(runner.streams[task.stream])
                 fn()
-                end.record()
+                end.record(runner.streams[task.stream])
             else:
                 start = time.perf_counter()
                 fn()
@@ -90,18 +96,20 @@ def record_timeline(compiled: Compiled, resources: dict[str, str] | None = None,
         compiled.backend.synchronize()
         for _ in range(runs):
             marks.clear()
-            base = torch.cuda.Event(enable_timing=True) if cuda else None
-            if cuda:
-                base.record()
+            for base, stream in zip(bases, runner.streams):
+                base.record(stream)
             t0 = time.perf_counter()
             compiled()
             compiled.backend.synchronize()
             for t, s, e in marks:
-                span = (base.elapsed_time(s), base.elapsed_time(e)) if cuda else ((s - t0) * 1e3, (e - t0) * 1e3)
+                span = ((bases[t.stream].elapsed_ms(s), bases[t.stream].elapsed_ms(e)) if cuda
+                        else ((s - t0) * 1e3, (e - t0) * 1e3))
                 per_task.setdefault(id(t), []).append(span)
     finally:
         for task, fn in zip(plan.tasks, originals):
             task.fn = fn
+        for m in (*bases, *(m for pair in events.values() for m in pair)):
+            m.close()
     spans = []
     for t in plan.tasks:
         times = per_task.get(id(t), [])

@@ -3,7 +3,10 @@ that breaking one fails a test on the CPU:
 - a split's remainder cannot be split again (it needs a descriptor and a green context first);
 - the SM groups of one descriptor come from one split call, and no group goes to two partitions;
 - granularity: from sm_90 at least 8 SMs in steps of 8; on sm_80 at least 4 in steps of 2;
-- green contexts are made with CU_GREEN_CTX_DEFAULT_STREAM, their streams CU_STREAM_NON_BLOCKING.
+- green contexts are made with CU_GREEN_CTX_DEFAULT_STREAM, their streams CU_STREAM_NON_BLOCKING;
+- an event is recorded only on a stream of the context it was made in (a green stream's context is
+  its green context); a stream may wait on an event of any context.
+With a simulated device (`sim`), events and waits are queued on its streams.
 Calls return (CUresult, ...) tuples as cuda-bindings does; a broken rule returns an error code.
 """
 from __future__ import annotations
@@ -30,6 +33,11 @@ class CUstream_flags(IntEnum):
     CU_STREAM_NON_BLOCKING = 1
 
 
+class CUevent_flags(IntEnum):
+    CU_EVENT_DEFAULT = 0
+    CU_EVENT_DISABLE_TIMING = 2
+
+
 @dataclass
 class _SM:
     smCount: int
@@ -53,6 +61,9 @@ class FakeDriver:
     streams: dict = field(default_factory=dict)  # live raw stream handle -> (context, priority)
     handles: itertools.count = field(default_factory=lambda: itertools.count(1000))
     violations: list = field(default_factory=list)
+    sim: object = None  # a SimDevice: events and waits go on its streams
+    current: list = field(default_factory=list)  # the thread's context stack (empty: primary)
+    events: dict = field(default_factory=dict)  # live event handle -> its context (None: primary)
 
     def _fail(self, code: int, why: str):
         self.violations.append(why)
@@ -110,7 +121,59 @@ class FakeDriver:
     def cuGreenCtxDestroy(self, ctx):
         if any(c == ctx for c, _ in self.streams.values()):
             return self._fail(INVALID_VALUE, "green context destroyed before its streams")
+        if any(c == ctx for c, _ in self.events.values()):
+            return self._fail(INVALID_VALUE, "green context destroyed before its events")
         self.contexts.pop(ctx)
+        return (SUCCESS,)
+
+    def cuCtxFromGreenCtx(self, ctx):
+        if ctx not in self.contexts:
+            return self._fail(INVALID_VALUE, "context of a destroyed green context")
+        return SUCCESS, ("ctx", ctx)
+
+    def cuCtxPushCurrent(self, context):
+        self.current.append(context[1])
+        return (SUCCESS,)
+
+    def cuCtxPopCurrent(self):
+        return SUCCESS, ("ctx", self.current.pop())
+
+    def cuEventCreate(self, flags):
+        handle = next(self.handles)
+        context = self.current[-1] if self.current else None
+        self.events[handle] = (context, self.sim and self._sim_event(context))
+        return SUCCESS, handle
+
+    def _sim_event(self, context):
+        from test_cuda_backend_sim import SimEvent
+        return SimEvent(self.sim, context=context)
+
+    def _stream_context(self, handle):
+        return self.streams[handle][0] if handle in self.streams else None
+
+    def cuEventRecord(self, event, stream):
+        if event not in self.events:
+            return self._fail(INVALID_VALUE, "record of a destroyed event")
+        if self._stream_context(stream) != self.events[event][0]:
+            return self._fail(INVALID_VALUE, "event recorded on a stream of another context")
+        if self.sim:
+            self.events[event][1].record(self.sim.by_handle(stream))
+        return (SUCCESS,)
+
+    def cuStreamWaitEvent(self, stream, event, flags):
+        if event not in self.events:
+            return self._fail(INVALID_VALUE, "wait on a destroyed event")
+        if self.sim:
+            self.sim.by_handle(stream).wait_event(self.events[event][1])
+        return (SUCCESS,)
+
+    def cuEventElapsedTime(self, start, end):
+        if self.events[start][0] != self.events[end][0]:
+            return self._fail(INVALID_VALUE, "elapsed time between events of two contexts")
+        return SUCCESS, self.events[start][1].elapsed_time(self.events[end][1])
+
+    def cuEventDestroy(self, event):
+        self.events.pop(event)
         return (SUCCESS,)
 
     def install(self, monkeypatch) -> None:
@@ -118,7 +181,7 @@ class FakeDriver:
         for name in dir(self):
             if name.startswith("cu"):
                 setattr(module, name, getattr(self, name))
-        for enum in (CUdevResourceType, CUgreenCtxCreate_flags, CUstream_flags):
+        for enum in (CUdevResourceType, CUgreenCtxCreate_flags, CUstream_flags, CUevent_flags):
             setattr(module, enum.__name__, enum)
         cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
         cuda.bindings, bindings.driver = bindings, module

@@ -20,17 +20,30 @@ from test_equivalence import CASES, assert_equal_to_reference
 
 
 class SimEvent:
-    def __init__(self, sim: "SimDevice") -> None:
-        self.sim, self.done = sim, True
+    """`context`: the context it was made in (None: the primary context, torch's events)."""
+
+    def __init__(self, sim: "SimDevice", context=None) -> None:
+        self.sim, self.done, self.context = sim, True, context
 
     def record(self, stream=None) -> None:
+        stream = stream or self.sim.current
+        if stream.context != self.context:  # the driver's rule: record only on a stream of the event's context
+            raise RuntimeError(f"CUDA error: invalid resource handle (event of context {self.context} recorded "
+                               f"on a stream of context {stream.context})")
         self.done = False
-        (stream or self.sim.current).queue.append(("record", self))
+        stream.queue.append(("record", self))
+
+    def elapsed_time(self, end: "SimEvent") -> float:
+        """Simulated milliseconds: one per task the device ran between the two records."""
+        return float(end.at - self.at)
 
 
 class SimStream:
-    def __init__(self, sim: "SimDevice", priority: int = 0) -> None:
-        self.sim, self.priority, self.queue = sim, priority, []
+    """`context`: None for torch's streams (primary context), a green context's handle for its streams."""
+
+    def __init__(self, sim: "SimDevice", priority: int = 0, context=None) -> None:
+        self.sim, self.priority, self.queue, self.context = sim, priority, [], context
+        self.cuda_stream = 1 + len(sim.streams)
         sim.streams.append(self)
 
     def wait_event(self, event: SimEvent) -> None:
@@ -51,6 +64,9 @@ class SimDevice:
     def stream(self, device=None, priority: int = 0) -> SimStream:
         return SimStream(self, priority)
 
+    def by_handle(self, handle: int) -> SimStream:
+        return next(s for s in self.streams if s.cuda_stream == handle)
+
     @contextmanager
     def on(self, stream: SimStream):
         before, self.current = self.current, stream
@@ -65,7 +81,7 @@ class SimDevice:
             assert ready, "deadlock: every stream waits on an event nobody will record"
             kind, item = self.rng.choice(ready).queue.pop(0)
             if kind == "record":
-                item.done = True
+                item.done, item.at = True, self.tasks_run
             elif kind == "task":
                 item()
                 self.tasks_run += 1

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from dynaflow.runtime import Executor, Schedule, StreamSpec, Workload
+from dynaflow.runtime.schedule import Step
+from dynaflow.runtime.timeline import record_timeline
 from dynaflow.runtime.backends import green_ctx
 from fake_driver import FakeDriver
 from schedules import random_schedule
@@ -18,13 +20,15 @@ from test_equivalence import CASES, assert_equal_to_reference
 
 @pytest.fixture(params=[(9, 0), (8, 0)], ids=["sm90", "sm80"])
 def device(request, monkeypatch):
-    sim, fake = SimDevice(seed=0), FakeDriver(num_sms=132 if request.param >= (9, 0) else 108, arch=request.param)
+    sim = SimDevice(seed=0)
+    fake = FakeDriver(num_sms=132 if request.param >= (9, 0) else 108, arch=request.param, sim=sim)
     sim.install(monkeypatch)
     fake.install(monkeypatch)
 
     def from_external(raw, device=None):
-        stream = SimStream(sim, priority=fake.streams[raw][1])
-        stream.raw = raw
+        context, priority = fake.streams[raw]
+        stream = SimStream(sim, priority=priority, context=context)
+        stream.raw, stream.cuda_stream = raw, raw
         return stream
 
     monkeypatch.setattr(torch.cuda, "get_stream_from_external", from_external)
@@ -106,3 +110,34 @@ def test_a_binding_without_green_contexts_is_unavailable_not_a_crash(device, mon
 def test_granularity_follows_the_architecture():
     assert green_ctx.sm_granularity("9.0") == 8 and green_ctx.sm_granularity("10.0") == 8
     assert green_ctx.sm_granularity("8.0") == 4
+
+
+def test_a_torch_event_recorded_on_a_green_stream_is_refused(device, monkeypatch):
+    """Mutation check: events made in the primary context (torch's, as `wait_stream` and
+    `torch.cuda.Event` make them) recorded on a green stream break the driver's rule and fail."""
+    sim, fake = device
+    ex = _executor(sim)
+    monkeypatch.setattr(green_ctx.StreamSet, "mark", lambda self, stream, timing=False: green_ctx.TorchMark(timing))
+    run = ex.compile(Schedule(split_sizes=(3, 6), streams=(StreamSpec(sm_share=16), StreamSpec(sm_share=16))))
+    with pytest.raises(RuntimeError, match="invalid resource handle"):
+        run_between_main_stream_work(sim, run)
+    run.close()
+
+
+def test_events_live_in_their_streams_contexts_and_die_before_them(device):
+    sim, fake = device
+    ex = _executor(sim)
+    ref = ex.reference().clone()
+    schedule = Schedule(split_sizes=(3, 6), streams=(StreamSpec(sm_share=16), StreamSpec()),
+                        order=tuple(Step(op=op, nano=b, stream=b) for op in ex.graph.names for b in (0, 1)))
+    run = ex.compile(schedule)
+    assert fake.events and {c for c, _ in fake.events.values()} == set(fake.contexts)  # one green context's events
+    assert_equal_to_reference(run_between_main_stream_work(sim, run), ref, ex)
+    timeline = record_timeline(run, runs=2)  # timed with events of each stream's own context
+    assert {(s.op, s.nano, s.stream) for s in timeline.spans} == {(s.op, s.nano, s.stream) for s in schedule.order}
+    assert all(s.end_ms > s.start_ms >= 0 for s in timeline.spans)
+    run.close()
+    assert not fake.events and not fake.violations
+    ex.backend._sets.capacity = 0
+    ex.backend._sets._make_room()  # destroys the idle set: its green context goes after its events
+    assert not fake.contexts and not fake.violations

@@ -16,6 +16,8 @@ class Runner:
     run: Callable[[], None]
     notes: dict[str, str] = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
+    streams: list = field(default_factory=list)  # a device backend's streams, by schedule stream index
+    mark: Callable[..., object] | None = None  # mark(k, timing): an event stream k may record
 
 
 class Backend(ABC):

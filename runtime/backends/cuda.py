@@ -2,7 +2,9 @@
 issue from one host thread.
 
 Each run forks every stream off the current stream and joins them back, so work of one run
-never overlaps the next and memory freed after a run is safe to reuse. SM shares become
+never overlaps the next and memory freed after a run is safe to reuse. Every event is made in
+the context of the stream that records it (a green stream's is its green context: the driver
+refuses a torch event recorded there); waiting on an event of another context is allowed. SM shares become
 disjoint green-context partitions when the stack allows; otherwise the streams run
 unpartitioned and the runner's notes say why. With `cuda_graph`, the whole schedule is
 captured once (multi-stream capture: fork and join inside the capture) and replayed.
@@ -13,7 +15,7 @@ import torch
 
 from ..plan import Plan
 from .base import Backend, Runner
-from .green_ctx import PartitionUnavailable, StreamSet, StreamSets, make_partitioned_streams
+from .green_ctx import PartitionUnavailable, StreamSet, StreamSets, TorchMark, make_partitioned_streams
 
 
 class CUDABackend(Backend):
@@ -43,35 +45,40 @@ class CUDABackend(Backend):
         key = (tuple(s.sm_share for s in specs), tuple(s.priority for s in specs))
         stream_set = self._sets.acquire(key)
         streams, notes = stream_set.streams, stream_set.notes
-        events = [torch.cuda.Event() for _ in plan.tasks]
+        recorded = {w for t in plan.tasks for w in t.waits}
+        marks = {i: stream_set.mark(plan.tasks[i].stream) for i in recorded}
+        fork, joins = TorchMark(), [stream_set.mark(k) for k in range(len(streams))]
 
         @torch.no_grad()
         def run_once() -> None:
             plan.reset()
             main = torch.cuda.current_stream(self.device)
+            fork.record(main)
             for s in streams:
-                s.wait_stream(main)
+                fork.block(s)
             for i, task in enumerate(plan.tasks):
                 stream = streams[task.stream]
                 with torch.cuda.stream(stream):
                     for w in task.waits:
-                        stream.wait_event(events[w])
+                        marks[w].block(stream)
                     task.fn()
-                    if i in plan_recorded:
-                        events[i].record(stream)
-            for s in streams:
-                main.wait_stream(s)
+                    if i in marks:
+                        marks[i].record(stream)
+            for s, join in zip(streams, joins):
+                join.record(s)
+                join.block(main)
 
-        plan_recorded = {w for t in plan.tasks for w in t.waits}
         released = []
 
-        def close() -> None:  # once per runner, however often called
+        def close() -> None:  # once per runner, however often called; events before their contexts
             if not released:
                 released.append(True)
+                for m in (*marks.values(), *joins):
+                    m.close()
                 self._sets.release(key)
 
         if not plan.schedule.cuda_graph:
-            return Runner(run=run_once, notes=notes, close=close)
+            return Runner(run=run_once, notes=notes, close=close, mark=stream_set.mark, streams=streams)
         try:
             replay = self._capture(run_once)
         except BaseException:
@@ -100,12 +107,12 @@ class CUDABackend(Backend):
             try:
                 want = [s for s in shares if s is not None]
                 own = [p for s, p in zip(shares, priorities) if s is not None]  # each share's own priority
-                part, granted, close = make_partitioned_streams(self.device.index, want, own)
+                part, granted, green_marks, close = make_partitioned_streams(self.device.index, want, own)
                 notes["partition"] = f"green contexts, granted SMs {granted} for requested {want}"
-                it = iter(part)
-                streams = [next(it) if s is not None else torch.cuda.Stream(self.device, priority=p)
-                           for s, p in zip(shares, priorities)]
-                return StreamSet(streams=streams, notes=notes, close=close)
+                it, made = iter(zip(part, green_marks)), []
+                for s, p in zip(shares, priorities):
+                    made.append(next(it) if s is not None else (torch.cuda.Stream(self.device, priority=p), TorchMark))
+                return StreamSet(streams=[st for st, _ in made], marks=[m for _, m in made], notes=notes, close=close)
             except PartitionUnavailable as e:
                 notes["partition"] = f"unavailable: {e}; streams run unpartitioned"
         return StreamSet(streams=[torch.cuda.Stream(self.device, priority=p) for p in priorities], notes=notes)

@@ -34,11 +34,61 @@ def sm_granularity(arch: str) -> int:
     return 8 if float(arch) >= 9.0 else 4
 
 
-def _check(result):
+def _check(result, error: type[Exception] = PartitionUnavailable):
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise PartitionUnavailable(f"CUDA driver call failed with {err!r}")
+        raise error(f"CUDA driver call failed with {err!r}")
     return rest[0] if len(rest) == 1 else rest
+
+
+class TorchMark:
+    """An event of the primary context (torch's): what streams torch made record."""
+
+    def __init__(self, timing: bool = False) -> None:
+        self.event = torch.cuda.Event(enable_timing=timing)
+
+    def record(self, stream) -> None:
+        self.event.record(stream)
+
+    def block(self, stream) -> None:
+        """Make `stream` wait for the work before the last record (any context may wait)."""
+        stream.wait_event(self.event)
+
+    def elapsed_ms(self, end: "TorchMark") -> float:
+        return self.event.elapsed_time(end.event)
+
+    def close(self) -> None:
+        pass
+
+
+class GreenMark:
+    """An event made inside one green context. The driver lets a stream record only events of its
+    own context, and a green stream's context is its green context, so a torch event (primary
+    context) must never be recorded on one; waiting on an event of any context is allowed."""
+
+    def __init__(self, driver, green_ctx, timing: bool = False) -> None:
+        self.driver = driver
+        context = _check(driver.cuCtxFromGreenCtx(green_ctx), RuntimeError)
+        _check(driver.cuCtxPushCurrent(context), RuntimeError)
+        try:
+            flags = driver.CUevent_flags.CU_EVENT_DEFAULT if timing else driver.CUevent_flags.CU_EVENT_DISABLE_TIMING
+            self.handle = _check(driver.cuEventCreate(flags), RuntimeError)
+        finally:
+            _check(driver.cuCtxPopCurrent(), RuntimeError)
+
+    def record(self, stream) -> None:
+        _check(self.driver.cuEventRecord(self.handle, stream.cuda_stream), RuntimeError)
+
+    def block(self, stream) -> None:
+        _check(self.driver.cuStreamWaitEvent(stream.cuda_stream, self.handle, 0), RuntimeError)
+
+    def elapsed_ms(self, end: "GreenMark") -> float:
+        return float(_check(self.driver.cuEventElapsedTime(self.handle, end.handle), RuntimeError))
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.driver.cuEventDestroy(self.handle)
+            self.handle = None
 
 
 def _driver():
@@ -51,7 +101,8 @@ def _driver():
 
 def make_partitioned_streams(device_index: int, shares: list[int], priorities: list[int]):
     """One stream per share (priorities[i] goes with shares[i]), on disjoint SM partitions.
-    Returns (streams, granted SM counts, close): close() destroys the streams and green contexts."""
+    Returns (streams, granted SM counts, marks, close): marks[i](timing) makes an event of stream
+    i's green context; close() destroys the streams and green contexts."""
     driver = _driver()
     major, minor = torch.cuda.get_device_capability(device_index)
     step = sm_granularity(f"{major}.{minor}")
@@ -70,6 +121,7 @@ def make_partitioned_streams(device_index: int, shares: list[int], priorities: l
 
     try:
         streams, granted = _make(driver, device_index, shares, priorities, step, made)
+        marks = [lambda timing=False, ctx=ctx: GreenMark(driver, ctx, timing) for ctx, _ in made]
     except PartitionUnavailable:
         close()
         raise
@@ -79,7 +131,7 @@ def make_partitioned_streams(device_index: int, shares: list[int], priorities: l
     except BaseException:
         close()  # a share the device cannot grant: the partitions made so far are not kept
         raise
-    return streams, granted, close
+    return streams, granted, marks, close
 
 
 def _make(driver, device_index: int, shares: list[int], priorities: list[int], step: int, made: list):
@@ -107,10 +159,17 @@ def _make(driver, device_index: int, shares: list[int], priorities: list[int], s
 
 @dataclass(kw_only=True)
 class StreamSet:
+    """Streams of one (shares, priorities) key; marks[i](timing) makes an event that stream i may
+    record (one of its own context); a set of torch streams gets torch events."""
+
     streams: list
     notes: dict[str, str]
+    marks: list[Callable[..., object]] | None = None
     close: Callable[[], None] = lambda: None
     users: int = 0  # runners holding it; a set in use is never destroyed
+
+    def mark(self, stream: int, timing: bool = False):
+        return self.marks[stream](timing) if self.marks else TorchMark(timing)
 
 
 @dataclass(kw_only=True)
