@@ -39,6 +39,28 @@ def reduction_length(func, args) -> int:
     return 1
 
 
+def attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of one fused attention call, from shapes (..., S, E): 2·Sq·Sk·(E + Ev) per query head,
+    QKᵀ and then PV. Grouped-query heads share K and V but each query head does its own products,
+    so the query's batch and head dims count. A causal call is counted whole, as the math kernel
+    computes it (its bmm's) and as torch counts it: every SDPA variant gives the same number."""
+    *lead, sq, e = query
+    return 2 * math.prod(lead) * sq * key[-2] * (e + value[-1])
+
+
+# Every fused SDPA variant, counted by one formula: torch's own formulas count CPU flash as 0 and,
+# in torch 2.11, assert equal query and key head counts, which grouped-query attention breaks.
+# The math variant decomposes into bmm's, which torch counts.
+ATTENTION_OPS = tuple(getattr(_ATEN, name) for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable") if hasattr(_ATEN, name))
+
+
+def flop_counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping={op: attention_flops for op in ATTENTION_OPS})
+
+
 class BytesCounterMode(TorchDispatchMode):
     """Counts the least bytes a run must move: every tensor it did not create, read once, plus
     every output it returns. Also records whether any op did arithmetic (else it is a copy op),
@@ -85,7 +107,7 @@ class Counts:
 
 def count(fn, *args) -> tuple[object, Counts]:
     """Run fn(*args) once under both counters; bytes = external reads + returned outputs."""
-    flop_mode = FlopCounterMode(display=False)
+    flop_mode = flop_counter()
     byte_mode = BytesCounterMode()
     with torch.no_grad(), flop_mode, byte_mode:
         out = fn(*args)
