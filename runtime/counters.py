@@ -118,6 +118,29 @@ def count(fn, *args) -> tuple[object, Counts]:
     return out, counts
 
 
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make the host wait for the device: a value read on the host
+    (`.item()`, `bool(t)`, `torch.equal`) or an output shape that depends on values (`nonzero`,
+    masked or boolean indexing, `unique`, `repeat_interleave` by a tensor), as ATen tags them.
+    Such an op breaks CUDA-graph capture and stalls every stream behind it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tags = func.tags
+        if torch.Tag.data_dependent_output in tags or (
+                torch.Tag.dynamic_output_shape in tags
+                and (func is not _ATEN.index.Tensor or _bool_index(args))):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _bool_index(args) -> bool:
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in tree_leaves(args[1:]))
+
+
 def _storage_ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 

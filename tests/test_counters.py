@@ -80,3 +80,52 @@ def test_the_overrideable_variant_uses_the_same_formula():
     assert attention_flops([B, HQ, SQ, E], [B, HKV, SK, E], [B, HKV, SK, E]) == hand_count()
     registry = flop_counter().flop_registry
     assert all(registry[op].__wrapped__ is attention_flops for op in ATTENTION_OPS)
+
+
+# --- host syncs: nothing in a built-in model makes the host wait for the device -------------------
+
+from dynaflow.runtime import Executor, Workload  # noqa: E402
+from dynaflow.runtime.counters import HostSyncs  # noqa: E402
+from schedules import random_schedule  # noqa: E402
+from test_equivalence import CASES, assert_equal_to_reference  # noqa: E402
+
+
+def test_the_sync_detector_sees_each_kind_of_host_sync():
+    """Mutation check: the MoE routing as it was (gather chosen tokens by value) is caught."""
+    x, chosen = torch.randn(6, 4), torch.tensor([[0, 1], [1, 2], [0, 2], [3, 1], [0, 3], [2, 1]])
+    for syncing in (lambda: (chosen == 1).nonzero(), lambda: x.sum().item(), lambda: x[x > 0],
+                    lambda: bool((chosen == 9).any()), lambda: torch.repeat_interleave(chosen[:, 0])):
+        with HostSyncs() as mode:
+            syncing()
+        assert mode.ops, syncing
+    with HostSyncs() as mode:
+        x[chosen[:, 0]], torch.topk(x, 2), torch.zeros(6, 4).scatter_(-1, chosen, x[:, :2])
+    assert mode.ops == []
+
+
+@pytest.mark.parametrize("name", ["mixtral-tiny", "mixtral-prefill-only", "llama-tiny"])
+def test_built_in_models_make_no_host_sync_and_equal_the_reference(name):
+    """Every task of the sequential and of random schedules, watched in the thread that runs it
+    (dispatch modes are per thread, and the CPU backend runs a thread per stream)."""
+    import random
+    from dynaflow.runtime import Schedule
+    ex = Executor(Workload(**CASES[name]).build())
+    ref = ex.reference().clone()
+    rng = random.Random(name)
+    syncs: list[str] = []
+
+    def watched(fn):
+        def run() -> None:
+            with HostSyncs() as mode:
+                fn()
+            syncs.extend(mode.ops)
+        return run
+
+    for schedule in [Schedule(), *(random_schedule(ex.graph, ex.case.layout, rng) for _ in range(5))]:
+        run = ex.compile(schedule)
+        for task in run.plan.tasks:
+            task.fn = watched(task.fn)
+        out = run()
+        run.close()
+        assert syncs == [], f"{name}: {schedule.label}: {syncs}"
+        assert_equal_to_reference(out, ref, ex)

@@ -1,8 +1,16 @@
 """A Mixtral-style MoE decoder layer: Llama attention, then a router and top-k of E experts.
 
 Each expert is one op of the runtime's graph. The accumulator is threaded through the
-experts (`out = out.index_add_(...)`) so the data flow, which the runtime's dependencies are
+experts (`out = out.addcmul_(...)`) so the data flow, which the runtime's dependencies are
 derived from, orders the in-place updates.
+
+No op waits for the device: routing gathers no tokens by value (no `nonzero`, no `.item()`, no
+shape that depends on the router), so a layer can be captured in a CUDA graph and its streams
+never stall the host. Each expert runs on every token of its nano-batch and a token's result is
+weighted by its routing weight, zero where the expert was not chosen: the same sum as gathering
+the chosen tokens, at num_experts/top_k times the expert FLOPs. (A grouped GEMM over sorted tokens
+would do the chosen tokens only; torch's `_grouped_mm` is free of host syncs only for bf16 on
+sm_90+, and falls back to reading the group offsets on the host elsewhere.)
 """
 from __future__ import annotations
 
@@ -49,9 +57,8 @@ class MixtralLayer(LlamaLayer):
         probs = self.router(hn).float().softmax(-1)
         weights, chosen = torch.topk(probs, self.cfg.top_k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(hn.dtype)
+        combine = torch.zeros_like(probs, dtype=hn.dtype).scatter_(-1, chosen, weights)  # (tokens, experts)
         out = torch.zeros_like(hn)
         for e, expert in enumerate(self.experts):
-            where = (chosen == e).nonzero()
-            tok, slot = where[:, 0], where[:, 1]
-            out = out.index_add_(0, tok, expert(hn[tok]) * weights[tok, slot, None])
+            out = out.addcmul_(expert(hn), combine[:, e, None])
         return h + out
