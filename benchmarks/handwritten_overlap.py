@@ -58,9 +58,12 @@ def main() -> None:
         seq, hand = (statistics.median(samples[k]) for k in schedules)
         print(f"\n{'CUDA graphs' if graph else 'eager'}:")
         for name, med in (("sequential", seq), ("handwritten", hand)):
+            peak = f"{peaks[name] / 2**20:8.1f} MiB" if peaks[name] else "unknown"
             print(f"  {name:<12} {med:9.3f} ms  {w.num_tokens / med * 1e3:12,.0f} tokens/s  "
-                  f"efficiency {bench.bound_ms / med:6.1%}  peak {peaks[name] / 2**20:8.1f} MiB  {notes[name] or ''}")
-        print(f"  speedup      {seq / hand:9.3f}x   peak memory {peaks['handwritten'] / peaks['sequential']:.2f}x")
+                  f"efficiency {bench.bound_ms / med:6.1%}  peak {peak}  {notes[name] or ''}")
+        ratio = (f"{peaks['handwritten'] / peaks['sequential']:.2f}x" if peaks["handwritten"] and peaks["sequential"]
+                 else "unknown (a peak was not measured)")
+        print(f"  speedup      {seq / hand:9.3f}x   peak memory {ratio}")
 
 
 if __name__ == "__main__":

@@ -144,8 +144,9 @@ class Measurement:
         if not self.ok:
             return f"{self.outcome.value.upper()}: {self.message}"
         eff = f", {self.efficiency:.1%} of roofline" if self.efficiency is not None else ""
+        peak = f"peak {self.peak_bytes / 2**20:.1f} MiB" if self.peak_bytes else "peak memory unknown"
         return (f"{self.latency_ms:.3f} ms median (p10 {self.latency_p10_ms:.3f}, p90 {self.latency_p90_ms:.3f}), "
-                f"{self.tokens_per_s:,.0f} tokens/s, peak {self.peak_bytes / 2**20:.1f} MiB{eff}")
+                f"{self.tokens_per_s:,.0f} tokens/s, {peak}{eff}")
 
 
 class Bench:

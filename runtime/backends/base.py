@@ -18,6 +18,7 @@ class Runner:
     close: Callable[[], None] = lambda: None
     streams: list = field(default_factory=list)  # a device backend's streams, by schedule stream index
     mark: Callable[..., object] | None = None  # mark(k, timing): an event stream k may record
+    peak_bytes: int | None = None  # known without a run (a CUDA graph's pool, sized at capture)
 
 
 class Backend(ABC):

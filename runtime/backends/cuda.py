@@ -18,6 +18,15 @@ from .base import Backend, Runner
 from .green_ctx import PartitionUnavailable, StreamSet, StreamSets, TorchMark, make_partitioned_streams
 
 
+def graph_pool_bytes(pool, device_index: int) -> int | None:
+    """Bytes the caching allocator holds in a CUDA graph's private pool: the segments of the
+    allocator's snapshot tagged with that pool. None if the snapshot says nothing of it."""
+    segments = [s for s in torch.cuda.memory_snapshot()
+                if tuple(s.get("segment_pool_id", ())) == tuple(pool) and s.get("device", device_index) == device_index]
+    total = sum(int(s["total_size"]) for s in segments)
+    return total or None
+
+
 class CUDABackend(Backend):
     name = "cuda"
 
@@ -33,6 +42,13 @@ class CUDABackend(Backend):
         torch.cuda.synchronize(self.device)
 
     def peak_bytes(self, plan: Plan, runner: Runner) -> int | None:
+        """Bytes a run needs above what it starts from. From a quiesced start: the values the
+        previous run left in the plan are freed first (a run frees them as it begins, so counting
+        them in the start would hide the run's own peak). A CUDA graph's replays allocate nothing:
+        its private pool, sized at capture, is what it needs; None where that is unknown."""
+        if plan.schedule.cuda_graph:
+            return runner.peak_bytes
+        plan.reset()
         self.synchronize()
         start = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -80,13 +96,15 @@ class CUDABackend(Backend):
         if not plan.schedule.cuda_graph:
             return Runner(run=run_once, notes=notes, close=close, mark=stream_set.mark, streams=streams)
         try:
-            replay = self._capture(run_once)
+            replay, pool_bytes = self._capture(run_once)
         except BaseException:
             close()
             raise
-        return Runner(run=replay, notes={**notes, "cuda_graph": "captured once, replayed"}, close=close)
+        return Runner(run=replay, notes={**notes, "cuda_graph": "captured once, replayed"}, close=close,
+                      peak_bytes=pool_bytes)
 
     def _capture(self, run_once):
+        """Returns (replay, bytes of the graph's private memory pool or None if unknown)."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -96,7 +114,8 @@ class CUDABackend(Backend):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             run_once()
-        return graph.replay
+        self.synchronize()
+        return graph.replay, graph_pool_bytes(graph.pool(), self.device.index)
 
     def _make_streams(self, key) -> StreamSet:
         shares, priorities = key
