@@ -1,7 +1,15 @@
-"""NVML queries, each wrapped: a query the device or the VM does not support reads None."""
+"""NVML queries, each wrapped: a query the device or the VM does not support reads None.
+
+NVML numbers GPUs physically; torch numbers the GPUs CUDA_VISIBLE_DEVICES lets it see. So the
+handle for torch's device is found by its UUID, else its PCI bus id, never by torch's index (with
+CUDA_VISIBLE_DEVICES=1, torch's cuda:0 is NVML's device 1). A device matched by neither reads as
+having no NVML ("nvml": None), not as another GPU's clocks.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
+
+import torch
 
 
 def _nvml():
@@ -21,11 +29,33 @@ def _query(fn: Callable[[], Any]) -> Any:
         return None
 
 
+_HANDLES: dict[int, Any] = {}
+
+
+def nvml_handle(nv, index: int):
+    """NVML's handle of torch's cuda:<index>, by UUID, else by PCI bus id; None if neither matches."""
+    if index in _HANDLES:
+        return _HANDLES[index]
+    props = _query(lambda: torch.cuda.get_device_properties(index))
+    handle = None
+    uuid = str(getattr(props, "uuid", "") or "")
+    if uuid:
+        for name in (uuid, f"GPU-{uuid}", f"MIG-{uuid}"):
+            handle = _query(lambda: nv.nvmlDeviceGetHandleByUUID(name))
+            if handle is not None:
+                break
+    if handle is None and getattr(props, "pci_bus_id", None) is not None:
+        bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        handle = _query(lambda: nv.nvmlDeviceGetHandleByPciBusId(bus_id))
+    _HANDLES[index] = handle
+    return handle
+
+
 def nvml_static(index: int) -> dict[str, Any]:
     nv = _nvml()
     if nv is None:
         return {}
-    handle = _query(lambda: nv.nvmlDeviceGetHandleByIndex(index))
+    handle = nvml_handle(nv, index)
     if handle is None:
         return {}
     mig = _query(lambda: nv.nvmlDeviceGetMigMode(handle))
@@ -42,8 +72,8 @@ def sample(device: str) -> dict[str, Any]:
     nv = _nvml()
     if nv is None:
         return {"nvml": None}
-    index = int(device.split(":")[1]) if ":" in device else 0
-    handle = _query(lambda: nv.nvmlDeviceGetHandleByIndex(index))
+    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    handle = nvml_handle(nv, index)
     if handle is None:
         return {"nvml": None}
     reasons = _query(lambda: nv.nvmlDeviceGetCurrentClocksEventReasons(handle))
