@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import telemetry
+from . import telemetry, validate
 from .files import write_json_atomic
 
 
@@ -40,8 +40,20 @@ class Hardware:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Hardware":
-        return cls(**d)
+    def from_dict(cls, d: dict, name: str = "hardware") -> "Hardware":
+        """Every field checked (a record's hardware is read from a file)."""
+        d = validate.obj(d, name)
+        validate.known(d, {"kind", "name", "arch", "num_sms", "memory_bytes", "mig", "software"}, name)
+        if d.get("kind") not in ("cuda", "cpu"):
+            raise ValueError(f"{name}.kind must be 'cuda' or 'cpu', but got {validate.short(d.get('kind'))}.")
+        software = validate.obj(d.get("software", {}), f"{name}.software")
+        for k, v in software.items():
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{name}.software.{k} must be a version string or null, but got {validate.short(v)}.")
+        return cls(kind=d["kind"], name=validate.string(d, "name", name), arch=validate.string(d, "arch", name),
+                   num_sms=validate.integer(d, "num_sms", name, lo=1),
+                   memory_bytes=validate.integer(d, "memory_bytes", name, lo=0),
+                   mig=validate.boolean(d, "mig", name, optional=True), software=dict(software))
 
     def mismatch(self, other: "Hardware") -> list[str]:
         """The hard fields that differ: a schedule tuned on `other` must not run here."""

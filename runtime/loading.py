@@ -185,7 +185,9 @@ def read_records(store: ScheduleStore, live: Hardware, on_error: str) -> list[di
         return []
     packed = store.read_pack(live.key)
     if packed is not None:
-        return packed
+        for rec in packed:
+            check_hardware(rec, live, str(store.pack_path(live.key)))
+        return [rec.to_dict() for rec in packed]
     good, broken = [], False
     for path, rec in store.records(live.key):
         if isinstance(rec, ValueError):

@@ -10,9 +10,15 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
+from .validate import short
+
 SCHEMA_VERSION = 1
 SPLIT_UNITS = ("requests", "tokens")
 MAX_STREAMS = 8
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -23,11 +29,11 @@ class StreamSpec:
     priority: int = 0
 
     def __post_init__(self) -> None:
-        if self.sm_share is not None and (not isinstance(self.sm_share, int) or self.sm_share < 1):
-            raise ValueError(f"streams[].sm_share must be a positive int or None, but got {self.sm_share!r}.")
-        if not isinstance(self.priority, int) or not -3 <= self.priority <= 0:
+        if self.sm_share is not None and (not _is_int(self.sm_share) or self.sm_share < 1):
+            raise ValueError(f"streams[].sm_share must be a positive int or None, but got {short(self.sm_share)}.")
+        if not _is_int(self.priority) or not -3 <= self.priority <= 0:
             raise ValueError(
-                f"streams[].priority must be an int in [-3, 0] (lower runs first), but got {self.priority!r}."
+                f"streams[].priority must be an int in [-3, 0] (lower runs first), but got {short(self.priority)}."
             )
 
 
@@ -38,6 +44,13 @@ class Step:
     op: str
     nano: int
     stream: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.op, str):
+            raise ValueError(f"order step op must be an op name, but got {short(self.op)}.")
+        for name in ("nano", "stream"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"order step {name} must be an int >= 0, but got {short(getattr(self, name))}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,21 +71,27 @@ class Schedule:
     schema_version: ClassVar[int] = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        for name in ("split_sizes", "streams", "order"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ValueError(f"{name} must be a list, but got {short(getattr(self, name))}.")
         _set(self, "split_sizes", tuple(self.split_sizes))
         _set(self, "streams", tuple(_as(StreamSpec, s, "streams") for s in self.streams))
         _set(self, "order", tuple(_as(Step, s, "order") for s in self.order))
         self._check_fields()
 
     def _check_fields(self) -> None:
-        if self.split_unit not in SPLIT_UNITS:
-            raise ValueError(f"split_unit must be one of {SPLIT_UNITS}, but got {self.split_unit!r}.")
-        bad = [s for s in self.split_sizes if not isinstance(s, int) or isinstance(s, bool) or s < 1]
+        if not isinstance(self.split_unit, str) or self.split_unit not in SPLIT_UNITS:
+            raise ValueError(f"split_unit must be one of {SPLIT_UNITS}, but got {short(self.split_unit)}.")
+        if not isinstance(self.label, str):
+            raise ValueError(f"label must be a string, but got {short(self.label)}.")
+        bad = [short(s) for s in self.split_sizes if not _is_int(s) or s < 1]
         if bad:
-            raise ValueError(f"split_sizes must be positive ints, but got {self.split_sizes!r} (bad: {bad}).")
+            shown = ", ".join(short(x) for x in self.split_sizes[:16]) + (", ..." if len(self.split_sizes) > 16 else "")
+            raise ValueError(f"split_sizes must be positive ints, but got ({shown}) (bad: {', '.join(bad[:3])}).")
         if not 1 <= len(self.streams) <= MAX_STREAMS:
             raise ValueError(f"streams must hold 1..{MAX_STREAMS} streams, but got {len(self.streams)}.")
         if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be a bool, but got {self.cuda_graph!r}.")
+            raise ValueError(f"cuda_graph must be a bool, but got {short(self.cuda_graph)}.")
         seen: set[tuple[str, int]] = set()
         for step in self.order:
             if not 0 <= step.nano < self.num_nano:
@@ -119,23 +138,31 @@ class Schedule:
         if not isinstance(d, Mapping):
             raise ValueError(f"a schedule must be a JSON object, but got {type(d).__name__}.")
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if not _is_int(version) or version != SCHEMA_VERSION:
             raise ValueError(
-                f"schedule schema_version must be {SCHEMA_VERSION}, but got {version!r}; "
+                f"schedule schema_version must be {SCHEMA_VERSION}, but got {short(version)}; "
                 "a newer dynaflow-tune wrote it, or it is not a schedule file."
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known - {"schema_version"})
+        unknown = sorted(str(k) for k in set(d) - known - {"schema_version"})
         if unknown:
-            raise ValueError(f"schedule has unknown field(s) {unknown}; known: {sorted(known)}.")
+            raise ValueError(f"schedule has unknown field(s) {[short(k) for k in unknown][:5]}; known: {sorted(known)}.")
         kwargs = {k: v for k, v in d.items() if k in known}
         if "order" in kwargs:
+            if not isinstance(kwargs["order"], list):
+                raise ValueError(f"order must be a list, but got {short(kwargs['order'])}.")
             kwargs["order"] = [_step_from_json(s) for s in kwargs["order"]]
         return cls(**kwargs)
 
     @classmethod
     def from_json(cls, text: str) -> "Schedule":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"a schedule must be JSON, but it is not ({e.msg} at line {e.lineno} column {e.colno}).") from None
+        except RecursionError:
+            raise ValueError("a schedule must be JSON, but it nests deeper than any schedule does.") from None
+        return cls.from_dict(data)
 
     def __str__(self) -> str:
         shares = [s.sm_share for s in self.streams]
@@ -152,11 +179,17 @@ def _as(cls: type, value: object, name: str) -> Any:
     if isinstance(value, cls):
         return value
     if isinstance(value, Mapping):
-        try:
-            return cls(**value)
-        except TypeError as e:
-            raise ValueError(f"{name}: bad entry {dict(value)!r}: {e}") from None
-    raise ValueError(f"{name} entries must be {cls.__name__} or objects, but got {value!r}.")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in set(value) - fields)
+        if unknown:
+            raise ValueError(f"{name} entries have unknown field(s) {[short(k) for k in unknown][:5]}; "
+                             f"known: {sorted(fields)}.")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in value and f.default is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"{name} entries need {missing}.")
+        return cls(**value)
+    raise ValueError(f"{name} entries must be {cls.__name__} or objects, but got {short(value)}.")
 
 
 def _step_from_json(value: object) -> Step:
@@ -164,5 +197,5 @@ def _step_from_json(value: object) -> Step:
         return Step(op=value[0], nano=value[1], stream=value[2])
     if isinstance(value, Mapping):
         return _as(Step, value, "order")
-    raise ValueError(f"order entries must be [op, nano, stream], but got {value!r}.")
+    raise ValueError(f"order entries must be [op, nano, stream], but got {short(value)}.")
 

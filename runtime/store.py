@@ -9,14 +9,17 @@ Writes are atomic (temp file + rename): a crash never leaves half a record.
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import validate
 from .files import write_json_atomic
+
+log = logging.getLogger("dynaflow")
 from .hardware import Hardware
 from .schedule import Schedule
 from .workload import Workload
@@ -49,7 +52,7 @@ class StoredSchedule:
         if not self.verdict:
             object.__setattr__(self, "verdict", "sequential_best" if self.sequential_best else "winner")
         if self.verdict not in VERDICTS:
-            raise ValueError(f"verdict must be one of {VERDICTS}, but got {self.verdict!r}.")
+            raise ValueError(f"verdict must be one of {VERDICTS}, but got {validate.short(self.verdict)}.")
         if self.speedup_interval is not None:
             object.__setattr__(self, "speedup_interval", tuple(self.speedup_interval))
 
@@ -61,13 +64,59 @@ class StoredSchedule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StoredSchedule":
-        if d.get("record_schema") not in (1, RECORD_SCHEMA):
-            raise ValueError(f"record_schema must be 1 or {RECORD_SCHEMA}, but got {d.get('record_schema')!r}; "
+        """A record read from a file: every field's type and range is checked; a defect is one
+        ValueError naming the field."""
+        d = validate.obj(d, "a record")
+        schema = d.get("record_schema")
+        if isinstance(schema, bool) or schema not in (1, RECORD_SCHEMA):
+            raise ValueError(f"record_schema must be 1 or {RECORD_SCHEMA}, but got {validate.short(schema)}; "
                              "a newer dynaflow-tune wrote it, or it is not a schedule record.")
-        d = dict(d)
-        d.pop("record_schema")
-        return cls(**{**d, "hardware": Hardware.from_dict(d["hardware"]), "workload": Workload(**d["workload"]),
-                      "schedule": Schedule.from_dict(d["schedule"])})
+        validate.known(d, {f.name for f in fields(cls)} | {"record_schema"}, "the record")
+        for key in ("hardware", "workload", "schedule", "sequential_best", "tokens_per_s", "baseline_tokens_per_s",
+                    "speedup", "speedup_spread", "space"):
+            if key not in d:
+                raise ValueError(f"the record has no {key!r}.")
+        r = "record"
+        interval = d.get("speedup_interval")
+        if interval is not None:
+            if not isinstance(interval, list) or len(interval) != 2:
+                raise ValueError(f"record.speedup_interval must be [low, high] or null, but got {validate.short(interval)}.")
+            lo, hi = (validate.number({"bound": v}, "bound", "record.speedup_interval") for v in interval)
+            if lo > hi:
+                raise ValueError(f"record.speedup_interval must have low <= high, but got [{lo}, {hi}].")
+            interval = (lo, hi)
+        params = validate.obj(d.get("params", {}), "record.params")
+        bad = [k for k, v in params.items() if v is not None and not isinstance(v, (str, int, float, bool))]
+        if bad:
+            raise ValueError(f"record.params values must be numbers, strings or booleans, but {validate.short(bad[0])} "
+                             f"is {validate.short(params[bad[0]])}.")
+        verdict = validate.string(d, "verdict", r, default="")
+        try:
+            schedule = Schedule.from_dict(d["schedule"])
+        except ValueError as e:
+            raise ValueError(f"record.schedule: {e}") from None
+        return cls(hardware=Hardware.from_dict(d["hardware"], "record.hardware"),
+                   workload=Workload.from_dict(d["workload"], "record.workload"), schedule=schedule,
+                   sequential_best=validate.boolean(d, "sequential_best", r),
+                   tokens_per_s=validate.number(d, "tokens_per_s", r, positive=True),
+                   baseline_tokens_per_s=validate.number(d, "baseline_tokens_per_s", r, positive=True),
+                   speedup=validate.number(d, "speedup", r, positive=True),
+                   speedup_spread=validate.number(d, "speedup_spread", r),
+                   efficiency=validate.number(d, "efficiency", r, optional=True),
+                   space=validate.string(d, "space", r), verdict=verdict, speedup_interval=interval,
+                   params=dict(params), study=validate.string(d, "study", r, default=""),
+                   storage=validate.string(d, "storage", r, default=""),
+                   trial=validate.integer(d, "trial", r, lo=0, optional=True),
+                   created_at=validate.string(d, "created_at", r, default=""))
+
+
+def read_record(path: Path) -> StoredSchedule:
+    """One record file, validated whole; any defect is one ValueError naming the file."""
+    data = validate.read_json(path, "schedule record")
+    try:
+        return StoredSchedule.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"schedule record {path} is invalid: {e}") from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -94,11 +143,8 @@ class ScheduleStore:
         return path
 
     def read(self, path: Path) -> StoredSchedule:
-        """Parse one record; any defect is a ValueError naming the file."""
-        try:
-            return StoredSchedule.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
-            raise ValueError(f"schedule record {path} is unreadable: {type(e).__name__}: {e}") from None
+        """Parse and validate one record; any defect is one ValueError naming the file."""
+        return read_record(path)
 
     def pack_path(self, hardware_key: str) -> Path:
         return self.root / f"{hardware_key}.pack.json"
@@ -117,13 +163,22 @@ class ScheduleStore:
                          if e.name.endswith(".json"))
         return hashlib.sha256(repr(entries).encode()).hexdigest()
 
-    def read_pack(self, hardware_key: str) -> list[dict[str, Any]] | None:
-        """The packed records if the pack is intact and current, else None."""
+    def read_pack(self, hardware_key: str) -> list[StoredSchedule] | None:
+        """The packed records, each validated whole, if the pack is intact and current; else None
+        (start-up then reads the record files, and says why when the pack is damaged)."""
+        path = self.pack_path(hardware_key)
+        if not path.exists():
+            return None
         try:
-            data = json.loads(self.pack_path(hardware_key).read_text())
-            current = data["stamp"] == self._stamp(hardware_key)
-            return data["records"] if current and data["pack_schema"] == RECORD_SCHEMA else None
-        except (OSError, ValueError, KeyError, TypeError):
+            data = validate.obj(validate.read_json(path, "pack"), f"pack {path}")
+            if data.get("stamp") != self._stamp(hardware_key) or data.get("pack_schema") != RECORD_SCHEMA:
+                return None  # stale: a record file changed since it was written
+            records = data.get("records")
+            if not isinstance(records, list):
+                raise ValueError(f"pack {path}: records must be a list, but got {validate.short(records)}")
+            return [StoredSchedule.from_dict(r) for r in records]
+        except ValueError as e:
+            log.warning("ignoring the pack %s (%s); reading the record files", path, e)
             return None
 
     def records(self, hardware_key: str | None = None) -> Iterator[tuple[Path, StoredSchedule | ValueError]]:

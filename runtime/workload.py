@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from . import validate
 from .batch import TOKENS, BatchLayout
 from .models.llama import LlamaConfig, LlamaLayer, init_weights
 from .models.moe import MixtralLayer, MoEConfig
@@ -61,14 +62,23 @@ class Workload:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("model", "dtype", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, but got {validate.short(getattr(self, name))}.")
+        for name in ("prefill_chunk", "seed"):
+            value = getattr(self, name)
+            if not (value is None and name == "prefill_chunk") and (not isinstance(value, int) or isinstance(value, bool)
+                                                                   or value < (1 if name == "prefill_chunk" else 0)):
+                raise ValueError(f"{name} must be an int >= {1 if name == 'prefill_chunk' else 0}"
+                                 f"{' or null' if name == 'prefill_chunk' else ''}, but got {validate.short(value)}.")
         if self.model not in PRESETS and ":" not in self.model:
             raise ValueError(
                 f"model must be a preset {sorted(PRESETS)} or 'module:callable', but got {self.model!r}."
             )
         for name in ("num_decode", "context_len", "prefill_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, but got {value!r}.")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, but got {validate.short(value)}.")
         if self.num_decode and self.context_len < 1 and self.model in PRESETS:
             raise ValueError(f"context_len must be >= 1 with decode requests, but got {self.context_len}.")
         if self.num_decode + self.prefill_tokens == 0 and self.model in PRESETS:
@@ -82,6 +92,17 @@ class Workload:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, but got {self.dtype!r}.")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', but got {self.device!r}.")
+
+    @classmethod
+    def from_dict(cls, d: Any, name: str = "workload") -> "Workload":
+        d = validate.obj(d, name)
+        validate.known(d, {f.name for f in fields(cls)}, name)
+        if "model" not in d:
+            raise ValueError(f"{name}.model is missing.")
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
 
     @property
     def chunk(self) -> int:

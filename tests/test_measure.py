@@ -102,4 +102,4 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert main(["measure", "--workload", "d4x16", "--schedule", str(bad)]) == 2
-    assert "cannot read schedule file" in capsys.readouterr().err
+    assert "is not valid JSON" in capsys.readouterr().err

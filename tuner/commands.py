@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dynaflow.runtime import PRESETS, Bench, MeasureConfig, Schedule
 
+from dynaflow.runtime import validate
 from dynaflow.runtime.store import StoreConfig
 
 from .config import SAMPLERS, TuneConfig
@@ -157,10 +158,7 @@ def cmd_ops(args) -> int:
 
 def load_schedule_file(path: Path) -> Schedule:
     """A bare schedule JSON, or a store record holding one under "schedule"."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read schedule file {path}: {e}") from None
+    data = validate.read_json(path, "schedule file")
     if isinstance(data, dict) and "schedule" in data:
         data = data["schedule"]
     try:
