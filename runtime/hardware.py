@@ -6,7 +6,6 @@ drift is a warning at load time, not a miss.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -126,6 +125,10 @@ def measure_peaks(device: str, dtype: torch.dtype, *, hardware: Hardware, cache_
     if key in _PEAKS and not remeasure:
         return _PEAKS[key]
     path = Path(cache_dir) / f"{key[0]}_{key[1]}.json" if cache_dir else None
+    if path is not None and not path.resolve().is_relative_to(Path(cache_dir).parent.resolve()):
+        warnings.warn(f"peaks cache {path} resolves outside the store {Path(cache_dir).parent} (a symbolic link?); "
+                      "not read or written: the peaks are measured for this process only")
+        path = None
     if path is not None and path.exists() and not remeasure:
         try:
             _PEAKS[key] = _read_peaks(path)
@@ -142,11 +145,13 @@ def measure_peaks(device: str, dtype: torch.dtype, *, hardware: Hardware, cache_
 
 
 def _read_peaks(path: Path) -> Peaks:
+    data = validate.obj(validate.read_json(path, "peaks cache"), f"peaks cache {path}")
     try:
-        peaks = Peaks(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, RecursionError) as e:
-        raise ValueError(f"peaks cache {path} is unreadable ({type(e).__name__})") from None
-    if not all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in (peaks.flops_per_s, peaks.bytes_per_s)):
+        peaks = Peaks(**data)
+    except TypeError:
+        raise ValueError(f"peaks cache {path} needs exactly the fields flops_per_s, bytes_per_s, dtype") from None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+               for v in (peaks.flops_per_s, peaks.bytes_per_s)):
         raise ValueError(f"peaks cache {path} holds non-positive or non-finite peaks")
     return peaks
 

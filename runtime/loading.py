@@ -20,7 +20,7 @@ from typing import Callable
 from .batch import BatchLayout
 from .hardware import Hardware, detect
 from .schedule import Schedule
-from .store import ScheduleStore, StoreConfig, StoredSchedule
+from .store import ScheduleStore, StoreConfig, StoredSchedule, read_record
 from .workload import Workload, preset_layout
 
 log = logging.getLogger("dynaflow")
@@ -210,7 +210,7 @@ def load_schedule(store: str | Path, workload: Workload, *, hardware: Hardware |
     path = Path(store)
     live = hardware or detect(workload.device)
     if path.is_file():
-        rec = ScheduleStore().read(path)
+        rec = read_record(path)
         check_hardware(rec, live, str(path))
         return rec.schedule
     smap = ScheduleMap.load(path, model=workload.model, dtype=workload.dtype, hardware=live, on_error=on_error)

@@ -130,21 +130,34 @@ class StoreConfig:
 
 
 class ScheduleStore:
+    """Records under <root>/schedules/<hardware key>/<workload key>.json. Nothing is read or
+    written through a path that resolves outside <root> (a symbolic link to elsewhere): such a
+    path is a ValueError naming it."""
+
     def __init__(self, config: StoreConfig = StoreConfig()) -> None:
-        self.root = Path(config.root) / "schedules"
+        self.base = Path(config.root)
+        self.root = self.base / "schedules"
+
+    def inside(self, path: Path) -> Path:
+        """`path`, checked to resolve inside the store's root."""
+        real_base, real = self.base.resolve(), Path(path).resolve()
+        if not real.is_relative_to(real_base):
+            raise ValueError(f"{path} resolves to {real}, outside the store {real_base} (a symbolic link?); "
+                             "the store reads and writes only inside its root.")
+        return Path(path)
 
     def path(self, hardware_key: str, workload_key: str) -> Path:
-        return self.root / hardware_key / f"{workload_key}.json"
+        return self.inside(self.root / hardware_key / f"{workload_key}.json")
 
     def save(self, record: StoredSchedule) -> Path:
         path = self.path(record.hardware.key, record.workload.key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, record.to_dict(), indent=2)
+        write_json_atomic(self.inside(path), record.to_dict(), indent=2)
         return path
 
     def read(self, path: Path) -> StoredSchedule:
-        """Parse and validate one record; any defect is one ValueError naming the file."""
-        return read_record(path)
+        """Parse and validate one record of this store; any defect is one ValueError naming the file."""
+        return read_record(self.inside(path))
 
     def pack_path(self, hardware_key: str) -> Path:
         return self.root / f"{hardware_key}.pack.json"
@@ -153,9 +166,9 @@ class ScheduleStore:
         """One file holding every validated record of a hardware key, stamped with its files'
         names, sizes and mtimes: start-up reads it instead of each file while none changed."""
         try:
-            write_json_atomic(self.pack_path(hardware_key), {"pack_schema": RECORD_SCHEMA, "stamp": self._stamp(hardware_key),
-                                                         "records": records}, indent=None)
-        except OSError:  # a read-only store still loads, only more slowly
+            write_json_atomic(self.inside(self.pack_path(hardware_key)),
+                              {"pack_schema": RECORD_SCHEMA, "stamp": self._stamp(hardware_key), "records": records})
+        except (OSError, ValueError):  # a read-only store still loads, only more slowly
             pass
 
     def _stamp(self, hardware_key: str) -> str:
@@ -170,6 +183,7 @@ class ScheduleStore:
         if not path.exists():
             return None
         try:
+            self.inside(path)
             data = validate.obj(validate.read_json(path, "pack"), f"pack {path}")
             if data.get("stamp") != self._stamp(hardware_key) or data.get("pack_schema") != RECORD_SCHEMA:
                 return None  # stale: a record file changed since it was written
@@ -186,6 +200,6 @@ class ScheduleStore:
         pattern = f"{hardware_key}/*.json" if hardware_key else "*/*.json"  # packs lie beside the folders
         for path in sorted(self.root.glob(pattern)):
             try:
-                yield path, self.read(path)
+                yield path, self.read(path)  # a path resolving outside the store is an error, not read
             except ValueError as e:
                 yield path, e

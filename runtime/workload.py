@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
+import traceback
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
@@ -140,7 +142,18 @@ class Workload:
         check_device(self.device)
         if self.model in PRESETS:
             return build_preset(self)
-        return load_callable(self.model)(self)
+        factory = load_callable(self.model)
+        try:
+            case = factory(self)
+        except Exception as e:  # the user's factory failed: one line saying where, not a traceback
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise ValueError(f"model {self.model!r}: calling it with the workload raised {type(e).__name__}: {first} "
+                             f"({where.filename}:{where.lineno})") from None
+        if not isinstance(case, Case):
+            raise ValueError(f"model {self.model!r} must return a dynaflow.runtime.Case (model, inputs, layout), "
+                             f"but returned {type(case).__name__}.")
+        return case
 
 
 def check_device(device: str) -> None:
@@ -188,12 +201,27 @@ def build_preset(w: Workload) -> Case:
     return Case(model=model, inputs=inputs, layout=w.build_layout(), name=w.model)
 
 
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def load_callable(spec: str) -> Callable[[Workload], Case]:
+    """`module:function`, the module importable by name (installed, or on PYTHONPATH;
+    never a file path) and not from Python's standard library: a model factory is user code."""
     module_name, _, attr = spec.partition(":")
+    if not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(attr):
+        raise ValueError(f"model {spec!r} must be a preset {sorted(PRESETS)} or 'module:function' with a dotted "
+                         "Python module name (importable by this Python: installed, or on PYTHONPATH; not a file path).")
+    if module_name.split(".")[0] in sys.stdlib_module_names or module_name.split(".")[0] == "builtins":
+        raise ValueError(f"model {spec!r} names Python's standard library, not a model factory: give "
+                         "'module:function' of your own code, returning a Case.")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        fn = importlib.import_module(module_name)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"model {spec!r}: cannot import {attr!r} from {module_name!r} ({e}).") from None
+    except Exception as e:  # the module itself failed to import
+        raise ValueError(f"model {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from None
     if not callable(fn):
         raise ValueError(f"model {spec!r} must name a callable(workload) -> Case, but it is {type(fn).__name__}.")
     return fn

@@ -116,7 +116,7 @@ def test_mutated_records_through_every_reader(data):
         only_own_errors(lambda: ScheduleMap.load(root, model=W.model, dtype=W.dtype, hardware=H100).pick_counts(256, 1, 512, 2048))
         only_own_errors(lambda: ScheduleMap.load(root, model=W.model, dtype=W.dtype, hardware=H100, on_error="warn"))
         only_own_errors(lambda: load_schedule(path, W, hardware=H100))
-        only_own_errors(lambda: load_schedule_file(path))
+        only_own_errors(lambda: load_schedule_file(path, hardware=H100))
         cli_is_one_line(["list", "--store", str(root)])
     finally:
         shutil.rmtree(root)

@@ -33,6 +33,6 @@ def test_a_corrupt_peaks_cache_is_named_and_measured_again(tmp_path):
     path = tmp_path / f"{hw.key}_float32.json"
     path.write_text("{not json")
     _PEAKS.clear()
-    with pytest.warns(UserWarning, match=f"peaks cache {path} is unreadable"):
+    with pytest.warns(UserWarning, match=f"peaks cache {path} is not valid JSON"):
         peaks = measure_peaks("cpu", torch.float32, hardware=hw, cache_dir=tmp_path)
     assert peaks.balance > 0 and json.loads(path.read_text())["flops_per_s"] == peaks.flops_per_s

@@ -3,7 +3,6 @@ schedule that computes the wrong thing."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -119,3 +119,11 @@ def paced_block(w: Workload) -> Case:
 
 def noisy_block(w: Workload) -> Case:
     return _case(Noisy(), w.num_decode or 8, 16, w.seed)
+
+
+def not_a_case(w: Workload) -> int:
+    return 42
+
+
+def broken_factory(w: Workload) -> Case:
+    raise RuntimeError("the weights folder is empty")

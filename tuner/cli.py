@@ -9,6 +9,7 @@ go on), never a traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from .commands import build_parser
@@ -19,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
+        return code
+    except BrokenPipeError:  # `dynaflow-tune ops | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # 128 + SIGPIPE, as a tool killed by the closed pipe would
     except ValueError as e:
         print(f"dynaflow-tune {args.command}: error: {e}", file=sys.stderr)
         return 2

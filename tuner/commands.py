@@ -8,8 +8,9 @@ from pathlib import Path
 
 from dynaflow.runtime import PRESETS, Bench, MeasureConfig, Schedule
 
-from dynaflow.runtime import validate
-from dynaflow.runtime.store import StoreConfig
+from dynaflow.runtime import detect, validate
+from dynaflow.runtime.loading import check_hardware
+from dynaflow.runtime.store import StoreConfig, read_record
 
 from .config import SAMPLERS, TuneConfig
 from .storage import StorageConfig
@@ -127,7 +128,7 @@ def _workload(args, spec: str):
 
 def cmd_measure(args) -> int:
     w = _workload(args, args.workload)
-    schedule = load_schedule_file(args.schedule) if args.schedule else Schedule()
+    schedule = load_schedule_file(args.schedule, hardware=detect(w.device)) if args.schedule else Schedule()
     bench = Bench(w, config=measure_config(args))
     m = bench.measure(schedule)
     if args.json:
@@ -156,11 +157,16 @@ def cmd_ops(args) -> int:
     return 0
 
 
-def load_schedule_file(path: Path) -> Schedule:
-    """A bare schedule JSON, or a store record holding one under "schedule"."""
+def load_schedule_file(path: Path, *, hardware=None) -> Schedule:
+    """A bare schedule JSON, or a store record holding one under "schedule". A record gets the
+    loader's checks: validated whole (a newer record schema is refused), refused when tuned on
+    other hardware than `hardware`, a warning when the software drifted since."""
     data = validate.read_json(path, "schedule file")
-    if isinstance(data, dict) and "schedule" in data:
-        data = data["schedule"]
+    if isinstance(data, dict) and ("schedule" in data or "record_schema" in data):
+        record = read_record(path)
+        if hardware is not None:
+            check_hardware(record, hardware, str(path))
+        return record.schedule
     try:
         return Schedule.from_dict(data)
     except ValueError as e:

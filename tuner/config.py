@@ -42,8 +42,8 @@ class TuneConfig:
             raise ValueError("at least one --workload is needed.")
         if self.trials is None and self.timeout_s is None:
             raise ValueError("give --trials or --timeout-s (or both): the search needs a budget.")
-        if self.trials is not None and self.trials < 0:
-            raise ValueError(f"--trials must be >= 0, but got {self.trials}.")
+        if self.trials is not None and self.trials < 1:
+            raise ValueError(f"--trials must be >= 1 (distinct schedules to measure), but got {self.trials}.")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"--timeout-s must be > 0, but got {self.timeout_s}.")
         if self.trial_timeout_s is not None and not self.trial_timeout_s > 0:

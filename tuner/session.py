@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import optuna
 
 from dynaflow.runtime import Workload
-from dynaflow.runtime.store import StoredSchedule
+from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 
 from .config import TuneConfig
 from .confirm import Verdict, confirm, store_verdict
@@ -44,6 +44,7 @@ class Session:
 
 
 def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, position: int = 0) -> Session:
+    ScheduleStore(StoreConfig(root=config.store_root)).path(target.hardware.key, workload.key)  # writable there?
     name = study_name(target.hardware.key, workload, config.space)
     study = open_study(name, config)
     baseline = ensure_baseline(study, target, config)

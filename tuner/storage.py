@@ -56,14 +56,33 @@ def open_storage(config: StorageConfig | str) -> BaseStorage | str:
     or optuna-dashboard can read it while the tuner writes, and each write costs half as much."""
     config = StorageConfig(url=config) if isinstance(config, str) else config
     url = config.url
-    for prefix in ("sqlite:///", "journal:"):
-        if url.startswith(prefix) and not url.endswith(":memory:"):
-            Path(url.removeprefix(prefix)).parent.mkdir(parents=True, exist_ok=True)
-    if url.startswith("journal:"):
-        return _journal(url.removeprefix("journal:"), config)
     if url.startswith("sqlite:///") and url.endswith(":memory:"):
         return url
-    return _retry_schema(lambda: _rdb(url, config))
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        for prefix in ("sqlite:///", "journal:"):
+            if url.startswith(prefix):
+                path = url.removeprefix(prefix)
+                if not path or path.endswith("/"):
+                    raise ValueError(f"--storage {url!r} names no file: give {prefix}PATH, e.g. {prefix}results/studies."
+                                     f"{'db' if prefix == 'sqlite:///' else 'journal'}")
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if url.startswith("journal:"):
+            return _journal(url.removeprefix("journal:"), config)
+        if "://" not in url:
+            raise ValueError(f"--storage {url!r} is not a URL: give sqlite:///PATH, journal:PATH or a database URL "
+                             "such as postgresql://user@host/db")
+        return _retry_schema(lambda: _rdb(url, config))
+    except OSError as e:
+        raise ValueError(f"--storage {url!r} cannot be opened: {e.strerror or e}"
+                         f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}") from None
+    except ImportError as e:
+        raise ValueError(f"--storage {url!r} needs a database driver that is not installed ({e}); install it "
+                         "(e.g. pip install psycopg2-binary for PostgreSQL)") from None
+    except SQLAlchemyError as e:
+        first = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise ValueError(f"--storage {url!r} cannot be opened: {type(e).__name__}: {first}") from None
 
 
 def _rdb(url: str, config: StorageConfig) -> optuna.storages.RDBStorage:

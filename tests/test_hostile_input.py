@@ -1,0 +1,222 @@
+"""Bad input never gives a traceback or escapes the store: one test per case reported in issue 15.
+Each ends in one line naming the file, flag or field and the rule (exit 2 for usage errors), or
+in a documented fallback."""
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dynaflow.runtime import Schedule, StreamSpec, Workload, detect
+from dynaflow.runtime.loading import ScheduleMap, load_schedule
+from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
+from dynaflow.tuner.cli import main
+from fakes import A100, H100
+
+W = Workload(model="llama3-8b", num_decode=256, context_len=2048, prefill_tokens=512, dtype="bfloat16", device="cuda")
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def record(hardware=H100, workload=W, sizes=(128, 129)) -> StoredSchedule:
+    return StoredSchedule(hardware=hardware, workload=workload, schedule=Schedule(split_sizes=sizes, streams=(
+        StreamSpec(), StreamSpec()), label="x"), sequential_best=False, tokens_per_s=1e5, baseline_tokens_per_s=8e4,
+        speedup=1.25, speedup_spread=0.02, efficiency=0.7, space="nanoflow")
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_line(err: str, *words: str) -> None:
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.fixture
+def store(tmp_path):
+    ScheduleStore(StoreConfig(root=tmp_path)).save(record())
+    return tmp_path
+
+
+def record_path(store):
+    return store / "schedules" / H100.key / f"{W.key}.json"
+
+
+# --- deeply nested JSON ----------------------------------------------------------------------------
+
+def test_deep_nesting_is_one_error_naming_the_file_everywhere(store, tmp_path):
+    path = record_path(store)
+    path.write_text(DEEP)
+    for load in (lambda: ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100),
+                 lambda: load_schedule(store, W, hardware=H100), lambda: load_schedule(path, W, hardware=H100)):
+        with pytest.raises(ValueError, match=f"{path} nests JSON deeper"):
+            load()
+    code, out, err = run_cli("list", "--store", store)
+    assert code == 0 and "nests JSON deeper" in out and err == ""
+    schedule = tmp_path / "deep.json"
+    schedule.write_text(DEEP)
+    code, _, err = run_cli("measure", "--workload", "d4x16", "--model", "llama-tiny", "--schedule", schedule)
+    assert code == 2
+    one_line(err, str(schedule), "nests JSON deeper")
+
+
+def test_a_deep_pack_is_ignored_with_a_warning_and_the_files_answer(store, caplog):
+    ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)  # writes the pack
+    s = ScheduleStore(StoreConfig(root=store))
+    s.pack_path(H100.key).write_text(DEEP)
+    with caplog.at_level(logging.WARNING, logger="dynaflow"):
+        smap = ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
+    assert len(smap.raw) == 1 and "ignoring the pack" in caplog.text and "nests JSON deeper" in caplog.text
+
+
+# --- the store never reads or writes outside its root ----------------------------------------------
+
+def test_a_record_symlinked_outside_the_store_is_not_read(store, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("elsewhere") / "secret.json"
+    d64 = Workload(model="llama3-8b", num_decode=64, context_len=2048, dtype="bfloat16", device="cuda")
+    outside.write_text(json.dumps(record(workload=d64).to_dict()))
+    link = record_path(store).with_name("llama3-8b_d64x2048_p0_bf16.json")
+    link.symlink_to(outside)
+    with pytest.raises(ValueError, match=f"{link} resolves to {outside}, outside the store"):
+        ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
+    smap = ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100, on_error="warn")
+    assert [r["workload"]["num_decode"] for r in smap.raw] == [256]  # the link was skipped
+    code, out, _ = run_cli("list", "--store", store)
+    assert code == 0 and "outside the store" in out
+
+
+def test_tune_refuses_a_hardware_folder_symlinked_outside_before_measuring(tmp_path, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (tmp_path / "schedules").mkdir()
+    (tmp_path / "schedules" / detect("cpu").key).symlink_to(elsewhere, target_is_directory=True)
+    code, _, err = run_cli("tune", "--model", "llama-tiny", "--workload", "d4x16", "--trials", "1", "--no-progress",
+                           "--store", tmp_path, "--storage", f"sqlite:///{tmp_path}/s.db")
+    assert code == 2
+    one_line(err, "outside the store")
+    assert list(elsewhere.iterdir()) == []
+    assert not (tmp_path / "s.db").exists()  # refused before the study was opened
+
+
+def test_save_refuses_a_path_through_a_symlink(tmp_path, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (tmp_path / "schedules").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match="outside the store"):
+        ScheduleStore(StoreConfig(root=tmp_path)).save(record())
+    assert list(elsewhere.iterdir()) == []
+
+
+# --- records validated whole, packs included -------------------------------------------------------
+
+def test_a_record_with_a_null_speedup_is_listed_as_invalid_not_a_crash(store):
+    path = record_path(store)
+    path.write_text(path.read_text().replace('"speedup": 1.25', '"speedup": null'))
+    code, out, err = run_cli("list", "--store", store)
+    assert code == 0 and err == "" and "record.speedup must be a finite number > 0, but got None" in out
+
+
+def test_a_current_pack_with_a_record_missing_its_workload_is_not_trusted(store, caplog):
+    ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
+    s = ScheduleStore(StoreConfig(root=store))
+    pack = json.loads(s.pack_path(H100.key).read_text())
+    del pack["records"][0]["workload"]
+    s.pack_path(H100.key).write_text(json.dumps(pack))  # the stamp still matches the folder
+    with caplog.at_level(logging.WARNING, logger="dynaflow"):
+        smap = ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
+    assert len(smap.raw) == 1 and "the record has no 'workload'" in caplog.text
+
+
+def test_a_pack_of_another_hardware_is_refused(store):
+    ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
+    s = ScheduleStore(StoreConfig(root=store))
+    pack = json.loads(s.pack_path(H100.key).read_text())
+    pack["records"] = [record(hardware=A100).to_dict()]
+    s.pack_path(H100.key).write_text(json.dumps(pack))
+    with pytest.raises(ValueError, match="was tuned on .*a100"):
+        ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
+
+
+# --- --model ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model, words", [
+    ("os:system", "names Python's standard library"),
+    ("../evil:make", "dotted Python module name"),
+    ("user_models:not_a_case", "must return a dynaflow.runtime.Case"),
+    ("user_models:broken_factory", "raised RuntimeError: the weights folder is empty (" + __file__.rsplit("/", 1)[0]),
+    ("user_models:missing", "cannot import 'missing'"),
+])
+def test_bad_model_specs_are_one_line(model, words):
+    code, _, err = run_cli("measure", "--model", model, "--workload", "d4x16")
+    assert code == 2
+    one_line(err, f"model {model!r}", words)
+
+
+# --- storage URLs ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, words", [
+    ("sqlite:///{tmp}/afile/studies.db", "File exists"),
+    ("sqlite:////proc/dynaflow/studies.db", "cannot be opened"),
+    ("sqlite:///", "names no file"),
+    ("postgresql://user@localhost/db", "needs a database driver"),
+    ("journal:", "names no file"),
+])
+def test_storage_urls_that_cannot_be_opened_are_one_line(tmp_path, url, words):
+    (tmp_path / "afile").write_text("")
+    url = url.format(tmp=tmp_path)
+    for argv in (["studies", "--storage", url], ["tune", "--model", "llama-tiny", "--workload", "d4x16", "--trials",
+                                                 "1", "--no-progress", "--store", tmp_path, "--storage", url]):
+        code, _, err = run_cli(*argv)
+        assert code == 2
+        one_line(err, f"--storage {url!r}", words)
+
+
+# --- the rest --------------------------------------------------------------------------------------
+
+def test_measure_schedule_applies_the_loaders_checks(tmp_path, caplog):
+    foreign = tmp_path / "a100.json"
+    foreign.write_text(json.dumps(record(hardware=A100).to_dict()))
+    code, _, err = run_cli("measure", "--model", "llama-tiny", "--workload", "d4x16", "--schedule", foreign)
+    assert code == 2
+    one_line(err, str(foreign), "was tuned on cuda-nvidia-a100", f"this is {detect('cpu').key}")
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({**record().to_dict(), "record_schema": 3}))
+    code, _, err = run_cli("measure", "--model", "llama-tiny", "--workload", "d4x16", "--schedule", newer)
+    assert code == 2
+    one_line(err, str(newer), "record_schema must be 1 or 2, but got 3")
+    here = detect("cpu")
+    drifted = tmp_path / "drifted.json"
+    workload = Workload(model="llama-tiny", num_decode=4, context_len=16)
+    rec = record(hardware=dataclasses.replace(here, software={"torch": "0.1"}), workload=workload, sizes=(2, 2))
+    drifted.write_text(json.dumps(rec.to_dict()))
+    with caplog.at_level(logging.WARNING, logger="dynaflow"):
+        code, out, _ = run_cli("measure", "--model", "llama-tiny", "--workload", "d4x16", "--schedule", drifted,
+                               "--repeats", "1", "--warmup", "0", "--store", tmp_path)
+    assert code == 0 and "measured with other software" in caplog.text
+
+
+def test_records_are_readable_by_other_users(store):
+    assert oct(record_path(store).stat().st_mode & 0o777) == "0o644"
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`dynaflow-tune ops | head -1`: the reader is gone before the output is written."""
+    read, write = os.pipe()
+    os.close(read)
+    done = subprocess.run([sys.executable, "-m", "dynaflow.tuner.cli", "ops", "--model", "llama-tiny",
+                           "--workload", "d4x16"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert done.returncode == 141 and done.stderr == ""
+
+
+def test_zero_trials_is_a_usage_error_not_a_strange_bar(tmp_path):
+    code, _, err = run_cli("tune", "--trials", "0", "--store", tmp_path, "--storage", f"sqlite:///{tmp_path}/s.db")
+    assert code == 2
+    one_line(err, "--trials must be >= 1")
