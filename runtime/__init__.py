@@ -3,15 +3,17 @@ from .batch import BatchLayout
 from .executor import Compiled, Executor
 from .graph import Op, OpGraph, trace
 from .hardware import Hardware, detect
-from .hf import apply_schedules, remove_schedules
+from .hf import apply_schedules, recorded_shapes, remove_schedules
 from .loading import ScheduleMap, load_schedule
 from .measure import Bench, MeasureConfig, Measurement, TrialOutcome, measure
 from .schedule import Schedule, Step, StreamSpec
 from .serving import ScheduledModule
+from .shapes import Bucket, ShapeLog
 from .workload import PRESETS, Case, Workload
 
 __all__ = [
-    "BatchLayout", "Bench", "Case", "Compiled", "Executor", "Hardware", "MeasureConfig", "Measurement",
-    "Op", "OpGraph", "PRESETS", "Schedule", "ScheduleMap", "ScheduledModule", "Step", "StreamSpec", "TrialOutcome",
-    "Workload", "apply_schedules", "detect", "load_schedule", "measure", "remove_schedules", "trace",
+    "BatchLayout", "Bench", "Bucket", "Case", "Compiled", "Executor", "Hardware", "MeasureConfig", "Measurement",
+    "Op", "OpGraph", "PRESETS", "Schedule", "ScheduleMap", "ScheduledModule", "ShapeLog", "Step", "StreamSpec",
+    "TrialOutcome", "Workload", "apply_schedules", "detect", "load_schedule", "measure", "recorded_shapes",
+    "remove_schedules", "trace",
 ]

@@ -23,7 +23,9 @@ from .backends import get_backend
 from .batch import BatchLayout
 from .plan import Plan, Task
 from .schedule import Schedule
+from .loading import ScheduleMap
 from .serving import pick
+from .shapes import ShapeLog
 
 log = logging.getLogger("dynaflow")
 
@@ -37,12 +39,24 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__} has no ModuleList of *DecoderLayer modules to schedule.")
 
 
-def apply_schedules(model: nn.Module, chooser: Callable[[BatchLayout], Schedule]) -> nn.Module:
+def apply_schedules(model: nn.Module, chooser: Callable[[BatchLayout], Schedule], *,
+                    shapes: ShapeLog | None = None) -> nn.Module:
+    """Wrap every decoder layer. Each layer call's batch shape is counted: in the map's own log
+    for a ScheduleMap, else in `shapes` (one log shared by all layers; see recorded_shapes)."""
     layers = decoder_layers(model)
+    shapes = chooser.shapes if isinstance(chooser, ScheduleMap) else shapes if shapes is not None else ShapeLog()
     for i, layer in enumerate(layers):
         if not isinstance(layer, ScheduledDecoderLayer):
-            layers[i] = ScheduledDecoderLayer(layer, chooser)
+            layers[i] = ScheduledDecoderLayer(layer, chooser, shapes=shapes)
     return model
+
+
+def recorded_shapes(model: nn.Module) -> ShapeLog:
+    """The shapes the scheduled decoder layers of `model` were called with."""
+    for layer in decoder_layers(model):
+        if isinstance(layer, ScheduledDecoderLayer):
+            return layer.shapes
+    raise ValueError(f"{type(model).__name__} has no scheduled decoder layers: call apply_schedules first.")
 
 
 def remove_schedules(model: nn.Module) -> nn.Module:
@@ -54,9 +68,10 @@ def remove_schedules(model: nn.Module) -> nn.Module:
 
 
 class ScheduledDecoderLayer(nn.Module):
-    def __init__(self, layer: nn.Module, chooser) -> None:
+    def __init__(self, layer: nn.Module, chooser, *, shapes: ShapeLog | None = None) -> None:
         super().__init__()
         self.layer, self.chooser = layer, chooser
+        self.shapes = shapes if shapes is not None else ShapeLog()
         self.backend = None
         self.split_calls = 0  # calls that ran as several nano-batches
         self._said: set[str] = set()
@@ -66,7 +81,7 @@ class ScheduledDecoderLayer(nn.Module):
         cache = kwargs.get("past_key_values")
         layout = BatchLayout(request_tokens=(tokens,) * rows, request_kinds=("decode" if tokens == 1 else "prefill",) * rows,
                              input_axes=(), kinds=("decode", "prefill"))
-        schedule = pick(self.chooser, layout, int(cache.get_seq_length()) if cache is not None else 0)
+        schedule = pick(self.chooser, layout, int(cache.get_seq_length()) if cache is not None else 0, self.shapes)
         reason = None if schedule.num_nano > 1 else "sequential"
         if reason is None and cache is not None:
             reason = _cache_unsplittable(cache, self._layer_idx())
@@ -93,7 +108,7 @@ class ScheduledDecoderLayer(nn.Module):
         self.backend = self.backend or get_backend(str(out.device) if out.is_cuda else "cpu")
         self.backend.run(Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=True))
         if cache is not None:  # every nano-batch wrote from the same position; advance it once
-            cache.layers[idx].cumulative_length.add_(hidden_states.shape[1])
+            _advance(cache.layers[idx], hidden_states.shape[1])
         self.split_calls += 1
         return out
 
@@ -104,7 +119,7 @@ class ScheduledDecoderLayer(nn.Module):
     def _say(self, reason: str) -> None:
         if reason not in self._said:
             self._said.add(reason)
-            log.info("decoder layer %s runs unsplit: %s", self._layer_idx(), reason)
+            log.warning("decoder layer %s runs unsplit: %s", self._layer_idx(), reason)
 
 
 def _nano_fn(layer, part, args, kwargs, out, sl):
@@ -132,16 +147,34 @@ def _rows(value, rows: int, r0: int, r1: int):
     return value
 
 
+STATIC_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer")  # fixed-size tensors, written in place by rows
+GROWING_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # concatenated: a StaticCache replaces them
+
+
 def _cache_unsplittable(cache, idx: int | None) -> str | None:
     layers = getattr(cache, "layers", None)
     if idx is None or layers is None or idx >= len(layers):
-        return f"{type(cache).__name__} cannot be viewed by rows"
-    layer = layers[idx]
-    if type(layer).__name__ != "StaticLayer":
-        return f"a {type(layer).__name__} grows by concatenation and cannot be split by rows; use a StaticCache"
-    if not getattr(layer, "is_initialized", False):
+        return f"a {type(cache).__name__} cannot be viewed by rows"
+    kind = type(layers[idx]).__name__
+    if kind in GROWING_LAYERS:
+        return f"a {kind} grows by concatenation and cannot be split by rows; use a StaticCache"
+    if kind not in STATIC_LAYERS:
+        return f"a {kind} cache layer cannot be viewed by rows"
+    if not getattr(layers[idx], "is_initialized", False):
         return "the static cache is not allocated yet; call cache.early_initialization(...) at start-up"
     return None
+
+
+def _advance(layer, tokens: int) -> None:
+    """Advance a static layer's position by the tokens every nano-batch wrote, once, as one
+    unsplit update would have: a sliding layer counts in a Python int always and in its tensor
+    only while the window was not filling up (its update's index_copy branch)."""
+    if hasattr(layer, "cumulative_length_int"):
+        if layer.cumulative_length_int + tokens <= layer.max_cache_len:
+            layer.cumulative_length.add_(tokens)
+        layer.cumulative_length_int += tokens
+    else:
+        layer.cumulative_length.add_(tokens)
 
 
 class CacheRows:

@@ -3,47 +3,34 @@
     smap = ScheduleMap.load("results", model="llama3-8b", dtype="bfloat16")   # once, at start-up
     schedule = smap.pick(batch_layout)                                        # every step
 
-The fallback chain, logged once per rule: the exact bucket; else the nearest stored bucket at
-or below the live batch (its splits rescaled to the live batch); else the sequential schedule.
+The fallback chain, logged once per rule (runtime/shapes.py defines "nearest"): the exact
+bucket (same decode requests and prefill tokens; "exact, rescaled" when its stored splits had to
+be refitted to the live rows); else the nearest stored bucket holding the same kinds of request
+(decode-only, prefill-only or mixed) within 2x per dimension, its splits rescaled to the live
+batch; else the sequential schedule.
 A record from another architecture, SM count or memory size is refused; a software drift warns.
 Loading parses JSON only: nothing in a file is ever executed.
 """
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from .batch import BatchLayout
 from .hardware import Hardware, detect
 from .schedule import Schedule
 from .store import ScheduleStore, StoreConfig, StoredSchedule, read_record
+from .shapes import NEAREST_RATIO, Bucket, ShapeLog, candidates, context_bucket
 from .workload import Workload, preset_layout
 
 log = logging.getLogger("dynaflow")
 Policy = Callable[[BatchLayout], Schedule]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Bucket:
-    """The batch shape a record was tuned for, and the shape of a live batch."""
-
-    num_decode: int
-    prefill_tokens: int
-    context_len: int
-
-    @classmethod
-    def of(cls, layout: BatchLayout, context_len: int = 0) -> "Bucket":
-        kinds, tokens = layout.request_kinds, layout.request_tokens
-        decode = sum(1 for k in kinds if k == "decode")
-        return cls(num_decode=decode, prefill_tokens=sum(t for k, t in zip(kinds, tokens) if k != "decode"),
-                   context_len=context_len)
-
-    def fits_under(self, live: "Bucket") -> bool:
-        return self.num_decode <= live.num_decode and self.prefill_tokens <= live.prefill_tokens
 
 
 def check_hardware(record: StoredSchedule, live: Hardware, source: str) -> None:
@@ -85,16 +72,20 @@ class ScheduleMap:
     """The stored schedules of one (hardware, model, dtype), looked up per live batch.
 
     Records are parsed and validated at load; a record becomes a Schedule the first time a
-    lookup chooses it. Lookups are cached per (batch shape, nearest stored context)."""
+    lookup chooses it. The answer for each live shape (its rule and its bucket) is computed once
+    and cached; every lookup then counts its rule (`rule_counts`) and its bucket (`shapes`, a
+    ShapeLog a server can save and `dynaflow-tune tune --shapes` can tune), at constant cost."""
 
-    def __init__(self, records: list[dict], *, source: str = "schedules") -> None:
+    def __init__(self, records: list[dict], *, source: str = "schedules", model: str | None = None,
+                 max_ratio: float = NEAREST_RATIO) -> None:
         self.raw = sorted(records, key=lambda r: -(r["workload"]["num_decode"] + r["workload"]["prefill_tokens"]))
         self.buckets = [Bucket(num_decode=r["workload"]["num_decode"], prefill_tokens=r["workload"]["prefill_tokens"],
                                context_len=r["workload"]["context_len"]) for r in self.raw]
-        self.contexts = sorted({b.context_len for b in self.buckets})
-        self.source = source
+        self.source, self.max_ratio = source, max_ratio
+        self.shapes = ShapeLog(model=model)
+        self.rule_counts: Counter = Counter()
         self._parsed: dict[int, StoredSchedule] = {}
-        self._cache: dict[tuple, Schedule] = {}
+        self._cache: dict[tuple, tuple[Schedule, str, Bucket]] = {}
         self._said: set[str] = set()
 
     @property
@@ -103,78 +94,91 @@ class ScheduleMap:
 
     @classmethod
     def load(cls, store: str | Path, *, model: str, dtype: str = "bfloat16", hardware: Hardware | None = None,
-             device: str = "cuda", on_error: str = "raise") -> "ScheduleMap":
-        """Every record for this hardware, model and dtype under `store`. on_error: "raise" (a
-        corrupt, truncated or newer-schema file is an error naming it) or "warn" (skip it)."""
+             device: str | None = None, on_error: str = "raise", max_ratio: float = NEAREST_RATIO) -> "ScheduleMap":
+        """Every record for this hardware, model and dtype under `store`. The hardware is the live
+        device's (`device`: default cuda where torch sees one, else cpu). on_error: "raise" (a
+        corrupt, truncated or newer-schema file is an error naming it) or "warn" (skip it). A map
+        that finds nothing says why in one WARNING naming the path, and answers sequential."""
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn', but got {on_error!r}.")
-        live = hardware or detect(device)
-        raw = read_records(ScheduleStore(StoreConfig(root=Path(store))), live, on_error)
+        live = hardware or detect(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        store_obj = ScheduleStore(StoreConfig(root=Path(store)))
+        raw = read_records(store_obj, live, on_error)
         mine = [r for r in raw if r["workload"]["model"] == model and r["workload"]["dtype"] == dtype]
-        log.info("loaded %d schedule(s) for %s %s on %s from %s", len(mine), model, dtype, live.key, store)
-        return cls(mine, source=str(store))
+        if mine:
+            log.info("loaded %d schedule(s) for %s %s on %s from %s", len(mine), model, dtype, live.key, store)
+        else:
+            log.warning("no stored schedules for %s %s on %s: %s; every batch runs sequential", model, dtype, live.key,
+                        _why_empty(store_obj, live, raw, model, dtype))
+        return cls(mine, source=str(store), model=model, max_ratio=max_ratio)
 
     def pick(self, layout: BatchLayout, context_len: int = 0) -> Schedule:
         """The schedule for this live batch."""
-        key = (layout.request_tokens, layout.request_kinds, self._nearest_context(context_len))
+        key = (layout.request_tokens, layout.request_kinds, context_bucket(context_len))
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self._choose(layout, Bucket.of(layout, context_len))
-        return hit
+        self.rule_counts[hit[1]] += 1
+        self.shapes.calls[hit[2]] += 1
+        return hit[0]
 
     def pick_counts(self, num_decode: int, num_prefill: int = 0, chunk: int = 0, context_len: int = 0) -> Schedule:
         """The fast path for built-in layers' batches: decode requests, then prefill requests of `chunk` tokens."""
-        key = (num_decode, num_prefill, chunk, self._nearest_context(context_len))
+        key = (num_decode, num_prefill, chunk, context_bucket(context_len))
         hit = self._cache.get(key)
         if hit is None:
             layout = preset_layout(num_decode, num_prefill, chunk)
             hit = self._cache[key] = self._choose(layout, Bucket.of(layout, context_len))
-        return hit
+        self.rule_counts[hit[1]] += 1
+        self.shapes.calls[hit[2]] += 1
+        return hit[0]
 
     __call__ = pick
 
-    def _nearest_context(self, context_len: int) -> int:
-        if not self.contexts:
-            return 0
-        i = bisect.bisect_left(self.contexts, context_len)
-        near = self.contexts[max(0, i - 1): i + 1]
-        return min(near, key=lambda c: (abs(c - context_len), c))
+    def answers(self) -> dict[Bucket, str]:
+        """Which rule answered each live bucket seen so far."""
+        return {bucket: rule for _, rule, bucket in self._cache.values()}
+
+    def tuned_share(self) -> float:
+        """The share of lookups answered by a stored bucket (exact or nearest), not sequential."""
+        total = sum(self.rule_counts.values())
+        return (total - self.rule_counts["sequential"]) / total if total else 0.0
 
     def _record(self, i: int) -> StoredSchedule:
         if i not in self._parsed:
             self._parsed[i] = StoredSchedule.from_dict(self.raw[i])
         return self._parsed[i]
 
-    def _choose(self, layout: BatchLayout, live: Bucket) -> Schedule:
-        exact = [i for i, b in enumerate(self.buckets)
-                 if (b.num_decode, b.prefill_tokens) == (live.num_decode, live.prefill_tokens)]
-        under = (i for i, b in enumerate(self.buckets) if b.fits_under(live))  # largest first
-        for rule, candidates in (("exact bucket", exact), ("nearest bucket below", under)):
-            for i in self._closest_context_first(candidates, live):
-                fitted = fit_to_batch(self._record(i).schedule, layout)
-                if fitted is not None:
-                    self._say(rule, f"{rule}: {self._record(i).workload.key} for live {live}")
-                    return fitted
-        self._say("sequential", f"sequential: no stored bucket at or below live {live} in {self.source}")
-        return Schedule(label="sequential (fallback)")
-
-    def _closest_context_first(self, candidates, live: Bucket):
-        """Within the largest bucket size, the closest context first; then the next size."""
-        group: list[int] = []
-        for i in candidates:
-            if group and self._size(i) != self._size(group[0]):
-                yield from sorted(group, key=lambda j: abs(self.buckets[j].context_len - live.context_len))
-                group = []
-            group.append(i)
-        yield from sorted(group, key=lambda j: abs(self.buckets[j].context_len - live.context_len))
-
-    def _size(self, i: int) -> int:
-        return self.buckets[i].num_decode + self.buckets[i].prefill_tokens
+    def _choose(self, layout: BatchLayout, live: Bucket) -> tuple[Schedule, str, Bucket]:
+        for i, rule in candidates(self.buckets, live, self.max_ratio):
+            stored = self._record(i).schedule
+            fitted = fit_to_batch(stored, layout)
+            if fitted is None:
+                continue
+            if rule == "exact" and fitted is not stored:
+                rule = "exact, rescaled"  # the bucket matches, its stored splits did not fit the live rows
+            self._say(rule, f"{rule}: {self._record(i).workload.key} for live {live}")
+            return fitted, rule, live
+        self._say("sequential", f"sequential: no stored bucket within {self.max_ratio:g}x of live {live} "
+                                f"with the same kinds of request in {self.source}")
+        return Schedule(label="sequential (fallback)"), "sequential", live
 
     def _say(self, rule: str, message: str) -> None:
         if rule not in self._said:  # once per rule, not once per step
             self._said.add(rule)
             log.info("schedule lookup: %s", message)
+
+
+def _why_empty(store: ScheduleStore, live: Hardware, raw: list[dict], model: str, dtype: str) -> str:
+    if not store.base.exists():
+        return f"the store {store.base} does not exist"
+    if not (store.root / live.key).is_dir():
+        others = sorted(p.name for p in store.root.glob("*") if p.is_dir()) if store.root.is_dir() else []
+        return (f"{store.root} holds no records for this hardware"
+                + (f" (only for {', '.join(others)})" if others else ""))
+    found = sorted({f"{r['workload']['model']} {r['workload']['dtype']}" for r in raw})
+    return (f"{store.root / live.key} holds no records for {model} {dtype}"
+            + (f" (only for {', '.join(found)})" if found else ""))
 
 
 def read_records(store: ScheduleStore, live: Hardware, on_error: str) -> list[dict]:

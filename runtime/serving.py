@@ -4,7 +4,8 @@
     out = layer(*inputs)          # the map (or your policy) picks the schedule for this batch
 
 `chooser` is a ScheduleMap or any policy: a function (BatchLayout) -> Schedule, e.g. a
-dual-batch overlap that splits only above a token threshold.
+dual-batch overlap that splits only above a token threshold. Either way the live batch shapes
+are counted (`layer.shapes`, the map's own log for a map) and can be saved to tune them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .graph import trace
 from .loading import ScheduleMap
 from .plan import build_plan
 from .schedule import Schedule
+from .shapes import Bucket, ShapeLog
 from .workload import Case, preset_layout_of
 
 
@@ -30,13 +32,14 @@ class ScheduledModule(nn.Module):
         super().__init__()
         self.module = module
         self.chooser, self.layout_of, self.context_of = chooser, layout_of, context_of
+        self.shapes = chooser.shapes if isinstance(chooser, ScheduleMap) else ShapeLog()
         self.graph = trace(module)
         self.backend = backend
         self.last_schedule: Schedule | None = None
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         layout = self.layout_of(inputs)
-        schedule = pick(self.chooser, layout, self.context_of(inputs))
+        schedule = pick(self.chooser, layout, self.context_of(inputs), self.shapes)
         self.last_schedule = schedule
         if schedule.is_sequential:
             return self.module(*inputs)
@@ -48,6 +51,11 @@ class ScheduledModule(nn.Module):
         return out
 
 
-def pick(chooser, layout: BatchLayout, context_len: int) -> Schedule:
-    """A ScheduleMap takes the live context length too; a plain policy sees the layout only."""
-    return chooser.pick(layout, context_len) if isinstance(chooser, ScheduleMap) else chooser(layout)
+def pick(chooser, layout: BatchLayout, context_len: int, shapes: ShapeLog | None = None) -> Schedule:
+    """A ScheduleMap takes the live context length too and counts the shape itself; a plain
+    policy sees the layout only, and the shape is counted in `shapes`."""
+    if isinstance(chooser, ScheduleMap):
+        return chooser.pick(layout, context_len)
+    if shapes is not None:
+        shapes.add(Bucket.of(layout, context_len))
+    return chooser(layout)

@@ -13,6 +13,11 @@ ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # sliding windows shorter than the prompt: prefill fills the window, every decode step rolls it
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(sliding_window=4, head_dim=16, query_pre_attn_scalar=16)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(sliding_window=4, head_dim=16,
+                                                             layer_types=["sliding_attention", "full_attention"])),
 }
 ROWS, PROMPT, STEPS = 5, 7, 3
 
@@ -65,16 +70,20 @@ def test_scheduled_layers_equal_the_unscheduled_model(arch):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # weights untouched
 
 
-def test_dynamic_cache_runs_unsplit_and_says_why(caplog):
-    model, cfg = build("llama")
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_dynamic_cache_runs_unsplit_and_says_why_once(caplog, arch):
+    model, cfg = build(arch)
     ids = torch.randint(0, COMMON["vocab_size"], (ROWS, PROMPT))
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=True).logits
         apply_schedules(model, dbo_policy)
-        with caplog.at_level("INFO", logger="dynaflow"):
+        with caplog.at_level("WARNING", logger="dynaflow"):
             got = model(input_ids=ids, use_cache=True).logits
+            model(input_ids=ids, use_cache=True)
     torch.testing.assert_close(got, ref)
-    assert "cannot be split by rows; use a StaticCache" in caplog.text
+    said = [r for r in caplog.records if "runs unsplit" in r.getMessage()]
+    assert len(said) == cfg.num_hidden_layers and all(r.levelname == "WARNING" for r in said)  # once per layer
+    assert all("grows by concatenation and cannot be split by rows; use a StaticCache" in r.getMessage() for r in said)
     assert all(layer.split_calls == 0 for layer in decoder_layers(model))
 
 

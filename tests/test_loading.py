@@ -40,29 +40,35 @@ def test_exact_bucket(store, caplog):
     with caplog.at_level(logging.INFO, logger="dynaflow"):
         s = load_schedule(store, wl(256), hardware=H100)
     assert s.label == "split(128, 128)" and s.split_sizes == (128, 128)
-    assert "exact bucket: llama3-8b_d256x2048_p0_bf16" in caplog.text
+    assert "exact: llama3-8b_d256x2048_p0_bf16" in caplog.text
 
 
-def test_nearest_bucket_below_is_rescaled_to_the_live_batch(store, caplog):
+def test_nearest_bucket_is_rescaled_to_the_live_batch(store, caplog):
     with caplog.at_level(logging.INFO, logger="dynaflow"):
-        s = load_schedule(store, wl(200), hardware=H100)  # 64 and 256 stored: 64 is the one at or below
-    assert s.label == "split(32, 32)" and s.split_sizes == (100, 100)
-    assert "nearest bucket below: llama3-8b_d64x2048_p0_bf16" in caplog.text
+        s = load_schedule(store, wl(200), hardware=H100)  # 64 and 256 stored: 256 is 1.28x away, 64 is 3.1x
+    assert s.label == "split(128, 128)" and s.split_sizes == (100, 100)
+    assert "nearest: llama3-8b_d256x2048_p0_bf16" in caplog.text
+    with caplog.at_level(logging.INFO, logger="dynaflow"):
+        s = load_schedule(store, wl(100), hardware=H100)  # 64 (1.56x, below) beats 256 (2.56x: too far)
+    assert s.label == "split(32, 32)" and s.split_sizes == (50, 50)
 
 
-def test_no_bucket_below_falls_back_to_sequential(store, caplog):
+def test_nothing_within_reach_falls_back_to_sequential(store, caplog):
     with caplog.at_level(logging.INFO, logger="dynaflow"):
         s = load_schedule(store, wl(16), hardware=H100)
     assert s.is_sequential
-    assert "sequential: no stored bucket at or below" in caplog.text
+    assert "sequential: no stored bucket within 2x of live" in caplog.text
 
 
-def test_each_rule_is_logged_once(store, caplog):
+def test_each_rule_is_logged_once_and_every_lookup_counted(store, caplog):
     smap = ScheduleMap.load(store, model="llama3-8b", hardware=H100)
     with caplog.at_level(logging.INFO, logger="dynaflow"):
-        for d in (200, 201, 202, 16, 17):
+        for d in (200, 201, 202, 16, 17, 256, 256):
             smap.pick(preset_layout(d, 0, 0), 2048)
-    assert caplog.text.count("nearest bucket below") == 1 and caplog.text.count("sequential: no stored") == 1
+    assert caplog.text.count("nearest:") == 1 and caplog.text.count("sequential: no stored") == 1
+    assert smap.rule_counts == {"nearest": 3, "sequential": 2, "exact": 2}
+    assert smap.shapes.total_calls == 7 and len(smap.shapes.calls) == 6
+    assert smap.tuned_share() == 5 / 7
 
 
 def test_other_hardware_is_refused_naming_both(store):
@@ -91,8 +97,8 @@ def test_bad_files_are_errors_naming_the_file_or_warnings(store, caplog, damage,
         load_schedule(store, wl(256), hardware=H100)
     assert str(path) in str(e.value) and words in str(e.value)
     with caplog.at_level(logging.WARNING, logger="dynaflow"):
-        s = load_schedule(store, wl(256), hardware=H100, on_error="warn")
-    assert s.label == "split(32, 32)"  # the broken bucket skipped, the next rule answered
+        s = load_schedule(store, wl(128), hardware=H100, on_error="warn")
+    assert s.label == "split(32, 32)"  # the broken 256 bucket skipped (it was nearest), the 64 one answered
     assert str(path) in caplog.text
 
 

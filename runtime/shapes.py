@@ -1,0 +1,149 @@
+"""Batch shapes: the bucket a record was tuned for, the shape of a live batch, which stored
+bucket may answer a live batch, and a log of the shapes a server met (to tune those).
+
+    smap = ScheduleMap.load("results", model="llama3-8b")   # counts the shapes it is asked for
+    ... serve ...
+    smap.shapes.save("shapes.json")                          # then: dynaflow-tune tune --shapes shapes.json
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import validate
+from .batch import BatchLayout
+from .files import write_json_atomic
+from .workload import Workload
+
+SHAPES_SCHEMA = 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Bucket:
+    """The batch shape a record was tuned for, or the shape of a live batch: decode requests,
+    prefill tokens (in num_prefill requests), and the context length (a live one bucketed to
+    the next power of two, so growing contexts make few shapes)."""
+
+    num_decode: int
+    prefill_tokens: int
+    context_len: int
+    num_prefill: int = 0
+
+    @classmethod
+    def of(cls, layout: BatchLayout, context_len: int = 0) -> "Bucket":
+        kinds, tokens = layout.request_kinds, layout.request_tokens
+        decode = sum(1 for k in kinds if k == "decode")
+        prefill = [t for k, t in zip(kinds, tokens) if k != "decode"]
+        return cls(num_decode=decode, prefill_tokens=sum(prefill), context_len=context_bucket(context_len),
+                   num_prefill=len(prefill))
+
+    @classmethod
+    def of_workload(cls, w: Workload) -> "Bucket":
+        return cls(num_decode=w.num_decode, prefill_tokens=w.prefill_tokens, context_len=w.context_len,
+                   num_prefill=w.num_prefill)
+
+    @property
+    def kinds(self) -> tuple[bool, bool]:
+        """Which kinds of request the batch holds: (decode, prefill)."""
+        return self.num_decode > 0, self.prefill_tokens > 0
+
+    @property
+    def tokens(self) -> int:
+        return self.num_decode + self.prefill_tokens
+
+
+def context_bucket(context_len: int) -> int:
+    """0, or the next power of two at or above the context length."""
+    return 0 if context_len <= 0 else 1 << (int(context_len) - 1).bit_length()
+
+
+NEAREST_RATIO = 2.0  # a stored bucket answers live batches up to this factor away, per dimension
+
+RULES = ("exact", "exact, rescaled", "nearest", "sequential")
+
+
+def distance(stored: Bucket, live: Bucket) -> float:
+    """How far a stored bucket is from a live batch: the sum over decode requests and prefill
+    tokens of |log2(live / stored)| (0 for a dimension empty in both). Infinite when the two
+    hold different kinds of request: a split tuned for a mixed batch says nothing about a
+    decode-only one, nor the reverse."""
+    if stored.kinds != live.kinds:
+        return math.inf
+    return sum(abs(math.log2(b / a)) for a, b in ((stored.num_decode, live.num_decode),
+                                                   (stored.prefill_tokens, live.prefill_tokens)) if a)
+
+
+def candidates(buckets: list[Bucket], live: Bucket, max_ratio: float = NEAREST_RATIO) -> list[tuple[int, str]]:
+    """(index, rule) of the stored buckets that may answer `live`, best first. "exact": the same
+    decode requests and prefill tokens; "nearest": the same kinds of request, each dimension
+    within `max_ratio` of the live batch, the smallest distance first (at or below the live
+    batch before above it at equal distance). Within each, the closest context first."""
+    limit = math.log2(max_ratio)
+    out = []
+    for i, b in enumerate(buckets):
+        d = distance(b, live)
+        if d == 0:
+            out.append(((0, 0, abs(b.context_len - live.context_len)), (i, "exact")))
+        elif d < math.inf and all(abs(math.log2(y / x)) <= limit + 1e-9 for x, y in (
+                (b.num_decode, live.num_decode), (b.prefill_tokens, live.prefill_tokens)) if x):
+            above = b.num_decode > live.num_decode or b.prefill_tokens > live.prefill_tokens
+            out.append(((1, d, above, abs(b.context_len - live.context_len)), (i, "nearest")))
+    return [c for _, c in sorted(out, key=lambda x: x[0])]
+
+
+
+class ShapeLog:
+    """Calls per live bucket. Adding is one dict increment (a lookup's bucket is computed once per
+    new shape and cached by its caller)."""
+
+    def __init__(self, calls: Counter | None = None, *, model: str | None = None) -> None:
+        self.calls: Counter = Counter(calls or {})
+        self.model = model
+
+    def add(self, bucket: Bucket, n: int = 1) -> None:
+        self.calls[bucket] += n
+
+    def merge(self, other: "ShapeLog") -> "ShapeLog":
+        self.calls.update(other.calls)
+        return self
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shapes_schema": SHAPES_SCHEMA, "model": self.model,
+                "shapes": [{**asdict(b), "calls": n} for b, n in sorted(self.calls.items(), key=lambda x: -x[1])]}
+
+    def save(self, path: str | Path) -> Path:
+        """Atomically, as JSON (mode 0644)."""
+        write_json_atomic(Path(path), self.to_dict(), indent=1)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ShapeLog":
+        """A saved log, validated; any defect is one ValueError naming the file."""
+        data = validate.obj(validate.read_json(path, "shapes file"), f"shapes file {path}")
+        try:
+            if data.get("shapes_schema") != SHAPES_SCHEMA or isinstance(data.get("shapes_schema"), bool):
+                raise ValueError(f"shapes_schema must be {SHAPES_SCHEMA}, but got {validate.short(data.get('shapes_schema'))}")
+            validate.known(data, {"shapes_schema", "model", "shapes"}, "the file")
+            model = validate.string(data, "model", "shapes", optional=True)
+            shapes = data.get("shapes")
+            if not isinstance(shapes, list):
+                raise ValueError(f"shapes must be a list, but got {validate.short(shapes)}")
+            log = cls(model=model)
+            for i, entry in enumerate(shapes):
+                entry = validate.obj(entry, f"shapes[{i}]")
+                validate.known(entry, {"num_decode", "prefill_tokens", "context_len", "num_prefill", "calls"}, f"shapes[{i}]")
+                fields = {k: validate.integer(entry, k, f"shapes[{i}]", lo=0, default=0)
+                          for k in ("num_decode", "prefill_tokens", "context_len", "num_prefill")}
+                if (fields["prefill_tokens"] > 0) != (fields["num_prefill"] > 0) or fields["num_decode"] + fields["prefill_tokens"] == 0:
+                    raise ValueError(f"shapes[{i}] must hold decode requests or prefill requests with their tokens")
+                log.add(Bucket(**fields), validate.integer(entry, "calls", f"shapes[{i}]", lo=1))
+            return log
+        except ValueError as e:
+            raise ValueError(f"shapes file {path} is invalid: {e}") from None
