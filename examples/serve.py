@@ -1,12 +1,15 @@
-"""A toy server: load the schedule store at start-up, generate for a batch of requests with a
-Hugging Face model (random weights, built from its config: nothing is downloaded), and print
-tokens/s with and without the schedules, measured side by side.
+"""A toy server running the whole loop: serve while recording the batch shapes it meets, tune
+those shapes, serve again with the tuned map. A Hugging Face Llama (random weights, built from
+its config: nothing is downloaded) generates for a batch of requests with a static KV cache.
 
-    python examples/serve.py                               # schedules from results/ (llama-small, float32, cpu)
-    python examples/serve.py --policy dbo                  # a ten-line dual-batch-overlap policy instead
-    python examples/serve.py --device cuda --store results --model llama3-8b --dtype bfloat16
+    python examples/serve.py                    # llama-small sizes, float32, cpu, ~3 minutes
+    python examples/serve.py --policy dbo       # a ten-line dual-batch-overlap policy instead of tuning
+    python examples/serve.py --device cuda --model llama3-8b --dtype bfloat16 --layers 4
 
-On a 2-core CPU the store says sequential is best, so both rows match: that is the point of
+It prints the tuning's coverage of the recorded shapes, the share of layer calls the tuned map
+answered with a tuned schedule (exact or nearest bucket, not the sequential fallback), and
+tokens/s with and without the schedules, measured interleaved, with their spread. On a 2-core
+CPU the tuner finds sequential best for every bucket, so both rows match: that is the point of
 storing "sequential is best" rather than a schedule that only looked faster.
 """
 from __future__ import annotations
@@ -15,11 +18,12 @@ import argparse
 import logging
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from dynaflow.runtime import Schedule, ScheduleMap, StreamSpec, apply_schedules, remove_schedules
+from dynaflow.runtime import PRESETS, Schedule, ScheduleMap, StreamSpec, apply_schedules, remove_schedules
 
 
 def dbo(layout):
@@ -30,11 +34,21 @@ def dbo(layout):
     return Schedule(split_sizes=(half, layout.num_requests - half), streams=(StreamSpec(), StreamSpec()), label="dbo")
 
 
+def hf_model(preset: str, layers: int, device, dtype):
+    """An HF Llama with the preset's layer sizes, so the preset's tuned schedules fit its layers."""
+    p = PRESETS[preset]
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=p.hidden, intermediate_size=p.intermediate, num_hidden_layers=layers,
+                      num_attention_heads=p.num_heads, num_key_value_heads=p.num_kv_heads, head_dim=p.head_dim,
+                      max_position_embeddings=4096)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval(), cfg
+
+
 def generate(model, cfg, ids, new_tokens: int, device) -> float:
     """Prefill + greedy decode with a static KV cache; returns generated tokens per second."""
     cache = StaticCache(config=cfg, max_cache_len=ids.shape[1] + new_tokens + 1)
-    cache.early_initialization(ids.shape[0], cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
-                               model.dtype, device)  # a server allocates its KV cache up front
+    cache.early_initialization(ids.shape[0], cfg.num_key_value_heads, cfg.head_dim, model.dtype,
+                               device)  # a server allocates its KV cache up front
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -46,10 +60,66 @@ def generate(model, cfg, ids, new_tokens: int, device) -> float:
     return ids.shape[0] * new_tokens / (time.perf_counter() - t0)
 
 
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):10.1f} tokens/s  (min {min(values):.1f}, max {max(values):.1f})"
+
+
+def run(args) -> dict:
+    """The loop; returns what it printed, for tests."""
+    from dynaflow.tuner.cli import main as tuner
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model, cfg = hf_model(args.model, args.layers, device, dtype)
+    ids = torch.randint(0, cfg.vocab_size, (args.requests, args.prompt), device=device)
+    store = Path(args.store)
+    stats: dict = {}
+
+    if args.policy == "store":
+        # 1. serve, recording the shapes every decoder layer is called with
+        recording = ScheduleMap.load(store, model=args.model, dtype=args.dtype, device=args.device)
+        apply_schedules(model, recording)
+        generate(model, cfg, ids, args.new_tokens, device)
+        remove_schedules(model)
+        shapes = recording.shapes.save(store / "shapes" / f"{args.model}_{args.dtype}.json")
+        print(f"1. served {recording.shapes.total_calls:,} layer calls in {len(recording.shapes.calls)} shapes; "
+              f"saved {shapes}")
+        # 2. tune what was recorded
+        print(f"2. dynaflow-tune tune --shapes {shapes} --buckets {args.buckets} --trials {args.trials}")
+        code = tuner(["tune", "--shapes", str(shapes), "--buckets", str(args.buckets), "--trials", str(args.trials),
+                      "--store", str(store), "--storage", f"sqlite:///{store / 'studies.db'}", "--device", args.device,
+                      "--dtype", args.dtype, "--no-progress"])
+        if code != 0:
+            raise SystemExit(f"tuning failed (exit {code})")
+        # 3. serve again: the server's three lines at start-up
+        chooser = ScheduleMap.load(store, model=args.model, dtype=args.dtype, device=args.device)
+    else:
+        chooser = dbo
+
+    rows: dict[str, list[float]] = {"unscheduled": [], "scheduled": []}
+    for _ in range(args.rounds):  # interleaved, so machine noise hits both alike
+        rows["unscheduled"].append(generate(model, cfg, ids, args.new_tokens, device))
+        apply_schedules(model, chooser)
+        rows["scheduled"].append(generate(model, cfg, ids, args.new_tokens, device))
+        remove_schedules(model)
+    print(f"3. served {args.requests} requests x {args.prompt} prompt tokens, {args.new_tokens} new tokens, "
+          f"{args.device}, policy {args.policy}, {args.rounds} interleaved rounds")
+    if isinstance(chooser, ScheduleMap):
+        counts = dict(sorted(chooser.rule_counts.items()))
+        stats.update(tuned_share=chooser.tuned_share(), rule_counts=counts)
+        print(f"   {chooser.tuned_share():.1%} of layer calls answered by a tuned schedule (by rule: {counts})")
+    for name, tps in rows.items():
+        print(f"   {name:<12} {spread(tps)}")
+    ratio = statistics.median(rows["scheduled"]) / statistics.median(rows["unscheduled"])
+    print(f"   ratio        {ratio:10.3f}x")
+    stats.update(rows=rows, ratio=ratio)
+    return stats
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default="results")
-    p.add_argument("--model", default="llama-small", help="the preset the store's schedules were tuned for")
+    p.add_argument("--model", default="llama-small", choices=sorted(PRESETS), help="the preset whose sizes the HF model takes")
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--policy", choices=["store", "dbo"], default="store")
@@ -57,30 +127,11 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--buckets", type=int, default=4, help="buckets tuned for the recorded shapes")
+    p.add_argument("--trials", type=int, default=8, help="distinct schedules measured per bucket")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-    ids = torch.randint(0, cfg.vocab_size, (args.requests, args.prompt), device=device)
-
-    # start-up: the three lines a server needs
-    chooser = ScheduleMap.load(args.store, model=args.model, dtype=args.dtype, device=args.device) \
-        if args.policy == "store" else dbo
-
-    rows = {"unscheduled": [], "scheduled": []}
-    for _ in range(args.rounds):  # interleaved, so machine noise hits both alike
-        rows["unscheduled"].append(generate(model, cfg, ids, args.new_tokens, device))
-        apply_schedules(model, chooser)
-        rows["scheduled"].append(generate(model, cfg, ids, args.new_tokens, device))
-        remove_schedules(model)
-    print(f"{args.requests} requests x {args.prompt} prompt tokens, {args.new_tokens} new tokens, "
-          f"{args.device}, policy {args.policy}, median of {args.rounds} rounds")
-    for name, tps in rows.items():
-        print(f"{name:<12} {statistics.median(tps):10.1f} tokens/s")
-    print(f"ratio        {statistics.median(rows['scheduled']) / statistics.median(rows['unscheduled']):10.3f}x")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    run(args)
 
 
 if __name__ == "__main__":

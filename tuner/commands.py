@@ -17,6 +17,7 @@ from .storage import StorageConfig
 from .workloads import FORMAT, default_dtype, parse_workload
 
 DEFAULT_WORKLOADS = ["d16x256+p64"]
+DEFAULT_MODEL = "llama-small"
 DEFAULT_STORAGE = "sqlite:///results/studies.db"
 
 
@@ -73,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="llama-small",
-                   help=f"a preset ({', '.join(sorted(PRESETS))}) or module:callable returning a Case")
+    p.add_argument("--model", default=None,
+                   help=f"a preset ({', '.join(sorted(PRESETS))}) or module:function returning a Case "
+                        f"(default: {DEFAULT_MODEL}, or the model a --shapes file names)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -94,6 +96,9 @@ def _measure_flags(p: argparse.ArgumentParser) -> None:
 def _tune_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--workload", action="append", default=None,
                    help=f"a batch bucket, repeatable: {FORMAT} (default: {DEFAULT_WORKLOADS[0]})")
+    t.add_argument("--shapes", type=Path, default=None, help="tune the shapes a server recorded (ShapeLog.save): "
+                   "buckets that cover them are chosen and the coverage printed; replaces --workload")
+    t.add_argument("--buckets", type=int, default=None, help="how many buckets --shapes chooses (default 4)")
     t.add_argument("--space", default="nanoflow", help="search space: dbo, nanoflow, sequential")
     t.add_argument("--trials", type=int, default=30,
                    help="distinct schedules measured per workload, counted across resumed runs and processes")
@@ -123,7 +128,8 @@ def measure_config(args) -> MeasureConfig:
 
 
 def _workload(args, spec: str):
-    return parse_workload(spec, model=args.model, dtype=default_dtype(args.dtype, args.device), device=args.device)
+    return parse_workload(spec, model=args.model or DEFAULT_MODEL, dtype=default_dtype(args.dtype, args.device),
+                          device=args.device)
 
 
 def cmd_measure(args) -> int:
@@ -173,12 +179,36 @@ def load_schedule_file(path: Path, *, hardware=None) -> Schedule:
         raise ValueError(f"{path}: {e}") from None
 
 
+def _shape_workloads(args) -> tuple:
+    """The buckets that cover a --shapes file, printed with the coverage they give."""
+    from dynaflow.runtime import ShapeLog
+
+    from .buckets import choose_buckets, coverage_text, workload_of
+
+    if args.workload:
+        raise ValueError("give --shapes or --workload, not both: --shapes chooses the workloads.")
+    log = ShapeLog.load(args.shapes)
+    if not log.calls:
+        raise ValueError(f"shapes file {args.shapes} records no calls: serve with the map first, then save its shapes.")
+    args.model = args.model or log.model
+    buckets = choose_buckets(log, 4 if args.buckets is None else args.buckets)
+    dtype = default_dtype(args.dtype, args.device)
+    workloads = [workload_of(b, model=args.model or DEFAULT_MODEL, dtype=dtype, device=args.device) for b in buckets]
+    print(coverage_text(log, buckets, workloads, str(args.shapes)), flush=True)
+    return tuple(workloads)
+
+
 def cmd_tune(args) -> int:
     from dynaflow.search_spaces import get_space
 
     from .tune import tune
 
-    workloads = tuple(_workload(args, w) for w in (args.workload or DEFAULT_WORKLOADS))
+    if args.shapes is not None:
+        workloads = _shape_workloads(args)
+    else:
+        if args.buckets is not None:
+            raise ValueError("--buckets needs --shapes FILE (the recorded shapes to cover).")
+        workloads = tuple(_workload(args, w) for w in (args.workload or DEFAULT_WORKLOADS))
     config = TuneConfig(workloads=workloads, space=args.space, trials=args.trials, timeout_s=args.timeout_s,
                         trial_timeout_s=args.trial_timeout_s, store_root=args.store,
                         storage=StorageConfig(url=args.storage, heartbeat_s=args.heartbeat_s),
