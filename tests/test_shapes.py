@@ -148,3 +148,43 @@ def test_batch_layout_of_an_hf_prefill_finds_the_preset_bucket(smap):
     layout = BatchLayout(request_tokens=(128,) * 4, request_kinds=("prefill",) * 4, input_axes=(),
                          kinds=("decode", "prefill"))
     assert smap.pick(layout, 0).split_sizes == (2, 2) and smap.rule_counts == {"exact": 1}
+
+
+# --- choosing buckets for recorded shapes --------------------------------------------------------------
+
+def test_buckets_cover_the_most_token_weighted_traffic_first():
+    from dynaflow.tuner.buckets import choose_buckets, coverage, workload_of
+    log = ShapeLog(model="llama-tiny")
+    decode = [Bucket(num_decode=16, prefill_tokens=0, context_len=c) for c in (64, 128)]
+    log.add(decode[0], 500)
+    log.add(decode[1], 300)
+    log.add(Bucket(num_decode=24, prefill_tokens=0, context_len=128), 100)   # 1.5x: nearest to d16
+    log.add(Bucket(num_decode=0, prefill_tokens=1024, context_len=0, num_prefill=8), 20)  # 20 x 1024 tokens
+    log.add(Bucket(num_decode=2, prefill_tokens=0, context_len=64), 50)      # 8x away from d16
+    one = choose_buckets(log, 1)
+    assert one == [Bucket(num_decode=0, prefill_tokens=1024, context_len=0, num_prefill=8)]  # 20,480 tokens > 15,200
+    two = choose_buckets(log, 2)
+    assert two[1] == decode[0]
+    cov = coverage(log, two)
+    assert cov.by_rule == {"exact": 820, "nearest": 100, "sequential": 50} and cov.share == 920 / 970
+    assert choose_buckets(log, 10)[-1] == Bucket(num_decode=2, prefill_tokens=0, context_len=64)
+    assert len(choose_buckets(log, 10)) == 3  # nothing left uncovered after three
+    w = workload_of(two[0], model="llama-tiny", dtype="float32", device="cpu")
+    assert (w.num_decode, w.prefill_tokens, w.prefill_chunk, w.context_len) == (0, 1024, 128, 0)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--buckets", "2"], "--buckets needs --shapes FILE"),
+    (["--shapes", "{shapes}", "--workload", "d4x16"], "give --shapes or --workload, not both"),
+    (["--shapes", "{shapes}", "--buckets", "0"], "--buckets must be >= 1"),
+    (["--shapes", "{tmp}/none.json"], "shapes file"),
+])
+def test_tune_shapes_flags_are_checked(tmp_path, capsys, argv, words):
+    from dynaflow.tuner.cli import main
+    log = ShapeLog(model="llama-tiny")
+    log.add(Bucket(num_decode=4, prefill_tokens=0, context_len=16))
+    shapes = log.save(tmp_path / "s.json")
+    argv = [a.format(shapes=shapes, tmp=tmp_path) for a in argv]
+    assert main(["tune", *argv, "--store", str(tmp_path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and words in err
