@@ -24,7 +24,7 @@ from .batch import BatchLayout
 from .plan import Plan, Task
 from .schedule import Schedule
 from .loading import ScheduleMap
-from .serving import pick
+from .serving import PlanCache, pick
 from .shapes import ShapeLog
 
 log = logging.getLogger("dynaflow")
@@ -72,6 +72,8 @@ class ScheduledDecoderLayer(nn.Module):
         super().__init__()
         self.layer, self.chooser = layer, chooser
         self.shapes = shapes if shapes is not None else ShapeLog()
+        self.plans = PlanCache()
+        self._layouts: dict[tuple[int, int], BatchLayout] = {}
         self.backend = None
         self.split_calls = 0  # calls that ran as several nano-batches
         self._said: set[str] = set()
@@ -79,8 +81,11 @@ class ScheduledDecoderLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         rows, tokens = hidden_states.shape[:2]
         cache = kwargs.get("past_key_values")
-        layout = BatchLayout(request_tokens=(tokens,) * rows, request_kinds=("decode" if tokens == 1 else "prefill",) * rows,
-                             input_axes=(), kinds=("decode", "prefill"))
+        layout = self._layouts.get((rows, tokens))
+        if layout is None:
+            layout = self._layouts[(rows, tokens)] = BatchLayout(
+                request_tokens=(tokens,) * rows, request_kinds=("decode" if tokens == 1 else "prefill",) * rows,
+                input_axes=(), kinds=("decode", "prefill"))
         schedule = pick(self.chooser, layout, int(cache.get_seq_length()) if cache is not None else 0, self.shapes)
         reason = None if schedule.num_nano > 1 else "sequential"
         if reason is None and cache is not None:
@@ -92,25 +97,31 @@ class ScheduledDecoderLayer(nn.Module):
         return self._run_split(schedule, layout, hidden_states, args, kwargs, cache)
 
     def _run_split(self, schedule: Schedule, layout: BatchLayout, hidden_states, args, kwargs, cache):
-        rows = hidden_states.shape[0]
-        ranges = layout.request_ranges(schedule.split_unit, schedule.split_sizes)
+        rows, tokens = hidden_states.shape[:2]
         out = torch.empty_like(hidden_states)
-        idx = self._layer_idx()
-        tasks = []
-        for b, (r0, r1) in enumerate(ranges):
-            part = _rows(hidden_states, rows, r0, r1)
-            part_args = tuple(_rows(a, rows, r0, r1) for a in args)
-            part_kwargs = {k: _rows(v, rows, r0, r1) for k, v in kwargs.items()}
-            if cache is not None:
-                part_kwargs["past_key_values"] = CacheRows(cache, slice(r0, r1))
-            tasks.append(Task(op="layer", nano=b, stream=_stream_of(schedule, b), waits=(),
-                              fn=_nano_fn(self.layer, part, part_args, part_kwargs, out, slice(r0, r1))))
         self.backend = self.backend or get_backend(str(out.device) if out.is_cuda else "cpu")
-        self.backend.run(Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=True))
+        plan, runner = self.plans.get(schedule, (rows, tokens, out.dtype, out.device),
+                                      lambda: self._prepare(schedule, layout, rows))
+        plan.bound.update(hidden=hidden_states, args=args, kwargs=kwargs, cache=cache, out=out)
+        plan.out = out
+        try:
+            runner.run()
+        finally:
+            plan.bound.clear()  # the call's tensors are not kept alive by the cached plan
         if cache is not None:  # every nano-batch wrote from the same position; advance it once
-            _advance(cache.layers[idx], hidden_states.shape[1])
+            _advance(cache.layers[self._layer_idx()], tokens)
         self.split_calls += 1
         return out
+
+    def _prepare(self, schedule: Schedule, layout: BatchLayout, rows: int):
+        """The plan for one (schedule, live shape): each nano-batch's rows and stream, built once;
+        each call binds its tensors into `plan.bound`."""
+        ranges = layout.request_ranges(schedule.split_unit, schedule.split_sizes)
+        bound: dict = {}
+        tasks = [Task(op="layer", nano=b, stream=_stream_of(schedule, b), waits=(),
+                      fn=_nano_fn(self.layer, bound, rows, r0, r1)) for b, (r0, r1) in enumerate(ranges)]
+        plan = Plan(schedule=schedule, tasks=tasks, out=None, ranges=ranges, join_copies=True, bound=bound)
+        return plan, self.backend.prepare(plan)
 
     def _layer_idx(self) -> int | None:
         attn = getattr(self.layer, "self_attn", None)
@@ -122,10 +133,14 @@ class ScheduledDecoderLayer(nn.Module):
             log.warning("decoder layer %s runs unsplit: %s", self._layer_idx(), reason)
 
 
-def _nano_fn(layer, part, args, kwargs, out, sl):
+def _nano_fn(layer, bound: dict, rows: int, r0: int, r1: int):
+    """Rows r0:r1 of the call bound in `bound`: views of its batched tensors and of its static cache."""
     def fn() -> None:
-        result = layer(part, *args, **kwargs)
-        out[sl].copy_(result[0] if isinstance(result, tuple) else result)
+        kwargs = {k: _rows(v, rows, r0, r1) for k, v in bound["kwargs"].items()}
+        if bound["cache"] is not None:
+            kwargs["past_key_values"] = CacheRows(bound["cache"], slice(r0, r1))
+        result = layer(_rows(bound["hidden"], rows, r0, r1), *(_rows(a, rows, r0, r1) for a in bound["args"]), **kwargs)
+        bound["out"][r0:r1].copy_(result[0] if isinstance(result, tuple) else result)
 
     return fn
 

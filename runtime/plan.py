@@ -37,6 +37,8 @@ class Plan:
     join_copies: bool  # True when the graph could not write its output in place
     envs: list[dict] = field(default_factory=list)
     reset: Callable[[], None] = lambda: None
+    bind: Callable[..., None] | None = None  # bind(inputs, out): the same plan on new tensors of the same shapes
+    bound: dict = field(default_factory=dict)  # what a call's tasks read (layer-granularity plans bind here)
 
     @property
     def num_streams(self) -> int:
@@ -78,32 +80,42 @@ def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor
     output_value = next(n for n in mod.graph.nodes if n.op == "output").args[0]
     envs: list[dict] = [dict() for _ in ranges]
 
-    views = [dict(zip(placeholders, _nano_inputs(case, r0, r1, out, graph.writes_output))) for r0, r1 in ranges]
+    bound: dict = {}  # what the tasks run on: each nano-batch's input views and the output
+
+    def bind(inputs, new_out: torch.Tensor) -> None:
+        bound["views"] = [dict(zip(placeholders, _nano_inputs(case.layout, inputs, r0, r1, new_out,
+                                                              graph.writes_output))) for r0, r1 in ranges]
+        bound["out"] = new_out
+        if tasks:
+            plan.out = new_out
 
     def reset() -> None:
-        for env, initial in zip(envs, views):
+        for env, initial in zip(envs, bound["views"]):
             env.clear()
             env.update(initial)
+
+    tasks: list[Task] = []
+    bind(case.inputs, out)
 
     stream_of = {(s.op, s.nano): s.stream for s in order}
     index_of = {(s.op, s.nano): i for i, s in enumerate(order)}
     drops = _drop_after(order, graph, call_nodes, stream_of, output_value)
-    tasks = []
     for i, step in enumerate(order):
         node = call_nodes[step.op]
         env, sl = envs[step.nano], case.layout.output_slice(*ranges[step.nano])
-        join = (out, sl, output_value) if not graph.writes_output and _produces(node, output_value) else None
+        join = (bound, sl, output_value) if not graph.writes_output and _produces(node, output_value) else None
         waits = tuple(sorted({index_of[(d, step.nano)] for d in graph.op(step.op).deps
                               if stream_of[(d, step.nano)] != step.stream}))
         tasks.append(Task(op=step.op, nano=step.nano, stream=step.stream, waits=waits,
                           fn=_task_fn(mod, node, env, consts, drops.get(i, ()), join)))
-    return Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=not graph.writes_output,
-                envs=envs, reset=reset)
+    plan = Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=not graph.writes_output,
+                envs=envs, reset=reset, bind=bind)
+    return plan
 
 
-def _nano_inputs(case: Case, r0: int, r1: int, out: torch.Tensor, writes_output: bool):
-    views = case.layout.split_inputs(case.inputs, r0, r1)
-    return (*views, out[case.layout.output_slice(r0, r1)]) if writes_output else views
+def _nano_inputs(layout, inputs, r0: int, r1: int, out: torch.Tensor, writes_output: bool):
+    views = layout.split_inputs(inputs, r0, r1)
+    return (*views, out[layout.output_slice(r0, r1)]) if writes_output else views
 
 
 def _task_fn(mod, node: fx.Node, env: dict, consts: dict, drop: tuple, join):
@@ -116,12 +128,12 @@ def _task_fn(mod, node: fx.Node, env: dict, consts: dict, drop: tuple, join):
             for n in drop:
                 del env[n]
         return fn
-    out, sl, value = join
+    bound, sl, value = join
     load_value = _loader(value, env, consts)
 
     def fn_with_copy() -> None:
         env[node] = forward(*[load() for load in loaders])
-        out[sl].copy_(load_value())
+        bound["out"][sl].copy_(load_value())
         for n in drop:
             del env[n]
     return fn_with_copy

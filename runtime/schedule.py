@@ -105,6 +105,13 @@ class Schedule:
                 raise ValueError(f"order holds ({step.op!r}, nano {step.nano}) twice; each step must appear once.")
             seen.add((step.op, step.nano))
 
+    def __hash__(self) -> int:  # computed once: serving looks plans up by schedule on every call
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.split_unit, self.split_sizes, self.streams, self.order, self.cuda_graph, self.label))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     @property
     def num_nano(self) -> int:
         return max(1, len(self.split_sizes))

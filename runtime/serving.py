@@ -9,12 +9,13 @@ are counted (`layer.shapes`, the map's own log for a map) and can be saved to tu
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import nn
 
-from .backends import Backend, get_backend
+from .backends import Backend, Runner, get_backend
 from .batch import BatchLayout
 from .graph import trace
 from .loading import ScheduleMap
@@ -35,6 +36,7 @@ class ScheduledModule(nn.Module):
         self.shapes = chooser.shapes if isinstance(chooser, ScheduleMap) else ShapeLog()
         self.graph = trace(module)
         self.backend = backend
+        self.plans = PlanCache()
         self.last_schedule: Schedule | None = None
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -43,12 +45,45 @@ class ScheduledModule(nn.Module):
         self.last_schedule = schedule
         if schedule.is_sequential:
             return self.module(*inputs)
-        backend = self.backend or get_backend(str(inputs[0].device) if inputs[0].is_cuda else "cpu")
-        self.backend = backend
+        self.backend = self.backend or get_backend(str(inputs[0].device) if inputs[0].is_cuda else "cpu")
         out = torch.empty_like(inputs[0])
-        plan = build_plan(self.graph, Case(model=self.module, inputs=tuple(inputs), layout=layout), schedule, out)
-        backend.run(plan)
+        shape = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs) + (layout.request_tokens, layout.request_kinds)
+        plan, runner = self.plans.get(schedule, shape, lambda: self._prepare(schedule, inputs, layout, out))
+        plan.bind(inputs, out)
+        runner.run()
         return out
+
+    def _prepare(self, schedule: Schedule, inputs, layout: BatchLayout, out: torch.Tensor):
+        plan = build_plan(self.graph, Case(model=self.module, inputs=tuple(inputs), layout=layout), schedule, out)
+        return plan, self.backend.prepare(plan)
+
+
+class PlanCache:
+    """A plan and its prepared runner per (schedule, live shapes), built once and reused: a call
+    then only binds its tensors. The most recent `capacity` are kept; an evicted runner is closed
+    (its streams and events released). Keyed by the schedule's value (its hash is computed once
+    per Schedule object), so a policy returning equal schedules reuses the plan too."""
+
+    def __init__(self, capacity: int = 32) -> None:
+        self.capacity = capacity
+        self.built = 0
+        self._entries: OrderedDict = OrderedDict()
+
+    def get(self, schedule: Schedule, shape: Hashable, build: Callable[[], tuple[Any, Runner]]) -> tuple[Any, Runner]:
+        key = (schedule, shape)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = (schedule, *build())
+            self.built += 1
+            if len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)[1][2].close()
+        else:
+            self._entries.move_to_end(key)
+        return entry[1], entry[2]
+
+    def close(self) -> None:
+        while self._entries:
+            self._entries.popitem()[1][2].close()
 
 
 def pick(chooser, layout: BatchLayout, context_len: int, shapes: ShapeLog | None = None) -> Schedule:

@@ -63,6 +63,7 @@ def test_scheduled_layers_equal_the_unscheduled_model(arch):
     assert all(isinstance(layer, ScheduledDecoderLayer) for layer in wrapped)
     scheduled = generate(model, cfg, ids)
     assert all(layer.split_calls == STEPS + 1 for layer in wrapped)  # prefill and every decode step split
+    assert all(layer.plans.built == 2 for layer in wrapped)  # one plan for the prefill shape, one for decode, reused
     for ref, got in zip(reference, scheduled):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     remove_schedules(model)

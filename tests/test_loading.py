@@ -130,11 +130,19 @@ def test_scheduled_module_runs_the_map_or_a_policy_per_call():
         return Schedule(split_sizes=(half, layout.num_requests - half), streams=(StreamSpec(), StreamSpec()),
                         order=order, label="dbo")
 
-    layer = ScheduledModule(ex.case.model, policy)
+    chosen = {}
+    layer = ScheduledModule(ex.case.model, lambda layout: chosen.setdefault(layout.num_requests, policy(layout)))
     with torch.no_grad():
-        out = layer(*ex.case.inputs)
+        outs = [layer(*ex.case.inputs) for _ in range(4)]  # the policy returns one Schedule object per shape
     assert layer.last_schedule.label == "dbo"
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert layer.plans.built == 1  # built once for the shape, then reused: each call only binds its tensors
+    assert len({id(o) for o in outs}) == 4  # every call gets its own output tensor
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    x, k, v, decode_pos, prefill_pos = ex.case.inputs
+    with torch.no_grad():  # 4 decode requests only: the policy answers sequential, no plan
+        layer(x[:4], k[:4], v[:4], decode_pos[:4], prefill_pos[:0])
+    assert layer.last_schedule.is_sequential and layer.plans.built == 1
 
 
 def test_pack_speeds_start_up_and_never_goes_stale(store):
