@@ -110,6 +110,37 @@ class StoredSchedule:
                    created_at=validate.string(d, "created_at", r, default=""))
 
 
+EXPORT_SCHEMA = 1
+
+
+def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
+    """A record, readable: what runs, why it was chosen, where it came from."""
+    r, s = record, record.schedule
+    interval = f", 95% interval {r.speedup_interval[0]:.3f}-{r.speedup_interval[1]:.3f}" if r.speedup_interval else ""
+    streams = ", ".join(f"stream {i}: {'all SMs' if st.sm_share is None else f'{st.sm_share} SMs'}, priority {st.priority}"
+                        for i, st in enumerate(s.streams))
+    per_stream = {}
+    for step in s.order:
+        per_stream.setdefault(step.stream, []).append(f"{step.op}/{step.nano}")
+    lines = [f"record     {path}" if path else None,
+             f"hardware   {r.hardware.key} ({r.hardware.name}, {r.hardware.num_sms} "
+             f"{'SMs' if r.hardware.kind == 'cuda' else 'cores'})",
+             f"software   " + ", ".join(f"{k} {v}" for k, v in r.hardware.software.items() if v),
+             f"workload   {r.workload.key}: {r.workload.num_decode} decode requests x {r.workload.context_len} context, "
+             f"{r.workload.prefill_tokens} prefill tokens in {r.workload.num_prefill} request(s)",
+             f"verdict    {r.verdict.replace('_', ' ')}: speedup {r.speedup:.3f}x{interval} (noise {r.speedup_spread:.1%})",
+             f"throughput {r.tokens_per_s:,.0f} tokens/s, sequential {r.baseline_tokens_per_s:,.0f} tokens/s"
+             + (f", {r.efficiency:.1%} of roofline" if r.efficiency is not None else ""),
+             f"schedule   {s.label}: split {s.split_unit} {list(s.split_sizes) or 'whole'}, "
+             f"{'CUDA graph' if s.cuda_graph else 'eager'}",
+             f"streams    {streams}"]
+    lines += [f"order      stream {k}: " + " ".join(v) for k, v in sorted(per_stream.items())] if per_stream else \
+        ["order      default: nano-batch by nano-batch, ops in graph order"]
+    lines.append(f"origin     {r.space} space, study {r.study or '?'} trial {r.trial if r.trial is not None else '-'}"
+                 f" ({r.storage or 'storage unknown'}), {r.created_at}")
+    return "\n".join(line for line in lines if line is not None)
+
+
 def read_record(path: Path) -> StoredSchedule:
     """One record file, validated whole; any defect is one ValueError naming the file."""
     data = validate.read_json(path, "schedule record")
@@ -194,6 +225,58 @@ class ScheduleStore:
         except ValueError as e:
             log.warning("ignoring the pack %s (%s); reading the record files", path, e)
             return None
+
+    def export(self, hardware_key: str) -> dict[str, Any]:
+        """Every valid record of one hardware key, as one JSON-able bundle; a broken file is an error."""
+        records = []
+        for path, rec in self.records(hardware_key):
+            if isinstance(rec, ValueError):
+                raise rec
+            records.append(rec.to_dict())
+        if not records:
+            raise ValueError(f"{self.root / hardware_key} holds no records to export.")
+        return {"export_schema": EXPORT_SCHEMA, "hardware": hardware_key, "records": records}
+
+    def import_bundle(self, bundle: Any, live: Hardware, source: str) -> tuple[list[Path], list[str]]:
+        """Save a bundle's records here after validating all of them: its schema, every record whole,
+        and every record's hardware against this machine's (a foreign bundle is refused whole).
+        A stored conclusive record is not replaced by an inconclusive one. (saved paths, kept notes)"""
+        bundle = validate.obj(bundle, f"export file {source}")
+        schema = bundle.get("export_schema")
+        if isinstance(schema, bool) or schema != EXPORT_SCHEMA:
+            raise ValueError(f"export file {source}: export_schema must be {EXPORT_SCHEMA}, but got "
+                             f"{validate.short(schema)}; a newer dynaflow-tune wrote it, or it is not an export.")
+        records = bundle.get("records")
+        if not isinstance(records, list) or not records:
+            raise ValueError(f"export file {source}: records must be a non-empty list, but got {validate.short(records)}.")
+        parsed = []
+        for i, d in enumerate(records):
+            try:
+                rec = StoredSchedule.from_dict(d)
+            except ValueError as e:
+                raise ValueError(f"export file {source}: records[{i}] is invalid: {e}") from None
+            if rec.hardware.key != bundle.get("hardware"):
+                raise ValueError(f"export file {source}: records[{i}] was tuned on {rec.hardware.key}, but the file "
+                                 f"says {validate.short(bundle.get('hardware'))}; nothing imported.")
+            wrong = live.mismatch(rec.hardware)
+            if wrong:
+                raise ValueError(f"export file {source} holds records tuned on {rec.hardware.key}, but this is "
+                                 f"{live.key} ({'; '.join(wrong)}); nothing imported: import it on that hardware.")
+            parsed.append(rec)
+        saved, kept = [], []
+        for rec in parsed:
+            path = self.path(rec.hardware.key, rec.workload.key)
+            if path.exists():
+                try:
+                    old = self.read(path)
+                except ValueError:
+                    old = None
+                if old is not None and rec.verdict == "inconclusive" and old.verdict != "inconclusive":
+                    kept.append(f"{rec.workload.key}: kept the stored {old.verdict.replace('_', ' ')} record "
+                                "(the imported one is inconclusive)")
+                    continue
+            saved.append(self.save(rec))
+        return saved, kept
 
     def records(self, hardware_key: str | None = None) -> Iterator[tuple[Path, StoredSchedule | ValueError]]:
         """Every record (or the error reading it), optionally for one hardware key."""

@@ -1,4 +1,6 @@
 """The store writes atomically, reads back exactly, and names the file on any defect."""
+import json
+
 import pytest
 
 from dynaflow.runtime import Schedule, StreamSpec, Workload
@@ -46,3 +48,75 @@ def test_table_lists_records_and_unreadable_files(tmp_path):
     assert len(table) == 2
     assert table.loc[table.workload == W.key, "speedup"].item() == 1.25
     assert table.loc[table.workload == "broken", "schedule"].item().startswith("UNREADABLE")
+
+
+# --- show, export, import ------------------------------------------------------------------------------
+
+def test_show_prints_a_record_readably(tmp_path, capsys):
+    from dynaflow.runtime import Step
+    from dynaflow.tuner.cli import main
+    rec = record(schedule=Schedule(split_sizes=(128, 129), streams=(StreamSpec(sm_share=96), StreamSpec(sm_share=32)),
+                                   order=(Step(op="qkv", nano=0, stream=0), Step(op="qkv", nano=1, stream=1)), label="x"),
+                 verdict="winner", speedup_interval=(1.2, 1.3))
+    path = ScheduleStore(StoreConfig(root=tmp_path)).save(rec)
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    for words in ("verdict    winner: speedup 1.250x, 95% interval 1.200-1.300", "stream 0: 96 SMs, priority 0",
+                  "order      stream 1: qkv/1", "throughput 100,000 tokens/s, sequential 80,000 tokens/s",
+                  "origin     nanoflow space, study s trial 7"):
+        assert words in out, (words, out)
+
+
+def test_export_then_import_moves_every_record_to_a_machine_of_the_same_type(tmp_path):
+    src, dst = ScheduleStore(StoreConfig(root=tmp_path / "a")), ScheduleStore(StoreConfig(root=tmp_path / "b"))
+    d64 = Workload(model="llama3-8b", num_decode=64, context_len=2048, dtype="bfloat16", device="cuda")
+    src.save(record())
+    src.save(record(workload=d64))
+    bundle = src.export(H100.key)
+    saved, kept = dst.import_bundle(json.loads(json.dumps(bundle)), H100, "x.json")
+    assert len(saved) == 2 and kept == []
+    assert [r.to_dict() for _, r in dst.records()] == [r.to_dict() for _, r in src.records()]
+
+
+def test_import_refuses_foreign_newer_or_broken_bundles_whole(tmp_path):
+    from fakes import A100
+    src, dst = ScheduleStore(StoreConfig(root=tmp_path / "a")), ScheduleStore(StoreConfig(root=tmp_path / "b"))
+    src.save(record())
+    bundle = src.export(H100.key)
+    with pytest.raises(ValueError, match=f"tuned on {H100.key}, but this is {A100.key}.*nothing imported"):
+        dst.import_bundle(bundle, A100, "x.json")
+    with pytest.raises(ValueError, match="export_schema must be 1, but got 2"):
+        dst.import_bundle({**bundle, "export_schema": 2}, H100, "x.json")
+    broken = json.loads(json.dumps(bundle))
+    broken["records"][0]["tokens_per_s"] = -1
+    with pytest.raises(ValueError, match=r"records\[0\] is invalid: record.tokens_per_s must be a finite number > 0"):
+        dst.import_bundle(broken, H100, "x.json")
+    assert not dst.root.exists()  # nothing written by a refused import
+
+
+def test_import_keeps_a_conclusive_record_over_an_inconclusive_one(tmp_path):
+    src, dst = ScheduleStore(StoreConfig(root=tmp_path / "a")), ScheduleStore(StoreConfig(root=tmp_path / "b"))
+    dst.save(record(verdict="winner"))
+    src.save(record(verdict="inconclusive", speedup=1.01))
+    saved, kept = dst.import_bundle(src.export(H100.key), H100, "x.json")
+    assert saved == [] and "kept the stored winner record" in kept[0]
+    assert next(dst.records())[1].verdict == "winner"
+
+
+def test_export_and_import_commands(tmp_path, capsys):
+    from dynaflow.runtime import detect
+    from dynaflow.tuner.cli import main
+    cpu = detect("cpu")
+    w = Workload(model="llama-tiny", num_decode=4, context_len=16)
+    ScheduleStore(StoreConfig(root=tmp_path / "a")).save(record(hardware=cpu, workload=w))
+    out = tmp_path / "export.json"
+    assert main(["export", "--store", str(tmp_path / "a"), "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["import", str(out), "--store", str(tmp_path / "b"), "--device", "cpu"]) == 0
+    assert f"imported 1 record(s) of {cpu.key}" in capsys.readouterr().out
+    bundle = json.loads(out.read_text())
+    bundle["records"][0]["hardware"]["num_sms"] = cpu.num_sms * 32  # exported on a bigger machine
+    out.write_text(json.dumps(bundle))
+    assert main(["import", str(out), "--store", str(tmp_path / "c"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "nothing imported" in err
+    assert main(["export", "--store", str(tmp_path / "empty"), "--device", "cpu", "--out", str(out)]) == 2

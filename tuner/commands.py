@@ -61,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     ls = command("list", "print the stored schedules as a table", cmd_list)
     ls.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
 
+    sh = command("show", "print one stored record readably: verdict, speedup, schedule, origin", cmd_show)
+    sh.add_argument("record", type=Path, help="a record file (results/schedules/<hardware>/<workload>.json)")
+
+    ex = command("export", "write one hardware type's records to one file, to import on another machine", cmd_export)
+    ex.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
+    ex.add_argument("--hardware", default=None, help="hardware key to export (default: this machine's, for --device)")
+    ex.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if torch sees one, else cpu)")
+    ex.add_argument("--out", type=Path, required=True, help="the file to write")
+
+    im = command("import", "save an exported file's records in this store, after checking them all", cmd_import)
+    im.add_argument("file", type=Path, help="a file written by dynaflow-tune export")
+    im.add_argument("--store", type=Path, default=Path("results"), help="root of the schedule store")
+    im.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if torch sees one, else cpu)")
+
     st = command("studies", "list the studies in a storage: name, trials, verdict", cmd_studies)
     st.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL or journal:PATH")
 
@@ -267,6 +281,42 @@ def cmd_report(args) -> int:
     path = write_report(args.storage, args.out, store_root=args.store, study_name=args.study,
                         timelines=not args.no_timelines)
     print(f"wrote {path} and its figures")
+    return 0
+
+
+def _live_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_show(args) -> int:
+    from dynaflow.runtime.store import describe
+
+    print(describe(read_record(args.record), args.record))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from dynaflow.runtime.files import write_json_atomic
+    from dynaflow.runtime.store import ScheduleStore
+
+    key = args.hardware or detect(_live_device(args.device)).key
+    bundle = ScheduleStore(StoreConfig(root=args.store)).export(key)
+    write_json_atomic(args.out, bundle, indent=1)
+    print(f"exported {len(bundle['records'])} record(s) of {key} to {args.out}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from dynaflow.runtime.store import ScheduleStore
+
+    live = detect(_live_device(args.device))
+    bundle = validate.read_json(args.file, "export file")
+    saved, kept = ScheduleStore(StoreConfig(root=args.store)).import_bundle(bundle, live, str(args.file))
+    print(f"imported {len(saved)} record(s) of {live.key} into {args.store / 'schedules'}")
+    for note in kept:
+        print(f"  {note}")
     return 0
 
 
