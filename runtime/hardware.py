@@ -6,6 +6,7 @@ drift is a warning at load time, not a miss.
 """
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import re
@@ -40,7 +41,17 @@ class Hardware:
 
     @classmethod
     def from_dict(cls, d: dict, name: str = "hardware") -> "Hardware":
-        """Every field checked (a record's hardware is read from a file)."""
+        """Every field checked (a record's hardware is read from a file). A store's records share
+        one hardware: a dict equal to the last one checked gives the same (frozen) value."""
+        last = _LAST_READ.get(name)
+        if last is not None and last[0] == d:
+            return last[1]
+        hardware = cls._from_dict(d, name)
+        _LAST_READ[name] = (copy.deepcopy(d), hardware)
+        return hardware
+
+    @classmethod
+    def _from_dict(cls, d: dict, name: str) -> "Hardware":
         d = validate.obj(d, name)
         validate.known(d, {"kind", "name", "arch", "num_sms", "memory_bytes", "mig", "software"}, name)
         if d.get("kind") not in ("cuda", "cpu"):
@@ -63,6 +74,9 @@ class Hardware:
         """Software versions that changed since `other` was recorded."""
         return [f"{k}: {other.software.get(k)!r} -> {v!r}" for k, v in self.software.items()
                 if other.software.get(k) not in (None, v) and v is not None]
+
+
+_LAST_READ: dict[str, tuple[dict, Hardware]] = {}
 
 
 def detect(device: str = "cpu") -> Hardware:

@@ -76,15 +76,17 @@ class ScheduleMap:
     and cached; every lookup then counts its rule (`rule_counts`) and its bucket (`shapes`, a
     ShapeLog a server can save and `dynaflow-tune tune --shapes` can tune), at constant cost."""
 
-    def __init__(self, records: list[dict], *, source: str = "schedules", model: str | None = None,
-                 max_ratio: float = NEAREST_RATIO) -> None:
-        self.raw = sorted(records, key=lambda r: -(r["workload"]["num_decode"] + r["workload"]["prefill_tokens"]))
+    def __init__(self, records: list[dict], *, parsed: list[StoredSchedule] | None = None, source: str = "schedules",
+                 model: str | None = None, max_ratio: float = NEAREST_RATIO) -> None:
+        order = sorted(range(len(records)),
+                       key=lambda i: -(records[i]["workload"]["num_decode"] + records[i]["workload"]["prefill_tokens"]))
+        self.raw = [records[i] for i in order]
         self.buckets = [Bucket(num_decode=r["workload"]["num_decode"], prefill_tokens=r["workload"]["prefill_tokens"],
                                context_len=r["workload"]["context_len"]) for r in self.raw]
         self.source, self.max_ratio = source, max_ratio
         self.shapes = ShapeLog(model=model)
         self.rule_counts: Counter = Counter()
-        self._parsed: dict[int, StoredSchedule] = {}
+        self._parsed: dict[int, StoredSchedule] = {j: parsed[i] for j, i in enumerate(order)} if parsed else {}
         self._cache: dict[tuple, tuple[Schedule, str, Bucket]] = {}
         self._said: set[str] = set()
 
@@ -103,14 +105,16 @@ class ScheduleMap:
             raise ValueError(f"on_error must be 'raise' or 'warn', but got {on_error!r}.")
         live = hardware or detect(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         store_obj = ScheduleStore(StoreConfig(root=Path(store)))
-        raw = read_records(store_obj, live, on_error)
-        mine = [r for r in raw if r["workload"]["model"] == model and r["workload"]["dtype"] == dtype]
+        pairs = read_records(store_obj, live, on_error)
+        raw = [r for r, _ in pairs]
+        mine = [(r, rec) for r, rec in pairs if rec.workload.model == model and rec.workload.dtype == dtype]
         if mine:
             log.info("loaded %d schedule(s) for %s %s on %s from %s", len(mine), model, dtype, live.key, store)
         else:
             log.warning("no stored schedules for %s %s on %s: %s; every batch runs sequential", model, dtype, live.key,
                         _why_empty(store_obj, live, raw, model, dtype))
-        return cls(mine, source=str(store), model=model, max_ratio=max_ratio)
+        return cls([r for r, _ in mine], parsed=[rec for _, rec in mine], source=str(store), model=model,
+                   max_ratio=max_ratio)
 
     def pick(self, layout: BatchLayout, context_len: int = 0) -> Schedule:
         """The schedule for this live batch."""
@@ -181,17 +185,18 @@ def _why_empty(store: ScheduleStore, live: Hardware, raw: list[dict], model: str
             + (f" (only for {', '.join(found)})" if found else ""))
 
 
-def read_records(store: ScheduleStore, live: Hardware, on_error: str) -> list[dict]:
-    """The validated records of the live hardware: from the pack when it is current, else from
-    every file (each fully validated, then the pack is rewritten for the next start-up)."""
+def read_records(store: ScheduleStore, live: Hardware, on_error: str) -> list[tuple[dict, StoredSchedule]]:
+    """The validated records of the live hardware, raw and parsed: from the pack when it is
+    current, else from every file (each fully validated, then the pack is rewritten for the next
+    start-up)."""
     folder = store.root / live.key
     if not folder.is_dir():
         return []
     packed = store.read_pack(live.key)
     if packed is not None:
-        for rec in packed:
+        for _, rec in packed:
             check_hardware(rec, live, str(store.pack_path(live.key)))
-        return [rec.to_dict() for rec in packed]
+        return packed
     good, broken = [], False
     for path, rec in store.records(live.key):
         if isinstance(rec, ValueError):
@@ -201,9 +206,9 @@ def read_records(store: ScheduleStore, live: Hardware, on_error: str) -> list[di
             broken = True
             continue
         check_hardware(rec, live, str(path))
-        good.append(rec.to_dict())
+        good.append((rec.to_dict(), rec))
     if not broken:  # a pack must never hide a broken file from a later, stricter load
-        store.write_pack(live.key, good)
+        store.write_pack(live.key, [r for r, _ in good])
     return good
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from functools import cache
+from typing import Any, ClassVar
 
 from .validate import short
 
@@ -150,7 +152,7 @@ class Schedule:
                 f"schedule schema_version must be {SCHEMA_VERSION}, but got {short(version)}; "
                 "a newer dynaflow-tune wrote it, or it is not a schedule file."
             )
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = _field_names(cls)
         unknown = sorted(str(k) for k in set(d) - known - {"schema_version"})
         if unknown:
             raise ValueError(f"schedule has unknown field(s) {[short(k) for k in unknown][:5]}; known: {sorted(known)}.")
@@ -182,17 +184,26 @@ def _set(obj: object, name: str, value: object) -> None:
     object.__setattr__(obj, name, value)
 
 
+@cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+@cache
+def _required(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING)
+
+
 def _as(cls: type, value: object, name: str) -> Any:
     if isinstance(value, cls):
         return value
     if isinstance(value, Mapping):
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = _field_names(cls)
         unknown = sorted(str(k) for k in set(value) - fields)
         if unknown:
             raise ValueError(f"{name} entries have unknown field(s) {[short(k) for k in unknown][:5]}; "
                              f"known: {sorted(fields)}.")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.name not in value and f.default is dataclasses.MISSING)
+        missing = sorted(name for name in _required(cls) if name not in value)
         if missing:
             raise ValueError(f"{name} entries need {missing}.")
         return cls(**value)

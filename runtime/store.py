@@ -71,7 +71,7 @@ class StoredSchedule:
         if isinstance(schema, bool) or schema not in (1, RECORD_SCHEMA):
             raise ValueError(f"record_schema must be 1 or {RECORD_SCHEMA}, but got {validate.short(schema)}; "
                              "a newer dynaflow-tune wrote it, or it is not a schedule record.")
-        validate.known(d, {f.name for f in fields(cls)} | {"record_schema"}, "the record")
+        validate.known(d, _RECORD_FIELDS, "the record")
         for key in ("hardware", "workload", "schedule", "sequential_best", "tokens_per_s", "baseline_tokens_per_s",
                     "speedup", "speedup_spread", "space"):
             if key not in d:
@@ -150,6 +150,9 @@ def read_record(path: Path) -> StoredSchedule:
         raise ValueError(f"schedule record {path} is invalid: {e}") from None
 
 
+_RECORD_FIELDS = frozenset(f.name for f in fields(StoredSchedule)) | {"record_schema"}
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StoreConfig:
     root: Path = Path("results")
@@ -207,7 +210,7 @@ class ScheduleStore:
                          if e.name.endswith(".json"))
         return hashlib.sha256(repr(entries).encode()).hexdigest()
 
-    def read_pack(self, hardware_key: str) -> list[StoredSchedule] | None:
+    def read_pack(self, hardware_key: str) -> list[tuple[dict, StoredSchedule]] | None:
         """The packed records, each validated whole, if the pack is intact and current; else None
         (start-up then reads the record files, and says why when the pack is damaged)."""
         path = self.pack_path(hardware_key)
@@ -221,7 +224,7 @@ class ScheduleStore:
             records = data.get("records")
             if not isinstance(records, list):
                 raise ValueError(f"pack {path}: records must be a list, but got {validate.short(records)}")
-            return [StoredSchedule.from_dict(r) for r in records]
+            return [(r, StoredSchedule.from_dict(r)) for r in records]
         except ValueError as e:
             log.warning("ignoring the pack %s (%s); reading the record files", path, e)
             return None

@@ -98,7 +98,7 @@ class Workload:
     @classmethod
     def from_dict(cls, d: Any, name: str = "workload") -> "Workload":
         d = validate.obj(d, name)
-        validate.known(d, {f.name for f in fields(cls)}, name)
+        validate.known(d, _WORKLOAD_FIELDS, name)
         if "model" not in d:
             raise ValueError(f"{name}.model is missing.")
         try:
@@ -154,6 +154,9 @@ class Workload:
             raise ValueError(f"model {self.model!r} must return a dynaflow.runtime.Case (model, inputs, layout), "
                              f"but returned {type(case).__name__}.")
         return case
+
+
+_WORKLOAD_FIELDS = frozenset(f.name for f in fields(Workload))
 
 
 def check_device(device: str) -> None:
