@@ -125,7 +125,7 @@ def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
     lines = [f"record     {path}" if path else None,
              f"hardware   {r.hardware.key} ({r.hardware.name}, {r.hardware.num_sms} "
              f"{'SMs' if r.hardware.kind == 'cuda' else 'cores'})",
-             f"software   " + ", ".join(f"{k} {v}" for k, v in r.hardware.software.items() if v),
+             "software   " + ", ".join(f"{k} {v}" for k, v in r.hardware.software.items() if v),
              f"workload   {r.workload.key}: {r.workload.num_decode} decode requests x {r.workload.context_len} context, "
              f"{r.workload.prefill_tokens} prefill tokens in {r.workload.num_prefill} request(s)",
              f"verdict    {r.verdict.replace('_', ' ')}: speedup {r.speedup:.3f}x{interval} (noise {r.speedup_spread:.1%})",
