@@ -100,7 +100,7 @@ def cli_is_one_line(argv):
     assert len(err.getvalue().splitlines()) <= 1 and "Traceback" not in err.getvalue(), err.getvalue()
 
 
-FUZZ = settings(max_examples=260, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=260, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
