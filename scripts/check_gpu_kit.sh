@@ -26,6 +26,6 @@ echo "gpu_proof.sh probe -> exit $rc; stdout:"
 cat "$WORK/stdout"
 echo "stderr:"
 cat "$WORK/stderr"
-[ $rc -eq 3 ] && grep -q "^probe: no GPU" "$WORK/stdout" && [ "$(grep -c . "$WORK/out/probe.txt")" -eq 4 ] \
+[ $rc -eq 3 ] && grep -q "^probe: no GPU" "$WORK/stdout" && [ ! -e "$WORK/out/probe.txt" ] \
     && PYTHONPATH=/tmp/dynaflow_site:/tmp/dynaflow_shim "$V" -c "import optuna, dynaflow.tuner.cli; print('imports in the kit: optuna', optuna.__version__, '+ dynaflow.tuner.cli')" \
     && echo "check_gpu_kit: OK" || { echo "check_gpu_kit: FAILED" >&2; exit 1; }

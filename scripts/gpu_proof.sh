@@ -64,7 +64,10 @@ for stage in ${stages//,/ }; do
         probe)
             run probe "$PY" -m dynaflow.runtime.probe
             code=$?
-            if [ $code -eq 3 ]; then exit 3; fi  # no GPU: the probe said so in one line; nothing else can run
+            if [ $code -eq 3 ]; then  # no GPU: the probe said so in one line; nothing else can run, nothing to keep
+                rm -f "$OUTDIR/probe.txt"
+                exit 3
+            fi
             [ $code -eq 0 ] || rc=1 ;;
         tests) run pytest_cuda "$PY" -m pytest -q -m cuda -p no:cacheprovider || rc=1 ;;
         overhead) run runtime_overhead "$PY" benchmarks/runtime_overhead.py --device cuda --workload d256x2048+p512 || rc=1 ;;
