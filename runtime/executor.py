@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,7 @@ class Executor:
                     else "memory"
                 ops.append(Op(name=op.name, deps=op.deps, flops=c.flops, bytes=c.bytes, resource=resource))
         compiled.close()
-        self.graph = OpGraph(ops=tuple(ops), module=self.graph.module, writes_output=self.graph.writes_output)
+        self.graph = dataclasses.replace(self.graph, ops=tuple(ops))
         return self.graph
 
 

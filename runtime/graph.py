@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -37,6 +38,12 @@ class OpGraph:
     ops: tuple[Op, ...]
     module: fx.GraphModule
     writes_output: bool  # True: the last op writes into the out buffer itself (zero-copy join)
+    targets: dict[str, str] | None = None  # op name -> its submodule in `module`
+
+    def call_node(self, name: str) -> fx.Node:
+        """The node of `module`'s graph that runs op `name`."""
+        target = self.targets[name]
+        return next(n for n in self.module.graph.nodes if n.op == "call_module" and n.target == target)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -78,10 +85,25 @@ def trace(model: nn.Module) -> OpGraph:
             "in the traced forward."
         ) from None
     writes_output = _rewrite_final_add(gm)
-    pid, names = _assign_partitions(gm, model)
-    split = split_module(gm, model, lambda n: pid[n])
-    ops = tuple(Op(name=names[p], deps=deps) for p, deps in _partition_deps(split, names))
-    return OpGraph(ops=ops, module=split, writes_output=writes_output)
+    children = dict(model.named_children())
+    return cut(gm, lambda node: _module_key(node, children), root=model, writes_output=writes_output)
+
+
+def cut(gm: fx.GraphModule, key_of: Callable[[fx.Node], str | None], *, root: nn.Module | None = None,
+        writes_output: bool = False) -> OpGraph:
+    """Split a graph into ops: a new op wherever `key_of` (the module a node belongs to) changes,
+    glue with its producer. The one cutting path for torch.fx traces (keyed by the model's child
+    modules) and dynamo's graphs (keyed by the innermost module in each node's nn_module_stack)."""
+    pid, names = _assign_partitions(gm, key_of)
+    after = _input_hazards(gm, pid)
+    split = split_module(gm, root, lambda n: pid[n])
+    ops = []
+    for p, deps in _partition_deps(split, names):
+        extra = [names[q] for q in sorted(after.get(p, ())) if names[q] not in deps]
+        ops.append((p, Op(name=names[p], deps=tuple(deps) + tuple(extra))))
+    ops = _in_program_order(ops)
+    return OpGraph(ops=ops, module=split, writes_output=writes_output,
+                   targets={names[p]: f"submod_{p}" for p in names if any(o.name == names[p] for o in ops)})
 
 
 def _rewrite_final_add(gm: fx.GraphModule) -> bool:
@@ -115,27 +137,73 @@ def _module_key(node: fx.Node, model_children: dict[str, nn.Module]) -> str | No
     return head
 
 
-def _assign_partitions(gm: fx.GraphModule, model: nn.Module) -> tuple[dict[fx.Node, int], dict[int, str]]:
-    children = dict(model.named_children())
+def _assign_partitions(gm: fx.GraphModule, key_of) -> tuple[dict[fx.Node, int], dict[int, str]]:
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     pid: dict[fx.Node, int] = {}
     names: dict[int, str] = {}
-    current_key = None
+    current_key, current = None, {}
     for node in nodes:  # module nodes: a new op whenever the module changes
-        key = _module_key(node, children)
+        key = key_of(node)
         if key is not None and key != current_key:
             names[len(names) + 1] = _unique(key, names.values())
             current_key = key
         if key is not None:
             pid[node] = len(names)
+        current[node] = len(names)
+    written = {n.args[0] for n in nodes if writes_input(n)}
     for node in nodes:  # glue: with its producer, or with its consumer when it joins several ops
         if node not in pid and node.op != "get_attr":
             pid[node] = _glue_partition(node, pid)
+            if pid[node] == 0 and any(a in written for a in node.all_input_nodes):
+                pid[node] = current[node]  # touches an input written in place: stays in program order
             names.setdefault(pid[node], "prologue")
     for node in nodes:  # parameters live with their first user
         if node.op == "get_attr" and node.users:
             pid[node] = min(pid.get(u, 0) for u in node.users)
     return pid, names
+
+
+def writes_input(node: fx.Node) -> bool:
+    """An in-place op (`x.add_(...)`) on a graph input."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return (name.endswith("_") and not name.startswith("_") and bool(node.args)
+            and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder")
+
+
+def _input_hazards(gm: fx.GraphModule, pid: dict[fx.Node, int]) -> dict[int, set[int]]:
+    """Partition -> partitions it must follow because of an input written in place (a static
+    cache, its position counter): data flow does not order a read of the input after the write,
+    nor the write after earlier reads. Program order decides, as in the unsplit graph."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    after: dict[int, set[int]] = {}
+    for ph in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        writes = sorted((u for u in ph.users if u in pid and writes_input(u) and u.args[0] is ph), key=order.get)
+        if not writes:
+            continue
+        touches = sorted((u for u in ph.users if u in pid), key=order.get)
+        for w in writes:
+            for u in touches:
+                if u is not w and pid[u] != pid[w]:
+                    first, then = (u, w) if order[u] < order[w] else (w, u)
+                    after.setdefault(pid[then], set()).add(pid[first])
+    return after
+
+
+def _in_program_order(ops: list[tuple[int, Op]]) -> tuple[Op, ...]:
+    """Ops in a topological order of their deps, earliest partition (program order) first."""
+    by_name = {op.name: (p, op) for p, op in ops}
+    done: set[str] = set()
+    out: list[Op] = []
+    pending = sorted(ops, key=lambda x: x[0])
+    while pending:
+        ready = [(p, op) for p, op in pending if all(d in done or d not in by_name for d in op.deps)]
+        if not ready:
+            raise ValueError(f"ops depend on each other in a cycle: {[(op.name, op.deps) for _, op in pending][:6]}")
+        p, op = ready[0]
+        pending.remove((p, op))
+        done.add(op.name)
+        out.append(op)
+    return tuple(out)
 
 
 def _glue_partition(node: fx.Node, pid: dict[fx.Node, int]) -> int:

@@ -39,6 +39,7 @@ class Plan:
     reset: Callable[[], None] = lambda: None
     bind: Callable[..., None] | None = None  # bind(inputs, out): the same plan on new tensors of the same shapes
     bound: dict = field(default_factory=dict)  # what a call's tasks read (layer-granularity plans bind here)
+    outputs: Callable[[int], object] | None = None  # outputs(b): nano-batch b's graph outputs, after a run
 
     @property
     def num_streams(self) -> int:
@@ -69,12 +70,16 @@ def check_order(order: tuple[Step, ...], graph: OpGraph, num_nano: int) -> None:
         raise ValueError(f"order must hold every (op, nano-batch) once, but lacks {missing[:4]} ({len(missing)} in all).")
 
 
-def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor) -> Plan:
+def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor | None, *,
+               nano_inputs: Callable[[tuple, int, int], tuple] | None = None) -> Plan:
+    """`nano_inputs(inputs, r0, r1)`: a nano-batch's graph inputs (default: the layout's row and
+    token views). A graph returning several values (dynamo's) is not joined here: its outputs stay
+    in each nano-batch's env (`Plan.outputs(b)`) for the caller to gather."""
     ranges = case.layout.request_ranges(schedule.split_unit, schedule.split_sizes)
     order = schedule.order or default_order(graph, len(ranges))
     check_order(order, graph, len(ranges))
     mod = graph.module
-    call_nodes = dict(zip(graph.names, _call_nodes(mod)))
+    call_nodes = {name: graph.call_node(name) for name in graph.names}
     consts = {n: _fetch_attr(mod, n.target) for n in mod.graph.nodes if n.op == "get_attr"}
     placeholders = [n for n in mod.graph.nodes if n.op == "placeholder"]
     output_value = next(n for n in mod.graph.nodes if n.op == "output").args[0]
@@ -82,9 +87,9 @@ def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor
 
     bound: dict = {}  # what the tasks run on: each nano-batch's input views and the output
 
-    def bind(inputs, new_out: torch.Tensor) -> None:
-        bound["views"] = [dict(zip(placeholders, _nano_inputs(case.layout, inputs, r0, r1, new_out,
-                                                              graph.writes_output))) for r0, r1 in ranges]
+    def bind(inputs, new_out: torch.Tensor | None) -> None:
+        bound["views"] = [dict(zip(placeholders, nano_inputs(inputs, r0, r1) if nano_inputs else _nano_inputs(
+            case.layout, inputs, r0, r1, new_out, graph.writes_output))) for r0, r1 in ranges]
         bound["out"] = new_out
         if tasks:
             plan.out = new_out
@@ -103,13 +108,15 @@ def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor
     for i, step in enumerate(order):
         node = call_nodes[step.op]
         env, sl = envs[step.nano], case.layout.output_slice(*ranges[step.nano])
-        join = (bound, sl, output_value) if not graph.writes_output and _produces(node, output_value) else None
+        single = isinstance(output_value, fx.Node)
+        join = (bound, sl, output_value) if single and not graph.writes_output and _produces(node, output_value) else None
         waits = tuple(sorted({index_of[(d, step.nano)] for d in graph.op(step.op).deps
                               if stream_of[(d, step.nano)] != step.stream}))
         tasks.append(Task(op=step.op, nano=step.nano, stream=step.stream, waits=waits,
                           fn=_task_fn(mod, node, env, consts, drops.get(i, ()), join)))
     plan = Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=not graph.writes_output,
                 envs=envs, reset=reset, bind=bind)
+    plan.outputs = lambda b: fx.node.map_arg(output_value, lambda n: _loader(n, envs[b], consts)())
     return plan
 
 
@@ -166,11 +173,10 @@ def _drop_after(order, graph: OpGraph, call_nodes, stream_of, output_value) -> d
     return {i: tuple(v) for i, v in drops.items()}
 
 
-def _call_nodes(mod: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in mod.graph.nodes if n.op == "call_module"]
-
-
 def _produces(node: fx.Node, value) -> bool:
+    """Whether `node` makes (part of) the graph's output `value`, a node or a tuple of them."""
+    if isinstance(value, (tuple, list)):
+        return any(_produces(node, v) for v in value)
     while isinstance(value, fx.Node) and value.op == "call_function" and value.target is operator.getitem:
         value = value.args[0]
     return value is node

@@ -1,0 +1,271 @@
+"""Op-level schedules on unchanged models through torch.compile (Hugging Face models included).
+
+    model = compile_with_schedules(hf_model, smap)      # or a policy (BatchLayout) -> Schedule
+    logits = model(input_ids=ids, past_key_values=static_cache, use_cache=True).logits
+
+Dynamo hands the backend one FX graph of the model, whose nodes carry the module they came
+from (`nn_module_stack`). The graph is cut into ops at the innermost module boundaries (per
+decoder layer: the norms, q/k/v projections, the attention itself, o projection, the MLP's
+projections) by the same `graph.cut` the torch.fx path uses, and each live batch runs under the
+schedule the map (or policy) picks: nano-batches are row views of the batched inputs and of the
+static KV cache, on the schedule's streams, ops in its order. Batch sizes must be symbolic in
+the graph, so dim 0 of the token inputs and of every static cache tensor is marked dynamic
+before each call: a nano-batch then runs the same graph with its own row count. Values that are
+not batched but are updated in place (a static cache's position counter) are given to each
+nano-batch as a copy, and the original advanced once, as one unsplit call would.
+
+A model dynamo cannot capture in one graph (a graph break: data-dependent control flow, such as
+Mixtral's expert routing in transformers) runs at layer granularity instead (`apply_schedules`),
+with one WARNING naming why.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .backends import get_backend
+from .batch import BatchLayout
+from .graph import OpGraph, cut
+from .plan import build_plan
+from .schedule import Schedule
+from .serving import PlanCache, pick
+from .shapes import ShapeLog
+from .workload import Case
+
+log = logging.getLogger("dynaflow")
+_LIVE = threading.local()  # the context length of the call in flight, set by the wrapper
+
+
+def module_path(node: fx.Node) -> str | None:
+    """The innermost module a dynamo node came from, as a dotted path below the model."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    for prefix in ("L['self'].", "L['self']"):
+        if path.startswith(prefix):
+            return path[len(prefix):] or "model"
+    return path
+
+
+_HEAVY = {torch.nn.functional.scaled_dot_product_attention, torch.matmul, torch.bmm, torch.softmax,
+          torch.nn.functional.softmax, "matmul", "bmm", "softmax"}
+
+
+def op_keys(gm: fx.GraphModule) -> Callable[[fx.Node], str | None]:
+    """Which op a dynamo node starts: its innermost module when that is a leaf (a projection, a
+    norm, an activation); in a module with children (an attention block, the model) only the
+    heavy work (attention, matmul, softmax) starts an op, and the rest (reshapes, rotary
+    embedding, the cache update) is glue that joins the op producing its input."""
+    paths = {p for n in gm.graph.nodes if (p := module_path(n)) is not None}
+    parents = {p for p in paths if any(q.startswith(p + ".") for q in paths)}
+
+    def key_of(node: fx.Node) -> str | None:
+        path = module_path(node)
+        if path is None:
+            return None
+        if path not in parents or node.target in _HEAVY:
+            return path
+        return None
+
+    return key_of
+
+
+class GraphRunner:
+    """Runs one dynamo graph under the schedule chosen for each call's batch."""
+
+    def __init__(self, gm: fx.GraphModule, chooser, shapes: ShapeLog) -> None:
+        self.gm, self.chooser, self.shapes = gm, chooser, shapes
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.kinds = _input_kinds(placeholders)
+        self.graph: OpGraph = cut(gm, op_keys(gm))
+        self.plans = PlanCache()
+        self.backend = None
+
+    @property
+    def splittable(self) -> bool:
+        return "rows" in self.kinds
+
+    def __call__(self, *args):
+        rows_input = next(a for a, k in zip(args, self.kinds) if k == "rows")
+        rows = rows_input.shape[0]
+        tokens = rows_input.shape[1] if rows_input.dim() == 2 else 1  # input_ids (rows, tokens)
+        layout = BatchLayout(request_tokens=(tokens,) * rows,
+                             request_kinds=("decode" if tokens == 1 else "prefill",) * rows,
+                             input_axes=(), kinds=("decode", "prefill"))
+        if getattr(_LIVE, "unsplit", False):
+            return self.gm(*args)
+        schedule = pick(self.chooser, layout, getattr(_LIVE, "context_len", 0), self.shapes)
+        if schedule.num_nano < 2 and len(schedule.streams) < 2:
+            return self.gm(*args)
+        self.backend = self.backend or get_backend(str(rows_input.device) if rows_input.is_cuda else "cpu")
+        shape = (layout.request_tokens, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        plan, runner = self.plans.get(schedule, shape, lambda: self._prepare(schedule, layout, args))
+        copies: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        plan.bind_args(args, copies)
+        runner.run()
+        self.backend.synchronize() if rows_input.is_cuda else None
+        for original, per_nano in copies:  # every nano-batch advanced its copy alike: advance once
+            original.copy_(per_nano[0])
+        return _join([plan.outputs(b) for b in range(len(plan.ranges))], [r1 - r0 for r0, r1 in plan.ranges])
+
+    def _prepare(self, schedule: Schedule, layout: BatchLayout, args):
+        state: dict[str, Any] = {"copies": {}}
+
+        def nano_inputs(inputs, r0: int, r1: int) -> tuple:
+            out = []
+            for a, kind in zip(inputs, self.kinds):
+                if kind == "rows":
+                    out.append(a[r0:r1])
+                elif kind == "batch_int":
+                    out.append(r1 - r0)
+                elif kind == "mutated":
+                    copy = a.clone()
+                    state["copies"].setdefault(id(a), (a, []))[1].append(copy)
+                    out.append(copy)
+                else:
+                    out.append(a)
+            return tuple(out)
+
+        plan = build_plan(self.graph, Case(model=self.gm, inputs=tuple(args), layout=layout), schedule, None,
+                          nano_inputs=lambda inputs, r0, r1: nano_inputs(inputs, r0, r1))
+
+        def bind_args(inputs, copies: list) -> None:
+            state["copies"] = {}
+            plan.bind(inputs, None)
+            copies.extend(state["copies"].values())
+
+        plan.bind_args = bind_args
+        return plan, self.backend.prepare(plan)
+
+
+def _input_kinds(placeholders: list[fx.Node]) -> list[str]:
+    """Per graph input: "rows" (a tensor batched on dim 0), "batch_int" (the batch size itself, a
+    symbolic int), "mutated" (not batched, updated in place by the graph), or "whole"."""
+    values = [n.meta.get("example_value") for n in placeholders]
+    batch = None
+    for v in values:  # the batch symbol: dim 0 of the first non-parameter tensor of 2+ dims
+        if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.dim() >= 2 \
+                and isinstance(v.shape[0], torch.SymInt):
+            batch = v.shape[0].node.expr
+            break
+    mutated = _mutated_inputs(placeholders)
+    kinds = []
+    for n, v in zip(placeholders, values):
+        if batch is not None and isinstance(v, torch.SymInt) and v.node.expr == batch:
+            kinds.append("batch_int")
+        elif batch is not None and isinstance(v, torch.Tensor) and v.dim() >= 1 \
+                and isinstance(v.shape[0], torch.SymInt) and v.shape[0].node.expr == batch:
+            kinds.append("rows")
+        else:
+            kinds.append("mutated" if n in mutated else "whole")
+    return kinds
+
+
+def _mutated_inputs(placeholders: list[fx.Node]) -> set[fx.Node]:
+    """Inputs an in-place op (`x.add_(...)`, `x.index_copy_(...)`) writes."""
+    out = set()
+    for ph in placeholders:
+        for user in ph.users:
+            name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+            if name.endswith("_") and not name.startswith("_") and user.args and user.args[0] is ph:
+                out.add(ph)
+    return out
+
+
+def _join(outputs: list, rows: list[int]):
+    """Each nano-batch's outputs, batched ones concatenated by rows; the rest from nano-batch 0."""
+    first = outputs[0]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_join([o[i] for o in outputs], rows) for i in range(len(first)))
+    if isinstance(first, torch.Tensor) and first.dim() and first.shape[0] == rows[0] \
+            and all(isinstance(o, torch.Tensor) and o.shape[0] == r for o, r in zip(outputs, rows)):
+        return torch.cat(outputs)
+    return first
+
+
+def schedule_backend(chooser, *, shapes: ShapeLog | None = None, runners: list | None = None) -> Callable:
+    """A torch.compile backend running each graph under `chooser` (a ScheduleMap or a policy)."""
+    log_ = shapes if shapes is not None else getattr(chooser, "shapes", None) or ShapeLog()
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        runner = GraphRunner(gm, chooser, log_)
+        if runners is not None:
+            runners.append(runner)
+        if not runner.splittable:
+            log.warning("a compiled graph of %d ops has no batch dimension dynamo kept symbolic; it runs unsplit",
+                        len(runner.graph.ops))
+            return gm.forward
+        return runner
+
+    return backend
+
+
+class CompiledWithSchedules(nn.Module):
+    """`model` compiled with the schedule backend. Each call marks the batch dims dynamic and
+    passes the live context length to the backend. The first call runs unsplit and counts
+    dynamo's graph breaks: with none, later calls run at op granularity (`runners`: one per graph
+    dynamo made, `recompiles` counts them); with some, the decoder layers run at layer
+    granularity (`apply_schedules`) and one WARNING names why (`fallback`)."""
+
+    def __init__(self, model: nn.Module, chooser) -> None:
+        super().__init__()
+        self.model, self.chooser = model, chooser
+        self.runners: list[GraphRunner] = []
+        self.compiled = torch.compile(model, backend=schedule_backend(chooser, runners=self.runners))
+        self.fallback: str | None = None
+        self._checked = False
+
+    @property
+    def recompiles(self) -> int:
+        return max(0, len(self.runners) - 1)
+
+    def forward(self, *args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        if self.fallback is not None:
+            return self.model(*args, **kwargs)
+        for t in _batched_inputs(args, kwargs, cache):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        _LIVE.context_len = int(cache.get_seq_length()) if cache is not None else 0
+        if self._checked:
+            return self.compiled(*args, **kwargs)
+        from torch._dynamo.utils import counters
+
+        counters["graph_break"].clear()
+        _LIVE.unsplit = True
+        try:
+            out = self.compiled(*args, **kwargs)
+        finally:
+            _LIVE.unsplit = False
+        self._checked = True
+        breaks = sorted(counters["graph_break"])
+        if breaks or len(self.runners) > 1:
+            from .hf import apply_schedules
+
+            self.fallback = "; ".join(breaks[:3]) or f"{len(self.runners)} graphs for one call"
+            log.warning("%s cannot be captured in one graph (graph break: %s); its decoder layers run at layer "
+                        "granularity instead", type(self.model).__name__, self.fallback)
+            apply_schedules(self.model, self.chooser)
+        return out
+
+
+def _batched_inputs(args, kwargs, cache):
+    for v in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2:
+            yield v
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+def compile_with_schedules(model: nn.Module, chooser) -> CompiledWithSchedules:
+    """`model`, unchanged, compiled so that each call runs under the schedule `chooser` picks
+    for its batch, at op granularity (layer granularity where dynamo cannot capture it whole)."""
+    return CompiledWithSchedules(model, chooser)
