@@ -20,6 +20,7 @@ with one WARNING naming why.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Any, Callable
@@ -132,8 +133,15 @@ class GraphRunner:
                     out.append(a)
             return tuple(out)
 
-        plan = build_plan(self.graph, Case(model=self.gm, inputs=tuple(args), layout=layout), schedule, None,
-                          nano_inputs=lambda inputs, r0, r1: nano_inputs(inputs, r0, r1))
+        case = Case(model=self.gm, inputs=tuple(args), layout=layout)
+        try:
+            plan = build_plan(self.graph, case, schedule, None, nano_inputs=nano_inputs)
+        except ValueError as e:  # an order made for another graph of the model (e.g. prefill's, not decode's)
+            if not schedule.order:
+                raise
+            log.warning("schedule %s: its order does not fit this graph (%s); its splits and streams run in the "
+                        "graph's own order", schedule.label, e)
+            plan = build_plan(self.graph, case, dataclasses.replace(schedule, order=()), None, nano_inputs=nano_inputs)
 
         def bind_args(inputs, copies: list) -> None:
             state["copies"] = {}

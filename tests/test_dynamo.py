@@ -1,0 +1,108 @@
+"""Op-level schedules on unchanged Hugging Face models through the torch.compile backend: random
+op-level schedules (splits, streams, orders) equal the unscheduled model for prefill and
+static-cache decode steps; one graph per step kind, whatever the batch size; a graph break falls
+back to layer granularity with one warning naming why."""
+import logging
+import random
+
+import pytest
+import torch
+
+from dynaflow.runtime import Schedule, StreamSpec
+from dynaflow.runtime.dynamo import compile_with_schedules
+from dynaflow.runtime.graph import Op, OpGraph
+from schedules import random_order
+
+transformers = pytest.importorskip("transformers")
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4)),  # a window shorter than the prompt
+}
+ROWS, PROMPT, STEPS, SCHEDULES = 5, 7, 3, 100
+
+
+def build(arch: str, cls=None):
+    config_cls, model_cls, extra = ARCHS[arch]
+    cfg = getattr(transformers, config_cls)(**COMMON, **extra)
+    torch.manual_seed(0)
+    return (cls or getattr(transformers, model_cls))(cfg).eval(), cfg
+
+
+def generate(model, cfg, ids):
+    cache = transformers.StaticCache(config=cfg, max_cache_len=PROMPT + STEPS + 1)
+    cache.early_initialization(ids.shape[0], cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                               torch.float32, torch.device("cpu"))
+    logits = []
+    with torch.no_grad():
+        for _ in range(STEPS + 1):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            logits.append(out)
+            ids = out.logits[:, -1:].argmax(-1) if hasattr(out, "logits") else out[:, -1:].argmax(-1)
+    return logits
+
+
+def merged_graph(runners) -> OpGraph:
+    """Every graph's deps at once: an order valid for the prefill graph and the decode graph."""
+    deps: dict[str, set] = {}
+    for r in runners:
+        for op in r.graph.ops:
+            deps.setdefault(op.name, set()).update(op.deps)
+    return OpGraph(ops=tuple(Op(name=o.name, deps=tuple(deps[o.name])) for o in runners[0].graph.ops), module=None,
+                   writes_output=False)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_random_op_level_schedules_equal_the_unscheduled_model(arch):
+    model, cfg = build(arch)
+    ids = torch.randint(0, COMMON["vocab_size"], (ROWS, PROMPT), generator=torch.Generator().manual_seed(1))
+    reference = generate(model, cfg, ids)
+    chosen = {"schedule": Schedule(split_sizes=(2, 3), streams=(StreamSpec(), StreamSpec()))}
+    compiled = compile_with_schedules(model, lambda layout: chosen["schedule"])
+    for got, ref in zip(generate(compiled, cfg, ids), reference):  # compiles the prefill and the decode graph
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert compiled.fallback is None and len(compiled.runners) == 2
+    names = compiled.runners[0].graph.names
+    for part in ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn",
+                 "self_attn.o_proj", "post_attention_layernorm"):
+        assert f"model.layers.0.{part}" in names, (part, names)
+    graph, rng = merged_graph(compiled.runners), random.Random(arch)
+    for _ in range(SCHEDULES):
+        k = rng.randint(1, 3)
+        bounds = [0, *sorted(rng.sample(range(1, ROWS), k - 1)), ROWS]
+        sizes = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+        streams = rng.randint(1, 3)
+        chosen["schedule"] = Schedule(split_sizes=sizes, streams=tuple(StreamSpec(priority=rng.choice([0, -1]))
+                                                                       for _ in range(streams)),
+                                      order=tuple(random_order(graph, len(sizes), streams, rng)), label="random")
+        for got, ref in zip(generate(compiled, cfg, ids), reference):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert len(compiled.runners) == 2  # no recompile for new schedules
+    chosen["schedule"] = Schedule(split_sizes=(1, 2), streams=(StreamSpec(), StreamSpec()))
+    for got, ref in zip(generate(compiled, cfg, ids[:3]), generate(model, cfg, ids[:3])):  # another batch size:
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)                        # the same two graphs
+    assert len(compiled.runners) == 2 and compiled.recompiles == 1
+
+
+def test_a_graph_break_falls_back_to_layer_granularity_and_says_why(caplog):
+    class Breaking(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            torch._dynamo.graph_break()
+            return super().forward(*args, **kwargs)
+
+    model, cfg = build("llama", Breaking)
+    ids = torch.randint(0, COMMON["vocab_size"], (ROWS, PROMPT), generator=torch.Generator().manual_seed(1))
+    reference = generate(model, cfg, ids)
+    split = Schedule(split_sizes=(2, 3), streams=(StreamSpec(), StreamSpec()))
+    with caplog.at_level(logging.WARNING, logger="dynaflow"):
+        compiled = compile_with_schedules(model, lambda layout: split)
+        got = generate(compiled, cfg, ids)
+    for g, ref in zip(got, reference):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-4)
+    said = [r.getMessage() for r in caplog.records if "cannot be captured in one graph" in r.getMessage()]
+    assert len(said) == 1 and "graph break" in said[0] and "layer granularity" in said[0]
+    layers = model.model.layers
+    assert all(layer.split_calls == STEPS for layer in layers)  # the calls after the first ran split, per layer
