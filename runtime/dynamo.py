@@ -229,6 +229,12 @@ class CompiledWithSchedules(nn.Module):
         self.fallback: str | None = None
         self._checked = False
 
+    def __getattr__(self, name: str):  # the wrapped model's attributes (dtype, config, device, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
     @property
     def recompiles(self) -> int:
         return max(0, len(self.runners) - 1)
