@@ -258,10 +258,12 @@ class CompiledWithSchedules(nn.Module):
             _LIVE.unsplit = False
         self._checked = True
         breaks = sorted(counters["graph_break"])
-        if breaks or len(self.runners) > 1:
+        if breaks or len(self.runners) != 1:
             from .hf import apply_schedules
 
-            self.fallback = "; ".join(breaks[:3]) or f"{len(self.runners)} graphs for one call"
+            self.fallback = "; ".join(breaks[:3]) or (
+                f"{len(self.runners)} graphs for one call" if self.runners else
+                "dynamo ran it without compiling (its recompile limit for this function was reached)")
             log.warning("%s cannot be captured in one graph (graph break: %s); its decoder layers run at layer "
                         "granularity instead", type(self.model).__name__, self.fallback)
             apply_schedules(self.model, self.chooser)

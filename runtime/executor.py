@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,9 +25,12 @@ class Compiled:
     plan: Plan
     runner: Runner
     backend: Backend
+    gather: Callable[[], None] | None = None  # joins a graph's per-nano-batch outputs into plan.out
 
     def __call__(self) -> torch.Tensor:
         self.runner.run()
+        if self.gather is not None:
+            self.gather()
         return self.plan.out
 
     @property
@@ -40,9 +44,9 @@ class Compiled:
 class Executor:
     def __init__(self, case: Case, *, backend: Backend | None = None) -> None:
         self.case = case
-        self.device = case.inputs[0].device
+        self.device = case.device
         self.backend = backend or get_backend(str(self.device) if self.device.type == "cuda" else "cpu")
-        self.graph: OpGraph = trace(case.model)
+        self.graph: OpGraph = case.graph if case.graph is not None else trace(case.model)
         self._out_like: torch.Tensor | None = None
 
     def reference(self) -> torch.Tensor:
@@ -60,9 +64,11 @@ class Executor:
         if self._out_like is None:
             self.reference()
         out = torch.empty_like(self._out_like)
-        plan = build_plan(self.graph, self.case, schedule, out)
+        plan = build_plan(self.graph, self.case, schedule, out, nano_inputs=self.case.nano_inputs,
+                          fresh_each_run=self.case.nano_inputs is not None)
         runner = self.backend.prepare(plan)
-        return Compiled(plan=plan, runner=runner, backend=self.backend)
+        gather = (lambda: self.case.gather(plan)) if self.case.gather is not None else None
+        return Compiled(plan=plan, runner=runner, backend=self.backend, gather=gather)
 
     def profile_ops(self, *, flops_per_byte: float) -> OpGraph:
         """Count each op's FLOPs and bytes on the whole batch and classify its resource:

@@ -64,8 +64,9 @@ class OpGraph:
         raise KeyError(f"no op named {name!r}; ops: {list(self.names)}")
 
     def describe(self) -> str:
-        rows = [f"{'op':<16} {'resource':<8} {'GFLOP':>9} {'MB':>9}  deps"]
-        rows += [f"{o.name:<16} {o.resource:<8} {o.flops / 1e9:>9.3f} {o.bytes / 1e6:>9.2f}  {','.join(o.deps)}"
+        w = max(16, *(len(o.name) for o in self.ops))
+        rows = [f"{'op':<{w}} {'resource':<8} {'GFLOP':>9} {'MB':>9}  deps"]
+        rows += [f"{o.name:<{w}} {o.resource:<8} {o.flops / 1e9:>9.3f} {o.bytes / 1e6:>9.2f}  {','.join(o.deps)}"
                  for o in self.ops]
         return "\n".join(rows)
 

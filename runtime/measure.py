@@ -158,7 +158,7 @@ class Bench:
             raise ValueError("Bench needs exactly one of workload or case.")
         self.case = case or workload.build()
         self.config = config
-        self.device = str(self.case.inputs[0].device)
+        self.device = str(self.case.device)
         self.hardware = hardware or detect(self.device)
         self.executor = Executor(self.case)
         self.reference = self.executor.reference().clone()

@@ -71,10 +71,12 @@ def check_order(order: tuple[Step, ...], graph: OpGraph, num_nano: int) -> None:
 
 
 def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor | None, *,
-               nano_inputs: Callable[[tuple, int, int], tuple] | None = None) -> Plan:
+               nano_inputs: Callable[[tuple, int, int], tuple] | None = None, fresh_each_run: bool = False) -> Plan:
     """`nano_inputs(inputs, r0, r1)`: a nano-batch's graph inputs (default: the layout's row and
     token views). A graph returning several values (dynamo's) is not joined here: its outputs stay
-    in each nano-batch's env (`Plan.outputs(b)`) for the caller to gather."""
+    in each nano-batch's env (`Plan.outputs(b)`) for the caller to gather. `fresh_each_run`: the
+    nano-batch inputs are made again at every run's start (inputs the graph writes in place are
+    then fresh copies each time, so every run starts from the same state)."""
     ranges = case.layout.request_ranges(schedule.split_unit, schedule.split_sizes)
     order = schedule.order or default_order(graph, len(ranges))
     check_order(order, graph, len(ranges))
@@ -88,6 +90,7 @@ def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor
     bound: dict = {}  # what the tasks run on: each nano-batch's input views and the output
 
     def bind(inputs, new_out: torch.Tensor | None) -> None:
+        bound["inputs"] = inputs
         bound["views"] = [dict(zip(placeholders, nano_inputs(inputs, r0, r1) if nano_inputs else _nano_inputs(
             case.layout, inputs, r0, r1, new_out, graph.writes_output))) for r0, r1 in ranges]
         bound["out"] = new_out
@@ -95,6 +98,8 @@ def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor
             plan.out = new_out
 
     def reset() -> None:
+        if fresh_each_run:
+            bound["views"] = [dict(zip(placeholders, nano_inputs(bound["inputs"], r0, r1))) for r0, r1 in ranges]
         for env, initial in zip(envs, bound["views"]):
             env.clear()
             env.update(initial)

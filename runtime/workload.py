@@ -32,10 +32,20 @@ class Case:
     inputs: tuple[torch.Tensor, ...]
     layout: BatchLayout
     name: str = "model"
+    # A model cut elsewhere (a dynamo graph): its ops, each nano-batch's inputs, and how the
+    # nano-batches' outputs join into the plan's output. None: torch.fx traces `model`.
+    graph: Any = None
+    nano_inputs: Callable[[tuple, int, int], tuple] | None = None
+    gather: Callable[[Any], None] | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.layout.num_tokens
+
+    @property
+    def device(self) -> torch.device:
+        """Where the case runs: its first tensor input's device."""
+        return next(t.device for t in self.inputs if isinstance(t, torch.Tensor))
 
 
 PRESETS: dict[str, LlamaConfig] = {
@@ -142,6 +152,10 @@ class Workload:
         check_device(self.device)
         if self.model in PRESETS:
             return build_preset(self)
+        if self.model.startswith("hf:"):
+            from .hf_models import build_hf_case
+
+            return build_hf_case(self)
         factory = load_callable(self.model)
         try:
             case = factory(self)

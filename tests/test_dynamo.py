@@ -25,6 +25,15 @@ ARCHS = {
 ROWS, PROMPT, STEPS, SCHEDULES = 5, 7, 3, 100
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo keeps 8 compiled entries per function (LlamaForCausalLM.forward, shared by every
+    instance); each test compiles new models, so each starts from a clean cache."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def build(arch: str, cls=None):
     config_cls, model_cls, extra = ARCHS[arch]
     cfg = getattr(transformers, config_cls)(**COMMON, **extra)
@@ -106,3 +115,53 @@ def test_a_graph_break_falls_back_to_layer_granularity_and_says_why(caplog):
     assert len(said) == 1 and "graph break" in said[0] and "layer granularity" in said[0]
     layers = model.model.layers
     assert all(layer.split_calls == STEPS for layer in layers)  # the calls after the first ran split, per layer
+
+
+# --- HF architectures in the tuner: tuned at op level, served through the backend -------------------
+
+def test_an_hf_architecture_is_tuned_and_its_record_serves_that_model(tmp_path, capsys):
+    from dynaflow.runtime import ScheduleMap
+    from dynaflow.runtime.hf_models import build_model
+    from dynaflow.tuner.cli import main
+    spec, store = "hf:llama:llama-tiny:2", tmp_path / "store"
+    assert main(["ops", "--model", spec, "--workload", "d4x8", "--store", str(store)]) == 0
+    assert "model.layers.1.self_attn.q_proj" in capsys.readouterr().out
+    for space in ("nanoflow", "dbo"):
+        assert main(["tune", "--model", spec, "--workload", "d4x8", "--space", space, "--trials", "3", "--no-progress",
+                     "--store", str(store), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 0
+    smap = ScheduleMap.load(store, model=spec, dtype="float32", device="cpu")
+    assert len(smap.raw) == 1
+    model, cfg = build_model(spec, torch.float32, "cpu")
+    ids = torch.randint(0, cfg.vocab_size, (4, 6), generator=torch.Generator().manual_seed(2))
+    cache_len = 6 + STEPS + 1
+
+    def run(m):
+        cache = transformers.StaticCache(config=cfg, max_cache_len=cache_len)
+        cache.early_initialization(4, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
+        x, out = ids, []
+        with torch.no_grad():
+            for _ in range(STEPS + 1):
+                logits = m(input_ids=x, past_key_values=cache, use_cache=True).logits
+                out.append(logits)
+                x = logits[:, -1:].argmax(-1)
+        return out
+
+    reference = run(model)
+    for got, ref in zip(run(compile_with_schedules(model, smap)), reference):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert smap.rule_counts["nearest"] + smap.rule_counts["exact"] >= STEPS  # the decode steps hit the record
+
+
+@pytest.mark.parametrize("spec, words", [("hf:bogus", "arch one of"), ("hf:llama:nope", "sizes come from a preset"),
+                                         ("hf:llama:llama-tiny:0", "layers must be in [1, 128]")])
+def test_bad_hf_specs_are_one_line(capsys, spec, words):
+    from dynaflow.tuner.cli import main
+    assert main(["ops", "--model", spec, "--workload", "d4x8"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and words in err
+
+
+def test_an_hf_batch_is_decode_or_prefill(capsys):
+    from dynaflow.tuner.cli import main
+    assert main(["ops", "--model", "hf:llama:llama-tiny", "--workload", "d4x8+p16"]) == 2
+    assert "runs decode and prefill in separate calls" in capsys.readouterr().err

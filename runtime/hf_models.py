@@ -1,0 +1,157 @@
+"""Hugging Face architectures as tunable workloads: `--model hf:<arch>[:<preset>[:<layers>]]`.
+
+    hf:llama                 LlamaForCausalLM with llama-small's sizes, 2 decoder layers
+    hf:qwen2:llama3-8b       Qwen2 with llama3-8b's sizes
+    hf:mixtral:mixtral-tiny:4
+
+The model is built from a transformers config with random weights (nothing is downloaded),
+captured whole by dynamo (runtime/dynamo.py), and cut into the same ops the schedule backend
+cuts at serving time, so a record tuned here applies to that model there (same op names, for
+the same architecture, sizes and number of layers). An HF model runs one step kind per call, so
+a workload is decode-only (`d<requests>x<context>`: one new token per request against a static
+cache holding <context> positions) or prefill-only (`p<tokens>c<chunk>`: requests of <chunk>
+tokens into an empty cache). Each run starts from the same cache state: writes land on the same
+positions, and the position counters advance in per-nano-batch copies only.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .batch import REQUESTS, BatchLayout
+from .schedule import Schedule
+from .dynamo import _LIVE, GraphRunner, _join
+from .shapes import ShapeLog
+from .workload import PRESETS, Case, Workload
+
+HF_ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=8, num_experts_per_tok=2)),
+}
+_SPEC = re.compile(r"hf:([a-z0-9]+)(?::([A-Za-z0-9.-]+))?(?::(\d+))?")
+
+
+def parse_hf(model: str) -> tuple[str, str, int]:
+    """(architecture, preset whose sizes it takes, decoder layers) of `hf:<arch>[:<preset>[:<layers>]]`."""
+    m = _SPEC.fullmatch(model)
+    if not m or m.group(1) not in HF_ARCHS:
+        raise ValueError(f"model {model!r} must be hf:<arch>[:<preset>[:<layers>]] with arch one of "
+                         f"{sorted(HF_ARCHS)}, e.g. hf:llama or hf:qwen2:llama3-8b:2.")
+    preset = m.group(2) or "llama-small"
+    if preset not in PRESETS:
+        raise ValueError(f"model {model!r}: sizes come from a preset {sorted(PRESETS)}, not {preset!r}.")
+    layers = int(m.group(3) or 2)
+    if not 1 <= layers <= 128:
+        raise ValueError(f"model {model!r}: layers must be in [1, 128], but got {layers}.")
+    return m.group(1), preset, layers
+
+
+def build_model(model: str, dtype: torch.dtype, device: str, seed: int = 0):
+    """(the HF model, its config) for an `hf:` spec, random weights from `seed`."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(f"model {model!r} needs transformers: pip install transformers") from None
+    arch, preset, layers = parse_hf(model)
+    config_cls, model_cls, extra = HF_ARCHS[arch]
+    p = PRESETS[preset]
+    cfg = getattr(transformers, config_cls)(
+        vocab_size=4096, hidden_size=p.hidden, intermediate_size=p.intermediate, num_hidden_layers=layers,
+        num_attention_heads=p.num_heads, num_key_value_heads=p.num_kv_heads, head_dim=p.head_dim,
+        max_position_embeddings=8192, **extra)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_cls)(cfg).to(device=device, dtype=dtype).eval(), cfg
+
+
+class GraphCall(nn.Module):
+    """The captured graph as the model the runtime verifies against: the whole batch, position
+    counters advanced in copies (every run starts from the same cache state), the logits out."""
+
+    def __init__(self, runner: GraphRunner) -> None:
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, *args):
+        args = tuple(a.clone() if k == "mutated" else a for a, k in zip(args, self.runner.kinds))
+        return _first_tensor(self.runner.gm(*args))
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return next(o for o in out if isinstance(o, torch.Tensor))
+
+
+def build_hf_case(w: Workload) -> Case:
+    import transformers
+
+    if w.num_decode and w.prefill_tokens:
+        raise ValueError(f"workload {w.key}: an HF model runs decode and prefill in separate calls; "
+                         "give a decode-only (d<N>x<context>) or a prefill-only (p<tokens>c<chunk>) workload.")
+    model, cfg = build_model(w.model, w.torch_dtype, w.device, w.seed)
+    rows, tokens = (w.num_decode, 1) if w.num_decode else (w.num_prefill, w.chunk)
+    context = w.context_len if w.num_decode else 0
+    cache = transformers.StaticCache(config=cfg, max_cache_len=context + tokens)
+    cache.early_initialization(rows, cfg.num_key_value_heads, cfg.head_dim, w.torch_dtype, torch.device(w.device))
+    gen = torch.Generator().manual_seed(w.seed + 1)
+    for layer in cache.layers:  # a cache holding `context` positions of earlier tokens
+        for t in (layer.keys, layer.values):
+            t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
+            torch._dynamo.mark_dynamic(t, 0)
+        layer.cumulative_length.fill_(min(context, layer.max_cache_len - tokens))
+        if hasattr(layer, "cumulative_length_int"):
+            layer.cumulative_length_int = int(layer.cumulative_length)
+    ids = torch.randint(0, cfg.vocab_size, (rows, tokens), generator=gen).to(w.device)
+    torch._dynamo.mark_dynamic(ids, 0)
+    captured: dict = {}
+
+    def capture(gm, example_inputs):
+        runner = GraphRunner(gm, _never_split, ShapeLog())
+
+        def first_call(*args):
+            captured.setdefault("args", args)
+            captured.setdefault("runner", runner)
+            saved = [a.clone() if k == "mutated" else None for a, k in zip(args, runner.kinds)]
+            out = gm(*args)
+            for a, s in zip(args, saved):  # the capture call must not move the cache on
+                if s is not None:
+                    a.copy_(s)
+            return out
+
+        return first_call
+
+    torch._dynamo.reset()  # dynamo keeps a few compiled entries per function: a tuner builds a model per workload
+    _LIVE.unsplit = True
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=capture)(input_ids=ids, past_key_values=cache, use_cache=True)
+    finally:
+        _LIVE.unsplit = False
+    if "runner" not in captured or not captured["runner"].splittable:
+        raise ValueError(f"model {w.model!r}: dynamo did not capture it whole with a symbolic batch; "
+                         "it cannot be tuned at op granularity.")
+    runner: GraphRunner = captured["runner"]
+    args = captured["args"]
+    kinds = runner.kinds
+    layout = BatchLayout(request_tokens=(tokens,) * rows, request_kinds=("decode" if w.num_decode else "prefill",) * rows,
+                         input_axes=tuple(REQUESTS if k == "rows" else None for k in kinds),
+                         kinds=("decode", "prefill"), output_axis=REQUESTS)
+
+    def nano_inputs(inputs, r0: int, r1: int) -> tuple:
+        return tuple(a[r0:r1] if k == "rows" else r1 - r0 if k == "batch_int" else a.clone() if k == "mutated" else a
+                     for a, k in zip(inputs, kinds))
+
+    def gather(plan) -> None:
+        rows_of = [r1 - r0 for r0, r1 in plan.ranges]
+        plan.out.copy_(_first_tensor(_join([plan.outputs(b) for b in range(len(plan.ranges))], rows_of)))
+
+    return Case(model=GraphCall(runner), inputs=tuple(args), layout=layout, name=w.model, graph=runner.graph,
+                nano_inputs=nano_inputs, gather=gather)
+
+
+def _never_split(layout) -> Schedule:
+    return Schedule()
