@@ -109,9 +109,8 @@ class GraphRunner:
         plan, runner = self.plans.get(schedule, shape, lambda: self._prepare(schedule, layout, args))
         copies: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         plan.bind_args(args, copies)
-        runner.run()
-        self.backend.synchronize() if rows_input.is_cuda else None
-        for original, per_nano in copies:  # every nano-batch advanced its copy alike: advance once
+        runner.run()  # on a GPU the run ends with every stream joined into the current one:
+        for original, per_nano in copies:  # the copies below are ordered after it  # every nano-batch advanced its copy alike: advance once
             original.copy_(per_nano[0])
         return _join([plan.outputs(b) for b in range(len(plan.ranges))], [r1 - r0 for r0, r1 in plan.ranges])
 
