@@ -93,9 +93,10 @@ class GraphRunner:
         return "rows" in self.kinds
 
     def __call__(self, *args):
-        rows_input = next(a for a, k in zip(args, self.kinds) if k == "rows")
+        batched = [a for a, k in zip(args, self.kinds) if k == "rows"]
+        rows_input = next((a for a in batched if a.dim() in (2, 3)), batched[0])  # input_ids or embeddings
         rows = rows_input.shape[0]
-        tokens = rows_input.shape[1] if rows_input.dim() == 2 else 1  # input_ids (rows, tokens)
+        tokens = rows_input.shape[1] if rows_input.dim() in (2, 3) else 1
         layout = BatchLayout(request_tokens=(tokens,) * rows,
                              request_kinds=("decode" if tokens == 1 else "prefill",) * rows,
                              input_axes=(), kinds=("decode", "prefill"))
