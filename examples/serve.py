@@ -4,6 +4,7 @@ its config: nothing is downloaded) generates for a batch of requests with a stat
 
     python examples/serve.py                    # llama-small sizes, float32, cpu, ~3 minutes
     python examples/serve.py --policy dbo       # a ten-line dual-batch-overlap policy instead of tuning
+    python examples/serve.py --granularity op   # tune and serve inside the decoder layers (torch.compile backend)
     python examples/serve.py --device cuda --model llama3-8b --dtype bfloat16 --layers 4
 
 It prints the tuning's coverage of the recorded shapes, the share of layer calls the tuned map
@@ -24,6 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from dynaflow.runtime import PRESETS, Schedule, ScheduleMap, StreamSpec, apply_schedules, remove_schedules
+from dynaflow.runtime.dynamo import compile_with_schedules
 
 
 def dbo(layout):
@@ -64,6 +66,23 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):10.1f} tokens/s  (min {min(values):.1f}, max {max(values):.1f})"
 
 
+class Served:
+    """The model as served: at layer granularity (decoder layers wrapped in place) or at op
+    granularity (compiled with the schedule backend)."""
+
+    def __init__(self, model, granularity: str) -> None:
+        self.model, self.granularity = model, granularity
+
+    def __call__(self, chooser):
+        if self.granularity == "op":
+            return compile_with_schedules(self.model, chooser)
+        return apply_schedules(self.model, chooser)
+
+    def done(self) -> None:
+        if self.granularity == "layer":
+            remove_schedules(self.model)
+
+
 def run(args) -> dict:
     """The loop; returns what it printed, for tests."""
     from dynaflow.tuner.cli import main as tuner
@@ -73,15 +92,19 @@ def run(args) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (args.requests, args.prompt), device=device)
     store = Path(args.store)
     stats: dict = {}
+    # the records' model: the preset (layer granularity runs its tuned splits on whole decoder
+    # layers) or the HF architecture itself, cut into ops as the backend cuts it
+    tuned = args.model if args.granularity == "layer" else f"hf:llama:{args.model}:{args.layers}"
+    served = Served(model, args.granularity)
 
     if args.policy == "store":
-        # 1. serve, recording the shapes every decoder layer is called with
-        recording = ScheduleMap.load(store, model=args.model, dtype=args.dtype, device=args.device)
-        apply_schedules(model, recording)
-        generate(model, cfg, ids, args.new_tokens, device)
-        remove_schedules(model)
-        shapes = recording.shapes.save(store / "shapes" / f"{args.model}_{args.dtype}.json")
-        print(f"1. served {recording.shapes.total_calls:,} layer calls in {len(recording.shapes.calls)} shapes; "
+        # 1. serve, recording the shapes the layers (or the compiled graphs) are called with
+        recording = ScheduleMap.load(store, model=tuned, dtype=args.dtype, device=args.device)
+        generate(served(recording), cfg, ids, args.new_tokens, device)
+        served.done()
+        shapes = recording.shapes.save(store / "shapes" / f"{tuned.replace(':', '-')}_{args.dtype}.json")
+        print(f"1. served {recording.shapes.total_calls:,} {'layer' if args.granularity == 'layer' else 'model'} calls "
+              f"in {len(recording.shapes.calls)} shapes; "
               f"saved {shapes}")
         # 2. tune what was recorded
         print(f"2. dynaflow-tune tune --shapes {shapes} --buckets {args.buckets} --trials {args.trials}")
@@ -91,22 +114,26 @@ def run(args) -> dict:
         if code != 0:
             raise SystemExit(f"tuning failed (exit {code})")
         # 3. serve again: the server's three lines at start-up
-        chooser = ScheduleMap.load(store, model=args.model, dtype=args.dtype, device=args.device)
+        chooser = ScheduleMap.load(store, model=tuned, dtype=args.dtype, device=args.device)
     else:
         chooser = dbo
 
     rows: dict[str, list[float]] = {"unscheduled": [], "scheduled": []}
+    scheduled = served(chooser) if args.granularity == "op" else None  # compiled once, reused every round
+    if scheduled is not None:
+        generate(scheduled, cfg, ids, args.new_tokens, device)  # compiles (prefill, decode) outside the timing
+        chooser.rule_counts.clear() if isinstance(chooser, ScheduleMap) else None
+    calls = "layer calls" if args.granularity == "layer" else "model calls (one graph each)"
     for _ in range(args.rounds):  # interleaved, so machine noise hits both alike
         rows["unscheduled"].append(generate(model, cfg, ids, args.new_tokens, device))
-        apply_schedules(model, chooser)
-        rows["scheduled"].append(generate(model, cfg, ids, args.new_tokens, device))
-        remove_schedules(model)
+        rows["scheduled"].append(generate(scheduled or served(chooser), cfg, ids, args.new_tokens, device))
+        served.done()
     print(f"3. served {args.requests} requests x {args.prompt} prompt tokens, {args.new_tokens} new tokens, "
-          f"{args.device}, policy {args.policy}, {args.rounds} interleaved rounds")
+          f"{args.device}, policy {args.policy}, {args.granularity} granularity, {args.rounds} interleaved rounds")
     if isinstance(chooser, ScheduleMap):
         counts = dict(sorted(chooser.rule_counts.items()))
         stats.update(tuned_share=chooser.tuned_share(), rule_counts=counts)
-        print(f"   {chooser.tuned_share():.1%} of layer calls answered by a tuned schedule (by rule: {counts})")
+        print(f"   {chooser.tuned_share():.1%} of {calls} answered by a tuned schedule (by rule: {counts})")
     for name, tps in rows.items():
         print(f"   {name:<12} {spread(tps)}")
     ratio = statistics.median(rows["scheduled"]) / statistics.median(rows["unscheduled"])
@@ -123,6 +150,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--policy", choices=["store", "dbo"], default="store")
+    p.add_argument("--granularity", choices=["layer", "op"], default="layer",
+                   help="schedule whole decoder layers, or the ops inside them (torch.compile backend)")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=16)

@@ -100,10 +100,8 @@ class GraphRunner:
         layout = BatchLayout(request_tokens=(tokens,) * rows,
                              request_kinds=("decode" if tokens == 1 else "prefill",) * rows,
                              input_axes=(), kinds=("decode", "prefill"))
-        if getattr(_LIVE, "unsplit", False):
-            return self.gm(*args)
-        schedule = pick(self.chooser, layout, getattr(_LIVE, "context_len", 0), self.shapes)
-        if schedule.num_nano < 2 and len(schedule.streams) < 2:
+        schedule = pick(self.chooser, layout, getattr(_LIVE, "context_len", 0), self.shapes)  # counts the shape too
+        if getattr(_LIVE, "unsplit", False) or (schedule.num_nano < 2 and len(schedule.streams) < 2):
             return self.gm(*args)
         self.backend = self.backend or get_backend(str(rows_input.device) if rows_input.is_cuda else "cpu")
         shape = (layout.request_tokens, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
