@@ -165,3 +165,36 @@ def test_an_hf_batch_is_decode_or_prefill(capsys):
     from dynaflow.tuner.cli import main
     assert main(["ops", "--model", "hf:llama:llama-tiny", "--workload", "d4x8+p16"]) == 2
     assert "runs decode and prefill in separate calls" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_op_level_schedules_on_the_gpu_equal_the_unscheduled_model():
+    """The backend on CUDA streams (and, where the stack has them, SM partitions), fp32."""
+    model, cfg = build("llama")
+    model = model.cuda()
+    ids = torch.randint(0, COMMON["vocab_size"], (ROWS, PROMPT), generator=torch.Generator().manual_seed(1)).cuda()
+
+    def run(m):
+        cache = transformers.StaticCache(config=cfg, max_cache_len=PROMPT + STEPS + 1)
+        cache.early_initialization(ROWS, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                                   torch.float32, torch.device("cuda"))
+        x, out = ids, []
+        with torch.no_grad():
+            for _ in range(STEPS + 1):
+                logits = m(input_ids=x, past_key_values=cache, use_cache=True).logits
+                out.append(logits)
+                x = logits[:, -1:].argmax(-1)
+        return out
+
+    reference = run(model)
+    chosen = {"schedule": Schedule(split_sizes=(2, 3), streams=(StreamSpec(), StreamSpec()))}
+    compiled = compile_with_schedules(model, lambda layout: chosen["schedule"])
+    run(compiled)
+    graph, rng = merged_graph(compiled.runners), random.Random("gpu")
+    for _ in range(20):
+        sizes = (2, 3) if rng.random() < 0.5 else (1, 2, 2)
+        shares = rng.choice([None, 16])
+        chosen["schedule"] = Schedule(split_sizes=sizes, streams=(StreamSpec(sm_share=shares), StreamSpec(sm_share=shares)),
+                                      order=tuple(random_order(graph, len(sizes), 2, rng)), label="random")
+        for got, ref in zip(run(compiled), reference):
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
