@@ -108,10 +108,13 @@ class GraphRunner:
         plan, runner = self.plans.get(schedule, shape, lambda: self._prepare(schedule, layout, args))
         copies: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         plan.bind_args(args, copies)
-        runner.run()  # on a GPU the run ends with every stream joined into the current one:
-        for original, per_nano in copies:  # the copies below are ordered after it  # every nano-batch advanced its copy alike: advance once
-            original.copy_(per_nano[0])
-        return _join([plan.outputs(b) for b in range(len(plan.ranges))], [r1 - r0 for r0, r1 in plan.ranges])
+        runner.run()  # on a GPU the run ends with every stream joined into the current one, so the
+        for original, per_nano in copies:  # copies below follow it; every nano-batch advanced its copy
+            original.copy_(per_nano[0])     # alike: the original advances once, as one unsplit call would
+        out = _join([plan.outputs(b) for b in range(len(plan.ranges))], [r1 - r0 for r0, r1 in plan.ranges])
+        for env in plan.envs:  # the cached plan keeps no values of this call alive
+            env.clear()
+        return out
 
     def _prepare(self, schedule: Schedule, layout: BatchLayout, args):
         state: dict[str, Any] = {"copies": {}}
