@@ -16,7 +16,6 @@ from typing import Any
 from . import validate
 from .batch import BatchLayout
 from .files import write_json_atomic
-from .workload import Workload
 
 SHAPES_SCHEMA = 1
 
@@ -39,11 +38,6 @@ class Bucket:
         prefill = [t for k, t in zip(kinds, tokens) if k != "decode"]
         return cls(num_decode=decode, prefill_tokens=sum(prefill), context_len=context_bucket(context_len),
                    num_prefill=len(prefill))
-
-    @classmethod
-    def of_workload(cls, w: Workload) -> "Bucket":
-        return cls(num_decode=w.num_decode, prefill_tokens=w.prefill_tokens, context_len=w.context_len,
-                   num_prefill=w.num_prefill)
 
     @property
     def kinds(self) -> tuple[bool, bool]:
