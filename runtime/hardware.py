@@ -79,6 +79,11 @@ class Hardware:
 _LAST_READ: dict[str, tuple[dict, Hardware]] = {}
 
 
+def live_device(device: str | None = None) -> str:
+    """`device`, or where this process would run by default: cuda where torch sees a GPU, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def detect(device: str = "cpu") -> Hardware:
     if device.startswith("cuda"):
         return _detect_cuda(torch.device(device))

@@ -20,10 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from .batch import BatchLayout
-from .hardware import Hardware, detect
+from .hardware import Hardware, detect, live_device
 from .schedule import Schedule
 from .store import ScheduleStore, StoreConfig, StoredSchedule, read_record
 from .shapes import NEAREST_RATIO, Bucket, ShapeLog, candidates, context_bucket
@@ -103,7 +102,7 @@ class ScheduleMap:
         that finds nothing says why in one WARNING naming the path, and answers sequential."""
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn', but got {on_error!r}.")
-        live = hardware or detect(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        live = hardware or detect(live_device(device))
         store_obj = ScheduleStore(StoreConfig(root=Path(store)))
         pairs = read_records(store_obj, live, on_error)
         raw = [r for r, _ in pairs]

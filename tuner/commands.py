@@ -9,6 +9,7 @@ from pathlib import Path
 from dynaflow.runtime import PRESETS, Bench, MeasureConfig, Schedule
 
 from dynaflow.runtime import detect, validate
+from dynaflow.runtime.hardware import live_device
 from dynaflow.runtime.loading import check_hardware
 from dynaflow.runtime.store import StoreConfig, read_record
 
@@ -284,12 +285,6 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _live_device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def cmd_show(args) -> int:
     from dynaflow.runtime.store import describe
 
@@ -301,7 +296,7 @@ def cmd_export(args) -> int:
     from dynaflow.runtime.files import write_json_atomic
     from dynaflow.runtime.store import ScheduleStore
 
-    key = args.hardware or detect(_live_device(args.device)).key
+    key = args.hardware or detect(live_device(args.device)).key
     bundle = ScheduleStore(StoreConfig(root=args.store)).export(key)
     write_json_atomic(args.out, bundle, indent=1)
     print(f"exported {len(bundle['records'])} record(s) of {key} to {args.out}")
@@ -311,7 +306,7 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from dynaflow.runtime.store import ScheduleStore
 
-    live = detect(_live_device(args.device))
+    live = detect(live_device(args.device))
     bundle = validate.read_json(args.file, "export file")
     saved, kept = ScheduleStore(StoreConfig(root=args.store)).import_bundle(bundle, live, str(args.file))
     print(f"imported {len(saved)} record(s) of {live.key} into {args.store / 'schedules'}")
