@@ -20,7 +20,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-
 from .batch import BatchLayout
 from .hardware import Hardware, detect, live_device
 from .schedule import Schedule
