@@ -31,7 +31,7 @@ from torch import nn
 
 from .backends import get_backend
 from .batch import BatchLayout
-from .graph import OpGraph, cut
+from .graph import OpGraph, cut, writes_input
 from .plan import build_plan
 from .schedule import Schedule
 from .serving import PlanCache, pick
@@ -120,19 +120,7 @@ class GraphRunner:
         state: dict[str, Any] = {"copies": {}}
 
         def nano_inputs(inputs, r0: int, r1: int) -> tuple:
-            out = []
-            for a, kind in zip(inputs, self.kinds):
-                if kind == "rows":
-                    out.append(a[r0:r1])
-                elif kind == "batch_int":
-                    out.append(r1 - r0)
-                elif kind == "mutated":
-                    copy = a.clone()
-                    state["copies"].setdefault(id(a), (a, []))[1].append(copy)
-                    out.append(copy)
-                else:
-                    out.append(a)
-            return tuple(out)
+            return nano_args(inputs, self.kinds, r0, r1, state["copies"])
 
         case = Case(model=self.gm, inputs=tuple(args), layout=layout)
         try:
@@ -178,13 +166,27 @@ def _input_kinds(placeholders: list[fx.Node]) -> list[str]:
 
 def _mutated_inputs(placeholders: list[fx.Node]) -> set[fx.Node]:
     """Inputs an in-place op (`x.add_(...)`, `x.index_copy_(...)`) writes."""
-    out = set()
-    for ph in placeholders:
-        for user in ph.users:
-            name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
-            if name.endswith("_") and not name.startswith("_") and user.args and user.args[0] is ph:
-                out.add(ph)
-    return out
+    return {ph for ph in placeholders if any(writes_input(u) and u.args[0] is ph for u in ph.users)}
+
+
+def nano_args(inputs, kinds: list[str], r0: int, r1: int, copies: dict | None = None) -> tuple:
+    """One nano-batch's graph inputs: rows r0:r1 of batched tensors, its row count for the batch
+    size, a fresh copy of each unbatched input the graph writes (recorded in `copies`, by the
+    original's id, when given), the rest whole."""
+    out = []
+    for a, kind in zip(inputs, kinds):
+        if kind == "rows":
+            out.append(a[r0:r1])
+        elif kind == "batch_int":
+            out.append(r1 - r0)
+        elif kind == "mutated":
+            copy = a.clone()
+            if copies is not None:
+                copies.setdefault(id(a), (a, []))[1].append(copy)
+            out.append(copy)
+        else:
+            out.append(a)
+    return tuple(out)
 
 
 def _join(outputs: list, rows: list[int]):

@@ -22,7 +22,7 @@ from torch import nn
 
 from .batch import REQUESTS, BatchLayout
 from .schedule import Schedule
-from .dynamo import _LIVE, GraphRunner, _join
+from .dynamo import _LIVE, GraphRunner, _join, nano_args
 from .shapes import ShapeLog
 from .workload import PRESETS, Case, Workload
 
@@ -142,8 +142,7 @@ def build_hf_case(w: Workload) -> Case:
                          kinds=("decode", "prefill"), output_axis=REQUESTS)
 
     def nano_inputs(inputs, r0: int, r1: int) -> tuple:
-        return tuple(a[r0:r1] if k == "rows" else r1 - r0 if k == "batch_int" else a.clone() if k == "mutated" else a
-                     for a, k in zip(inputs, kinds))
+        return nano_args(inputs, kinds, r0, r1)
 
     def gather(plan) -> None:
         rows_of = [r1 - r0 for r0, r1 in plan.ranges]
