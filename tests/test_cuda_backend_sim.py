@@ -7,17 +7,15 @@ wrong output (or a read of a value not yet made), as it would on a GPU on a bad 
 """
 import dataclasses
 import random
-import weakref
 from contextlib import contextmanager
 
 import pytest
 import torch
 
 from dynaflow.runtime import Executor, Schedule, StreamSpec, Workload
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from dynaflow.runtime.backends.base import Runner
+from dynaflow.runtime.backends.cpu import LiveBytesMode
 from dynaflow.runtime.backends.cuda import CUDABackend, graph_pool_bytes
 from dynaflow.runtime.schedule import Step
 from schedules import random_schedule
@@ -60,27 +58,9 @@ class SimStream:
         self.wait_event(event)
 
 
-class SimMemory(TorchDispatchMode):
+class SimMemory(LiveBytesMode):
     """The caching allocator's counters, simulated: bytes of the tensors the device's work made,
-    live until their tensor dies, and the peak since the last reset."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                nbytes = t.untyped_storage().nbytes()
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, nbytes)
-        return out
-
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
+    live until their tensor dies (the CPU backend's own counter), and the peak since the last reset."""
 
     def reset_peak(self, device=None) -> None:
         self.peak = self.live

@@ -45,7 +45,7 @@ class CPUBackend(Backend):
     def peak_bytes(self, plan: Plan, runner: Runner) -> int | None:
         """Tasks run in issue order on this thread (dispatch modes are per thread): the values
         live exactly as long as in a threaded run, so the peak is the schedule's."""
-        mode = _PeakMode()
+        mode = LiveBytesMode()
         with mode:
             _run_inline(plan)
         return mode.peak
@@ -102,8 +102,9 @@ def _with_threads(threads: int | None, fn):
     return run
 
 
-class _PeakMode(TorchDispatchMode):
-    """Live bytes of the storages ops allocate (freed when their tensor dies), and their peak."""
+class LiveBytesMode(TorchDispatchMode):
+    """Live bytes of the storages ops allocate (freed when their tensor dies), and their peak.
+    Also the simulated device's allocator in tests/test_cuda_backend_sim.py."""
 
     def __init__(self) -> None:
         super().__init__()
