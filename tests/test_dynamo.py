@@ -14,15 +14,10 @@ from dynaflow.runtime.graph import Op, OpGraph
 from schedules import random_order
 
 transformers = pytest.importorskip("transformers")
-COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
-ARCHS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4)),  # a window shorter than the prompt
-}
-ROWS, PROMPT, STEPS, SCHEDULES = 5, 7, 3, 100
+from test_hf import ARCHS as HF_ARCHS, COMMON, PROMPT, ROWS, STEPS, build, generate  # noqa: E402
+
+ARCHS = {a: HF_ARCHS[a] for a in ("llama", "qwen2", "mixtral", "mistral")}  # mistral: a window shorter than the prompt
+SCHEDULES = 100
 
 
 @pytest.fixture(autouse=True)
@@ -32,26 +27,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def build(arch: str, cls=None):
-    config_cls, model_cls, extra = ARCHS[arch]
-    cfg = getattr(transformers, config_cls)(**COMMON, **extra)
-    torch.manual_seed(0)
-    return (cls or getattr(transformers, model_cls))(cfg).eval(), cfg
-
-
-def generate(model, cfg, ids):
-    cache = transformers.StaticCache(config=cfg, max_cache_len=PROMPT + STEPS + 1)
-    cache.early_initialization(ids.shape[0], cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
-                               torch.float32, torch.device("cpu"))
-    logits = []
-    with torch.no_grad():
-        for _ in range(STEPS + 1):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
-            logits.append(out)
-            ids = out.logits[:, -1:].argmax(-1) if hasattr(out, "logits") else out[:, -1:].argmax(-1)
-    return logits
 
 
 def merged_graph(runners) -> OpGraph:
@@ -133,21 +108,8 @@ def test_an_hf_architecture_is_tuned_and_its_record_serves_that_model(tmp_path, 
     assert len(smap.raw) == 1
     model, cfg = build_model(spec, torch.float32, "cpu")
     ids = torch.randint(0, cfg.vocab_size, (4, 6), generator=torch.Generator().manual_seed(2))
-    cache_len = 6 + STEPS + 1
-
-    def run(m):
-        cache = transformers.StaticCache(config=cfg, max_cache_len=cache_len)
-        cache.early_initialization(4, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
-        x, out = ids, []
-        with torch.no_grad():
-            for _ in range(STEPS + 1):
-                logits = m(input_ids=x, past_key_values=cache, use_cache=True).logits
-                out.append(logits)
-                x = logits[:, -1:].argmax(-1)
-        return out
-
-    reference = run(model)
-    for got, ref in zip(run(compile_with_schedules(model, smap)), reference):
+    reference = generate(model, cfg, ids)
+    for got, ref in zip(generate(compile_with_schedules(model, smap), cfg, ids), reference):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert smap.rule_counts["nearest"] + smap.rule_counts["exact"] >= STEPS  # the decode steps hit the record
 
@@ -173,28 +135,15 @@ def test_op_level_schedules_on_the_gpu_equal_the_unscheduled_model():
     model, cfg = build("llama")
     model = model.cuda()
     ids = torch.randint(0, COMMON["vocab_size"], (ROWS, PROMPT), generator=torch.Generator().manual_seed(1)).cuda()
-
-    def run(m):
-        cache = transformers.StaticCache(config=cfg, max_cache_len=PROMPT + STEPS + 1)
-        cache.early_initialization(ROWS, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
-                                   torch.float32, torch.device("cuda"))
-        x, out = ids, []
-        with torch.no_grad():
-            for _ in range(STEPS + 1):
-                logits = m(input_ids=x, past_key_values=cache, use_cache=True).logits
-                out.append(logits)
-                x = logits[:, -1:].argmax(-1)
-        return out
-
-    reference = run(model)
+    reference = generate(model, cfg, ids)
     chosen = {"schedule": Schedule(split_sizes=(2, 3), streams=(StreamSpec(), StreamSpec()))}
     compiled = compile_with_schedules(model, lambda layout: chosen["schedule"])
-    run(compiled)
+    generate(compiled, cfg, ids)
     graph, rng = merged_graph(compiled.runners), random.Random("gpu")
     for _ in range(20):
         sizes = (2, 3) if rng.random() < 0.5 else (1, 2, 2)
         shares = rng.choice([None, 16])
         chosen["schedule"] = Schedule(split_sizes=sizes, streams=(StreamSpec(sm_share=shares), StreamSpec(sm_share=shares)),
                                       order=tuple(random_order(graph, len(sizes), 2, rng)), label="random")
-        for got, ref in zip(run(compiled), reference):
+        for got, ref in zip(generate(compiled, cfg, ids), reference):
             torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)

@@ -22,11 +22,12 @@ ARCHS = {
 ROWS, PROMPT, STEPS = 5, 7, 3
 
 
-def build(arch: str):
+def build(arch: str, cls=None):
+    """The architecture's model (or `cls`, a subclass of it) with random weights, and its config."""
     config_cls, model_cls, extra = ARCHS[arch]
     cfg = getattr(transformers, config_cls)(**COMMON, **extra)
     torch.manual_seed(0)
-    return getattr(transformers, model_cls)(cfg).eval(), cfg
+    return (cls or getattr(transformers, model_cls))(cfg).eval(), cfg
 
 
 def dbo_policy(layout):
@@ -39,10 +40,11 @@ def dbo_policy(layout):
 
 
 def generate(model, cfg, ids):
-    """Prefill, then greedy decode steps with a static KV cache; the logits of every step."""
-    cache = transformers.StaticCache(config=cfg, max_cache_len=PROMPT + STEPS + 1)
-    cache.early_initialization(ids.shape[0], cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
-                               torch.float32, torch.device("cpu"))
+    """Prefill, then greedy decode steps with a static KV cache (on the ids' device, in the
+    model's dtype); the logits of every step."""
+    cache = transformers.StaticCache(config=cfg, max_cache_len=ids.shape[1] + STEPS + 1)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache.early_initialization(ids.shape[0], cfg.num_key_value_heads, head_dim, model.dtype, ids.device)
     logits = []
     with torch.no_grad():
         for step in range(STEPS + 1):
