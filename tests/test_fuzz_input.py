@@ -9,7 +9,6 @@ reader and `dynaflow-tune list`.
 import contextlib
 import io
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -104,11 +103,17 @@ FUZZ = settings(max_examples=260, deadline=None, derandomize=True, database=None
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+@contextlib.contextmanager
+def scratch():
+    """A fresh folder per example (pytest's tmp_path is one per test, shared by its examples)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+
+
 @FUZZ
 @given(data=mutated(RECORD))
 def test_mutated_records_through_every_reader(data):
-    root = Path(tempfile.mkdtemp())
-    try:
+    with scratch() as root:
         path = root / "schedules" / H100.key / f"{W.key}.json"
         path.parent.mkdir(parents=True)
         path.write_bytes(data)
@@ -118,8 +123,6 @@ def test_mutated_records_through_every_reader(data):
         only_own_errors(lambda: load_schedule(path, W, hardware=H100))
         only_own_errors(lambda: load_schedule_file(path, hardware=H100))
         cli_is_one_line(["list", "--store", str(root)])
-    finally:
-        shutil.rmtree(root)
 
 
 @FUZZ
@@ -127,37 +130,28 @@ def test_mutated_records_through_every_reader(data):
 def test_mutated_packs_with_a_current_stamp(data):
     """A pack whose stamp matches its folder is read instead of the files: its records are still
     validated whole."""
-    root = Path(tempfile.mkdtemp())
-    try:
+    with scratch() as root:
         store = ScheduleStore(StoreConfig(root=root))
         (store.root / H100.key).mkdir(parents=True)
         text = data.replace(b'"stamp": ""', f'"stamp": "{store._stamp(H100.key)}"'.encode())
         store.pack_path(H100.key).write_bytes(text)
         only_own_errors(lambda: ScheduleMap.load(root, model=W.model, dtype=W.dtype, hardware=H100).pick_counts(256, 1, 512, 2048))
-    finally:
-        shutil.rmtree(root)
 
 
 @FUZZ
 @given(data=mutated(SCHEDULE.to_dict()))
 def test_mutated_schedules(data):
-    root = Path(tempfile.mkdtemp())
-    try:
+    with scratch() as root:
         path = root / "s.json"
         path.write_bytes(data)
         only_own_errors(lambda: load_schedule_file(path))
         only_own_errors(lambda: Schedule.from_json(data.decode("utf-8", "replace")))
-    finally:
-        shutil.rmtree(root)
 
 
 @FUZZ
 @given(data=mutated(put(RECORD, ("schedule",), SCHEDULE.to_dict())))
 def test_mutated_records_as_measure_schedule_files(data):
-    root = Path(tempfile.mkdtemp())
-    try:
+    with scratch() as root:
         path = root / "r.json"
         path.write_bytes(data)
         only_own_errors(lambda: load_schedule_file(path))
-    finally:
-        shutil.rmtree(root)
