@@ -84,6 +84,7 @@ class GraphRunner:
         self.gm, self.chooser, self.shapes = gm, chooser, shapes
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.kinds = _input_kinds(placeholders)
+        self.varying = _symbolic_inputs(placeholders)  # the inputs whose shapes (or values) can change per call
         self.graph: OpGraph = cut(gm, op_keys(gm))
         self.plans = PlanCache()
         self.backend = None
@@ -104,7 +105,8 @@ class GraphRunner:
         if getattr(_LIVE, "unsplit", False) or (schedule.num_nano < 2 and len(schedule.streams) < 2):
             return self.gm(*args)
         self.backend = self.backend or get_backend(str(rows_input.device) if rows_input.is_cuda else "cpu")
-        shape = (layout.request_tokens, tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        shape = (layout.request_tokens, tuple(tuple(args[i].shape) if isinstance(args[i], torch.Tensor) else args[i]
+                                              for i in self.varying))
         plan, runner = self.plans.get(schedule, shape, lambda: self._prepare(schedule, layout, args))
         copies: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         plan.bind_args(args, copies)
@@ -162,6 +164,15 @@ def _input_kinds(placeholders: list[fx.Node]) -> list[str]:
         else:
             kinds.append("mutated" if n in mutated else "whole")
     return kinds
+
+
+def _symbolic_inputs(placeholders: list[fx.Node]) -> list[int]:
+    """Indices of the inputs dynamo left symbolic (a size it did not specialise): every other
+    input's shape is pinned by the graph's guards, so the plan cache need not look at it."""
+    def symbolic(v) -> bool:
+        return isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor)
+                                               and any(isinstance(d, torch.SymInt) for d in v.shape))
+    return [i for i, n in enumerate(placeholders) if symbolic(n.meta.get("example_value"))]
 
 
 def _mutated_inputs(placeholders: list[fx.Node]) -> set[fx.Node]:
