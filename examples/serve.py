@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from dynaflow.runtime import PRESETS, Schedule, ScheduleMap, StreamSpec, apply_schedules, remove_schedules
+from dynaflow.runtime import PRESETS, Schedule, ScheduleMap, StreamSpec, apply_schedules, cache_kwargs, remove_schedules
 from dynaflow.runtime.dynamo import compile_with_schedules
 
 
@@ -56,7 +56,7 @@ def generate(model, cfg, ids, new_tokens: int, device) -> float:
     t0 = time.perf_counter()
     with torch.no_grad():
         for _ in range(new_tokens):
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True).logits
             ids = logits[:, -1:].argmax(-1)
     sync()
     return ids.shape[0] * new_tokens / (time.perf_counter() - t0)

@@ -1,7 +1,7 @@
 """Op-level schedules on unchanged models through torch.compile (Hugging Face models included).
 
     model = compile_with_schedules(hf_model, smap)      # or a policy (BatchLayout) -> Schedule
-    logits = model(input_ids=ids, past_key_values=static_cache, use_cache=True).logits
+    logits = model(input_ids=ids, **cache_kwargs(model, static_cache), use_cache=True).logits
 
 Dynamo hands the backend one FX graph of the model, whose nodes carry the module they came
 from (`nn_module_stack`). The graph is cut into ops at the innermost module boundaries (per
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ from torch import nn
 from .backends import get_backend
 from .batch import BatchLayout
 from .graph import OpGraph, cut, writes_input
+from .hf_compat import cache_arg, check_transformers
 from .plan import build_plan
 from .schedule import Schedule
 from .serving import PlanCache, pick
@@ -48,10 +50,12 @@ def module_path(node: fx.Node) -> str | None:
     if not stack:
         return None
     path = list(stack.values())[-1][0]
-    for prefix in ("L['self'].", "L['self']"):
-        if path.startswith(prefix):
-            return path[len(prefix):] or "model"
-    return path
+    return _ROOT.sub("", path) or "model"
+
+
+# How dynamo names the model it traces: `L['self']`, or `L['args'][0]` when its forward is wrapped
+# (transformers 5.24's deprecated-argument decorator); what follows is the path below the model.
+_ROOT = re.compile(r"^L(\[[^\]]*\])+\.?")
 
 
 _HEAVY = {torch.nn.functional.scaled_dot_product_attention, torch.matmul, torch.bmm, torch.softmax,
@@ -253,8 +257,12 @@ class CompiledWithSchedules(nn.Module):
     def recompiles(self) -> int:
         return max(0, len(self.runners) - 1)
 
+    @property
+    def unscheduled(self) -> nn.Module:
+        return self._modules["model"]
+
     def forward(self, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs[name] if (name := cache_arg(kwargs)) else None
         if self.fallback is not None:
             return self.model(*args, **kwargs)
         for t in _batched_inputs(args, kwargs, cache):
@@ -298,4 +306,5 @@ def _batched_inputs(args, kwargs, cache):
 def compile_with_schedules(model: nn.Module, chooser) -> CompiledWithSchedules:
     """`model`, unchanged, compiled so that each call runs under the schedule `chooser` picks
     for its batch, at op granularity (layer granularity where dynamo cannot capture it whole)."""
+    check_transformers()
     return CompiledWithSchedules(model, chooser)

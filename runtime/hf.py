@@ -23,6 +23,7 @@ from .backends import get_backend
 from .batch import BatchLayout
 from .plan import Plan, Task
 from .schedule import Schedule
+from .hf_compat import cache_arg, check_transformers
 from .loading import ScheduleMap
 from .serving import PlanCache, pick
 from .shapes import ShapeLog
@@ -43,6 +44,7 @@ def apply_schedules(model: nn.Module, chooser: Callable[[BatchLayout], Schedule]
                     shapes: ShapeLog | None = None) -> nn.Module:
     """Wrap every decoder layer. Each layer call's batch shape is counted: in the map's own log
     for a ScheduleMap, else in `shapes` (one log shared by all layers; see recorded_shapes)."""
+    check_transformers()
     layers = decoder_layers(model)
     shapes = chooser.shapes if isinstance(chooser, ScheduleMap) else shapes if shapes is not None else ShapeLog()
     for i, layer in enumerate(layers):
@@ -80,7 +82,8 @@ class ScheduledDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         rows, tokens = hidden_states.shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache_name = cache_arg(kwargs)
+        cache = kwargs[cache_name] if cache_name else None
         layout = self._layouts.get((rows, tokens))
         if layout is None:
             layout = self._layouts[(rows, tokens)] = BatchLayout(
@@ -94,15 +97,16 @@ class ScheduledDecoderLayer(nn.Module):
             if reason != "sequential":
                 self._say(reason)
             return self.layer(hidden_states, *args, **kwargs)
-        return self._run_split(schedule, layout, hidden_states, args, kwargs, cache)
+        return self._run_split(schedule, layout, hidden_states, args, kwargs, cache_name)
 
-    def _run_split(self, schedule: Schedule, layout: BatchLayout, hidden_states, args, kwargs, cache):
+    def _run_split(self, schedule: Schedule, layout: BatchLayout, hidden_states, args, kwargs, cache_name):
+        cache = kwargs[cache_name] if cache_name else None
         rows, tokens = hidden_states.shape[:2]
         out = torch.empty_like(hidden_states)
         self.backend = self.backend or get_backend(str(out.device) if out.is_cuda else "cpu")
         plan, runner = self.plans.get(schedule, (rows, tokens, out.dtype, out.device),
                                       lambda: self._prepare(schedule, layout, rows))
-        plan.bound.update(hidden=hidden_states, args=args, kwargs=kwargs, cache=cache, out=out)
+        plan.bound.update(hidden=hidden_states, args=args, kwargs=kwargs, cache_name=cache_name, out=out)
         plan.out = out
         try:
             runner.run()
@@ -137,8 +141,8 @@ def _nano_fn(layer, bound: dict, rows: int, r0: int, r1: int):
     """Rows r0:r1 of the call bound in `bound`: views of its batched tensors and of its static cache."""
     def fn() -> None:
         kwargs = {k: _rows(v, rows, r0, r1) for k, v in bound["kwargs"].items()}
-        if bound["cache"] is not None:
-            kwargs["past_key_values"] = CacheRows(bound["cache"], slice(r0, r1))
+        if (name := bound["cache_name"]) is not None:  # passed on under the name the call used
+            kwargs[name] = CacheRows(bound["kwargs"][name], slice(r0, r1))
         result = layer(_rows(bound["hidden"], rows, r0, r1), *(_rows(a, rows, r0, r1) for a in bound["args"]), **kwargs)
         bound["out"][r0:r1].copy_(result[0] if isinstance(result, tuple) else result)
 

@@ -23,6 +23,7 @@ from torch import nn
 from .batch import REQUESTS, BatchLayout
 from .schedule import Schedule
 from .dynamo import _LIVE, GraphRunner, _join, nano_args
+from .hf_compat import cache_kwargs, check_transformers
 from .shapes import ShapeLog
 from .workload import PRESETS, Case, Workload
 
@@ -55,7 +56,8 @@ def build_model(model: str, dtype: torch.dtype, device: str, seed: int = 0):
     try:
         import transformers
     except ImportError:
-        raise ValueError(f"model {model!r} needs transformers: pip install transformers") from None
+        raise ValueError(f"model {model!r} needs transformers: pip install 'dynaflow-tune[hf]'") from None
+    check_transformers()
     arch, preset, layers = parse_hf(model)
     config_cls, model_cls, extra = HF_ARCHS[arch]
     p = PRESETS[preset]
@@ -128,7 +130,7 @@ def build_hf_case(w: Workload) -> Case:
     _LIVE.unsplit = True
     try:
         with torch.no_grad():
-            torch.compile(model, backend=capture)(input_ids=ids, past_key_values=cache, use_cache=True)
+            torch.compile(model, backend=capture)(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
     finally:
         _LIVE.unsplit = False
     if "runner" not in captured or not captured["runner"].splittable:

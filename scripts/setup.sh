@@ -1,14 +1,25 @@
 #!/bin/sh
-# Install dynaflow-tune into the current Python; `--dev` adds the test and notebook tools.
-# Where no torch is installed yet, the CPU wheel is installed first, so the install never
-# pulls a multi-GB CUDA build. Set TORCH_SPEC to choose another torch (e.g. a CUDA build).
+# Install dynaflow-tune into the active Python; `--dev` adds the test and notebook tools and the
+# Hugging Face extra. Use a fresh virtual environment: packages already in a Python can hide a
+# dependency's drift (this script says so when none is active). Where no torch is installed yet,
+# the CPU wheel is installed first, so the install never pulls a multi-GB CUDA build; set
+# TORCH_SPEC to choose another torch (e.g. a CUDA build) within the range pyproject.toml declares.
 set -e
 PY="${PYTHON:-python3}"
+if ! "$PY" -c "import sys; sys.exit(sys.prefix == sys.base_prefix)" 2>/dev/null && [ -z "$CONDA_PREFIX" ]; then
+    echo "setup.sh: no virtual environment is active; installing into $("$PY" -c 'import sys; print(sys.prefix)')." >&2
+    echo "setup.sh: a fresh one is safer: python3 -m venv ~/.venvs/dynaflow-tune && . ~/.venvs/dynaflow-tune/bin/activate" >&2
+fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "setup.sh: installing ${TORCH_SPEC:-torch==2.13.0} (no torch here yet)"
     "$PY" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
-if [ "$1" = "--dev" ]; then
-    "$PY" -m pip install --quiet -e ".[dev]"
-else
-    "$PY" -m pip install --quiet -e .
+extra=""
+[ "$1" = "--dev" ] && extra="[dev]"
+echo "setup.sh: installing dynaflow-tune$extra and its dependencies (a minute or two on a fresh machine)"
+"$PY" -m pip install --quiet -e ".$extra"
+if ! "$PY" -m pip check >/dev/null 2>&1; then
+    "$PY" -m pip check >&2 || true
+    echo "setup.sh: WARNING: this environment's packages conflict (above); a fresh virtual environment has none" >&2
 fi
+echo "setup.sh: done ($("$PY" -c 'import torch, optuna; print(f"torch {torch.__version__}, optuna {optuna.__version__}")'))"

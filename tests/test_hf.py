@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dynaflow.runtime import Schedule, StreamSpec, Step
+from dynaflow.runtime import cache_kwargs
 from dynaflow.runtime.hf import ScheduledDecoderLayer, apply_schedules, decoder_layers, remove_schedules
 
 transformers = pytest.importorskip("transformers")
@@ -48,7 +49,7 @@ def generate(model, cfg, ids):
     logits = []
     with torch.no_grad():
         for step in range(STEPS + 1):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
             logits.append(out.logits)
             ids = out.logits[:, -1:].argmax(-1)
     return logits
