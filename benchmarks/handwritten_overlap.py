@@ -6,7 +6,8 @@ the roofline efficiency of each; eager and, on a GPU, with CUDA graphs (both sid
 
 The schedule: two nano-batches of about equal tokens, compute ops (GEMMs) on stream 0, memory ops
 (decode attention, norms, rope, activation) on stream 1 at higher priority, nano-batch 1
-trailing by two ops, and on a GPU SM partitions of 104 + 24 SMs (green contexts, 8-SM steps).
+trailing by two ops, and on a GPU SM partitions of about 80% + 20% of the partition groups the
+driver grants (104 + 24 SMs on an H200's 16 groups of 8; fewer groups, smaller shares).
 """
 from __future__ import annotations
 
@@ -23,9 +24,15 @@ from dynaflow.tuner.workloads import parse_workload
 
 def handwritten(bench: Bench, *, cuda_graph: bool) -> Schedule:
     ctx = SpaceContext(hardware=bench.hardware, graph=bench.executor.graph, layout=bench.case.layout)
-    gpu = bench.hardware.kind == "cuda"
+    return handwritten_schedule(ctx, cuda_graph=cuda_graph)
+
+
+def handwritten_schedule(ctx: SpaceContext, *, cuda_graph: bool) -> Schedule:
+    groups = ctx.sm_steps  # the partition steps this device's driver grants
+    compute = max(1, round(groups * 0.8))
     params = {"num_nano": 2, "weight_0": 1, "weight_1": 1, "streams": "compute|rest", "stagger": 2,
-              "partition": gpu, "sm_steps_0": 13, "sm_steps_1": 3, "prioritise_memory": True, "cuda_graph": cuda_graph}
+              "partition": ctx.hardware.kind == "cuda" and groups >= 2, "sm_steps_0": min(compute, groups - 1),
+              "sm_steps_1": max(1, groups - compute), "prioritise_memory": True, "cuda_graph": cuda_graph}
     schedule = get_space("nanoflow")(optuna.trial.FixedTrial(params), ctx)
     return dataclasses.replace(schedule, label="handwritten nanoflow" + (" +graph" if cuda_graph else ""))
 

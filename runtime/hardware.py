@@ -1,8 +1,12 @@
 """Hardware fingerprint and measured peaks.
 
-The key holds what makes a schedule invalid elsewhere (architecture, SM count, memory): a
-stored schedule is refused on a mismatch. Software versions are recorded but not keyed: a
-drift is a warning at load time, not a miss.
+The key names the device type (kind, name, architecture, SM count): records tuned on one H200
+load on every H200. What makes a schedule invalid elsewhere is refused on a mismatch: another
+architecture or SM count, or memory more than MEMORY_TOLERANCE apart (two boards of one SKU, or
+one with ECC toggled, differ by a little; another SKU by far more). Software versions are
+recorded but not keyed: a drift is a warning at load time, not a miss. On a GPU the SM
+partition geometry is read from the driver (`sm_step`, `sm_groups`): the one place spaces and
+backends learn how SMs can be shared.
 """
 from __future__ import annotations
 
@@ -30,11 +34,30 @@ class Hardware:
     memory_bytes: int
     mig: bool | None = None
     software: dict[str, str | None] = field(default_factory=dict)
+    sm_step: int | None = None  # SMs per partition group, as the driver reports them (None: the arch rule)
+    sm_groups: int | None = None  # groups one split of the device gives (None: num_sms // step)
 
     @property
     def key(self) -> str:
         name = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
-        return f"{self.kind}-{name}-{self.arch.replace('.', '')}-{self.num_sms}sm-{round(self.memory_bytes / 2**30)}g"
+        return f"{self.kind}-{name}-{self.arch.replace('.', '')}-{self.num_sms}sm"
+
+    @property
+    def legacy_key(self) -> str:
+        """The key before memory left it (record folders of older stores)."""
+        return f"{self.key}-{round(self.memory_bytes / 2**30)}g"
+
+    @property
+    def partition_step(self) -> int:
+        """SMs per partition step: the driver's where read, else the architecture's rule; threads on CPU."""
+        if self.kind != "cuda":
+            return 1
+        return self.sm_step or sm_granularity(self.arch)
+
+    @property
+    def partition_groups(self) -> int:
+        """How many partition steps the device holds (the driver may split into fewer than SMs / step)."""
+        return self.sm_groups or self.num_sms // self.partition_step
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +76,8 @@ class Hardware:
     @classmethod
     def _from_dict(cls, d: dict, name: str) -> "Hardware":
         d = validate.obj(d, name)
-        validate.known(d, {"kind", "name", "arch", "num_sms", "memory_bytes", "mig", "software"}, name)
+        validate.known(d, {"kind", "name", "arch", "num_sms", "memory_bytes", "mig", "software", "sm_step", "sm_groups"},
+                       name)
         if d.get("kind") not in ("cuda", "cpu"):
             raise ValueError(f"{name}.kind must be 'cuda' or 'cpu', but got {validate.short(d.get('kind'))}.")
         software = validate.obj(d.get("software", {}), f"{name}.software")
@@ -63,12 +87,19 @@ class Hardware:
         return cls(kind=d["kind"], name=validate.string(d, "name", name), arch=validate.string(d, "arch", name),
                    num_sms=validate.integer(d, "num_sms", name, lo=1),
                    memory_bytes=validate.integer(d, "memory_bytes", name, lo=0),
-                   mig=validate.boolean(d, "mig", name, optional=True), software=dict(software))
+                   mig=validate.boolean(d, "mig", name, optional=True), software=dict(software),
+                   sm_step=validate.integer(d, "sm_step", name, lo=1) if d.get("sm_step") is not None else None,
+                   sm_groups=validate.integer(d, "sm_groups", name, lo=1) if d.get("sm_groups") is not None else None)
 
     def mismatch(self, other: "Hardware") -> list[str]:
-        """The hard fields that differ: a schedule tuned on `other` must not run here."""
-        return [f"{f}: {getattr(other, f)!r} vs {getattr(self, f)!r}"
-                for f in ("kind", "arch", "num_sms", "memory_bytes") if getattr(self, f) != getattr(other, f)]
+        """The hard fields that differ: a schedule tuned on `other` must not run here. Memory may
+        differ by MEMORY_TOLERANCE (boards of one SKU, ECC on or off)."""
+        wrong = [f"{f}: {getattr(other, f)!r} vs {getattr(self, f)!r}"
+                 for f in ("kind", "arch", "num_sms") if getattr(self, f) != getattr(other, f)]
+        mine, theirs = self.memory_bytes, other.memory_bytes
+        if abs(mine - theirs) > MEMORY_TOLERANCE * max(mine, theirs):
+            wrong.append(f"memory_bytes: {theirs!r} vs {mine!r} (more than {MEMORY_TOLERANCE:.0%} apart)")
+        return wrong
 
     def drift(self, other: "Hardware") -> list[str]:
         """Software versions that changed since `other` was recorded."""
@@ -77,6 +108,14 @@ class Hardware:
 
 
 _LAST_READ: dict[str, tuple[dict, Hardware]] = {}
+MEMORY_TOLERANCE = 0.08  # ECC on GDDR boards reserves 1/16 (6.25%); SKUs of one SM count differ by 20%+
+
+
+def sm_granularity(arch: str) -> int:
+    """SMs per partition step by architecture, where the driver does not say: 8 from sm_90 (its
+    minimum and step), 4 before (sm_80's minimum; its step of 2 cannot make every group of one
+    split a legal partition on its own)."""
+    return 8 if float(arch) >= 9.0 else 4
 
 
 def live_device(device: str | None = None) -> str:
@@ -95,9 +134,12 @@ def _detect_cuda(dev: torch.device) -> Hardware:
     props = torch.cuda.get_device_properties(index)
     nvml = telemetry.nvml_static(index)
     software = {"torch": torch.__version__, "cuda": torch.version.cuda, "driver": nvml.get("driver")}
+    from .backends.green_ctx import sm_layout
+
+    step, groups = sm_layout(index)
     return Hardware(kind="cuda", name=props.name, arch=f"{props.major}.{props.minor}",
                     num_sms=props.multi_processor_count, memory_bytes=props.total_memory,
-                    mig=nvml.get("mig"), software=software)
+                    mig=nvml.get("mig"), software=software, sm_step=step, sm_groups=groups)
 
 
 def _detect_cpu() -> Hardware:

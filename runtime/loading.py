@@ -171,15 +171,24 @@ class ScheduleMap:
             log.info("schedule lookup: %s", message)
 
 
+def hardware_folder(store: ScheduleStore, live: Hardware) -> str:
+    """The folder of the live hardware's records: its key, or, in a store written before memory
+    left the key, `<key>-<N>g` (any N: the records' own memory is checked, within tolerance)."""
+    if (store.root / live.key).is_dir() or not store.root.is_dir():
+        return live.key
+    legacy = sorted(p.name for p in store.root.glob(f"{live.key}-*g") if p.is_dir())
+    return min(legacy, key=lambda name: name != live.legacy_key) if legacy else live.key
+
+
 def _why_empty(store: ScheduleStore, live: Hardware, raw: list[dict], model: str, dtype: str) -> str:
     if not store.base.exists():
         return f"the store {store.base} does not exist"
-    if not (store.root / live.key).is_dir():
+    if not (store.root / hardware_folder(store, live)).is_dir():
         others = sorted(p.name for p in store.root.glob("*") if p.is_dir()) if store.root.is_dir() else []
         return (f"{store.root} holds no records for this hardware"
                 + (f" (only for {', '.join(others)})" if others else ""))
     found = sorted({f"{r['workload']['model']} {r['workload']['dtype']}" for r in raw})
-    return (f"{store.root / live.key} holds no records for {model} {dtype}"
+    return (f"{store.root / hardware_folder(store, live)} holds no records for {model} {dtype}"
             + (f" (only for {', '.join(found)})" if found else ""))
 
 
@@ -187,16 +196,16 @@ def read_records(store: ScheduleStore, live: Hardware, on_error: str) -> list[tu
     """The validated records of the live hardware, raw and parsed: from the pack when it is
     current, else from every file (each fully validated, then the pack is rewritten for the next
     start-up)."""
-    folder = store.root / live.key
-    if not folder.is_dir():
+    key = hardware_folder(store, live)
+    if not (store.root / key).is_dir():
         return []
-    packed = store.read_pack(live.key)
+    packed = store.read_pack(key)
     if packed is not None:
         for _, rec in packed:
-            check_hardware(rec, live, str(store.pack_path(live.key)))
+            check_hardware(rec, live, str(store.pack_path(key)))
         return packed
     good, broken = [], False
-    for path, rec in store.records(live.key):
+    for path, rec in store.records(key):
         if isinstance(rec, ValueError):
             if on_error == "raise":
                 raise rec
@@ -206,7 +215,7 @@ def read_records(store: ScheduleStore, live: Hardware, on_error: str) -> list[tu
         check_hardware(rec, live, str(path))
         good.append((rec.to_dict(), rec))
     if not broken:  # a pack must never hide a broken file from a later, stricter load
-        store.write_pack(live.key, [r for r, _ in good])
+        store.write_pack(key, [r for r, _ in good])
     return good
 
 

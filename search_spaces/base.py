@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dynaflow.runtime import BatchLayout, Hardware, OpGraph, Schedule, Step, StreamSpec
-from dynaflow.runtime.backends.green_ctx import sm_granularity
 
 
 class Trial(Protocol):
@@ -28,10 +27,13 @@ class SpaceContext:
 
     @property
     def sm_granularity(self) -> int:
-        """Green-context partitions come in steps of 8 SMs on Hopper and newer, 4 before; threads on CPU."""
-        if self.hardware.kind != "cuda":
-            return 1
-        return sm_granularity(self.hardware.arch)
+        """SMs per green-context partition step, as the hardware's driver reported; threads on CPU."""
+        return self.hardware.partition_step
+
+    @property
+    def sm_steps(self) -> int:
+        """Partition steps the device holds: the groups one split of its SMs gives."""
+        return self.hardware.partition_groups
 
     @property
     def split_step(self) -> int:
@@ -76,8 +78,7 @@ def staggered_order(ctx: SpaceContext, num_nano: int, stagger: int, stream_of) -
 
 def sm_shares(trial: Trial, ctx: SpaceContext, num_streams: int) -> tuple[StreamSpec, ...]:
     """Per-stream SM shares in whole partition steps, scaled down to fit the device if needed."""
-    step = ctx.sm_granularity
-    total_steps = ctx.hardware.num_sms // step
+    step, total_steps = ctx.sm_granularity, ctx.sm_steps
     feasible = 1 < num_streams <= total_steps
     if not feasible or not trial.suggest_categorical("partition", [False, True]):
         return tuple(StreamSpec() for _ in range(num_streams))

@@ -2,7 +2,9 @@
 that breaking one fails a test on the CPU:
 - a split's remainder cannot be split again (it needs a descriptor and a green context first);
 - the SM groups of one descriptor come from one split call, and no group goes to two partitions;
-- granularity: from sm_90 at least 8 SMs in steps of 8; on sm_80 at least 4 in steps of 2;
+- granularity: from sm_90 at least 8 SMs in steps of 8; on sm_80 at least 4 in steps of 2; or, where
+  set, the resource's own minimum partition size and co-scheduling alignment (CUDA 13 reports them);
+- a split may make fewer groups than asked (`max_groups`: cluster rules on a real part);
 - green contexts are made with CU_GREEN_CTX_DEFAULT_STREAM, their streams CU_STREAM_NON_BLOCKING;
 - an event is recorded only on a stream of the context it was made in (a green stream's context is
   its green context); a stream may wait on an event of any context.
@@ -41,6 +43,8 @@ class CUevent_flags(IntEnum):
 @dataclass
 class _SM:
     smCount: int
+    minSmPartitionSize: int = 0  # 0: not reported (a binding before CUDA 13)
+    smCoscheduledAlignment: int = 0
 
 
 @dataclass(eq=False)
@@ -55,6 +59,9 @@ class Resource:
 class FakeDriver:
     num_sms: int = 132
     arch: tuple[int, int] = (9, 0)
+    min_partition: int = 0  # reported by the device resource where > 0
+    alignment: int = 0
+    max_groups: int | None = None  # a split makes at most this many groups
     splits: itertools.count = field(default_factory=itertools.count)
     used: set = field(default_factory=set)  # groups already in a descriptor
     contexts: dict = field(default_factory=dict)  # live green contexts -> their SM ids
@@ -73,16 +80,18 @@ class FakeDriver:
         return SUCCESS, ordinal
 
     def cuDeviceGetDevResource(self, dev, kind):
-        return SUCCESS, Resource(sm=_SM(self.num_sms), ids=tuple(range(self.num_sms)))
+        return SUCCESS, Resource(sm=_SM(self.num_sms, self.min_partition, self.alignment), ids=tuple(range(self.num_sms)))
 
     def cuDevSmResourceSplitByCount(self, nb_groups, resource, use_flags, min_count):
         if resource.remainder:
             return self._fail(INVALID_RESOURCE_CONFIGURATION, "split of a split's remainder")
         minimum, step = (8, 8) if self.arch >= (9, 0) else (4, 2)
+        if self.min_partition or self.alignment:
+            minimum, step = self.min_partition or self.alignment, self.alignment or 1
         if min_count < minimum or min_count % step:
             return self._fail(INVALID_VALUE, f"minCount {min_count} breaks granularity (min {minimum}, step {step})")
         split = next(self.splits)
-        n = min(nb_groups, resource.sm.smCount // min_count)
+        n = min(nb_groups, resource.sm.smCount // min_count, self.max_groups or nb_groups)
         groups = [Resource(sm=_SM(min_count), split=split, ids=resource.ids[i * min_count:(i + 1) * min_count])
                   for i in range(n)]
         rest = resource.ids[n * min_count:]

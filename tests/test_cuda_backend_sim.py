@@ -4,6 +4,14 @@ The simulated device keeps one queue per stream and executes only when synchroni
 random interleaving that respects nothing but what CUDA guarantees: order within a stream,
 `wait_event` on a recorded event, and `wait_stream`. A missing wait therefore shows up as a
 wrong output (or a read of a value not yet made), as it would on a GPU on a bad day.
+
+CUDA graphs are simulated by CUDA's capture rules: work issued during a capture is recorded,
+not run; a stream takes part only by waiting on an event recorded in the capture, and must be
+joined back into the stream the capture began on before it ends (else the capture fails,
+cudaErrorStreamCaptureUnjoined); a replay issues the recorded work after the replaying stream's
+earlier work. `capture_refuses` names the capture modes a driver might refuse ("green": a
+capture begun on a green-context stream; "joined": green streams joining a capture begun on a
+primary-context stream), since which one the real driver allows is not documented.
 """
 import dataclasses
 import random
@@ -66,12 +74,76 @@ class SimMemory(LiveBytesMode):
         self.peak = self.live
 
 
+class SimGraph:
+    def __init__(self, sim: "SimDevice") -> None:
+        self.sim, self.items = sim, []  # (stream, its recorded work)
+
+    def pool(self):
+        return (7, 7)
+
+    def replay(self) -> None:
+        """The recorded work, after the current stream's earlier work; the current stream's later
+        work after all of it (a graph launch is one operation on the stream)."""
+        here = self.sim.current
+        start = SimEvent(self.sim, context=here.context)
+        start.record(here)
+        for stream, items in self.items:
+            stream.wait_event(start)
+            for kind, item in items:
+                if kind == "record":
+                    item.done = False  # recorded again by this replay
+                stream.queue.append((kind, item))
+            end = SimEvent(self.sim, context=stream.context)
+            end.record(stream)
+            here.wait_event(end)
+
+
 class SimDevice:
     def __init__(self, seed: int) -> None:
         self.rng, self.streams, self.tasks_run = random.Random(seed), [], 0
         self.main = SimStream(self)
         self.current = self.main
         self.memory = SimMemory()
+        self.capture_refuses: set[str] = set()
+        self.captures: list[str] = []  # how each capture that succeeded began: "green" or "joined"
+        self.attempts: list[str] = []  # how each capture tried began
+
+    @contextmanager
+    def graph(self, graph: SimGraph, stream=None, **kwargs):
+        origin = stream if stream is not None else SimStream(self)  # torch captures on a side stream of its own
+        mode = "green" if origin.context is not None else "joined"
+        self.attempts.append(mode)
+        if mode == "green" and "green" in self.capture_refuses:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing (simulated: a capture "
+                               "begun on a green-context stream)")
+        self.synchronize()
+        before = {id(st): len(st.queue) for st in self.streams}
+        with self.on(origin):
+            yield
+        recorded = []
+        for st in self.streams:
+            at = before.get(id(st), 0)
+            if len(st.queue) > at:
+                recorded.append((st, st.queue[at:]))
+                del st.queue[at:]
+        self._check_capture(origin, mode, recorded)
+        graph.items = recorded
+        self.captures.append(mode)
+
+    def _check_capture(self, origin, mode: str, recorded) -> None:
+        origin_waits = {id(item) for st, items in recorded if st is origin for kind, item in items if kind == "wait"}
+        captured = {id(item) for _, items in recorded for kind, item in items if kind == "record"}
+        for st, items in recorded:
+            if st is origin:
+                continue
+            if items[0][0] != "wait" or id(items[0][1]) not in captured:
+                raise RuntimeError("work issued during a capture on a stream that never joined it")
+            if mode == "joined" and st.context is not None and "joined" in self.capture_refuses:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing (simulated: a "
+                                   "green-context stream joining a capture begun on a primary-context stream)")
+            if items[-1][0] != "record" or id(items[-1][1]) not in origin_waits:
+                raise RuntimeError("CUDA error: capture unjoined (cudaErrorStreamCaptureUnjoined): a stream's "
+                                   "work was not joined back into the capture's origin stream")
 
     def stream(self, device=None, priority: int = 0) -> SimStream:
         return SimStream(self, priority)
@@ -104,7 +176,10 @@ class SimDevice:
         monkeypatch.setattr(cuda, "is_available", lambda: True)
         monkeypatch.setattr(cuda, "Stream", self.stream)
         monkeypatch.setattr(cuda, "Event", lambda *a, **k: SimEvent(self))
-        monkeypatch.setattr(cuda, "current_stream", lambda device=None: self.main)
+        monkeypatch.setattr(cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(cuda, "CUDAGraph", lambda *a, **k: SimGraph(self))
+        monkeypatch.setattr(cuda, "graph", self.graph)
+        monkeypatch.setattr(cuda, "memory_snapshot", lambda: [])
         monkeypatch.setattr(cuda, "stream", self.on)
         monkeypatch.setattr(cuda, "synchronize", self.synchronize)
         monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: self.memory.live)
@@ -115,8 +190,8 @@ class SimDevice:
 class SimBackend(CUDABackend):
     """The real CUDA backend; only each task's work is queued on the stream it is issued to."""
 
-    def __init__(self, sim: SimDevice) -> None:
-        super().__init__("cuda:0")
+    def __init__(self, sim: SimDevice, capture_mode: str | None = None) -> None:
+        super().__init__("cuda:0", capture_mode=capture_mode)
         self.sim = sim
 
     def prepare(self, plan):

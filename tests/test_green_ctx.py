@@ -20,6 +20,9 @@ from test_equivalence import CASES, assert_equal_to_reference
 
 @pytest.fixture(params=[(9, 0), (8, 0)], ids=["sm90", "sm80"])
 def device(request, monkeypatch):
+    from dynaflow.runtime.backends import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_FOUND", {})  # the capture mode found is per process: not across tests
     sim = SimDevice(seed=0)
     fake = FakeDriver(num_sms=132 if request.param >= (9, 0) else 108, arch=request.param, sim=sim)
     sim.install(monkeypatch)
@@ -107,9 +110,133 @@ def test_a_binding_without_green_contexts_is_unavailable_not_a_crash(device, mon
     assert not fake.contexts  # the green context made before the failure was destroyed
 
 
-def test_granularity_follows_the_architecture():
+def test_granularity_follows_the_architecture_where_the_driver_does_not_say():
     assert green_ctx.sm_granularity("9.0") == 8 and green_ctx.sm_granularity("10.0") == 8
     assert green_ctx.sm_granularity("8.0") == 4
+    assert green_ctx.sm_layout(0) == (None, None)  # no cuda-bindings here: the architecture's rule applies
+
+
+def test_granularity_and_alignment_are_read_from_the_device_resource(device):
+    """A device reporting a 16-SM minimum partition in 8-SM co-scheduled steps: partitions come in
+    16s, an 8-SM share (legal by the architecture's rule) is invalid, and the hardware says so."""
+    sim, fake = device
+    fake.min_partition, fake.alignment = 12, 8  # rounded up to the alignment: 16
+    assert green_ctx.sm_layout(0) == (16, fake.num_sms // 16)
+    ex = _executor(sim)
+    ref = ex.reference().clone()
+    two = dict(split_sizes=(3, 6))
+    with pytest.raises(ValueError, match="multiples of 16 SMs"):
+        ex.compile(Schedule(**two, streams=(StreamSpec(sm_share=8), StreamSpec(sm_share=8))))
+    run = ex.compile(Schedule(**two, streams=(StreamSpec(sm_share=32), StreamSpec(sm_share=16))))
+    assert run.runner.notes["partition"] == "green contexts, granted SMs [32, 16] for requested [32, 16]"
+    assert_equal_to_reference(run_between_main_stream_work(sim, run), ref, ex)
+    run.close()
+    assert not fake.violations, fake.violations
+
+
+def test_a_device_that_splits_into_fewer_groups_bounds_the_space_and_the_shares(device):
+    """The driver may make fewer groups than SMs / step (cluster rules): the hardware records how
+    many, the space never asks for more, and a share past them is invalid, not a crash."""
+    from dynaflow.runtime import Hardware
+    from dynaflow.search_spaces import SpaceContext, get_space
+    import optuna
+
+    sim, fake = device
+    fake.max_groups = 10
+    step, groups = green_ctx.sm_layout(0)
+    assert groups == 10
+    ex = _executor(sim)
+    with pytest.raises(ValueError, match="splits into 10 groups"):
+        ex.compile(Schedule(split_sizes=(3, 6), streams=(StreamSpec(sm_share=8 * step), StreamSpec(sm_share=3 * step))))
+    hw = Hardware(kind="cuda", name="sim", arch=f"{fake.arch[0]}.{fake.arch[1]}", num_sms=fake.num_sms,
+                  memory_bytes=80 * 2**30, sm_step=step, sm_groups=groups)
+    ctx = SpaceContext(hardware=hw, graph=ex.graph, layout=ex.case.layout)
+    space = get_space("nanoflow")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    asked = 0
+    for _ in range(60):
+        schedule = space(study.ask(), ctx)
+        shares = [s.sm_share for s in schedule.streams if s.sm_share is not None]
+        if shares:
+            asked += 1
+            assert sum(shares) <= groups * step and all(s % step == 0 for s in shares)
+            ex.compile(schedule).close()  # every share set it proposes is grantable
+    assert asked > 5
+    assert not fake.violations
+
+
+def _graph_schedule(ex, shares=(16, 16)):
+    return Schedule(split_sizes=(3, 6), streams=tuple(StreamSpec(sm_share=s) for s in shares), cuda_graph=True,
+                    order=tuple(Step(op=op, nano=b, stream=b) for op in ex.graph.names for b in (0, 1)))
+
+
+@pytest.mark.parametrize("refused,chosen", [(set(), "green"), ({"green"}, "joined"), ({"joined"}, "green")])
+def test_a_graph_over_green_streams_is_captured_the_way_the_driver_allows(device, refused, chosen):
+    sim, fake = device
+    sim.capture_refuses = refused
+    ex = _executor(sim)
+    ref = ex.reference().clone()
+    run = ex.compile(_graph_schedule(ex))
+    for _ in range(3):  # replays, between main-stream work
+        assert_equal_to_reference(run_between_main_stream_work(sim, run), ref, ex)
+    assert ex.backend.capture_mode == chosen and sim.captures[-1] == chosen
+    assert f"capture mode {chosen}" in run.runner.notes["cuda_graph"]
+    if chosen != "green":  # green is tried first: where it failed, the notes say why
+        assert "simulated" in run.runner.notes["cuda_graph"]  # the mode that failed, and why
+    run.close()
+    tried = len(sim.attempts)
+    run = ex.compile(_graph_schedule(ex, (24, 8)))  # the next capture goes straight to the mode that worked
+    assert sim.attempts[tried:] == [chosen]
+    run.close()
+    assert not fake.violations, fake.violations
+
+
+def test_a_graph_no_capture_mode_allows_is_an_invalid_schedule(device):
+    sim, fake = device
+    sim.capture_refuses = {"green", "joined"}
+    ex = _executor(sim)
+    with pytest.raises(ValueError, match="cannot be captured on this stack .*green: .*joined: "):
+        ex.compile(_graph_schedule(ex))
+    run = ex.compile(dataclasses.replace(_graph_schedule(ex), streams=(StreamSpec(), StreamSpec())))
+    run.close()  # a graph without SM shares still captures
+
+
+def test_a_capture_that_does_not_join_its_streams_fails(device, monkeypatch):
+    """Mutation check: drop the joins into the capture's origin and the (simulated) capture fails."""
+    sim, fake = device
+    ex = _executor(sim)
+    monkeypatch.setattr(green_ctx.GreenMark, "block", lambda self, stream: None)
+    monkeypatch.setattr(green_ctx.TorchMark, "block", lambda self, stream: None)
+    with pytest.raises((ValueError, RuntimeError), match="unjoined|never joined"):
+        ex.compile(_graph_schedule(ex))
+
+
+def test_the_probe_tries_both_capture_modes_and_the_backend_uses_the_one_that_works(device):
+    from dynaflow.runtime import probe
+    from dynaflow.runtime.backends.cuda import CUDABackend
+
+    sim, fake = device
+    sim.capture_refuses = {"green"}
+    ex = _executor(sim)
+    ref = ex.reference().clone()
+    schedule = _graph_schedule(ex)
+
+    def run_with(mode):
+        ex.backend = SimBackend(sim, capture_mode=mode)
+        run = ex.compile(schedule)
+        try:
+            return run_between_main_stream_work(sim, run)
+        finally:
+            run.close()
+
+    found = probe.capture_modes(run_with, lambda out: assert_equal_to_reference(out, ref, ex))
+    assert found["joined"] is None and "simulated" in found["green"]
+    assert probe.backend_choice(found) == "joined"
+    ex.backend = SimBackend(sim)
+    run = ex.compile(schedule)
+    assert ex.backend.capture_mode == probe.backend_choice(found)
+    run.close()
+    assert isinstance(ex.backend, CUDABackend)
 
 
 def test_a_torch_event_recorded_on_a_green_stream_is_refused(device, monkeypatch):

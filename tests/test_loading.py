@@ -1,4 +1,5 @@
 """Start-up loading: the fallback chain, hardware refusal, version drift, bad files, policies."""
+import dataclasses
 import json
 import logging
 
@@ -159,3 +160,35 @@ def test_a_warned_load_does_not_hide_a_broken_file_from_a_strict_one(store):
     load_schedule(store, wl(256), hardware=H100, on_error="warn")
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_schedule(store, wl(256), hardware=H100)
+
+
+# --- one hardware type, many boards: memory within tolerance, another SKU refused ------------------
+
+H200 = dataclasses.replace(H100, name="NVIDIA H200", memory_bytes=int(139.8 * 2**30))
+H200_OTHER_BOARD = dataclasses.replace(H200, memory_bytes=int(139.4 * 2**30))  # another board (or ECC on)
+H100_SAME_SMS = dataclasses.replace(H200, name="NVIDIA H200", memory_bytes=80 * 2**30)  # another SKU, renamed
+
+
+def test_records_tuned_on_one_h200_load_on_another(tmp_path):
+    ScheduleStore(StoreConfig(root=tmp_path)).save(record(wl(256), split(128, 128), hardware=H200))
+    assert H200.key == H200_OTHER_BOARD.key and not H200_OTHER_BOARD.mismatch(H200)
+    assert load_schedule(tmp_path, wl(256), hardware=H200_OTHER_BOARD).split_sizes == (128, 128)
+
+
+def test_records_in_a_store_written_before_memory_left_the_key_still_load(tmp_path):
+    store = ScheduleStore(StoreConfig(root=tmp_path))
+    path = store.save(record(wl(256), split(128, 128), hardware=H200))
+    legacy = path.parent.with_name(H200.legacy_key)  # schedules/cuda-nvidia-h200-90-132sm-140g/
+    path.parent.rename(legacy)
+    assert legacy.name.endswith("-140g")
+    assert load_schedule(tmp_path, wl(256), hardware=H200_OTHER_BOARD).split_sizes == (128, 128)  # 139g here
+
+
+def test_another_sku_with_the_same_sms_is_refused(tmp_path):
+    path = ScheduleStore(StoreConfig(root=tmp_path)).save(record(wl(256), split(128, 128), hardware=H200))
+    assert H100.key != H200.key  # the name keys the device type
+    assert load_schedule(tmp_path, wl(256), hardware=H100).is_sequential
+    wrong = H100_SAME_SMS.mismatch(H200)
+    assert len(wrong) == 1 and wrong[0].startswith("memory_bytes:") and "more than 8% apart" in wrong[0]
+    with pytest.raises(ValueError, match="memory_bytes"):
+        load_schedule(path, wl(256), hardware=H100_SAME_SMS)  # one record file, checked whole

@@ -1,4 +1,5 @@
 """Search spaces never propose an infeasible schedule, on any hardware; the registry finds new ones."""
+import dataclasses
 import optuna
 import pytest
 
@@ -51,3 +52,19 @@ def test_registry_finds_a_new_module_without_edits(tmp_path, monkeypatch):
 def test_unknown_space_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"space must be one of \['dbo', 'nanoflow', 'sequential'\], but got 'tbo'"):
         search_spaces.get_space("tbo")
+
+
+@pytest.mark.parametrize("groups", [16, 10, 3, 2])
+def test_the_handwritten_overlap_fits_the_groups_the_driver_grants(groups):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "handwritten_overlap.py"
+    spec = importlib.util.spec_from_file_location("handwritten_overlap", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    hw = dataclasses.replace(H100, sm_step=8, sm_groups=groups)
+    schedule = bench.handwritten_schedule(tiny_context(hw), cuda_graph=True)
+    shares = [s.sm_share for s in schedule.streams]
+    assert None not in shares and sum(shares) <= groups * 8 and all(s % 8 == 0 for s in shares)
+    assert shares[0] >= shares[1]  # the compute stream gets the larger share

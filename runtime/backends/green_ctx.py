@@ -4,9 +4,11 @@ torch's own GreenContext.create() splits the whole device on each call, so two o
 overlap (pytorch/pytorch#195378). The driver's rules (cuda-bindings docs): a split's remainder
 cannot be split again without first creating a descriptor and a green context, and the SM
 resources in one descriptor must come from one split call. So the device's SM resource is split
-once, into groups of the partition granularity (8 SMs from sm_90, 4 before: the driver's minimum
-there), and each partition is one descriptor of k of those groups: disjoint by construction.
-The SMs each partition was granted are read back from its groups.
+once, into groups of the partition granularity (the resource's own minimum partition size,
+rounded up to its co-scheduling alignment, as CUDA 13 reports them; where the binding lacks
+those fields, 8 SMs from sm_90 and 4 before), and each partition is one descriptor of k of those
+groups: disjoint by construction. The driver may make fewer groups than the SMs would allow
+(cluster rules); the SMs each partition was granted are read back from its groups.
 
 Shares the device cannot grant (not a multiple of the granularity, more groups than it has) are
 a ValueError: the schedule is invalid here. A stack without green contexts (no cuda-bindings,
@@ -23,15 +25,39 @@ from typing import Callable, Hashable
 
 import torch
 
+from ..hardware import sm_granularity
+
 
 class PartitionUnavailable(RuntimeError):
     """Raised with the reason when this stack cannot make SM partitions at all."""
 
 
-def sm_granularity(arch: str) -> int:
-    """SMs per partition step: 8 from sm_90 (the driver's minimum and step), 4 before (sm_80's
-    minimum; its step of 2 cannot make every group of one split a legal partition on its own)."""
-    return 8 if float(arch) >= 9.0 else 4
+def partition_step(sm, arch: str) -> int:
+    """SMs per group of the one split: the resource's minimum partition size rounded up to its
+    co-scheduling alignment (CUdevSmResource, CUDA 13); the architecture's rule where the binding
+    reports neither."""
+    minimum = int(getattr(sm, "minSmPartitionSize", 0) or 0)
+    align = int(getattr(sm, "smCoscheduledAlignment", 0) or 0)
+    if not minimum and not align:
+        return sm_granularity(arch)
+    minimum, align = minimum or align, align or 1
+    return -(-minimum // align) * align
+
+
+def sm_layout(device_index: int) -> tuple[int | None, int | None]:
+    """(SMs per partition step, groups one split gives) as this device's driver reports them;
+    (None, None) where the stack has no green contexts (the architecture's rule then applies)."""
+    try:
+        driver = _driver()
+        torch.cuda.init()
+        dev = _check(driver.cuDeviceGet(device_index))
+        whole = _check(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+        major, minor = torch.cuda.get_device_capability(device_index)
+        step = partition_step(whole.sm, f"{major}.{minor}")
+        _, num_groups, _ = _check(driver.cuDevSmResourceSplitByCount(whole.sm.smCount // step, whole, 0, step))
+        return step, int(num_groups)
+    except (PartitionUnavailable, AttributeError, TypeError, RuntimeError):
+        return None, None
 
 
 def _check(result, error: type[Exception] = PartitionUnavailable):
@@ -104,12 +130,6 @@ def make_partitioned_streams(device_index: int, shares: list[int], priorities: l
     Returns (streams, granted SM counts, marks, close): marks[i](timing) makes an event of stream
     i's green context; close() destroys the streams and green contexts."""
     driver = _driver()
-    major, minor = torch.cuda.get_device_capability(device_index)
-    step = sm_granularity(f"{major}.{minor}")
-    bad = [s for s in shares if s < step or s % step]
-    if bad:
-        raise ValueError(f"streams' sm_share must be multiples of {step} SMs on sm_{major}{minor}, "
-                         f"but got {shares} (bad: {bad}).")
     made: list = []  # (green context, raw stream) to destroy on close
 
     def close() -> None:
@@ -120,7 +140,7 @@ def make_partitioned_streams(device_index: int, shares: list[int], priorities: l
         made.clear()
 
     try:
-        streams, granted = _make(driver, device_index, shares, priorities, step, made)
+        streams, granted = _make(driver, device_index, shares, priorities, made)
         marks = [lambda timing=False, ctx=ctx: GreenMark(driver, ctx, timing) for ctx, _ in made]
     except PartitionUnavailable:
         close()
@@ -134,10 +154,16 @@ def make_partitioned_streams(device_index: int, shares: list[int], priorities: l
     return streams, granted, marks, close
 
 
-def _make(driver, device_index: int, shares: list[int], priorities: list[int], step: int, made: list):
+def _make(driver, device_index: int, shares: list[int], priorities: list[int], made: list):
     torch.cuda.init()
     dev = _check(driver.cuDeviceGet(device_index))
     whole = _check(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+    major, minor = torch.cuda.get_device_capability(device_index)
+    step = partition_step(whole.sm, f"{major}.{minor}")
+    bad = [s for s in shares if s < step or s % step]
+    if bad:
+        raise ValueError(f"streams' sm_share must be multiples of {step} SMs on sm_{major}{minor} (the driver's "
+                         f"partition step), but got {shares} (bad: {bad}).")
     groups, num_groups, _ = _check(driver.cuDevSmResourceSplitByCount(whole.sm.smCount // step, whole, 0, step))
     need = sum(s // step for s in shares)
     if need > num_groups:
