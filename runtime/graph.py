@@ -16,7 +16,6 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.split_module import split_module
 
-RESOURCES = ("compute", "memory", "copy")
 OUT = "dynaflow_out"
 
 

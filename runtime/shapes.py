@@ -56,7 +56,6 @@ def context_bucket(context_len: int) -> int:
 
 NEAREST_RATIO = 2.0  # a stored bucket answers live batches up to this factor away, per dimension
 
-RULES = ("exact", "exact, rescaled", "nearest", "sequential")
 
 
 def distance(stored: Bucket, live: Bucket) -> float:
@@ -99,10 +98,6 @@ class ShapeLog:
 
     def add(self, bucket: Bucket, n: int = 1) -> None:
         self.calls[bucket] += n
-
-    def merge(self, other: "ShapeLog") -> "ShapeLog":
-        self.calls.update(other.calls)
-        return self
 
     @property
     def total_calls(self) -> int:

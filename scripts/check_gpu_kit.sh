@@ -9,8 +9,12 @@
 #
 #   bash scripts/check_gpu_kit.sh     # ~3-5 minutes the first time (torch 2.11 from the index)
 set -euo pipefail
-PY312="${PY312:-$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -n 1)}"
-[ -x "$PY312" ] || { echo "check_gpu_kit: needs python3.12 (the lent machine's Python); set PY312" >&2; exit 2; }
+if [ -z "${PY312:-}" ]; then  # the first python3.12 that runs (a pyenv shim may exist and refuse)
+    for candidate in python3.12 /root/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
+        if "$candidate" -c "" 2>/dev/null; then PY312=$candidate; break; fi
+    done
+fi
+"${PY312:-false}" -c "" 2>/dev/null || { echo "check_gpu_kit: needs python3.12 (the lent machine's Python); set PY312" >&2; exit 2; }
 WORK="${WORK:-/tmp/dynaflow_kit_check}"
 rm -rf "$WORK" /tmp/dynaflow_site /tmp/dynaflow_shim
 "$PY312" -m venv "$WORK/venv"

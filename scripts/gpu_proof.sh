@@ -15,6 +15,8 @@
 #   bash scripts/gpu_proof.sh       # there, in one call: carry .whl; everything runs
 #   STAGES=probe,tests bash scripts/gpu_proof.sh   # a subset, in order
 #   STAGES=collect,probe ...        # what scripts/check_gpu_kit.sh runs without a GPU
+#   bash scripts/gpu_proof.sh --estimate    # print the estimate only
+#   LIMITS="tests=200" ...          # another timeout for a stage, in seconds
 #
 # Every stage writes $OUTDIR/<stage>.txt (default results/gpu/), headed by its command. After each
 # stage, and by a trap on exit, $OUTDIR is packed into $OUT/gpu_results.tgz with $OUT/summary.txt
@@ -30,7 +32,7 @@ WORKLOAD="${WORKLOAD:-d256x2048+p512}"
 TUNE_S="${TUNE_S:-90}"
 # Each stage's timeout in seconds: the kit's own estimate of the whole is their sum (printed first).
 declare -A LIMIT=([setup]=20 [collect]=60 [probe]=45 [tests]=120 [overhead]=50 [overlap]=60 [tune]=$((TUNE_S + 60)) [report]=45)
-STUDY="$MODEL-$WORKLOAD"
+for override in ${LIMITS:-}; do LIMIT[${override%%=*}]=${override#*=}; done  # e.g. LIMITS="tests=200 tune=300"
 declare -a SUMMARY=()
 
 fail() { echo "gpu_proof: $*" >&2; exit 2; }
@@ -75,6 +77,7 @@ run() {  # run NAME CMD...: under the stage's timeout, output to $OUTDIR/NAME.tx
     local wall=$((SECONDS - start)) verdict=passed
     [ $rc -eq 0 ] || verdict="FAILED (exit $rc)"
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && verdict="TIMED OUT after ${LIMIT[$name]} s"
+    [ "$name" = probe ] && [ $rc -eq 3 ] && verdict="no GPU (exit 3)"
     echo "# exit $rc, wall $wall s" >>"$OUTDIR/$name.txt"
     SUMMARY+=("$(printf '%-9s %-28s %4d s  %s' "$name" "$verdict" "$wall" "$(grep -v '^#' "$OUTDIR/$name.txt" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-110)")")
     echo "${SUMMARY[-1]}"
@@ -90,6 +93,7 @@ for stage in setup ${STAGES//,/ }; do
     total=$((total + LIMIT[$stage]))
 done
 echo "gpu_proof: stages $STAGES; estimate: at most $((total / 60)) min $((total % 60)) s (the sum of the stages' timeouts)"
+[ "${1:-}" = "--estimate" ] && { trap - EXIT; exit 0; }
 start=$SECONDS
 setup
 SUMMARY+=("setup     passed in $((SECONDS - start)) s")
@@ -101,7 +105,6 @@ for stage in ${STAGES//,/ }; do
             run probe "$PY" -m dynaflow.runtime.probe
             code=$?
             if [ $code -eq 3 ]; then  # no GPU: the probe said so in one line; nothing else can run, nothing to keep
-                grep -v '^[#$]' "$OUTDIR/probe.txt"
                 rm -f "$OUTDIR/probe.txt"
                 trap - EXIT
                 exit 3

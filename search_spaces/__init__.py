@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 from typing import Callable
 
-from .base import SearchSpace, SpaceContext, Trial
+from .base import SpaceContext, Trial
 
 _NOT_SPACES = {"base"}
 
@@ -28,4 +28,4 @@ def get_space(name: str) -> Callable:
     return spaces[name]
 
 
-__all__ = ["SearchSpace", "SpaceContext", "Trial", "get_space", "registry"]
+__all__ = ["SpaceContext", "Trial", "get_space", "registry"]

@@ -49,12 +49,6 @@ class SpaceContext:
         return sorted(cuts)
 
 
-class SearchSpace(Protocol):
-    name: str
-
-    def __call__(self, trial: Trial, ctx: SpaceContext) -> Schedule: ...
-
-
 def splits_from_weights(ctx: SpaceContext, weights: list[int]) -> tuple[int, ...]:
     """Nano-batch sizes (in requests) whose token counts follow `weights`, snapped to boundaries;
     cuts that snap onto each other merge their nano-batches."""

@@ -1,7 +1,7 @@
 """The tune command's configuration: one dataclass, filled once at the edge (the CLI)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dynaflow.runtime import MeasureConfig, Workload
@@ -33,7 +33,6 @@ class TuneConfig:
     min_effect: float = 0.03  # the smallest speedup the confirmation is asked to resolve
     max_duplicates: int = 25  # proposals in a row of schedules already measured: the search converged
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.storage, str):

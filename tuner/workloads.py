@@ -18,14 +18,6 @@ def parse_workload(spec: str, *, model: str, dtype: str, device: str) -> Workloa
                     prefill_chunk=g["chunk"] or None, dtype=dtype, device=device)
 
 
-def format_workload(w: Workload) -> str:
-    parts = [f"d{w.num_decode}x{w.context_len}"] if w.num_decode else []
-    if w.prefill_tokens:
-        chunk = f"c{w.prefill_chunk}" if w.prefill_chunk and w.prefill_chunk != w.prefill_tokens else ""
-        parts.append(f"p{w.prefill_tokens}{chunk}")
-    return "+".join(parts)
-
-
 def default_dtype(dtype: str | None, device: str) -> str:
     """The dtype a flag left unset means: bfloat16 on a GPU, float32 on a CPU."""
     return dtype or ("bfloat16" if device.startswith("cuda") else "float32")

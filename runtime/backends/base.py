@@ -32,14 +32,6 @@ class Backend(ABC):
     def synchronize(self) -> None:
         """Block until all work issued so far has finished."""
 
-    def run(self, plan: Plan) -> None:
-        """Prepare and run a plan once, then release what the runner held (a serving step)."""
-        runner = self.prepare(plan)
-        try:
-            runner.run()
-        finally:
-            runner.close()
-
     def peak_bytes(self, plan: Plan, runner: Runner) -> int | None:
         """Peak bytes allocated above the starting level during one run; None if unknown."""
         return None
