@@ -108,7 +108,7 @@ class GraphRunner:
         schedule = pick(self.chooser, layout, getattr(_LIVE, "context_len", 0), self.shapes)  # counts the shape too
         if getattr(_LIVE, "unsplit", False) or (schedule.num_nano < 2 and len(schedule.streams) < 2):
             return self.gm(*args)
-        self.backend = self.backend or get_backend(str(rows_input.device) if rows_input.is_cuda else "cpu")
+        self.backend = self.backend or get_backend(rows_input.device)
         shape = (layout.request_tokens, tuple(tuple(args[i].shape) if isinstance(args[i], torch.Tensor) else args[i]
                                               for i in self.varying))
         plan, runner = self.plans.get(schedule, shape, lambda: self._prepare(schedule, layout, args))

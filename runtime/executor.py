@@ -45,7 +45,7 @@ class Executor:
     def __init__(self, case: Case, *, backend: Backend | None = None) -> None:
         self.case = case
         self.device = case.device
-        self.backend = backend or get_backend(str(self.device) if self.device.type == "cuda" else "cpu")
+        self.backend = backend or get_backend(self.device)
         self.graph: OpGraph = case.graph if case.graph is not None else trace(case.model)
         self._out_like: torch.Tensor | None = None
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import telemetry, validate
+from .backends.green_ctx import sm_granularity, sm_layout
 from .files import write_json_atomic
 
 
@@ -111,13 +112,6 @@ _LAST_READ: dict[str, tuple[dict, Hardware]] = {}
 MEMORY_TOLERANCE = 0.08  # ECC on GDDR boards reserves 1/16 (6.25%); SKUs of one SM count differ by 20%+
 
 
-def sm_granularity(arch: str) -> int:
-    """SMs per partition step by architecture, where the driver does not say: 8 from sm_90 (its
-    minimum and step), 4 before (sm_80's minimum; its step of 2 cannot make every group of one
-    split a legal partition on its own)."""
-    return 8 if float(arch) >= 9.0 else 4
-
-
 def live_device(device: str | None = None) -> str:
     """`device`, or where this process would run by default: cuda where torch sees a GPU, else cpu."""
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,8 +128,6 @@ def _detect_cuda(dev: torch.device) -> Hardware:
     props = torch.cuda.get_device_properties(index)
     nvml = telemetry.nvml_static(index)
     software = {"torch": torch.__version__, "cuda": torch.version.cuda, "driver": nvml.get("driver")}
-    from .backends.green_ctx import sm_layout
-
     step, groups = sm_layout(index)
     return Hardware(kind="cuda", name=props.name, arch=f"{props.major}.{props.minor}",
                     num_sms=props.multi_processor_count, memory_bytes=props.total_memory,

@@ -103,7 +103,7 @@ class ScheduledDecoderLayer(nn.Module):
         cache = kwargs[cache_name] if cache_name else None
         rows, tokens = hidden_states.shape[:2]
         out = torch.empty_like(hidden_states)
-        self.backend = self.backend or get_backend(str(out.device) if out.is_cuda else "cpu")
+        self.backend = self.backend or get_backend(out.device)
         plan, runner = self.plans.get(schedule, (rows, tokens, out.dtype, out.device),
                                       lambda: self._prepare(schedule, layout, rows))
         plan.bound.update(hidden=hidden_states, args=args, kwargs=kwargs, cache_name=cache_name, out=out)

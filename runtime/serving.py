@@ -45,7 +45,7 @@ class ScheduledModule(nn.Module):
         self.last_schedule = schedule
         if schedule.is_sequential:
             return self.module(*inputs)
-        self.backend = self.backend or get_backend(str(inputs[0].device) if inputs[0].is_cuda else "cpu")
+        self.backend = self.backend or get_backend(inputs[0].device)
         out = torch.empty_like(inputs[0])
         shape = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs) + (layout.request_tokens, layout.request_kinds)
         plan, runner = self.plans.get(schedule, shape, lambda: self._prepare(schedule, inputs, layout, out))

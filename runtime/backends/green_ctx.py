@@ -25,7 +25,12 @@ from typing import Callable, Hashable
 
 import torch
 
-from ..hardware import sm_granularity
+
+def sm_granularity(arch: str) -> int:
+    """SMs per partition step by architecture, where the driver does not say: 8 from sm_90 (its
+    minimum and step), 4 before (sm_80's minimum; its step of 2 cannot make every group of one
+    split a legal partition on its own)."""
+    return 8 if float(arch) >= 9.0 else 4
 
 
 class PartitionUnavailable(RuntimeError):
