@@ -103,3 +103,19 @@ class Node:
 def test_dynamo_module_paths_lose_the_traced_root_however_dynamo_names_it(path):
     assert module_path(Node(path)) == "model.layers.0.input_layernorm"
     assert module_path(Node(path.split(".model")[0])) == "model"
+
+
+def test_a_decode_step_is_recorded_with_its_context_whatever_the_cache_argument_is_called():
+    """transformers 5.24 passes the cache to the layers as `cache`: a layer that looked only for
+    `past_key_values` recorded decode steps without their context (d5x1, not d5x8)."""
+    from dynaflow.runtime import Schedule, recorded_shapes
+
+    model = tiny_llama()
+    apply_schedules(model, lambda layout: Schedule())
+    cache = transformers.StaticCache(config=model.config, max_cache_len=10)
+    cache.early_initialization(5, 1, 8, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(5, 7, dtype=torch.long), **cache_kwargs(model, cache), use_cache=True)
+        model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
+    decode = [b for b in recorded_shapes(model).calls if b.num_decode]
+    assert [(b.num_decode, b.context_len) for b in decode] == [(5, 8)]
