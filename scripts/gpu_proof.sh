@@ -40,7 +40,7 @@ fail() { echo "gpu_proof: $*" >&2; exit 2; }
 pack() {  # the archive and the summary, written whole each time (a cut call keeps the last pack)
     [ -n "${OUT:-}" ] || return 0
     mkdir -p "$OUT"
-    printf '%s\n' "gpu_proof.sh on $(hostname) at $(date -u +%FT%TZ); stages $STAGES" "${SUMMARY[@]}" \
+    printf '%s\n' "gpu_proof.sh on ${HOSTNAME:-?} at $(date -u +%FT%TZ); stages $STAGES" "${SUMMARY[@]}" \
         >"$OUT/summary.txt.tmp" && mv "$OUT/summary.txt.tmp" "$OUT/summary.txt"
     cp "$OUT/summary.txt" "$OUTDIR/summary.txt" 2>/dev/null
     tar -czf "$OUT/gpu_results.tgz.tmp" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" 2>/dev/null \
