@@ -78,9 +78,8 @@ class Served:
             return compile_with_schedules(self.model, chooser)
         return apply_schedules(self.model, chooser)
 
-    def done(self) -> None:
-        if self.granularity == "layer":
-            remove_schedules(self.model)
+    def done(self) -> None:  # at op granularity too: a compiled model that fell back wrapped its layers
+        remove_schedules(self.model)
 
 
 def run(args) -> dict:
@@ -125,9 +124,10 @@ def run(args) -> dict:
         chooser.rule_counts.clear() if isinstance(chooser, ScheduleMap) else None
     calls = "layer calls" if args.granularity == "layer" else "model calls (one graph each)"
     for _ in range(args.rounds):  # interleaved, so machine noise hits both alike
+        served.done()  # the plain model: no wrapper left on its layers
         rows["unscheduled"].append(generate(model, cfg, ids, args.new_tokens, device))
         rows["scheduled"].append(generate(scheduled or served(chooser), cfg, ids, args.new_tokens, device))
-        served.done()
+    served.done()
     print(f"3. served {args.requests} requests x {args.prompt} prompt tokens, {args.new_tokens} new tokens, "
           f"{args.device}, policy {args.policy}, {args.granularity} granularity, {args.rounds} interleaved rounds")
     if isinstance(chooser, ScheduleMap):

@@ -33,7 +33,7 @@ from torch import nn
 from .backends import get_backend
 from .batch import BatchLayout
 from .graph import OpGraph, cut, writes_input
-from .hf_compat import cache_arg, check_transformers
+from .hf_compat import cache_arg, check_transformers, whole_graph_note
 from .plan import build_plan
 from .schedule import Schedule
 from .serving import PlanCache, pick
@@ -264,6 +264,7 @@ class CompiledWithSchedules(nn.Module):
     def forward(self, *args, **kwargs):
         cache = kwargs[name] if (name := cache_arg(kwargs)) else None
         if self.fallback is not None:
+            self._wrap_layers()
             return self.model(*args, **kwargs)
         for t in _batched_inputs(args, kwargs, cache):
             torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -281,15 +282,23 @@ class CompiledWithSchedules(nn.Module):
         self._checked = True
         breaks = sorted(counters["graph_break"])
         if breaks or len(self.runners) != 1:
-            from .hf import apply_schedules
-
             self.fallback = "; ".join(breaks[:3]) or (
                 f"{len(self.runners)} graphs for one call" if self.runners else
                 "dynamo ran it without compiling (its recompile limit for this function was reached)")
-            log.warning("%s cannot be captured in one graph (graph break: %s); its decoder layers run at layer "
-                        "granularity instead", type(self.model).__name__, self.fallback)
-            apply_schedules(self.model, self.chooser)
+            note = whole_graph_note() if breaks else None
+            log.warning("%s cannot be captured in one graph (graph break: %s)%s; its decoder layers run at layer "
+                        "granularity instead", type(self.model).__name__, self.fallback, f" ({note})" if note else "")
+            self._wrap_layers()
         return out
+
+    def _wrap_layers(self) -> None:
+        """At layer granularity: the model's decoder layers answered by this chooser (wrapped
+        again if they were unwrapped, or wrapped for another chooser, since)."""
+        from .hf import ScheduledDecoderLayer, apply_schedules, decoder_layers
+
+        first = decoder_layers(self.model)[0]
+        if not (isinstance(first, ScheduledDecoderLayer) and first.chooser is self.chooser):
+            apply_schedules(self.model, self.chooser)
 
 
 def _batched_inputs(args, kwargs, cache):

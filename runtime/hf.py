@@ -47,9 +47,9 @@ def apply_schedules(model: nn.Module, chooser: Callable[[BatchLayout], Schedule]
     check_transformers()
     layers = decoder_layers(model)
     shapes = chooser.shapes if isinstance(chooser, ScheduleMap) else shapes if shapes is not None else ShapeLog()
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, ScheduledDecoderLayer):
-            layers[i] = ScheduledDecoderLayer(layer, chooser, shapes=shapes)
+    for i, layer in enumerate(layers):  # a layer wrapped before is wrapped again: the new chooser answers
+        inner = layer.layer if isinstance(layer, ScheduledDecoderLayer) else layer
+        layers[i] = ScheduledDecoderLayer(inner, chooser, shapes=shapes)
     return model
 
 

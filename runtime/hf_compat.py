@@ -20,6 +20,11 @@ log = logging.getLogger("dynaflow")
 # pyproject.toml's `hf` extra declares the same range (tests/test_hf_compat.py checks it); the upper
 # bound is the newest release the suite passed with: raising it is a change that runs the suite.
 TESTED_TRANSFORMERS = ">=5.16.1,<=5.24.0"
+# Inside the range, 5.18 and 5.19 cannot be captured whole by dynamo with a static cache: their
+# causal-mask code branches on the cache offset, a tensor (masking_utils._ignore_causal_mask_sdpa).
+# The compile backend then runs at layer granularity; `hf:` models cannot be tuned at op level.
+NO_WHOLE_GRAPH = ">=5.18,<5.20"
+ALSO_TESTED = ("5.19.0",)  # vLLM's CPU build pins transformers<5.20: scripts/test.sh runs it too
 CACHE_ARGS = ("cache", "past_key_values")  # the name since 5.24, the name before
 _checked: list[str] = []  # the version already checked in this process
 
@@ -59,18 +64,35 @@ def check_transformers() -> str | None:
     return version
 
 
+def whole_graph_note(version: str | None = None) -> str | None:
+    """Why dynamo cannot capture an HF model whole under this transformers, where that is known."""
+    try:
+        version = version or importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not _in(version, NO_WHOLE_GRAPH, unknown=False):
+        return None
+    return (f"transformers {version}'s causal-mask code branches on the cache offset (a tensor), which breaks "
+            "dynamo's graph; 5.16.1-5.17 and 5.20-5.24 are captured whole")
+
+
 def oldest_transformers() -> str:
     """The lowest release of the tested range (scripts/test.sh runs the HF tests with it)."""
     return next(spec[2:] for spec in TESTED_TRANSFORMERS.split(",") if spec.startswith(">="))
 
 
 def in_tested_range(version: str) -> bool:
+    return _in(version, TESTED_TRANSFORMERS)
+
+
+def _in(version: str, specifiers: str, unknown: bool = True) -> bool:
+    """Whether `version` satisfies `specifiers`; `unknown` where packaging is missing."""
     try:
         from packaging.specifiers import SpecifierSet  # a dependency of transformers itself
         from packaging.version import InvalidVersion
     except ImportError:
-        return True
+        return unknown
     try:
-        return SpecifierSet(TESTED_TRANSFORMERS).contains(version, prereleases=True)
+        return SpecifierSet(specifiers).contains(version, prereleases=True)
     except InvalidVersion:
         return False

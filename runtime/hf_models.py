@@ -23,7 +23,7 @@ from torch import nn
 from .batch import REQUESTS, BatchLayout
 from .schedule import Schedule
 from .dynamo import _LIVE, GraphRunner, _join, nano_args
-from .hf_compat import cache_kwargs, check_transformers
+from .hf_compat import cache_kwargs, check_transformers, whole_graph_note
 from .shapes import ShapeLog
 from .workload import PRESETS, Case, Workload
 
@@ -113,7 +113,7 @@ def build_hf_case(w: Workload) -> Case:
 
     def capture(gm, example_inputs):
         runner = GraphRunner(gm, _never_split, ShapeLog())
-
+        captured["graphs"] = captured.get("graphs", 0) + 1  # more than one: a graph break cut the model
         def first_call(*args):
             captured.setdefault("args", args)
             captured.setdefault("runner", runner)
@@ -128,14 +128,18 @@ def build_hf_case(w: Workload) -> Case:
 
     torch._dynamo.reset()  # dynamo keeps a few compiled entries per function: a tuner builds a model per workload
     _LIVE.unsplit = True
+    failed = None
     try:
         with torch.no_grad():
             torch.compile(model, backend=capture)(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+    except Exception as e:  # dynamo refused the model (a constraint it could not keep across a graph break, ...)
+        failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
         _LIVE.unsplit = False
-    if "runner" not in captured or not captured["runner"].splittable:
-        raise ValueError(f"model {w.model!r}: dynamo did not capture it whole with a symbolic batch; "
-                         "it cannot be tuned at op granularity.")
+    if failed or captured.get("graphs") != 1 or not captured["runner"].splittable:
+        note = failed or whole_graph_note()
+        raise ValueError(f"model {w.model!r}: dynamo did not capture it whole with a symbolic batch"
+                         f"{f' ({note})' if note else ''}; it cannot be tuned at op granularity.")
     runner: GraphRunner = captured["runner"]
     args = captured["args"]
     kinds = runner.kinds

@@ -94,3 +94,17 @@ def test_dynamic_cache_runs_unsplit_and_says_why_once(caplog, arch):
 def test_model_without_decoder_layers_is_refused():
     with pytest.raises(ValueError, match="Linear has no ModuleList of \\*DecoderLayer"):
         apply_schedules(torch.nn.Linear(2, 2), dbo_policy)
+
+
+def test_applying_again_replaces_the_chooser():
+    """A server that loads a new map (or a compiled model that falls back twice) wraps again: the
+    new chooser answers, the layers are wrapped once, the weights are the model's own."""
+    model, cfg = build("llama")
+    first, second = [], []
+    apply_schedules(model, lambda layout: first.append(layout) or Schedule())
+    apply_schedules(model, lambda layout: second.append(layout) or Schedule())
+    ids = torch.randint(0, COMMON["vocab_size"], (ROWS, PROMPT))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert not first and len(second) == cfg.num_hidden_layers
+    assert all(not isinstance(layer.layer, ScheduledDecoderLayer) for layer in decoder_layers(model))

@@ -119,3 +119,12 @@ def test_a_decode_step_is_recorded_with_its_context_whatever_the_cache_argument_
         model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(model, cache), use_cache=True)
     decode = [b for b in recorded_shapes(model).calls if b.num_decode]
     assert [(b.num_decode, b.context_len) for b in decode] == [(5, 8)]
+
+
+@pytest.mark.parametrize("version,broken", [("5.17.0", False), ("5.18.0", True), ("5.19.0", True), ("5.20.0", False),
+                                            ("5.24.0", False)])
+def test_the_releases_whose_mask_code_breaks_dynamo_are_named(version, broken):
+    note = hf_compat.whole_graph_note(version)
+    assert (note is not None) is broken
+    if broken:
+        assert f"transformers {version}" in note and "5.20-5.24" in note

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("transformers")
+from dynaflow.runtime.hf_compat import whole_graph_note  # noqa: E402
 
 
 @pytest.mark.parametrize("granularity", ["layer", "op"])
@@ -23,7 +24,10 @@ def test_the_loop_closes(tmp_path, capsys, granularity):
     stats = serve.run(args)
     out = capsys.readouterr().out
     assert stats["tuned_share"] > 0.9, stats
-    calls_per_step = 2 if granularity == "layer" else 1  # a call per decoder layer, or one graph per model call
+    # a call per decoder layer, or one graph per model call; where transformers breaks dynamo's graph
+    # (5.18-5.19), the compiled model falls back to its decoder layers, and says so
+    whole = granularity == "op" and not whole_graph_note()
+    calls_per_step = 1 if whole else 2
     assert sum(stats["rule_counts"].values()) == calls_per_step * 4  # x the steps of the one scheduled round
     assert "coverage: 100.0% of recorded calls" in out and "answered by a tuned schedule" in out
     assert len(list((tmp_path / "shapes").glob("*.json"))) == 1
