@@ -16,7 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from common import hf_generation, report_generation  # noqa: E402
 
 from dynaflow.runtime import Schedule  # noqa: E402
-from dynaflow.runtime.dynamo import compile_with_schedules  # noqa: E402
+from dynaflow.runtime.hf import compile_with_schedules  # noqa: E402
 
 
 def main() -> None:

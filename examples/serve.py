@@ -25,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from dynaflow.runtime import PRESETS, Schedule, ScheduleMap, StreamSpec, apply_schedules, cache_kwargs, remove_schedules
-from dynaflow.runtime.dynamo import compile_with_schedules
+from dynaflow.runtime.hf import compile_with_schedules
 
 
 def dbo(layout):

@@ -17,7 +17,7 @@ from .counters import count
 from .graph import Op, OpGraph, trace
 from .plan import Plan, build_plan
 from .schedule import Schedule
-from .workload import Case
+from .case import Case
 
 
 @dataclass(kw_only=True)

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -22,7 +22,10 @@ from .counters import count
 from .executor import Compiled, Executor
 from .hardware import Hardware, Peaks, detect, measure_peaks
 from .schedule import Schedule
-from .workload import Case, Workload
+from .case import Case
+
+if TYPE_CHECKING:  # a workload only builds its case here (workload.build()); the core never imports it
+    from .workload import Workload
 
 OnSample = Callable[[list[float]], bool]
 ACCUMULATE = torch.float32  # GEMMs and attention accumulate in float32 for every dtype here

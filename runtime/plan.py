@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .graph import OpGraph
 from .schedule import Schedule, Step
-from .workload import Case
+from .case import Case
 
 
 @dataclass(kw_only=True, slots=True)

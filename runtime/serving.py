@@ -22,7 +22,8 @@ from .loading import ScheduleMap
 from .plan import build_plan
 from .schedule import Schedule
 from .shapes import Bucket, ShapeLog
-from .workload import Case, preset_layout_of
+from .case import Case
+from .workload import preset_layout_of
 
 
 class ScheduledModule(nn.Module):

@@ -17,35 +17,12 @@ from torch import nn
 
 from . import validate
 from .batch import TOKENS, BatchLayout
+from .case import Case
 from .models.llama import LlamaConfig, LlamaLayer, init_weights
 from .models.moe import MixtralLayer, MoEConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-@dataclass(kw_only=True, slots=True)
-class Case:
-    """A model ready to run: module, inputs (dim 0 batched per layout), and the layout."""
-
-    model: nn.Module
-    inputs: tuple[torch.Tensor, ...]
-    layout: BatchLayout
-    name: str = "model"
-    # A model cut elsewhere (a dynamo graph): its ops, each nano-batch's inputs, and how the
-    # nano-batches' outputs join into the plan's output. None: torch.fx traces `model`.
-    graph: Any = None
-    nano_inputs: Callable[[tuple, int, int], tuple] | None = None
-    gather: Callable[[Any], None] | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.layout.num_tokens
-
-    @property
-    def device(self) -> torch.device:
-        """Where the case runs: its first tensor input's device."""
-        return next(t.device for t in self.inputs if isinstance(t, torch.Tensor))
 
 
 PRESETS: dict[str, LlamaConfig] = {
@@ -152,10 +129,9 @@ class Workload:
         check_device(self.device)
         if self.model in PRESETS:
             return build_preset(self)
-        if self.model.startswith("hf:"):
-            from .hf_models import build_hf_case
-
-            return build_hf_case(self)
+        for prefix, builder in CASE_BUILDERS.items():  # registered by the layers above (runtime.hf: "hf:")
+            if self.model.startswith(prefix):
+                return builder(self)
         factory = load_callable(self.model)
         try:
             case = factory(self)
@@ -171,6 +147,12 @@ class Workload:
 
 
 _WORKLOAD_FIELDS = frozenset(f.name for f in fields(Workload))
+CASE_BUILDERS: dict[str, Callable[[Workload], Case]] = {}  # model prefix -> the builder of its cases
+
+
+def register_case_builder(prefix: str, builder: Callable[[Workload], Case]) -> None:
+    """Models named `<prefix>...` are built by `builder(workload)` (runtime.hf registers "hf:")."""
+    CASE_BUILDERS[prefix] = builder
 
 
 def check_device(device: str) -> None:

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 "$PY" -m pytest -q "$@"
 
 HF_TESTS="tests/test_hf.py tests/test_dynamo.py tests/test_hf_compat.py tests/test_serve_loop.py"
-versions=$("$PY" -c "from dynaflow.runtime.hf_compat import ALSO_TESTED, oldest_transformers as o; print(o(), *ALSO_TESTED)")
+versions=$("$PY" -c "from dynaflow.runtime.hf.compat import ALSO_TESTED, oldest_transformers as o; print(o(), *ALSO_TESTED)")
 for version in $versions; do
     overlay=$(mktemp -d)
     trap 'rm -rf "$overlay"' EXIT INT TERM

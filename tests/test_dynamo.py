@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dynaflow.runtime import Schedule, StreamSpec
-from dynaflow.runtime.dynamo import compile_with_schedules
+from dynaflow.runtime.hf import compile_with_schedules
 from dynaflow.runtime.graph import Op, OpGraph
-from dynaflow.runtime.hf_compat import whole_graph_note
+from dynaflow.runtime.hf.compat import whole_graph_note
 from schedules import random_order
 
 transformers = pytest.importorskip("transformers")
@@ -107,7 +107,7 @@ def test_a_graph_break_falls_back_to_layer_granularity_and_says_why(caplog):
 
 def test_an_hf_architecture_is_tuned_and_its_record_serves_that_model(tmp_path, capsys):
     from dynaflow.runtime import ScheduleMap
-    from dynaflow.runtime.hf_models import build_model
+    from dynaflow.runtime.hf.models import build_model
     from dynaflow.tuner.cli import main
     spec, store = "hf:llama:llama-tiny:2", tmp_path / "store"
     assert main(["ops", "--model", spec, "--workload", "d4x8", "--store", str(store)]) == 0

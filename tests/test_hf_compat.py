@@ -9,8 +9,9 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from dynaflow.runtime import cache_kwargs, hf_compat
-from dynaflow.runtime.dynamo import module_path
+from dynaflow.runtime import cache_kwargs
+from dynaflow.runtime.hf import compat as hf_compat
+from dynaflow.runtime.hf import module_path
 from dynaflow.runtime.hf import apply_schedules
 
 transformers = pytest.importorskip("transformers")

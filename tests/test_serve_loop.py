@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("transformers")
-from dynaflow.runtime.hf_compat import whole_graph_note  # noqa: E402
+from dynaflow.runtime.hf.compat import whole_graph_note  # noqa: E402
 
 
 @pytest.mark.parametrize("granularity", ["layer", "op"])

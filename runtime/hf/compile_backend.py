@@ -30,18 +30,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .backends import get_backend
-from .batch import BatchLayout
-from .graph import OpGraph, cut, writes_input
-from .hf_compat import cache_arg, check_transformers, whole_graph_note
-from .plan import build_plan
-from .schedule import Schedule
-from .serving import PlanCache, pick
-from .shapes import ShapeLog
-from .workload import Case
+from ..backends import get_backend
+from ..batch import BatchLayout
+from ..graph import OpGraph, cut, writes_input
+from .compat import cache_arg, check_transformers, whole_graph_note
+from .layers import ScheduledDecoderLayer, apply_schedules, decoder_layers
+from ..plan import build_plan
+from ..schedule import Schedule
+from ..serving import PlanCache, pick
+from ..shapes import ShapeLog
+from ..case import Case
 
 log = logging.getLogger("dynaflow")
-_LIVE = threading.local()  # the context length of the call in flight, set by the wrapper
+LIVE = threading.local()  # the context length of the call in flight, set by the wrapper
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -105,8 +106,8 @@ class GraphRunner:
         layout = BatchLayout(request_tokens=(tokens,) * rows,
                              request_kinds=("decode" if tokens == 1 else "prefill",) * rows,
                              input_axes=(), kinds=("decode", "prefill"))
-        schedule = pick(self.chooser, layout, getattr(_LIVE, "context_len", 0), self.shapes)  # counts the shape too
-        if getattr(_LIVE, "unsplit", False) or (schedule.num_nano < 2 and len(schedule.streams) < 2):
+        schedule = pick(self.chooser, layout, getattr(LIVE, "context_len", 0), self.shapes)  # counts the shape too
+        if getattr(LIVE, "unsplit", False) or (schedule.num_nano < 2 and len(schedule.streams) < 2):
             return self.gm(*args)
         self.backend = self.backend or get_backend(rows_input.device)
         shape = (layout.request_tokens, tuple(tuple(args[i].shape) if isinstance(args[i], torch.Tensor) else args[i]
@@ -117,7 +118,7 @@ class GraphRunner:
         runner.run()  # on a GPU the run ends with every stream joined into the current one, so the
         for original, per_nano in copies:  # copies below follow it; every nano-batch advanced its copy
             original.copy_(per_nano[0])     # alike: the original advances once, as one unsplit call would
-        out = _join([plan.outputs(b) for b in range(len(plan.ranges))], [r1 - r0 for r0, r1 in plan.ranges])
+        out = join_outputs([plan.outputs(b) for b in range(len(plan.ranges))], [r1 - r0 for r0, r1 in plan.ranges])
         for env in plan.envs:  # the cached plan keeps no values of this call alive
             env.clear()
         return out
@@ -204,11 +205,11 @@ def nano_args(inputs, kinds: list[str], r0: int, r1: int, copies: dict | None = 
     return tuple(out)
 
 
-def _join(outputs: list, rows: list[int]):
+def join_outputs(outputs: list, rows: list[int]):
     """Each nano-batch's outputs, batched ones concatenated by rows; the rest from nano-batch 0."""
     first = outputs[0]
     if isinstance(first, (tuple, list)):
-        return type(first)(_join([o[i] for o in outputs], rows) for i in range(len(first)))
+        return type(first)(join_outputs([o[i] for o in outputs], rows) for i in range(len(first)))
     if isinstance(first, torch.Tensor) and first.dim() and first.shape[0] == rows[0] \
             and all(isinstance(o, torch.Tensor) and o.shape[0] == r for o, r in zip(outputs, rows)):
         return torch.cat(outputs)
@@ -268,17 +269,17 @@ class CompiledWithSchedules(nn.Module):
             return self.model(*args, **kwargs)
         for t in _batched_inputs(args, kwargs, cache):
             torch._dynamo.maybe_mark_dynamic(t, 0)
-        _LIVE.context_len = int(cache.get_seq_length()) if cache is not None else 0
+        LIVE.context_len = int(cache.get_seq_length()) if cache is not None else 0
         if self._checked:
             return self.compiled(*args, **kwargs)
         from torch._dynamo.utils import counters
 
         counters["graph_break"].clear()
-        _LIVE.unsplit = True
+        LIVE.unsplit = True
         try:
             out = self.compiled(*args, **kwargs)
         finally:
-            _LIVE.unsplit = False
+            LIVE.unsplit = False
         self._checked = True
         breaks = sorted(counters["graph_break"])
         if breaks or len(self.runners) != 1:
@@ -294,8 +295,6 @@ class CompiledWithSchedules(nn.Module):
     def _wrap_layers(self) -> None:
         """At layer granularity: the model's decoder layers answered by this chooser (wrapped
         again if they were unwrapped, or wrapped for another chooser, since)."""
-        from .hf import ScheduledDecoderLayer, apply_schedules, decoder_layers
-
         first = decoder_layers(self.model)[0]
         if not (isinstance(first, ScheduledDecoderLayer) and first.chooser is self.chooser):
             apply_schedules(self.model, self.chooser)

@@ -20,12 +20,13 @@ import re
 import torch
 from torch import nn
 
-from .batch import REQUESTS, BatchLayout
-from .schedule import Schedule
-from .dynamo import _LIVE, GraphRunner, _join, nano_args
-from .hf_compat import cache_kwargs, check_transformers, whole_graph_note
-from .shapes import ShapeLog
-from .workload import PRESETS, Case, Workload
+from ..batch import REQUESTS, BatchLayout
+from ..schedule import Schedule
+from .compile_backend import LIVE, GraphRunner, join_outputs, nano_args
+from .compat import cache_kwargs, check_transformers, whole_graph_note
+from ..shapes import ShapeLog
+from ..case import Case
+from ..workload import PRESETS, Workload, register_case_builder
 
 HF_ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -127,7 +128,7 @@ def build_hf_case(w: Workload) -> Case:
         return first_call
 
     torch._dynamo.reset()  # dynamo keeps a few compiled entries per function: a tuner builds a model per workload
-    _LIVE.unsplit = True
+    LIVE.unsplit = True
     failed = None
     try:
         with torch.no_grad():
@@ -135,7 +136,7 @@ def build_hf_case(w: Workload) -> Case:
     except Exception as e:  # dynamo refused the model (a constraint it could not keep across a graph break, ...)
         failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
-        _LIVE.unsplit = False
+        LIVE.unsplit = False
     if failed or captured.get("graphs") != 1 or not captured["runner"].splittable:
         note = failed or whole_graph_note()
         raise ValueError(f"model {w.model!r}: dynamo did not capture it whole with a symbolic batch"
@@ -152,7 +153,7 @@ def build_hf_case(w: Workload) -> Case:
 
     def gather(plan) -> None:
         rows_of = [r1 - r0 for r0, r1 in plan.ranges]
-        plan.out.copy_(_first_tensor(_join([plan.outputs(b) for b in range(len(plan.ranges))], rows_of)))
+        plan.out.copy_(_first_tensor(join_outputs([plan.outputs(b) for b in range(len(plan.ranges))], rows_of)))
 
     return Case(model=GraphCall(runner), inputs=tuple(args), layout=layout, name=w.model, graph=runner.graph,
                 nano_inputs=nano_inputs, gather=gather)
@@ -160,3 +161,6 @@ def build_hf_case(w: Workload) -> Case:
 
 def _never_split(layout) -> Schedule:
     return Schedule()
+
+
+register_case_builder("hf:", build_hf_case)

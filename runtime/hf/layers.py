@@ -19,14 +19,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .backends import get_backend
-from .batch import BatchLayout
-from .plan import Plan, Task
-from .schedule import Schedule
-from .hf_compat import cache_arg, check_transformers
-from .loading import ScheduleMap
-from .serving import PlanCache, pick
-from .shapes import ShapeLog
+from ..backends import get_backend
+from ..batch import BatchLayout
+from ..plan import Plan, Task
+from ..schedule import Schedule
+from .compat import cache_arg, check_transformers
+from ..loading import ScheduleMap
+from ..serving import PlanCache, pick
+from ..shapes import ShapeLog
 
 log = logging.getLogger("dynaflow")
 

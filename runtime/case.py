@@ -1,0 +1,35 @@
+"""A `Case`: what the runtime runs a schedule on. The core's one input type; whatever builds one
+from a model spec (workload presets, `hf:` architectures, a user's `module:function`) lives above."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .batch import BatchLayout
+
+
+@dataclass(kw_only=True, slots=True)
+class Case:
+    """A model ready to run: module, inputs (dim 0 batched per layout), and the layout."""
+
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    layout: BatchLayout
+    name: str = "model"
+    # A model cut elsewhere (a dynamo graph): its ops, each nano-batch's inputs, and how the
+    # nano-batches' outputs join into the plan's output. None: torch.fx traces `model`.
+    graph: Any = None
+    nano_inputs: Callable[[tuple, int, int], tuple] | None = None
+    gather: Callable[[Any], None] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layout.num_tokens
+
+    @property
+    def device(self) -> torch.device:
+        """Where the case runs: its first tensor input's device."""
+        return next(t.device for t in self.inputs if isinstance(t, torch.Tensor))
