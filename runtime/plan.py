@@ -37,8 +37,11 @@ class Plan:
     join_copies: bool  # True when the graph could not write its output in place
     envs: list[dict] = field(default_factory=list)
     reset: Callable[[], None] = lambda: None
-    bind: Callable[..., None] | None = None  # bind(inputs, out): the same plan on new tensors of the same shapes
-    bound: dict = field(default_factory=dict)  # what a call's tasks read (layer-granularity plans bind here)
+    # The binding protocol every consumer uses: bind(*call) puts one call's tensors where the tasks
+    # read them (fx plans: bind(inputs, out)) and returns what the caller needs back; unbind()
+    # drops them after the call, so a cached plan keeps no call's values alive.
+    bind: Callable[..., object] | None = None
+    unbind: Callable[[], None] = lambda: None
     outputs: Callable[[int], object] | None = None  # outputs(b): nano-batch b's graph outputs, after a run
 
     @property

@@ -6,11 +6,16 @@
 `chooser` is a ScheduleMap or any policy: a function (BatchLayout) -> Schedule, e.g. a
 dual-batch overlap that splits only above a token threshold. Either way the live batch shapes
 are counted (`layer.shapes`, the map's own log for a map) and can be saved to tune them.
+
+`ScheduledCalls` is the one call path every consumer of scheduled execution goes through (this
+module's ScheduledModule, the HF decoder-layer wrapper, the torch.compile backend): pick the
+schedule for the live batch -> the backend for the tensors' device -> the plan cached for
+(schedule, live shapes) -> bind the call -> run -> unbind.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -18,12 +23,71 @@ from torch import nn
 from .backends import Backend, Runner, get_backend
 from .batch import BatchLayout
 from .graph import trace
-from .loading import ScheduleMap
-from .plan import build_plan
+from .plan import Plan, build_plan
 from .schedule import Schedule
 from .shapes import Bucket, ShapeLog
 from .case import Case
 from .workload import preset_layout_of
+
+
+@runtime_checkable
+class Chooser(Protocol):
+    """What answers a live batch with a schedule and counts the shapes it meets: a ScheduleMap,
+    or any policy wrapped by `as_chooser`."""
+
+    shapes: ShapeLog
+
+    def pick(self, layout: BatchLayout, context_len: int = 0) -> Schedule: ...
+
+
+class Policy:
+    """A plain policy (BatchLayout) -> Schedule as a Chooser; the shapes it meets go to `shapes`."""
+
+    def __init__(self, fn: Callable[[BatchLayout], Schedule], shapes: ShapeLog | None = None) -> None:
+        self.fn, self.shapes = fn, shapes if shapes is not None else ShapeLog()
+
+    def pick(self, layout: BatchLayout, context_len: int = 0) -> Schedule:
+        self.shapes.add(Bucket.of(layout, context_len))
+        return self.fn(layout)
+
+
+def as_chooser(chooser, shapes: ShapeLog | None = None) -> Chooser:
+    """`chooser` if it is one (a ScheduleMap counts shapes in its own log), else the policy wrapped."""
+    return chooser if isinstance(chooser, Chooser) else Policy(chooser, shapes)
+
+
+class ScheduledCalls:
+    """The one call path: pick -> backend for the device -> plan cache -> bind -> run -> unbind."""
+
+    def __init__(self, chooser, *, shapes: ShapeLog | None = None, backend: Backend | None = None,
+                 capacity: int = 32) -> None:
+        self.chooser = as_chooser(chooser, shapes)
+        self.backend = backend
+        self.plans = PlanCache(capacity)
+
+    @property
+    def shapes(self) -> ShapeLog:
+        return self.chooser.shapes
+
+    def pick(self, layout: BatchLayout, context_len: int = 0) -> Schedule:
+        return self.chooser.pick(layout, context_len)
+
+    def run(self, schedule: Schedule, shape: Hashable, device, prepare: Callable[[], Plan], *call,
+            finish: Callable[[Plan, Any], Any] | None = None):
+        """Run `schedule` on one call: `prepare()` builds its plan the first time this (schedule,
+        shape) is seen; `finish(plan, bound)` reads the results before the plan is unbound."""
+        self.backend = self.backend or get_backend(device)
+        plan, runner = self.plans.get(schedule, shape, lambda: self._prepared(prepare))
+        bound = plan.bind(*call)
+        try:
+            runner.run()
+            return finish(plan, bound) if finish is not None else None
+        finally:
+            plan.unbind()
+
+    def _prepared(self, prepare: Callable[[], Plan]) -> tuple[Plan, Runner]:
+        plan = prepare()
+        return plan, self.backend.prepare(plan)
 
 
 class ScheduledModule(nn.Module):
@@ -33,30 +97,22 @@ class ScheduledModule(nn.Module):
                  backend: Backend | None = None) -> None:
         super().__init__()
         self.module = module
-        self.chooser, self.layout_of, self.context_of = chooser, layout_of, context_of
-        self.shapes = chooser.shapes if isinstance(chooser, ScheduleMap) else ShapeLog()
+        self.layout_of, self.context_of = layout_of, context_of
+        self.calls = ScheduledCalls(chooser, backend=backend)
+        self.shapes, self.plans = self.calls.shapes, self.calls.plans
         self.graph = trace(module)
-        self.backend = backend
-        self.plans = PlanCache()
         self.last_schedule: Schedule | None = None
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         layout = self.layout_of(inputs)
-        schedule = pick(self.chooser, layout, self.context_of(inputs), self.shapes)
-        self.last_schedule = schedule
+        schedule = self.last_schedule = self.calls.pick(layout, self.context_of(inputs))
         if schedule.is_sequential:
             return self.module(*inputs)
-        self.backend = self.backend or get_backend(inputs[0].device)
         out = torch.empty_like(inputs[0])
         shape = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs) + (layout.request_tokens, layout.request_kinds)
-        plan, runner = self.plans.get(schedule, shape, lambda: self._prepare(schedule, inputs, layout, out))
-        plan.bind(inputs, out)
-        runner.run()
+        case = Case(model=self.module, inputs=tuple(inputs), layout=layout)
+        self.calls.run(schedule, shape, inputs[0].device, lambda: build_plan(self.graph, case, schedule, out), inputs, out)
         return out
-
-    def _prepare(self, schedule: Schedule, inputs, layout: BatchLayout, out: torch.Tensor):
-        plan = build_plan(self.graph, Case(model=self.module, inputs=tuple(inputs), layout=layout), schedule, out)
-        return plan, self.backend.prepare(plan)
 
 
 class PlanCache:
@@ -85,13 +141,3 @@ class PlanCache:
     def close(self) -> None:
         while self._entries:
             self._entries.popitem()[1][2].close()
-
-
-def pick(chooser, layout: BatchLayout, context_len: int, shapes: ShapeLog | None = None) -> Schedule:
-    """A ScheduleMap takes the live context length too and counts the shape itself; a plain
-    policy sees the layout only, and the shape is counted in `shapes`."""
-    if isinstance(chooser, ScheduleMap):
-        return chooser.pick(layout, context_len)
-    if shapes is not None:
-        shapes.add(Bucket.of(layout, context_len))
-    return chooser(layout)

@@ -30,14 +30,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..backends import get_backend
 from ..batch import BatchLayout
 from ..graph import OpGraph, cut, writes_input
 from .compat import cache_arg, check_transformers, whole_graph_note
 from .layers import ScheduledDecoderLayer, apply_schedules, decoder_layers
 from ..plan import build_plan
 from ..schedule import Schedule
-from ..serving import PlanCache, pick
+from ..serving import ScheduledCalls, as_chooser
 from ..shapes import ShapeLog
 from ..case import Case
 
@@ -85,14 +84,14 @@ def op_keys(gm: fx.GraphModule) -> Callable[[fx.Node], str | None]:
 class GraphRunner:
     """Runs one dynamo graph under the schedule chosen for each call's batch."""
 
-    def __init__(self, gm: fx.GraphModule, chooser, shapes: ShapeLog) -> None:
-        self.gm, self.chooser, self.shapes = gm, chooser, shapes
+    def __init__(self, gm: fx.GraphModule, chooser, shapes: ShapeLog | None = None) -> None:
+        self.gm = gm
+        self.calls = ScheduledCalls(chooser, shapes=shapes)
+        self.chooser, self.shapes, self.plans = self.calls.chooser, self.calls.shapes, self.calls.plans
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.kinds = _input_kinds(placeholders)
         self.varying = _symbolic_inputs(placeholders)  # the inputs whose shapes (or values) can change per call
         self.graph: OpGraph = cut(gm, op_keys(gm))
-        self.plans = PlanCache()
-        self.backend = None
 
     @property
     def splittable(self) -> bool:
@@ -106,22 +105,13 @@ class GraphRunner:
         layout = BatchLayout(request_tokens=(tokens,) * rows,
                              request_kinds=("decode" if tokens == 1 else "prefill",) * rows,
                              input_axes=(), kinds=("decode", "prefill"))
-        schedule = pick(self.chooser, layout, getattr(LIVE, "context_len", 0), self.shapes)  # counts the shape too
+        schedule = self.calls.pick(layout, getattr(LIVE, "context_len", 0))  # counts the shape too
         if getattr(LIVE, "unsplit", False) or (schedule.num_nano < 2 and len(schedule.streams) < 2):
             return self.gm(*args)
-        self.backend = self.backend or get_backend(rows_input.device)
         shape = (layout.request_tokens, tuple(tuple(args[i].shape) if isinstance(args[i], torch.Tensor) else args[i]
                                               for i in self.varying))
-        plan, runner = self.plans.get(schedule, shape, lambda: self._prepare(schedule, layout, args))
-        copies: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-        plan.bind_args(args, copies)
-        runner.run()  # on a GPU the run ends with every stream joined into the current one, so the
-        for original, per_nano in copies:  # copies below follow it; every nano-batch advanced its copy
-            original.copy_(per_nano[0])     # alike: the original advances once, as one unsplit call would
-        out = join_outputs([plan.outputs(b) for b in range(len(plan.ranges))], [r1 - r0 for r0, r1 in plan.ranges])
-        for env in plan.envs:  # the cached plan keeps no values of this call alive
-            env.clear()
-        return out
+        return self.calls.run(schedule, shape, rows_input.device, lambda: self._prepare(schedule, layout, args), args,
+                              finish=_finish)
 
     def _prepare(self, schedule: Schedule, layout: BatchLayout, args):
         state: dict[str, Any] = {"copies": {}}
@@ -139,13 +129,29 @@ class GraphRunner:
                         "graph's own order", schedule.label, e)
             plan = build_plan(self.graph, case, dataclasses.replace(schedule, order=()), None, nano_inputs=nano_inputs)
 
-        def bind_args(inputs, copies: list) -> None:
-            state["copies"] = {}
-            plan.bind(inputs, None)
-            copies.extend(state["copies"].values())
+        bind_fx = plan.bind
 
-        plan.bind_args = bind_args
-        return plan, self.backend.prepare(plan)
+        def bind(inputs) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+            """The call's inputs; returns each input written in place with its per-nano-batch copies."""
+            state["copies"] = {}
+            bind_fx(inputs, None)
+            return list(state["copies"].values())
+
+        def unbind() -> None:  # the cached plan keeps no values of this call alive
+            for env in plan.envs:
+                env.clear()
+
+        plan.bind, plan.unbind = bind, unbind
+        return plan
+
+
+def _finish(plan, copies: list):
+    """After the run (on a GPU it ends with every stream joined into the current one, so the copies
+    follow it): every nano-batch advanced its copy alike, so the original advances once, as one
+    unsplit call would; the nano-batches' outputs joined by rows."""
+    for original, per_nano in copies:
+        original.copy_(per_nano[0])
+    return join_outputs([plan.outputs(b) for b in range(len(plan.ranges))], [r1 - r0 for r0, r1 in plan.ranges])
 
 
 def _input_kinds(placeholders: list[fx.Node]) -> list[str]:
@@ -218,10 +224,10 @@ def join_outputs(outputs: list, rows: list[int]):
 
 def schedule_backend(chooser, *, shapes: ShapeLog | None = None, runners: list | None = None) -> Callable:
     """A torch.compile backend running each graph under `chooser` (a ScheduleMap or a policy)."""
-    log_ = shapes if shapes is not None else getattr(chooser, "shapes", None) or ShapeLog()
+    chooser = as_chooser(chooser, shapes)  # one chooser and shape log for every graph dynamo makes
 
     def backend(gm: fx.GraphModule, example_inputs):
-        runner = GraphRunner(gm, chooser, log_)
+        runner = GraphRunner(gm, chooser)
         if runners is not None:
             runners.append(runner)
         if not runner.splittable:
@@ -242,7 +248,7 @@ class CompiledWithSchedules(nn.Module):
 
     def __init__(self, model: nn.Module, chooser) -> None:
         super().__init__()
-        self.model, self.chooser = model, chooser
+        self.model, self.chooser = model, as_chooser(chooser)
         self.runners: list[GraphRunner] = []
         self.compiled = torch.compile(model, backend=schedule_backend(chooser, runners=self.runners))
         self.fallback: str | None = None

@@ -19,13 +19,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..backends import get_backend
 from ..batch import BatchLayout
 from ..plan import Plan, Task
 from ..schedule import Schedule
 from .compat import cache_arg, check_transformers
-from ..loading import ScheduleMap
-from ..serving import PlanCache, pick
+from ..serving import ScheduledCalls, as_chooser
 from ..shapes import ShapeLog
 
 log = logging.getLogger("dynaflow")
@@ -46,10 +44,10 @@ def apply_schedules(model: nn.Module, chooser: Callable[[BatchLayout], Schedule]
     for a ScheduleMap, else in `shapes` (one log shared by all layers; see recorded_shapes)."""
     check_transformers()
     layers = decoder_layers(model)
-    shapes = chooser.shapes if isinstance(chooser, ScheduleMap) else shapes if shapes is not None else ShapeLog()
+    chooser = as_chooser(chooser, shapes)  # one chooser, one shape log, for every layer
     for i, layer in enumerate(layers):  # a layer wrapped before is wrapped again: the new chooser answers
         inner = layer.layer if isinstance(layer, ScheduledDecoderLayer) else layer
-        layers[i] = ScheduledDecoderLayer(inner, chooser, shapes=shapes)
+        layers[i] = ScheduledDecoderLayer(inner, chooser)
     return model
 
 
@@ -72,11 +70,10 @@ def remove_schedules(model: nn.Module) -> nn.Module:
 class ScheduledDecoderLayer(nn.Module):
     def __init__(self, layer: nn.Module, chooser, *, shapes: ShapeLog | None = None) -> None:
         super().__init__()
-        self.layer, self.chooser = layer, chooser
-        self.shapes = shapes if shapes is not None else ShapeLog()
-        self.plans = PlanCache()
+        self.layer = layer
+        self.calls = ScheduledCalls(chooser, shapes=shapes)
+        self.chooser, self.shapes, self.plans = self.calls.chooser, self.calls.shapes, self.calls.plans
         self._layouts: dict[tuple[int, int], BatchLayout] = {}
-        self.backend = None
         self.split_calls = 0  # calls that ran as several nano-batches
         self._said: set[str] = set()
 
@@ -89,7 +86,7 @@ class ScheduledDecoderLayer(nn.Module):
             layout = self._layouts[(rows, tokens)] = BatchLayout(
                 request_tokens=(tokens,) * rows, request_kinds=("decode" if tokens == 1 else "prefill",) * rows,
                 input_axes=(), kinds=("decode", "prefill"))
-        schedule = pick(self.chooser, layout, int(cache.get_seq_length()) if cache is not None else 0, self.shapes)
+        schedule = self.calls.pick(layout, int(cache.get_seq_length()) if cache is not None else 0)
         reason = None if schedule.num_nano > 1 else "sequential"
         if reason is None and cache is not None:
             reason = _cache_unsplittable(cache, self._layer_idx())
@@ -103,15 +100,8 @@ class ScheduledDecoderLayer(nn.Module):
         cache = kwargs[cache_name] if cache_name else None
         rows, tokens = hidden_states.shape[:2]
         out = torch.empty_like(hidden_states)
-        self.backend = self.backend or get_backend(out.device)
-        plan, runner = self.plans.get(schedule, (rows, tokens, out.dtype, out.device),
-                                      lambda: self._prepare(schedule, layout, rows))
-        plan.bound.update(hidden=hidden_states, args=args, kwargs=kwargs, cache_name=cache_name, out=out)
-        plan.out = out
-        try:
-            runner.run()
-        finally:
-            plan.bound.clear()  # the call's tensors are not kept alive by the cached plan
+        self.calls.run(schedule, (rows, tokens, out.dtype, out.device), out.device,
+                       lambda: self._prepare(schedule, layout, rows), hidden_states, args, kwargs, cache_name, out)
         if cache is not None:  # every nano-batch wrote from the same position; advance it once
             _advance(cache.layers[self._layer_idx()], tokens)
         self.split_calls += 1
@@ -119,13 +109,19 @@ class ScheduledDecoderLayer(nn.Module):
 
     def _prepare(self, schedule: Schedule, layout: BatchLayout, rows: int):
         """The plan for one (schedule, live shape): each nano-batch's rows and stream, built once;
-        each call binds its tensors into `plan.bound`."""
+        each call binds its tensors (the layer's arguments, the cache's name, the output)."""
         ranges = layout.request_ranges(schedule.split_unit, schedule.split_sizes)
         bound: dict = {}
         tasks = [Task(op="layer", nano=b, stream=_stream_of(schedule, b), waits=(),
                       fn=_nano_fn(self.layer, bound, rows, r0, r1)) for b, (r0, r1) in enumerate(ranges)]
-        plan = Plan(schedule=schedule, tasks=tasks, out=None, ranges=ranges, join_copies=True, bound=bound)
-        return plan, self.backend.prepare(plan)
+        plan = Plan(schedule=schedule, tasks=tasks, out=None, ranges=ranges, join_copies=True)
+
+        def bind(hidden, args, kwargs, cache_name, out) -> None:
+            bound.update(hidden=hidden, args=args, kwargs=kwargs, cache_name=cache_name, out=out)
+            plan.out = out
+
+        plan.bind, plan.unbind = bind, bound.clear  # the call's tensors are not kept alive by the cached plan
+        return plan
 
     def _layer_idx(self) -> int | None:
         attn = getattr(self.layer, "self_attn", None)
