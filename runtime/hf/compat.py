@@ -31,7 +31,9 @@ _checked: list[str] = []  # the version already checked in this process
 
 def cache_arg(kwargs: dict) -> str | None:
     """The name under which a model or layer call passed its cache, if it passed one."""
-    return next((name for name in CACHE_ARGS if kwargs.get(name) is not None), None)
+    if kwargs.get("cache") is not None:  # plain lookups: this runs on every decoder-layer call
+        return "cache"
+    return "past_key_values" if kwargs.get("past_key_values") is not None else None
 
 
 def cache_kwargs(model: nn.Module, cache) -> dict:
