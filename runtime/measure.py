@@ -124,6 +124,8 @@ class Measurement:
     bound_ms: float | None = None  # roofline lower bound
     efficiency: float | None = None  # bound_ms / latency_ms
     telemetry: dict[str, Any] = field(default_factory=dict)
+    duplicate: bool = False  # a result reused from the study for a schedule measured before, not measured again
+    killed_worker: bool = False  # the run killed or hung the process measuring it (never dispatched again)
     notes: dict[str, str] = field(default_factory=dict)
 
     @property

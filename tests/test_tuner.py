@@ -150,3 +150,38 @@ def test_another_space_does_not_overwrite_a_better_stored_winner(tmp_path):
     assert second.record.space == "dbo" and second.record.schedule == first.record.schedule
     stored = ScheduleStore(StoreConfig(root=tmp_path)).read(tmp_path / "schedules" / H100_KEY / f"{W.key}.json")
     assert stored.space == "dbo"
+
+
+def test_a_killed_worker_and_a_duplicate_are_typed_fields_not_wording():
+    """A schedule is poison because its record says killed_worker, whatever its message says; a
+    result is a duplicate because it says duplicate, not because its message starts a certain way."""
+    from optuna.trial import TrialState, create_trial
+
+    from dynaflow.runtime import Measurement, Schedule, StreamSpec, TrialOutcome
+    from dynaflow.tuner.study import RESULT, Known, trial_record
+
+    killer = Schedule(split_sizes=(1, 1), streams=(StreamSpec(), StreamSpec()), label="killer")
+    worded = Schedule(split_sizes=(1, 1), label="worded")
+    study = optuna.create_study()
+    for schedule, m in ((killer, Measurement(outcome=TrialOutcome.CRASHED, message="segfault", killed_worker=True)),
+                        (worded, Measurement(outcome=TrialOutcome.CRASHED, message="the worker's input was bad"))):
+        study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={RESULT: trial_record(schedule, m, None)}))
+    known = Known(study)
+    assert known.poison == {killer.key()}  # typed: the message no longer decides
+    worded_ok = Measurement(outcome=TrialOutcome.OK, tokens_per_s=1.0, message="duplicate schedule, as it happens")
+    assert not worded_ok.duplicate
+    known.remember(worded, worded_ok)
+    assert known.reuse(worded).duplicate and trial_record(worded, known.reuse(worded), None)["duplicate"] is True
+
+
+def test_studies_written_before_the_typed_field_still_know_their_poison():
+    from optuna.trial import TrialState, create_trial
+
+    from dynaflow.runtime import Schedule, StreamSpec
+    from dynaflow.tuner.study import RESULT, Known
+
+    old = Schedule(split_sizes=(1, 1), streams=(StreamSpec(), StreamSpec()), label="old")
+    study = optuna.create_study()
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={RESULT: {
+        "outcome": "crashed", "message": "worker died: ActorDiedError", "schedule": old.to_json()}}))
+    assert Known(study).poison == {old.key()}

@@ -166,9 +166,11 @@ class ActorTarget:
         try:
             return self.pool.ray.get(actor.measure.remote(schedule, time_limit_s), timeout=wait)
         except RayActorError as e:
-            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"worker died: {type(e).__name__}")
+            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"worker died: {type(e).__name__}",
+                            killed_worker=True)
         except GetTimeoutError:
-            m = Measurement(outcome=TrialOutcome.TIMEOUT, message=f"no result within {wait:g} s; worker replaced")
+            m = Measurement(outcome=TrialOutcome.TIMEOUT, message=f"no result within {wait:g} s; worker replaced",
+                            killed_worker=True)
         self.pool.check_replacement(self.group, self.pool.start_replacement(self.group, actor)[1])
         return m
 
@@ -246,7 +248,8 @@ class Lane:
             m = self.pool.ray.get(ref)
             self.idle.append(job.actor)
         except RayActorError as e:
-            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"worker died: {type(e).__name__}")
+            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"worker died: {type(e).__name__}",
+                            killed_worker=True)
             self._replace(job)
         except RayError as e:  # the task failed but its worker lives
             m = Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {str(e).splitlines()[0]}")
@@ -264,7 +267,8 @@ class Lane:
             job = self.inflight.pop(ref)
             name = self.pool.name(job.actor)
             self._replace(job)
-            m = Measurement(outcome=TrialOutcome.TIMEOUT, message=f"no result within {limit:g} s; worker replaced")
+            m = Measurement(outcome=TrialOutcome.TIMEOUT, message=f"no result within {limit:g} s; worker replaced",
+                            killed_worker=True)
             self._record(job.trial, job.schedule, m, name)
 
     def interrupt(self) -> None:

@@ -20,7 +20,7 @@ from dynaflow.search_spaces import get_space
 from .config import TuneConfig
 from .progress import Progress
 from .storage import Heartbeat, fail_stale_trials
-from .study import (Known, StudyResult, finish_trial, interrupted, is_duplicate, over_budget, record_trial,
+from .study import (Known, StudyResult, finish_trial, interrupted, over_budget, record_trial,
                     search_trials, skipped)
 from .targets import Target
 
@@ -85,7 +85,8 @@ def propose(study: optuna.Study, space, ctx, known: Known, config: TuneConfig, h
         return Proposal(trial=trial, schedule=schedule, answer=m)
     if schedule.key() in known.poison:
         return Proposal(trial=trial, schedule=schedule, answer=Measurement(
-            outcome=TrialOutcome.CRASHED, message="this schedule killed a worker before; not re-run"))
+            outcome=TrialOutcome.CRASHED, message="this schedule killed a worker before; not re-run",
+            killed_worker=True))
     if over_budget(study, trial, config):
         return Proposal(trial=trial, schedule=schedule, answer=skipped())
     return Proposal(trial=trial, schedule=schedule)
@@ -112,10 +113,10 @@ class Budget:
 
     @staticmethod
     def counts(m: Measurement) -> bool:
-        return not is_duplicate(m) and m.outcome is not TrialOutcome.SKIPPED
+        return not m.duplicate and m.outcome is not TrialOutcome.SKIPPED
 
     def converged(self, m: Measurement) -> bool:
-        self.repeats = self.repeats + 1 if is_duplicate(m) else 0
+        self.repeats = self.repeats + 1 if m.duplicate else 0
         return self.repeats >= self.config.max_duplicates
 
 

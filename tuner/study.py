@@ -24,7 +24,6 @@ BASELINE = "baseline"
 RESULT = "result"
 STALE = "the tuning process stopped sending heartbeats during this trial (killed or crashed)"
 ASKED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-DUPLICATE = "duplicate schedule"
 REUSABLE = {TrialOutcome.OK.value, TrialOutcome.PRUNED.value, TrialOutcome.INCORRECT.value, TrialOutcome.INVALID.value}
 
 
@@ -125,7 +124,7 @@ class Known:
                 continue
             if t.state.is_finished() and r.get("outcome") in REUSABLE:
                 self.results.setdefault(_key(r), _reusable(t, r))
-            elif r.get("outcome") in ("crashed", "timeout") and "worker" in (r.get("message") or ""):
+            elif r.get("killed_worker", _killed_worker_before_the_field(r)):
                 self.poison.add(_key(r))
 
     def remember(self, schedule: Schedule, m: Measurement) -> None:
@@ -137,12 +136,13 @@ class Known:
         m = self.results.get(schedule.key())
         if m is None:
             return None
-        return Measurement(outcome=m.outcome, tokens_per_s=m.tokens_per_s, samples_ms=m.samples_ms,
-                           message=f"{DUPLICATE}: {m.outcome.value} result reused")
+        return Measurement(outcome=m.outcome, tokens_per_s=m.tokens_per_s, samples_ms=m.samples_ms, duplicate=True,
+                           message=f"duplicate schedule: {m.outcome.value} result reused")
 
 
-def is_duplicate(m: Measurement) -> bool:
-    return m.message.startswith(DUPLICATE)
+def _killed_worker_before_the_field(record: dict) -> bool:
+    """Studies written before `killed_worker` was recorded said so only in the message."""
+    return record.get("outcome") in ("crashed", "timeout") and "worker" in (record.get("message") or "")
 
 
 def _key(record: dict) -> str:
@@ -157,9 +157,8 @@ def _reusable(t: optuna.trial.FrozenTrial, r: dict) -> Measurement:
 def record_trial(study: optuna.Study, trial, schedule: Schedule, m: Measurement, *, known: Known,
                  result: StudyResult, worker: str | None = None) -> None:
     """Tell the study, remember the schedule's result, count the outcome."""
-    duplicate = is_duplicate(m)
-    finish_trial(study, trial, schedule, m, worker=worker, duplicate=duplicate)
-    if duplicate:
+    finish_trial(study, trial, schedule, m, worker=worker)
+    if m.duplicate:
         result.duplicates += 1
         return
     known.remember(schedule, m)
@@ -167,8 +166,8 @@ def record_trial(study: optuna.Study, trial, schedule: Schedule, m: Measurement,
 
 
 def finish_trial(study: optuna.Study, trial: optuna.Trial, schedule: Schedule, m: Measurement, *,
-                 worker: str | None = None, duplicate: bool = False) -> None:
-    trial.set_user_attr(RESULT, trial_record(schedule, m, worker) | ({"duplicate": True} if duplicate else {}))
+                 worker: str | None = None) -> None:
+    trial.set_user_attr(RESULT, trial_record(schedule, m, worker))
     if m.ok:
         study.tell(trial, m.tokens_per_s)
     else:
@@ -180,6 +179,9 @@ def trial_record(schedule: Schedule, m: Measurement, worker: str | None) -> dict
               "label": schedule.label, "latency_ms": m.latency_ms, "spread": m.spread,
               "efficiency": m.efficiency, "peak_bytes": m.peak_bytes, "samples_ms": list(m.samples_ms),
               "worker": worker}
+    record["killed_worker"] = m.killed_worker  # always written: a record without it is from before the field
+    if m.duplicate:
+        record["duplicate"] = True
     if m.tolerance is not None:
         record["tolerance"] = m.tolerance
     if m.telemetry:
