@@ -23,24 +23,12 @@ from typing import Callable
 from .batch import BatchLayout
 from .hardware import Hardware, detect, live_device
 from .schedule import Schedule
-from .store import ScheduleStore, StoreConfig, StoredSchedule, read_record
+from .store import ScheduleStore, StoreConfig, StoredSchedule, check_hardware, hardware_folder, read_record, read_records
 from .shapes import NEAREST_RATIO, Bucket, ShapeLog, candidates, context_bucket
 from .workload import Workload, preset_layout
 
 log = logging.getLogger("dynaflow")
 Policy = Callable[[BatchLayout], Schedule]
-
-
-def check_hardware(record: StoredSchedule, live: Hardware, source: str) -> None:
-    """Refuse a schedule tuned on other hardware; warn when the software has changed since."""
-    wrong = live.mismatch(record.hardware)
-    if wrong:
-        raise ValueError(f"{source} was tuned on {record.hardware.key}, but this is {live.key} "
-                         f"({'; '.join(wrong)}); re-tune on this hardware.")
-    drift = live.drift(record.hardware)
-    if drift:
-        log.warning("%s was measured with other software (%s); its speedup may have changed: re-tune to be sure",
-                    source, ", ".join(drift))
 
 
 def fit_to_batch(schedule: Schedule, layout: BatchLayout) -> Schedule | None:
@@ -171,15 +159,6 @@ class ScheduleMap:
             log.info("schedule lookup: %s", message)
 
 
-def hardware_folder(store: ScheduleStore, live: Hardware) -> str:
-    """The folder of the live hardware's records: its key, or, in a store written before memory
-    left the key, `<key>-<N>g` (any N: the records' own memory is checked, within tolerance)."""
-    if (store.root / live.key).is_dir() or not store.root.is_dir():
-        return live.key
-    legacy = sorted(p.name for p in store.root.glob(f"{live.key}-*g") if p.is_dir())
-    return min(legacy, key=lambda name: name != live.legacy_key) if legacy else live.key
-
-
 def _why_empty(store: ScheduleStore, live: Hardware, raw: list[dict], model: str, dtype: str) -> str:
     if not store.base.exists():
         return f"the store {store.base} does not exist"
@@ -190,33 +169,6 @@ def _why_empty(store: ScheduleStore, live: Hardware, raw: list[dict], model: str
     found = sorted({f"{r['workload']['model']} {r['workload']['dtype']}" for r in raw})
     return (f"{store.root / hardware_folder(store, live)} holds no records for {model} {dtype}"
             + (f" (only for {', '.join(found)})" if found else ""))
-
-
-def read_records(store: ScheduleStore, live: Hardware, on_error: str) -> list[tuple[dict, StoredSchedule]]:
-    """The validated records of the live hardware, raw and parsed: from the pack when it is
-    current, else from every file (each fully validated, then the pack is rewritten for the next
-    start-up)."""
-    key = hardware_folder(store, live)
-    if not (store.root / key).is_dir():
-        return []
-    packed = store.read_pack(key)
-    if packed is not None:
-        for _, rec in packed:
-            check_hardware(rec, live, str(store.pack_path(key)))
-        return packed
-    good, broken = [], False
-    for path, rec in store.records(key):
-        if isinstance(rec, ValueError):
-            if on_error == "raise":
-                raise rec
-            log.warning("%s; skipped", rec)
-            broken = True
-            continue
-        check_hardware(rec, live, str(path))
-        good.append((rec.to_dict(), rec))
-    if not broken:  # a pack must never hide a broken file from a later, stricter load
-        store.write_pack(key, [r for r, _ in good])
-    return good
 
 
 def load_schedule(store: str | Path, workload: Workload, *, hardware: Hardware | None = None,

@@ -18,11 +18,11 @@ from typing import Any, Iterator
 
 from . import validate
 from .files import write_json_atomic
-
-log = logging.getLogger("dynaflow")
 from .hardware import Hardware
 from .schedule import Schedule
 from .workload import Workload
+
+log = logging.getLogger("dynaflow")
 
 RECORD_SCHEMA = 2  # 2 added `verdict` and `speedup_interval`; schema-1 records still load
 VERDICTS = ("winner", "sequential_best", "inconclusive")
@@ -113,32 +113,39 @@ class StoredSchedule:
 EXPORT_SCHEMA = 1
 
 
-def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
-    """A record, readable: what runs, why it was chosen, where it came from."""
-    r, s = record, record.schedule
-    interval = f", 95% interval {r.speedup_interval[0]:.3f}-{r.speedup_interval[1]:.3f}" if r.speedup_interval else ""
-    streams = ", ".join(f"stream {i}: {'all SMs' if st.sm_share is None else f'{st.sm_share} SMs'}, priority {st.priority}"
-                        for i, st in enumerate(s.streams))
-    per_stream = {}
-    for step in s.order:
-        per_stream.setdefault(step.stream, []).append(f"{step.op}/{step.nano}")
-    lines = [f"record     {path}" if path else None,
-             f"hardware   {r.hardware.key} ({r.hardware.name}, {r.hardware.num_sms} "
-             f"{'SMs' if r.hardware.kind == 'cuda' else 'cores'})",
-             "software   " + ", ".join(f"{k} {v}" for k, v in r.hardware.software.items() if v),
-             f"workload   {r.workload.key}: {r.workload.num_decode} decode requests x {r.workload.context_len} context, "
-             f"{r.workload.prefill_tokens} prefill tokens in {r.workload.num_prefill} request(s)",
-             f"verdict    {r.verdict.replace('_', ' ')}: speedup {r.speedup:.3f}x{interval} (noise {r.speedup_spread:.1%})",
-             f"throughput {r.tokens_per_s:,.0f} tokens/s, sequential {r.baseline_tokens_per_s:,.0f} tokens/s"
-             + (f", {r.efficiency:.1%} of roofline" if r.efficiency is not None else ""),
-             f"schedule   {s.label}: split {s.split_unit} {list(s.split_sizes) or 'whole'}, "
-             f"{'CUDA graph' if s.cuda_graph else 'eager'}",
-             f"streams    {streams}"]
-    lines += [f"order      stream {k}: " + " ".join(v) for k, v in sorted(per_stream.items())] if per_stream else \
-        ["order      default: nano-batch by nano-batch, ops in graph order"]
-    lines.append(f"origin     {r.space} space, study {r.study or '?'} trial {r.trial if r.trial is not None else '-'}"
-                 f" ({r.storage or 'storage unknown'}), {r.created_at}")
-    return "\n".join(line for line in lines if line is not None)
+def check_hardware(record: StoredSchedule, live: Hardware, source: str, *, fix: str = "re-tune on this hardware") -> None:
+    """The one hardware rule for records: refuse one tuned on other hardware (saying `fix`); warn
+    when the software has changed since."""
+    wrong = live.mismatch(record.hardware)
+    if wrong:
+        raise ValueError(f"{source} was tuned on {record.hardware.key}, but this is {live.key} "
+                         f"({'; '.join(wrong)}); {fix}.")
+    drift = live.drift(record.hardware)
+    if drift:
+        log.warning("%s was measured with other software (%s); its speedup may have changed: re-tune to be sure",
+                    source, ", ".join(drift))
+
+
+def hardware_folder(store: "ScheduleStore", live: Hardware) -> str:
+    """The folder of the live hardware's records: its key, or, in a store written before memory
+    left the key, `<key>-<N>g` (any N: the records' own memory is checked, within tolerance)."""
+    if (store.root / live.key).is_dir() or not store.root.is_dir():
+        return live.key
+    legacy = sorted(p.name for p in store.root.glob(f"{live.key}-*g") if p.is_dir())
+    return min(legacy, key=lambda name: name != live.legacy_key) if legacy else live.key
+
+
+def kept_over(old: StoredSchedule | None, new: StoredSchedule) -> str | None:
+    """The one replace rule: why the stored record `old` stays instead of `new`, or None. An
+    inconclusive verdict never replaces a conclusive record; a winner of one space never gives way
+    to a worse one of another; a conclusive re-tune of the same space always replaces."""
+    if old is None:
+        return None
+    if new.verdict == "inconclusive" and old.verdict != "inconclusive":
+        return f"kept the stored {old.verdict.replace('_', ' ')} record: it is conclusive, the new one is not"
+    if old.space != new.space and old.speedup > new.speedup:
+        return f"kept the {old.space} space's stored winner: it is better"
+    return None
 
 
 def read_record(path: Path) -> StoredSchedule:
@@ -261,25 +268,35 @@ class ScheduleStore:
             if rec.hardware.key != bundle.get("hardware"):
                 raise ValueError(f"export file {source}: records[{i}] was tuned on {rec.hardware.key}, but the file "
                                  f"says {validate.short(bundle.get('hardware'))}; nothing imported.")
-            wrong = live.mismatch(rec.hardware)
-            if wrong:
-                raise ValueError(f"export file {source} holds records tuned on {rec.hardware.key}, but this is "
-                                 f"{live.key} ({'; '.join(wrong)}); nothing imported: import it on that hardware.")
+            check_hardware(rec, live, f"export file {source}", fix="nothing imported: import it on that hardware")
             parsed.append(rec)
         saved, kept = [], []
         for rec in parsed:
-            path = self.path(rec.hardware.key, rec.workload.key)
-            if path.exists():
-                try:
-                    old = self.read(path)
-                except ValueError:
-                    old = None
-                if old is not None and rec.verdict == "inconclusive" and old.verdict != "inconclusive":
-                    kept.append(f"{rec.workload.key}: kept the stored {old.verdict.replace('_', ' ')} record "
-                                "(the imported one is inconclusive)")
-                    continue
+            why = kept_over(self.stored(rec), rec)
+            if why:
+                kept.append(f"{rec.workload.key}: {why}")
+                continue
             saved.append(self.save(rec))
         return saved, kept
+
+    def stored(self, record: StoredSchedule) -> StoredSchedule | None:
+        """The record stored under `record`'s keys, if one is there and readable."""
+        path = self.path(record.hardware.key, record.workload.key)
+        if not path.exists():
+            return None
+        try:
+            return self.read(path)
+        except ValueError:
+            return None  # an unreadable record is replaced
+
+    def save_unless_kept(self, record: StoredSchedule) -> tuple[StoredSchedule, Path, str | None]:
+        """Save `record` unless the stored one stays by the replace rule: (the record in force,
+        its path, why the stored one was kept or None)."""
+        old = self.stored(record)
+        why = kept_over(old, record)
+        if why:
+            return old, self.path(old.hardware.key, old.workload.key), why
+        return record, self.save(record), None
 
     def records(self, hardware_key: str | None = None) -> Iterator[tuple[Path, StoredSchedule | ValueError]]:
         """Every record (or the error reading it), optionally for one hardware key."""
@@ -289,3 +306,30 @@ class ScheduleStore:
                 yield path, self.read(path)  # a path resolving outside the store is an error, not read
             except ValueError as e:
                 yield path, e
+
+
+def read_records(store: "ScheduleStore", live: Hardware, on_error: str) -> list[tuple[dict, StoredSchedule]]:
+    """The validated records of the live hardware, raw and parsed: from the pack when it is
+    current, else from every file (each fully validated, then the pack is rewritten for the next
+    start-up)."""
+    key = hardware_folder(store, live)
+    if not (store.root / key).is_dir():
+        return []
+    packed = store.read_pack(key)
+    if packed is not None:
+        for _, rec in packed:
+            check_hardware(rec, live, str(store.pack_path(key)))
+        return packed
+    good, broken = [], False
+    for path, rec in store.records(key):
+        if isinstance(rec, ValueError):
+            if on_error == "raise":
+                raise rec
+            log.warning("%s; skipped", rec)
+            broken = True
+            continue
+        check_hardware(rec, live, str(path))
+        good.append((rec.to_dict(), rec))
+    if not broken:  # a pack must never hide a broken file from a later, stricter load
+        store.write_pack(key, [r for r, _ in good])
+    return good

@@ -120,3 +120,25 @@ def test_export_and_import_commands(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "nothing imported" in err
     assert main(["export", "--store", str(tmp_path / "empty"), "--device", "cpu", "--out", str(out)]) == 2
+
+
+def test_one_replace_rule_for_tuning_and_importing(tmp_path):
+    """The store's rule, whoever writes: an inconclusive record never replaces a conclusive one, a
+    worse winner of another space never replaces a better one, a re-tune of the same space does."""
+    import dataclasses
+
+    from dynaflow.runtime.store import kept_over
+
+    best = record(verdict="winner", speedup=1.3)
+    assert "conclusive" in kept_over(best, record(verdict="inconclusive", speedup=1.01))
+    assert "space's stored winner" in kept_over(best, dataclasses.replace(best, space="dbo", speedup=1.1))
+    assert kept_over(best, dataclasses.replace(best, speedup=1.1)) is None  # same space: the re-tune wins
+    assert kept_over(None, best) is None
+    store = ScheduleStore(StoreConfig(root=tmp_path / "a"))
+    store.save(best)
+    kept, _, why = store.save_unless_kept(dataclasses.replace(best, space="dbo", speedup=1.1))
+    assert kept.speedup == 1.3 and "space's stored winner" in why
+    other = ScheduleStore(StoreConfig(root=tmp_path / "b"))
+    other.save(dataclasses.replace(best, space="dbo", speedup=1.1))
+    saved, notes = store.import_bundle(other.export(H100.key), H100, "x.json")
+    assert saved == [] and "space's stored winner" in notes[0]  # an import meets the same rule

@@ -10,7 +10,7 @@ from dynaflow.runtime import PRESETS, Bench, MeasureConfig, Schedule
 
 from dynaflow.runtime import detect, validate
 from dynaflow.runtime.hardware import live_device
-from dynaflow.runtime.loading import check_hardware
+from dynaflow.runtime.store import check_hardware
 from dynaflow.runtime.store import StoreConfig, read_record
 
 from .config import SAMPLERS, TuneConfig
@@ -286,7 +286,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from dynaflow.runtime.store import describe
+    from .show import describe
 
     print(describe(read_record(args.record), args.record))
     return 0

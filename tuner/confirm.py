@@ -171,30 +171,8 @@ def store_verdict(verdict: Verdict, study: optuna.Study, target: Target, workloa
         study=study.study_name, storage=config.storage.url, trial=best.trial.number if verdict.wins else None,
     )
     study.set_user_attr("confirmation", verdict.attrs())
-    store = ScheduleStore(StoreConfig(root=config.store_root))
-    kept, why = kept_record(store, record)
-    if kept is not None:
-        return kept, str(store.path(kept.hardware.key, kept.workload.key)), why
-    return record, str(store.save(record)), None
-
-
-def kept_record(store: ScheduleStore, record: StoredSchedule) -> tuple[StoredSchedule | None, str | None]:
-    """A stored record this one must not replace, and why: an inconclusive verdict never replaces
-    a conclusive record; tuning one space never overwrites another space's better winner. A
-    re-tune of the same space with a conclusive verdict always replaces."""
-    path = store.path(record.hardware.key, record.workload.key)
-    if not path.exists():
-        return None, None
-    try:
-        old = store.read(path)
-    except ValueError:
-        return None, None  # an unreadable record is replaced
-    if record.verdict == "inconclusive" and old.verdict != "inconclusive":
-        return old, f"kept: the stored {old.verdict.replace('_', ' ')} record is conclusive, this run was not"
-    if old.space != record.space and old.speedup > record.speedup:
-        return old, f"kept: the {old.space} space's stored winner is better"
-    return None, None
-
+    kept, path, why = ScheduleStore(StoreConfig(root=config.store_root)).save_unless_kept(record)
+    return kept, str(path), why
 
 
 def verdict_text(v: dict | None) -> str:

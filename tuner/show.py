@@ -1,0 +1,34 @@
+"""`dynaflow-tune show RECORD`: one stored record in words (command-line text lives in the tuner)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dynaflow.runtime.store import StoredSchedule
+
+
+def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
+    """A record, readable: what runs, why it was chosen, where it came from."""
+    r, s = record, record.schedule
+    interval = f", 95% interval {r.speedup_interval[0]:.3f}-{r.speedup_interval[1]:.3f}" if r.speedup_interval else ""
+    streams = ", ".join(f"stream {i}: {'all SMs' if st.sm_share is None else f'{st.sm_share} SMs'}, priority {st.priority}"
+                        for i, st in enumerate(s.streams))
+    per_stream = {}
+    for step in s.order:
+        per_stream.setdefault(step.stream, []).append(f"{step.op}/{step.nano}")
+    lines = [f"record     {path}" if path else None,
+             f"hardware   {r.hardware.key} ({r.hardware.name}, {r.hardware.num_sms} "
+             f"{'SMs' if r.hardware.kind == 'cuda' else 'cores'})",
+             "software   " + ", ".join(f"{k} {v}" for k, v in r.hardware.software.items() if v),
+             f"workload   {r.workload.key}: {r.workload.num_decode} decode requests x {r.workload.context_len} context, "
+             f"{r.workload.prefill_tokens} prefill tokens in {r.workload.num_prefill} request(s)",
+             f"verdict    {r.verdict.replace('_', ' ')}: speedup {r.speedup:.3f}x{interval} (noise {r.speedup_spread:.1%})",
+             f"throughput {r.tokens_per_s:,.0f} tokens/s, sequential {r.baseline_tokens_per_s:,.0f} tokens/s"
+             + (f", {r.efficiency:.1%} of roofline" if r.efficiency is not None else ""),
+             f"schedule   {s.label}: split {s.split_unit} {list(s.split_sizes) or 'whole'}, "
+             f"{'CUDA graph' if s.cuda_graph else 'eager'}",
+             f"streams    {streams}"]
+    lines += [f"order      stream {k}: " + " ".join(v) for k, v in sorted(per_stream.items())] if per_stream else \
+        ["order      default: nano-batch by nano-batch, ops in graph order"]
+    lines.append(f"origin     {r.space} space, study {r.study or '?'} trial {r.trial if r.trial is not None else '-'}"
+                 f" ({r.storage or 'storage unknown'}), {r.created_at}")
+    return "\n".join(line for line in lines if line is not None)
