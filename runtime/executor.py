@@ -14,7 +14,7 @@ import torch
 
 from .backends import Backend, Runner, get_backend
 from .counters import count
-from .graph import Op, OpGraph, trace
+from .graph import Op, OpGraph, Resource, trace
 from .plan import Plan, build_plan
 from .schedule import Schedule
 from .case import Case
@@ -79,8 +79,8 @@ class Executor:
         with torch.no_grad():
             for task, op in zip(plan.tasks, self.graph.ops):
                 _, c = count(task.fn)
-                resource = "copy" if c.only_copies else "compute" if c.flops / max(c.bytes, 1) >= flops_per_byte \
-                    else "memory"
+                resource = Resource.COPY if c.only_copies else Resource.COMPUTE \
+                    if c.flops / max(c.bytes, 1) >= flops_per_byte else Resource.MEMORY
                 ops.append(Op(name=op.name, deps=op.deps, flops=c.flops, bytes=c.bytes, resource=resource))
         compiled.close()
         self.graph = dataclasses.replace(self.graph, ops=tuple(ops))

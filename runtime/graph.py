@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
 
 import torch
@@ -19,6 +20,17 @@ from torch.fx.passes.split_module import split_module
 OUT = "dynaflow_out"
 
 
+class Resource(str, Enum):
+    """What bounds an op: the classes a schedule overlaps. Members are their strings (JSON, dict keys)."""
+
+    COMPUTE = "compute"  # arithmetic intensity above the machine's balance (GEMMs, prefill attention)
+    MEMORY = "memory"  # bandwidth-bound (decode attention, norms, activations)
+    COPY = "copy"  # moves bytes, no arithmetic
+    NETWORK = "network"  # collectives between devices (tensor parallelism)
+
+    __str__ = str.__str__
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Op:
     """One op: a partition of the layer. `deps`: ops whose outputs it reads (same nano-batch)."""
@@ -27,7 +39,14 @@ class Op:
     deps: tuple[str, ...]
     flops: float = 0.0
     bytes: float = 0.0
-    resource: str = "compute"
+    resource: Resource = Resource.COMPUTE
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "resource", Resource(self.resource))
+        except ValueError:
+            raise ValueError(f"op {self.name!r}: resource must be one of {[r.value for r in Resource]}, "
+                             f"but got {self.resource!r}.") from None
 
 
 @dataclass(kw_only=True, slots=True)

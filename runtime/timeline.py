@@ -25,7 +25,7 @@ class Span:
     stream: int
     start_ms: float
     end_ms: float
-    resource: str = "compute"
+    resource: str = "compute"  # a graph.Resource (a str) of the op
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -5,6 +5,7 @@ template: "op-major" (each op of both nano-batches back to back), "stagger-k" (n
 trails by k ops), or "by-resource" (compute ops on one stream, the rest on the other).
 """
 from dynaflow.runtime import Schedule, StreamSpec
+from dynaflow.runtime.graph import Resource
 
 from .base import SpaceContext, Trial, splits_from_weights, staggered_order
 
@@ -22,7 +23,7 @@ def suggest(trial: Trial, ctx: SpaceContext) -> Schedule:
     stagger = 0 if template in ("op-major", "by-resource") else int(template.split("-")[1])
     if template == "by-resource":
         def stream_of(op, b):
-            return 0 if ctx.graph.op(op).resource == "compute" else 1
+            return 0 if ctx.graph.op(op).resource is Resource.COMPUTE else 1
     else:
         def stream_of(op, b):
             return b

@@ -6,14 +6,16 @@ memory vs copy; one stream per nano-batch), each stream's SM share in partition 
 partition), the stagger between nano-batches, stream priorities, and CUDA-graph capture.
 """
 from dynaflow.runtime import Schedule
+from dynaflow.runtime.graph import Resource
 
 from .base import SpaceContext, Trial, sm_shares, splits_from_weights, staggered_order
 
 name = "nanoflow"
 MAPPINGS = {
     "one": lambda res, b: 0,
-    "compute|rest": lambda res, b: 0 if res == "compute" else 1,
-    "compute|memory|copy": lambda res, b: {"compute": 0, "memory": 1, "copy": 2}[res],
+    "compute|rest": lambda res, b: 0 if res is Resource.COMPUTE else 1,
+    # copies and collectives share the third stream: both move bytes, neither computes
+    "compute|memory|copy": lambda res, b: {Resource.COMPUTE: 0, Resource.MEMORY: 1}.get(res, 2),
     "per-nano": lambda res, b: b,
 }
 

@@ -68,3 +68,23 @@ def test_the_handwritten_overlap_fits_the_groups_the_driver_grants(groups):
     shares = [s.sm_share for s in schedule.streams]
     assert None not in shares and sum(shares) <= groups * 8 and all(s % 8 == 0 for s in shares)
     assert shares[0] >= shares[1]  # the compute stream gets the larger share
+
+
+def test_a_network_op_has_a_stream_in_every_mapping_and_an_unknown_resource_is_refused():
+    """A collective (resource class network) is routed like a copy; a resource no class names is
+    one error naming the op (it was a KeyError deep in the space)."""
+    from dynaflow.runtime.graph import Op, OpGraph, Resource
+    from dynaflow.search_spaces.nanoflow import MAPPINGS
+
+    ctx = tiny_context()
+    ops = list(ctx.graph.ops)
+    ops[1] = dataclasses.replace(ops[1], resource="network")
+    assert ops[1].resource is Resource.NETWORK
+    ctx = dataclasses.replace(ctx, graph=OpGraph(ops=tuple(ops), module=ctx.graph.module,
+                                                 writes_output=ctx.graph.writes_output))
+    assert {route(Resource.NETWORK, 0) for route in MAPPINGS.values()} == {0, 1, 2}  # one, rest, copy stream
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(30):
+        search_spaces.get_space("nanoflow")(study.ask(), ctx)
+    with pytest.raises(ValueError, match=r"op 'x': resource must be one of \['compute', 'memory', 'copy', 'network'\]"):
+        Op(name="x", deps=(), resource="disk")
