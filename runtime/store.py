@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,7 +26,19 @@ from .workload import Workload
 log = logging.getLogger("dynaflow")
 
 RECORD_SCHEMA = 2  # 2 added `verdict` and `speedup_interval`; schema-1 records still load
-VERDICTS = ("winner", "sequential_best", "inconclusive")
+
+
+class Verdict(str, Enum):
+    """What the confirmation concluded (tuner/confirm.py). Members are their strings (JSON)."""
+
+    WINNER = "winner"  # a candidate's 95% interval lies above 1: the record holds it
+    SEQUENTIAL_BEST = "sequential_best"  # no candidate can be faster by the minimum effect
+    INCONCLUSIVE = "inconclusive"  # too noisy to tell: the sequential schedule is kept
+
+    __str__ = str.__str__
+
+
+VERDICTS = tuple(v.value for v in Verdict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,14 +46,13 @@ class StoredSchedule:
     hardware: Hardware
     workload: Workload
     schedule: Schedule
-    sequential_best: bool  # the record holds the sequential schedule (verdict is not "winner")
+    verdict: Verdict
     tokens_per_s: float
     baseline_tokens_per_s: float
     speedup: float
     speedup_spread: float  # relative noise the speedup had to exceed
     efficiency: float | None
     space: str
-    verdict: str = ""  # winner, sequential_best or inconclusive (see tuner/confirm.py); "" from sequential_best
     speedup_interval: tuple[float, float] | None = None  # 95% interval of the best candidate's speedup
     params: dict[str, Any] = field(default_factory=dict)  # the trial's params, for warm starts
     study: str = ""
@@ -49,17 +61,22 @@ class StoredSchedule:
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def __post_init__(self) -> None:
-        if not self.verdict:
-            object.__setattr__(self, "verdict", "sequential_best" if self.sequential_best else "winner")
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, but got {validate.short(self.verdict)}.")
+        object.__setattr__(self, "verdict", Verdict(self.verdict))
         if self.speedup_interval is not None:
             object.__setattr__(self, "speedup_interval", tuple(self.speedup_interval))
+
+    @property
+    def sequential_best(self) -> bool:
+        """The record holds the sequential schedule (its verdict is not a winner)."""
+        return self.verdict is not Verdict.WINNER
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(record_schema=RECORD_SCHEMA, hardware=self.hardware.to_dict(), workload=asdict(self.workload),
-                 schedule=self.schedule.to_dict())
+                 schedule=self.schedule.to_dict(), verdict=self.verdict.value,
+                 sequential_best=self.sequential_best)  # for readers of schema-1 records
         return d
 
     @classmethod
@@ -72,7 +89,7 @@ class StoredSchedule:
             raise ValueError(f"record_schema must be 1 or {RECORD_SCHEMA}, but got {validate.short(schema)}; "
                              "a newer dynaflow-tune wrote it, or it is not a schedule record.")
         validate.known(d, _RECORD_FIELDS, "the record")
-        for key in ("hardware", "workload", "schedule", "sequential_best", "tokens_per_s", "baseline_tokens_per_s",
+        for key in ("hardware", "workload", "schedule", "tokens_per_s", "baseline_tokens_per_s",
                     "speedup", "speedup_spread", "space"):
             if key not in d:
                 raise ValueError(f"the record has no {key!r}.")
@@ -90,14 +107,19 @@ class StoredSchedule:
         if bad:
             raise ValueError(f"record.params values must be numbers, strings or booleans, but {validate.short(bad[0])} "
                              f"is {validate.short(params[bad[0]])}.")
-        verdict = validate.string(d, "verdict", r, default="")
+        if "verdict" not in d and "sequential_best" not in d:
+            raise ValueError("the record has no 'verdict'.")
+        twin = validate.boolean(d, "sequential_best", r) if "sequential_best" in d else None
+        verdict = validate.string(d, "verdict", r, default="") or (  # schema 1 said only sequential_best
+            Verdict.SEQUENTIAL_BEST if twin else Verdict.WINNER)
+        if twin is not None and verdict in VERDICTS and twin != (verdict != Verdict.WINNER):
+            raise ValueError(f"record.sequential_best is {twin}, but record.verdict is {verdict!r}: they must agree.")
         try:
             schedule = Schedule.from_dict(d["schedule"])
         except ValueError as e:
             raise ValueError(f"record.schedule: {e}") from None
         return cls(hardware=Hardware.from_dict(d["hardware"], "record.hardware"),
                    workload=Workload.from_dict(d["workload"], "record.workload"), schedule=schedule,
-                   sequential_best=validate.boolean(d, "sequential_best", r),
                    tokens_per_s=validate.number(d, "tokens_per_s", r, positive=True),
                    baseline_tokens_per_s=validate.number(d, "baseline_tokens_per_s", r, positive=True),
                    speedup=validate.number(d, "speedup", r, positive=True),
@@ -157,7 +179,7 @@ def read_record(path: Path) -> StoredSchedule:
         raise ValueError(f"schedule record {path} is invalid: {e}") from None
 
 
-_RECORD_FIELDS = frozenset(f.name for f in fields(StoredSchedule)) | {"record_schema"}
+_RECORD_FIELDS = frozenset(f.name for f in fields(StoredSchedule)) | {"record_schema", "sequential_best"}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

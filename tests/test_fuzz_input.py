@@ -25,9 +25,9 @@ from fakes import H100
 W = Workload(model="llama3-8b", num_decode=256, context_len=2048, prefill_tokens=512, dtype="bfloat16", device="cuda")
 SCHEDULE = Schedule(split_sizes=(128, 129), streams=(StreamSpec(sm_share=96), StreamSpec(sm_share=32, priority=-1)),
                     order=(Step(op="a", nano=0, stream=0), Step(op="a", nano=1, stream=1)), label="x")
-RECORD = StoredSchedule(hardware=H100, workload=W, schedule=SCHEDULE, sequential_best=False, tokens_per_s=1e5,
+RECORD = StoredSchedule(hardware=H100, workload=W, schedule=SCHEDULE, verdict="winner", tokens_per_s=1e5,
                         baseline_tokens_per_s=8e4, speedup=1.25, speedup_spread=0.02, efficiency=0.7,
-                        space="nanoflow", verdict="winner", speedup_interval=(1.1, 1.3), params={"num_nano": 2},
+                        space="nanoflow", speedup_interval=(1.1, 1.3), params={"num_nano": 2},
                         study="s", storage="sqlite:///x.db", trial=7).to_dict()
 DEEP = "__deep__"
 

@@ -24,7 +24,7 @@ def wl(d=0, p=0, c=None, ctx=2048, model="llama3-8b", device="cuda", dtype="bflo
 def save(root, w: Workload, sizes, hardware=H100, unit="requests"):
     schedule = Schedule(split_unit=unit, split_sizes=sizes, streams=(StreamSpec(), StreamSpec()), label=f"{w.key}")
     ScheduleStore(StoreConfig(root=root)).save(StoredSchedule(
-        hardware=hardware, workload=w, schedule=schedule, sequential_best=False, tokens_per_s=2.0,
+        hardware=hardware, workload=w, schedule=schedule, verdict="winner", tokens_per_s=2.0,
         baseline_tokens_per_s=1.0, speedup=2.0, speedup_spread=0.01, efficiency=None, space="nanoflow"))
 
 

@@ -14,7 +14,7 @@ W = Workload(model="llama3-8b", num_decode=256, context_len=2048, prefill_tokens
 
 def record(**kw) -> StoredSchedule:
     base = dict(hardware=H100, workload=W, schedule=Schedule(split_sizes=(128, 129), streams=(StreamSpec(sm_share=96),
-                StreamSpec(sm_share=32)), label="x"), sequential_best=False, tokens_per_s=1e5,
+                StreamSpec(sm_share=32)), label="x"), verdict="winner", tokens_per_s=1e5,
                 baseline_tokens_per_s=8e4, speedup=1.25, speedup_spread=0.02, efficiency=0.7, space="nanoflow",
                 params={"num_nano": 2}, study="s", storage="sqlite:///x.db", trial=7)
     return StoredSchedule(**{**base, **kw})
@@ -142,3 +142,19 @@ def test_one_replace_rule_for_tuning_and_importing(tmp_path):
     other.save(dataclasses.replace(best, space="dbo", speedup=1.1))
     saved, notes = store.import_bundle(other.export(H100.key), H100, "x.json")
     assert saved == [] and "space's stored winner" in notes[0]  # an import meets the same rule
+
+
+def test_the_verdict_is_one_typed_field_its_old_twin_only_derived():
+    from dynaflow.runtime.store import Verdict
+
+    rec = record(verdict="sequential_best")
+    assert rec.verdict is Verdict.SEQUENTIAL_BEST and rec.sequential_best
+    d = rec.to_dict()
+    assert d["verdict"] == "sequential_best" and d["sequential_best"] is True  # still written, for old readers
+    assert StoredSchedule.from_dict(json.loads(json.dumps(d))) == rec
+    old = {k: v for k, v in d.items() if k != "verdict"} | {"record_schema": 1, "sequential_best": False}
+    assert StoredSchedule.from_dict(old).verdict is Verdict.WINNER  # schema 1 said only the twin
+    with pytest.raises(ValueError, match="record.sequential_best is False, but record.verdict is 'sequential_best'"):
+        StoredSchedule.from_dict({**d, "sequential_best": False})
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        record(verdict="maybe")

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from dynaflow.runtime import Schedule, Workload
 from dynaflow.runtime.measure import relative_spread
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
+from dynaflow.runtime.store import Verdict as Kind  # the stored verdict; `Verdict` here is the confirmation
 
 from .config import TuneConfig
 from .study import BASELINE, result_of
@@ -43,7 +44,7 @@ class Candidate:
 
 @dataclass(frozen=True, kw_only=True)
 class Verdict:
-    kind: str  # one of runtime.store.VERDICTS
+    kind: Kind
     best: Candidate | None  # the winner, or the fastest candidate when there is none
     baseline_samples_ms: tuple[float, ...]
     bound_ms: float | None
@@ -52,7 +53,7 @@ class Verdict:
 
     @property
     def wins(self) -> bool:
-        return self.kind == "winner"
+        return self.kind is Kind.WINNER
 
     @property
     def baseline_ms(self) -> float:
@@ -72,7 +73,7 @@ class Verdict:
 
     def attrs(self) -> dict:
         """What the study keeps of the confirmation: the report and the notebook read it."""
-        return {"verdict": self.kind, "winner_trial": self.best.trial.number if self.wins else None,
+        return {"verdict": self.kind.value, "winner_trial": self.best.trial.number if self.wins else None,
                 "speedup": self.best.speedup if self.best else 1.0, "low": self.best.low if self.best else None,
                 "high": self.best.high if self.best else None, "noise": self.noise, "min_effect": self.min_effect,
                 "sequential_best": not self.wins, "baseline_samples_ms": list(self.baseline_samples_ms),
@@ -115,10 +116,10 @@ def judge(candidates: tuple[Candidate, ...], baseline: tuple[float, ...], bound_
           min_effect: float) -> Verdict:
     winners = [c for c in candidates if c.low > 1.0]
     if winners:
-        kind, best = "winner", max(winners, key=lambda c: c.speedup)
+        kind, best = Kind.WINNER, max(winners, key=lambda c: c.speedup)
     else:
         best = max(candidates, key=lambda c: c.speedup, default=None)
-        kind = "sequential_best" if all(c.high < 1.0 + min_effect for c in candidates) else "inconclusive"
+        kind = Kind.SEQUENTIAL_BEST if all(c.high < 1.0 + min_effect for c in candidates) else Kind.INCONCLUSIVE
     return Verdict(kind=kind, best=best, baseline_samples_ms=baseline, bound_ms=bound_ms, min_effect=min_effect,
                    candidates=candidates)
 
@@ -162,7 +163,7 @@ def store_verdict(verdict: Verdict, study: optuna.Study, target: Target, workloa
     best = verdict.best
     record = StoredSchedule(
         hardware=target.hardware, workload=workload, schedule=verdict.schedule, verdict=verdict.kind,
-        sequential_best=not verdict.wins, tokens_per_s=tokens / verdict.median_ms * 1e3,
+        tokens_per_s=tokens / verdict.median_ms * 1e3,
         baseline_tokens_per_s=tokens / verdict.baseline_ms * 1e3,
         speedup=best.speedup if verdict.wins else 1.0, speedup_spread=verdict.noise,
         speedup_interval=(best.low, best.high) if best else None,
