@@ -294,11 +294,11 @@ class ScheduleStore:
             parsed.append(rec)
         saved, kept = [], []
         for rec in parsed:
-            why = kept_over(self.stored(rec), rec)
+            _, path, why = self.save_unless_kept(rec)
             if why:
                 kept.append(f"{rec.workload.key}: {why}")
-                continue
-            saved.append(self.save(rec))
+            else:
+                saved.append(path)
         return saved, kept
 
     def stored(self, record: StoredSchedule) -> StoredSchedule | None:

@@ -78,11 +78,13 @@ class CUDABackend(Backend):
         recorded = {w for t in plan.tasks for w in t.waits}
         marks = {i: stream_set.mark(plan.tasks[i].stream) for i in recorded}
         joins = [stream_set.mark(k) for k in range(len(streams))]
+        forks: list = []  # each issuer's fork event, closed with the runner
 
         def issuer(origin: int | None):
             """One run, forked from and joined into the current torch stream (origin None) or into
             stream `origin` of the set (a capture begun there), with events each stream may record."""
             fork = TorchMark() if origin is None else stream_set.mark(origin)
+            forks.append(fork)
 
             @torch.no_grad()
             def run_once() -> None:
@@ -105,7 +107,6 @@ class CUDABackend(Backend):
                         join.record(s)
                         join.block(main)
 
-            run_once.fork = fork
             return run_once
 
         run_once = issuer(None)
@@ -114,24 +115,22 @@ class CUDABackend(Backend):
         def close() -> None:  # once per runner, however often called; events before their contexts
             if not released:
                 released.append(True)
-                for m in (*marks.values(), *joins, *(getattr(r, "fork", None) for r in issued)):
-                    if m is not None:
-                        m.close()
+                for m in (*marks.values(), *joins, *forks):
+                    m.close()
                 self._sets.release(key)
 
-        issued = [run_once]
         if not plan.schedule.cuda_graph:
             return Runner(run=run_once, notes=notes, close=close, mark=stream_set.mark, streams=streams)
         try:
             green = [k for k, spec in enumerate(specs) if spec.sm_share is not None] if stream_set.marks else []
-            replay, pool_bytes, how = self._capture(run_once, issuer, issued, green[0] if green else None, streams)
+            replay, pool_bytes, how = self._capture(run_once, issuer, green[0] if green else None, streams)
         except BaseException:
             close()
             raise
         return Runner(run=replay, notes={**notes, "cuda_graph": f"captured once ({how}), replayed"}, close=close,
                       peak_bytes=pool_bytes)
 
-    def _capture(self, run_once, issuer, issued: list, first_green: int | None, streams: list):
+    def _capture(self, run_once, issuer, first_green: int | None, streams: list):
         """(replay, bytes of the graph's private memory pool or None, how it was captured). Over
         green streams (the first is `first_green`), the backend's capture mode, or each mode in
         turn until one works."""
@@ -147,7 +146,6 @@ class CUDABackend(Backend):
         for mode in ([self.capture_mode] if self.capture_mode else CAPTURE_MODES):
             origin = first_green if mode == "green" else None
             run = run_once if origin is None else issuer(origin)
-            issued.append(run)
             try:
                 replay, pool = self._capture_once(run, None if origin is None else streams[origin])
             except torch.OutOfMemoryError:

@@ -53,16 +53,22 @@ def sm_layout(device_index: int) -> tuple[int | None, int | None]:
     """(SMs per partition step, groups one split gives) as this device's driver reports them;
     (None, None) where the stack has no green contexts (the architecture's rule then applies)."""
     try:
-        driver = _driver()
-        torch.cuda.init()
-        dev = _check(driver.cuDeviceGet(device_index))
-        whole = _check(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-        major, minor = torch.cuda.get_device_capability(device_index)
-        step = partition_step(whole.sm, f"{major}.{minor}")
-        _, num_groups, _ = _check(driver.cuDevSmResourceSplitByCount(whole.sm.smCount // step, whole, 0, step))
-        return step, int(num_groups)
+        _, _, step, _, num_groups = _one_split(_driver(), device_index)
+        return step, num_groups
     except (PartitionUnavailable, AttributeError, TypeError, RuntimeError):
         return None, None
+
+
+def _one_split(driver, device_index: int):
+    """The device's SMs split once into groups of its partition step:
+    (device, "sm_XY", step, the groups, how many)."""
+    torch.cuda.init()
+    dev = _check(driver.cuDeviceGet(device_index))
+    whole = _check(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+    major, minor = torch.cuda.get_device_capability(device_index)
+    step = partition_step(whole.sm, f"{major}.{minor}")
+    groups, num_groups, _ = _check(driver.cuDevSmResourceSplitByCount(whole.sm.smCount // step, whole, 0, step))
+    return dev, f"sm_{major}{minor}", step, groups, int(num_groups)
 
 
 def _check(result, error: type[Exception] = PartitionUnavailable):
@@ -160,16 +166,11 @@ def make_partitioned_streams(device_index: int, shares: list[int], priorities: l
 
 
 def _make(driver, device_index: int, shares: list[int], priorities: list[int], made: list):
-    torch.cuda.init()
-    dev = _check(driver.cuDeviceGet(device_index))
-    whole = _check(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-    major, minor = torch.cuda.get_device_capability(device_index)
-    step = partition_step(whole.sm, f"{major}.{minor}")
+    dev, arch, step, groups, num_groups = _one_split(driver, device_index)
     bad = [s for s in shares if s < step or s % step]
     if bad:
-        raise ValueError(f"streams' sm_share must be multiples of {step} SMs on sm_{major}{minor} (the driver's "
+        raise ValueError(f"streams' sm_share must be multiples of {step} SMs on {arch} (the driver's "
                          f"partition step), but got {shares} (bad: {bad}).")
-    groups, num_groups, _ = _check(driver.cuDevSmResourceSplitByCount(whole.sm.smCount // step, whole, 0, step))
     need = sum(s // step for s in shares)
     if need > num_groups:
         raise ValueError(f"streams' sm_share sum to {sum(shares)} SMs, but this device splits into {num_groups} "

@@ -31,14 +31,14 @@ import torch.fx as fx
 from torch import nn
 
 from ..batch import BatchLayout
+from ..case import Case
 from ..graph import OpGraph, cut, writes_input
-from .compat import cache_arg, check_transformers, whole_graph_note
-from .layers import ScheduledDecoderLayer, apply_schedules, decoder_layers
 from ..plan import build_plan
 from ..schedule import Schedule
 from ..serving import ScheduledCalls, as_chooser
 from ..shapes import ShapeLog
-from ..case import Case
+from .compat import cache_arg, check_transformers, whole_graph_note
+from .layers import ScheduledDecoderLayer, apply_schedules, decoder_layers
 
 log = logging.getLogger("dynaflow")
 LIVE = threading.local()  # the context length of the call in flight, set by the wrapper
@@ -248,9 +248,10 @@ class CompiledWithSchedules(nn.Module):
 
     def __init__(self, model: nn.Module, chooser) -> None:
         super().__init__()
-        self.model, self.chooser = model, as_chooser(chooser)
+        self.model, self.chooser = model, as_chooser(chooser)  # one chooser (and shape log) for graphs and layers
         self.runners: list[GraphRunner] = []
-        self.compiled = torch.compile(model, backend=schedule_backend(chooser, runners=self.runners))
+        self.compiled = torch.compile(model, backend=schedule_backend(self.chooser, runners=self.runners))
+        self._layers: nn.ModuleList | None = None  # the decoder layers, found once at the fallback
         self.fallback: str | None = None
         self._checked = False
 
@@ -301,7 +302,9 @@ class CompiledWithSchedules(nn.Module):
     def _wrap_layers(self) -> None:
         """At layer granularity: the model's decoder layers answered by this chooser (wrapped
         again if they were unwrapped, or wrapped for another chooser, since)."""
-        first = decoder_layers(self.model)[0]
+        if self._layers is None:  # the same ModuleList whether its layers are wrapped or not
+            self._layers = decoder_layers(self.model)
+        first = self._layers[0]
         if not (isinstance(first, ScheduledDecoderLayer) and first.chooser is self.chooser):
             apply_schedules(self.model, self.chooser)
 

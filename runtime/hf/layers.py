@@ -22,9 +22,9 @@ from torch import nn
 from ..batch import BatchLayout
 from ..plan import Plan, Task
 from ..schedule import Schedule
-from .compat import cache_arg, check_transformers
 from ..serving import ScheduledCalls, as_chooser
 from ..shapes import ShapeLog
+from .compat import cache_arg, check_transformers
 
 log = logging.getLogger("dynaflow")
 

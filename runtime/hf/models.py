@@ -5,7 +5,7 @@
     hf:mixtral:mixtral-tiny:4
 
 The model is built from a transformers config with random weights (nothing is downloaded),
-captured whole by dynamo (runtime/dynamo.py), and cut into the same ops the schedule backend
+captured whole by dynamo (compile_backend.py), and cut into the same ops the schedule backend
 cuts at serving time, so a record tuned here applies to that model there (same op names, for
 the same architecture, sizes and number of layers). An HF model runs one step kind per call, so
 a workload is decode-only (`d<requests>x<context>`: one new token per request against a static
@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from ..batch import REQUESTS, BatchLayout
-from ..schedule import Schedule
-from .compile_backend import LIVE, GraphRunner, join_outputs, nano_args
-from .compat import cache_kwargs, check_transformers, whole_graph_note
-from ..shapes import ShapeLog
 from ..case import Case
+from ..schedule import Schedule
+from ..shapes import ShapeLog
 from ..workload import PRESETS, Workload, register_case_builder
+from .compat import cache_kwargs, check_transformers, whole_graph_note
+from .compile_backend import LIVE, GraphRunner, join_outputs, nano_args
 
 HF_ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -115,6 +115,7 @@ def build_hf_case(w: Workload) -> Case:
     def capture(gm, example_inputs):
         runner = GraphRunner(gm, _never_split, ShapeLog())
         captured["graphs"] = captured.get("graphs", 0) + 1  # more than one: a graph break cut the model
+
         def first_call(*args):
             captured.setdefault("args", args)
             captured.setdefault("runner", runner)
