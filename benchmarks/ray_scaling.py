@@ -31,9 +31,9 @@ def main() -> None:
 
     from dynaflow.runtime import Workload
     from dynaflow.tuner.config import TuneConfig
-    from dynaflow.tuner.ray_fanout import Lane, PoolStats, run_lanes
-    from dynaflow.tuner.ray_fanout import PoolConfig, RayPool
     from dynaflow.tuner.progress import Progress
+    from dynaflow.tuner.ray_fanout import GroupPool, PoolConfig, RayPool
+    from dynaflow.tuner.search import Lane, run_search
     from dynaflow.tuner.study import open_study
     from fakes import make_sleeping_fake
 
@@ -55,12 +55,14 @@ def main() -> None:
                              trial_timeout_s=60)
             pool = RayPool(PoolConfig(workers=n), make)
             [group] = pool.groups(w).values()
-            study, stats = open_study(f"scaling-{n}", cfg), PoolStats()
+            study = open_study(f"scaling-{n}", cfg)
             t0 = time.perf_counter()
             progress = Progress(total=None, desc="", baseline_tokens_per_s=1, enabled=False)
-            run_lanes([Lane(study, group, pool, cfg, progress, stats)], pool)
+            [result] = run_search([Lane(study=study, pool=GroupPool(pool, group), context=group.context,
+                                        progress=progress)], cfg)
             wall = time.perf_counter() - t0
-            measured = sum(c for w_, cs in stats.per_worker.items() if w_ != "driver" for c in cs.values())
+            stats = result.stats
+            measured = sum(c for cs in stats.per_worker.values() for c in cs.values())
             rows.append((n, trials, measured, measured / wall, stats.driver_s / trials * 1e3,
                          stats.study_s / trials * 1e3))
             pool.close()

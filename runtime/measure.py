@@ -28,6 +28,13 @@ if TYPE_CHECKING:  # a workload only builds its case here (workload.build()); th
     from .workload import Workload
 
 OnSample = Callable[[list[float]], bool]
+
+
+def tokens_per_s(num_tokens: int, ms: float) -> float:
+    """Throughput of a forward over `num_tokens` tokens that took `ms` milliseconds."""
+    return num_tokens / ms * 1e3
+
+
 ACCUMULATE = torch.float32  # GEMMs and attention accumulate in float32 for every dtype here
 
 
@@ -247,7 +254,7 @@ class Bench:
         peak = compiled.backend.peak_bytes(compiled.plan, compiled.runner)
         return Measurement(
             outcome=TrialOutcome.OK, error_ratio=error, latency_ms=median, latency_p10_ms=deciles[0],
-            latency_p90_ms=deciles[-1], samples_ms=tuple(samples), tokens_per_s=self.case.num_tokens / median * 1e3,
+            latency_p90_ms=deciles[-1], samples_ms=tuple(samples), tokens_per_s=tokens_per_s(self.case.num_tokens, median),
             peak_bytes=peak, flops=self.flops, bytes=self.bytes, bound_ms=self.bound_ms,
             efficiency=self.bound_ms / median, telemetry=telemetry.sample(self.device), notes=notes,
             tolerance=self.tolerance.to_dict(),

@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dynaflow.runtime import Schedule, Workload
-from dynaflow.runtime.measure import relative_spread
+from dynaflow.runtime.measure import relative_spread, tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.runtime.store import Verdict as Kind  # the stored verdict; `Verdict` here is the confirmation
 
@@ -163,8 +163,8 @@ def store_verdict(verdict: Verdict, study: optuna.Study, target: Target, workloa
     best = verdict.best
     record = StoredSchedule(
         hardware=target.hardware, workload=workload, schedule=verdict.schedule, verdict=verdict.kind,
-        tokens_per_s=tokens / verdict.median_ms * 1e3,
-        baseline_tokens_per_s=tokens / verdict.baseline_ms * 1e3,
+        tokens_per_s=tokens_per_s(tokens, verdict.median_ms),
+        baseline_tokens_per_s=tokens_per_s(tokens, verdict.baseline_ms),
         speedup=best.speedup if verdict.wins else 1.0, speedup_spread=verdict.noise,
         speedup_interval=(best.low, best.high) if best else None,
         efficiency=verdict.bound_ms / verdict.median_ms if verdict.bound_ms else None,

@@ -1,12 +1,9 @@
 """Trials fanned out over Ray actors: one per GPU (or CPU slot), grouped by hardware type.
 
-    while budget: give every idle worker a trial (propose -> measure.remote)
-                  wait for one result -> tell; a dead worker's trial is CRASHED, a worker past
-                  the time limit is killed and its trial is TIMEOUT; either way a fresh worker
-                  takes its place, and the schedule that killed it is never dispatched again.
-
-Each hardware type is a lane with its own study and workers; all lanes run in the driver's one
-loop, and the driver is the only writer of the studies. Ray is imported only here and only
+Each hardware type's actors are one `GroupPool` (tuner/pool.py's protocol) searched by its own
+study in the tuning loop (tuner/search.py), all types at once: a dead worker's trial is CRASHED,
+a worker past the time limit is killed and its trial is TIMEOUT; either way a fresh worker
+takes its place. Ray is imported only here and only
 when a pool starts (`--workers`), so the GPU machine and users' servers never need it. Each
 actor asks for one GPU and no CPU (an actor holding the only CPU starves everything else); a
 worker count the cluster cannot hold is refused at once instead of leaving actors pending.
@@ -15,20 +12,14 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import optuna
+from typing import Any, Callable, Iterator
 
 from dynaflow.runtime import Hardware, Measurement, OpGraph, Schedule, TrialOutcome, Workload
 from dynaflow.search_spaces import SpaceContext, get_space
 
-from .config import TuneConfig
-from .progress import Progress
-from .search import Budget, propose
-from .session import WorkloadResult, finish, start
-from .storage import Heartbeat
-from .study import Known, StudyResult, finish_trial, interrupted, record_trial
+from .pool import Done, Job, crashed, measure_one
 from .targets import Target
 
 GRACE_S = 5.0  # beyond a trial's own time limit, before the driver gives up on its worker
@@ -66,7 +57,7 @@ class MeasureWorker:
         try:
             return self.target.measure(schedule, time_limit_s=time_limit_s)
         except Exception as e:  # raised, not died: the worker lives on
-            return Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {e}")
+            return crashed(e)
 
 
 @dataclass(kw_only=True)
@@ -147,6 +138,80 @@ def _key(actor) -> str:
     return actor._actor_id.hex()
 
 
+@dataclass(kw_only=True, slots=True)
+class _Running:
+    job: Job
+    actor: Any
+    started: float
+
+
+class GroupPool:
+    """The actors of one hardware group as a Pool (`actors`: a subset of them, e.g. one)."""
+
+    def __init__(self, pool: RayPool, group: Group, actors: list | None = None) -> None:
+        self.pool, self.group, self.ray = pool, group, pool.ray
+        self.idle = list(group.actors if actors is None else actors)
+        self.running: dict[Any, _Running] = {}  # object ref -> the job it will answer
+        self.starting: dict[Any, Any] = {}  # a fresh actor's preparation ref -> the actor; never blocked on
+
+    def free(self) -> int:
+        return len(self.idle)
+
+    def submit(self, job: Job) -> None:
+        actor = self.idle.pop()
+        self.running[actor.measure.remote(job.schedule, job.time_limit_s)] = _Running(
+            job=job, actor=actor, started=time.monotonic())
+
+    def wait(self, timeout_s: float) -> list[Done]:
+        refs = [*self.running, *self.starting]
+        if not refs:
+            return []
+        ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout_s)
+        if ready:  # and whatever else finished meanwhile
+            ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+        done = [d for ref in ready if (d := self._collect(ref)) is not None]
+        return done + self._expire(set(ready))
+
+    def _collect(self, ref) -> Done | None:
+        from ray.exceptions import RayActorError, RayError
+
+        if ref in self.starting:
+            self.pool.check_replacement(self.group, ref)
+            self.idle.append(self.starting.pop(ref))
+            return None
+        run = self.running.pop(ref)
+        try:
+            m = self.ray.get(ref)
+            self.idle.append(run.actor)
+        except RayActorError as e:
+            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"worker died: {type(e).__name__}",
+                            killed_worker=True)
+            self._replace(run.actor)
+        except RayError as e:  # the task failed but its worker lives
+            m = crashed(e)
+            self.idle.append(run.actor)
+        return Done(job=run.job, measurement=m, worker=self.pool.name(run.actor))
+
+    def _expire(self, arrived: set) -> list[Done]:
+        """Jobs past their limit (and still without a result) are TIMEOUT; their workers are replaced."""
+        now, grace, done = time.monotonic(), self.pool.config.grace_s, []
+        for ref, run in list(self.running.items()):
+            limit = run.job.time_limit_s
+            if ref in arrived or limit is None or now - run.started <= limit + grace:
+                continue
+            del self.running[ref]
+            name = self.pool.name(run.actor)
+            self._replace(run.actor)
+            done.append(Done(job=run.job, worker=name, measurement=Measurement(
+                outcome=TrialOutcome.TIMEOUT, message=f"no result within {limit + grace:g} s; worker replaced",
+                killed_worker=True)))
+        return done
+
+    def _replace(self, dead) -> None:
+        fresh, ref = self.pool.start_replacement(self.group, dead)
+        self.starting[ref] = fresh
+
+
 class ActorTarget:
     """One actor seen as a Target: the baseline and the confirmation run on a single device."""
 
@@ -159,204 +224,24 @@ class ActorTarget:
 
     def measure(self, schedule: Schedule, *, on_sample=None, time_limit_s=None) -> Measurement:
         """`on_sample` is not forwarded: pruning needs the driver's study, so pooled trials time fully."""
-        from ray.exceptions import GetTimeoutError, RayActorError
-
-        actor = self.group.actors[0]
-        wait = None if time_limit_s is None else time_limit_s + self.pool.config.grace_s
-        try:
-            return self.pool.ray.get(actor.measure.remote(schedule, time_limit_s), timeout=wait)
-        except RayActorError as e:
-            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"worker died: {type(e).__name__}",
-                            killed_worker=True)
-        except GetTimeoutError:
-            m = Measurement(outcome=TrialOutcome.TIMEOUT, message=f"no result within {wait:g} s; worker replaced",
-                            killed_worker=True)
-        self.pool.check_replacement(self.group, self.pool.start_replacement(self.group, actor)[1])
+        one = GroupPool(self.pool, self.group, actors=self.group.actors[:1])
+        m = measure_one(one, schedule, time_limit_s=time_limit_s)
+        for ref in one.starting:  # a replacement must be ready before the next call reaches it
+            one.pool.check_replacement(self.group, ref)
         return m
 
 
-# --- the driver's loop -----------------------------------------------------------------------
+@contextmanager
+def ray_places(config: PoolConfig, make_target: Callable[[Workload], Target], *, log=print) -> Iterator[Callable]:
+    """Start the pool; yields place(workload) -> [(target, pool)], one pair per hardware type
+    (the target runs the baseline and the confirmation on that type's first worker)."""
+    pool = RayPool(config, make_target)
+    log(f"ray pool: {pool.num_workers} worker(s)")
 
-@dataclass(kw_only=True)
-class PoolStats:
-    per_worker: dict[str, dict[str, int]] = field(default_factory=dict)
-    driver_s: float = 0.0  # time the driver spent outside waiting: ask, build, tell, dispatch
-    study_s: float = 0.0  # the part of it spent in Optuna and its storage: ask, suggest, tell
-    trials: int = 0
+    def place(workload: Workload) -> list[tuple[Target, GroupPool]]:
+        return [(ActorTarget(pool, g), GroupPool(pool, g)) for g in pool.groups(workload).values()]
 
-    def count(self, worker: str, outcome: str) -> None:
-        counts = self.per_worker.setdefault(worker, {})
-        counts[outcome] = counts.get(outcome, 0) + 1
-        self.trials += 1
-
-
-@dataclass(kw_only=True)
-class _InFlight:
-    trial: optuna.Trial
-    schedule: Schedule
-    actor: object
-    started: float
-
-
-class Lane:
-    """One study searched by the workers of one hardware type."""
-
-    def __init__(self, study: optuna.Study, group: Group, pool: RayPool, config: TuneConfig,
-                 progress: Progress, stats: PoolStats) -> None:
-        self.study, self.group, self.pool, self.config = study, group, pool, config
-        self.progress, self.stats = progress, stats
-        self.space = get_space(config.space)
-        self.known, self.budget = Known(study), Budget(config)
-        self.heartbeat = Heartbeat(study)
-        self.result = StudyResult(study=study)
-        self.inflight: dict = {}
-        self.idle = list(group.actors)
-        self.starting: dict = {}  # fresh actors still preparing: the driver never blocks on them
-
-    def refs(self) -> list:
-        return [*self.inflight, *self.starting]
-
-    def dispatch(self) -> None:
-        """Give every idle worker a trial while the budget lasts."""
-        while self.idle and self.budget.left(self.study):
-            actor = self.idle.pop()
-            if not self._send(actor):
-                self.idle.append(actor)  # answered without a worker: it takes the next trial
-
-    def _send(self, actor) -> bool:
-        t0 = time.perf_counter()
-        p = propose(self.study, self.space, self.group.context, self.known, self.config, self.heartbeat,
-                    explore=self.budget.stuck)
-        self.stats.study_s += time.perf_counter() - t0
-        if p.answer is None:
-            ref = actor.measure.remote(p.schedule, self.config.trial_timeout_s)
-            self.inflight[ref] = _InFlight(trial=p.trial, schedule=p.schedule, actor=actor, started=time.monotonic())
-            return True
-        self._record(p.trial, p.schedule, p.answer, "driver")
-        return False
-
-    def ready(self, ref) -> None:
-        if ref in self.starting:
-            self.pool.check_replacement(self.group, ref)
-            self.idle.append(self.starting.pop(ref))
-            return
-        from ray.exceptions import RayActorError, RayError
-
-        job = self.inflight.pop(ref)
-        name = self.pool.name(job.actor)
-        try:
-            m = self.pool.ray.get(ref)
-            self.idle.append(job.actor)
-        except RayActorError as e:
-            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"worker died: {type(e).__name__}",
-                            killed_worker=True)
-            self._replace(job)
-        except RayError as e:  # the task failed but its worker lives
-            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {str(e).splitlines()[0]}")
-            self.idle.append(job.actor)
-        self._record(job.trial, job.schedule, m, name)
-
-    def expire(self) -> None:
-        """Trials past their limit (and still without a result) are TIMEOUT; their workers are replaced."""
-        limit = self.config.trial_timeout_s and self.config.trial_timeout_s + self.pool.config.grace_s
-        late = [ref for ref, job in self.inflight.items() if limit and time.monotonic() - job.started > limit]
-        arrived, _ = self.pool.ray.wait(late, num_returns=len(late), timeout=0) if late else ([], [])
-        for ref in late:
-            if ref in arrived:
-                continue  # collected on the next pass
-            job = self.inflight.pop(ref)
-            name = self.pool.name(job.actor)
-            self._replace(job)
-            m = Measurement(outcome=TrialOutcome.TIMEOUT, message=f"no result within {limit:g} s; worker replaced",
-                            killed_worker=True)
-            self._record(job.trial, job.schedule, m, name)
-
-    def interrupt(self) -> None:
-        for job in self.inflight.values():
-            finish_trial(self.study, job.trial, job.schedule, interrupted())
-        self.inflight.clear()
-        self.result.interrupted = True
-
-    def close(self) -> None:
-        self.heartbeat.close()
-
-    def _replace(self, job: _InFlight) -> None:
-        self.known.poison.add(job.schedule.key())
-        fresh, ref = self.pool.start_replacement(self.group, job.actor)
-        self.starting[ref] = fresh
-
-    def _record(self, trial, schedule: Schedule, m: Measurement, worker: str) -> None:
-        t0 = time.perf_counter()
-        record_trial(self.study, trial, schedule, m, known=self.known, result=self.result, worker=worker)
-        self.heartbeat.discard(trial)
-        self.stats.study_s += time.perf_counter() - t0
-        self.stats.count(worker, m.outcome.value)
-        self.progress.update(m, counted=Budget.counts(m), workers=self.stats.per_worker)
-        self.result.exhausted = self.budget.converged(m)
-
-
-def run_lanes(lanes: list[Lane], pool: RayPool, stop=()) -> list[StudyResult]:
-    """Drive every lane until each has spent its budget and has nothing in flight, or `stop`."""
     try:
-        while not stop:
-            t0 = time.perf_counter()
-            for lane in lanes:
-                lane.dispatch()
-            owner = {ref: lane for lane in lanes for ref in lane.refs()}
-            _charge(lanes, time.perf_counter() - t0)
-            if not owner:
-                return [lane.result for lane in lanes]
-            ready, _ = pool.ray.wait(list(owner), num_returns=1, timeout=0.1)
-            t0 = time.perf_counter()
-            for ref in ready:
-                owner[ref].ready(ref)
-            for lane in lanes:
-                lane.expire()
-            _charge(lanes, time.perf_counter() - t0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for lane in lanes:
-            lane.close()
-    for lane in lanes:
-        lane.interrupt()
-    return [lane.result for lane in lanes]
-
-
-def _charge(lanes: list[Lane], seconds: float) -> None:
-    for lane in lanes:
-        lane.stats.driver_s += seconds / len(lanes)
-
-
-def tune_pool(config: TuneConfig, make_target, pool_config: PoolConfig, *, log=print,
-              stop=()) -> list[WorkloadResult]:
-    """One study per (hardware type, workload). All hardware types search at once, each with
-    its own workers; the baseline and the confirmation run on each type's first worker."""
-    pool = RayPool(pool_config, make_target)
-    results = []
-    try:
-        log(f"ray pool: {pool.num_workers} worker(s)")
-        for workload in config.workloads:
-            groups = list(pool.groups(workload).values())
-            sessions = [start(workload, ActorTarget(pool, g), config, log=log, position=i)
-                        for i, g in enumerate(groups)]
-            lanes = [Lane(s.study, g, pool, config, s.progress, PoolStats()) for s, g in zip(sessions, groups)]
-            try:
-                outcomes = run_lanes(lanes, pool, stop)
-            finally:
-                for s in sessions:
-                    s.progress.close()
-            for session, lane, outcome in zip(sessions, lanes, outcomes):
-                log(summary_line(lane.group.hardware.key, lane.stats))
-                results.append(finish(session, outcome, config))
-            if any(r.interrupted for r in results):
-                return results
+        yield place
     finally:
         pool.close()
-    return results
-
-
-def summary_line(hardware_key: str, stats: PoolStats) -> str:
-    per = "; ".join(f"{w}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
-                    for w, c in sorted(stats.per_worker.items()))
-    return f"{hardware_key}: {stats.trials} trial(s) by worker: {per or 'none'}"

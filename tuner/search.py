@@ -1,56 +1,129 @@
-"""The tuning loop for one study, in this process:
+"""The tuning loop: the one driver of trials, wherever they run (tuner/pool.py).
 
-    while budget: ask -> build schedule -> (known already? reuse) -> measure (verify, time) -> tell
+    while budget and not Ctrl-C:
+        for each lane (a study and its pool), while its pool has room:
+            ask -> build the schedule -> known already? answer it here : submit it
+        for each lane: wait for finished trials -> tell the study, count, show progress
 
-The budget counts distinct schedules, across every process sharing the study. A schedule
-measured before is answered from the study, not re-timed, and does not count; a long run of
-them means the search has converged on what it knows (`exhausted`).
+A lane is one study searched by one pool: this process (`InlinePool`), or the Ray workers of
+one hardware type; several lanes (hardware types) search at once in the same loop, which is
+the only writer of their studies. The budget counts distinct schedules, across every process
+sharing a study. A schedule measured before is answered from the study, not re-timed, and
+does not count; a long run of them means the search has converged on what it knows
+(`exhausted`). A schedule whose trial killed or hung a worker is never submitted again.
 """
 from __future__ import annotations
 
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import optuna
 
 from dynaflow.runtime import Measurement, Schedule, TrialOutcome
-from dynaflow.search_spaces import get_space
+from dynaflow.runtime.measure import tokens_per_s
+from dynaflow.search_spaces import SpaceContext, get_space
 
 from .config import TuneConfig
+from .pool import Done, Job, Pool
 from .progress import Progress
 from .storage import Heartbeat, fail_stale_trials
-from .study import (Known, StudyResult, finish_trial, interrupted, over_budget, record_trial,
-                    search_trials, skipped)
-from .targets import Target
+from .study import (Known, StudyResult, finish_trial, interrupted, over_budget, record_trial, search_trials,
+                    skipped)
+
+POLL_S = 0.1  # how long one pass of the loop waits for a finished trial, split over the lanes
 
 
-def run_search(study: optuna.Study, target: Target, config: TuneConfig, progress: Progress, stop=()) -> StudyResult:
-    """`stop`: a flag the Ctrl-C handler raises; checked between samples and between trials."""
-    space, ctx, known = get_space(config.space), target.space_context(), Known(study)
-    result, heartbeat, run = StudyResult(study=study), Heartbeat(study), Budget(config)
+@dataclass(kw_only=True)
+class Lane:
+    """One study and the pool its trials run on."""
+
+    study: optuna.Study
+    pool: Pool
+    context: SpaceContext
+    progress: Progress
+
+
+def run_search(lanes: Sequence[Lane], config: TuneConfig, stop=()) -> list[StudyResult]:
+    """Search every lane until each has spent its budget and has nothing in flight, or `stop`
+    (a flag the Ctrl-C handler raises; checked between proposals and while timing)."""
+    searches = [_Search(lane, config, stop) for lane in lanes]
+    wait_s = POLL_S / max(len(searches), 1)
     try:
-        while run.left(study) and not stop:
-            p = propose(study, space, ctx, known, config, heartbeat, explore=run.stuck)
-            try:
-                prune = pruning_hook(p.trial, target)
-                m = p.answer or target.measure(p.schedule, on_sample=lambda x: bool(stop) or prune(x),
-                                               time_limit_s=config.trial_timeout_s)
-                m = interrupted() if stop and not m.ok else m
-            except KeyboardInterrupt:
-                finish_trial(study, p.trial, p.schedule, interrupted())
-                result.interrupted = True
+        while not stop:
+            for s in searches:
+                s.fill()
+            busy = [s for s in searches if s.inflight or s.needs_room()]
+            if not busy:
                 break
-            except Exception as e:  # a bug in a target costs one trial, not the study
-                m = Measurement(outcome=TrialOutcome.CRASHED, message=f"{type(e).__name__}: {e}")
-            record_trial(study, p.trial, p.schedule, m, known=known, result=result)
-            heartbeat.discard(p.trial)
-            progress.update(m, counted=run.counts(m))
-            result.exhausted = run.converged(m)
+            for s in busy:
+                for done in s.lane.pool.wait(wait_s):
+                    s.finish(done)
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C: what is in flight is recorded as interrupted below
     finally:
-        heartbeat.close()
-    result.interrupted = result.interrupted or bool(stop)
-    return result
+        for s in searches:
+            s.heartbeat.close()
+    for s in searches:
+        if stop or s.inflight:
+            s.interrupt()
+    return [s.result for s in searches]
+
+
+class _Search:
+    """The loop's state for one lane."""
+
+    def __init__(self, lane: Lane, config: TuneConfig, stop) -> None:
+        self.lane, self.config, self.stop, self.study = lane, config, stop, lane.study
+        self.space, self.known, self.budget = get_space(config.space), Known(lane.study), Budget(config)
+        self.heartbeat = Heartbeat(lane.study)
+        self.result = StudyResult(study=lane.study)
+        self.inflight: dict[int, Proposal] = {}
+
+    def fill(self) -> None:
+        """Propose trials while the pool has room and the budget lasts; answer known ones here."""
+        t0 = time.perf_counter()
+        while self.lane.pool.free() > 0 and self.budget.left(self.study) and not self.stop:
+            p = propose(self.study, self.space, self.lane.context, self.known, self.config, self.heartbeat,
+                        explore=self.budget.stuck)
+            if p.answer is not None:
+                self._record(p, p.answer, None)
+                continue
+            self.inflight[p.trial.number] = p
+            self.lane.pool.submit(Job(id=p.trial.number, schedule=p.schedule, time_limit_s=self.config.trial_timeout_s,
+                                      on_sample=self._on_sample(p.trial)))
+        self.result.stats.driver_s += time.perf_counter() - t0
+
+    def needs_room(self) -> bool:
+        """Budget left but no room: the pool is replacing workers, so waiting on it makes room."""
+        return self.lane.pool.free() == 0 and self.budget.left(self.study) and not self.stop
+
+    def finish(self, done: Done) -> None:
+        t0 = time.perf_counter()
+        p = self.inflight.pop(done.job.id)
+        m = interrupted() if self.stop and not done.measurement.ok else done.measurement
+        self._record(p, m, done.worker)
+        self.result.stats.driver_s += time.perf_counter() - t0
+
+    def interrupt(self) -> None:
+        for p in self.inflight.values():
+            finish_trial(self.study, p.trial, p.schedule, interrupted())
+        self.inflight.clear()
+        self.result.interrupted = True
+
+    def _on_sample(self, trial: optuna.Trial):
+        prune = pruning_hook(trial, self.lane.context.layout.num_tokens)
+        return lambda samples_ms: bool(self.stop) or prune(samples_ms)
+
+    def _record(self, p: Proposal, m: Measurement, worker: str | None) -> None:
+        t0 = time.perf_counter()
+        record_trial(self.study, p.trial, p.schedule, m, known=self.known, result=self.result, worker=worker)
+        self.heartbeat.discard(p.trial)
+        self.result.stats.study_s += time.perf_counter() - t0
+        self.result.stats.count(worker, m.outcome.value)
+        self.lane.progress.update(m, counted=Budget.counts(m), workers=self.result.stats.per_worker or None)
+        self.result.exhausted = self.budget.converged(m)
 
 
 @dataclass(kw_only=True)
@@ -120,11 +193,9 @@ class Budget:
         return self.repeats >= self.config.max_duplicates
 
 
-def pruning_hook(trial: optuna.Trial, target: Target):
-    tokens = target.space_context().layout.num_tokens
-
+def pruning_hook(trial: optuna.Trial, num_tokens: int):
     def on_sample(samples_ms: list[float]) -> bool:
-        trial.report(tokens / samples_ms[-1] * 1e3, step=len(samples_ms) - 1)
+        trial.report(tokens_per_s(num_tokens, samples_ms[-1]), step=len(samples_ms) - 1)
         return trial.should_prune()
 
     return on_sample

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dynaflow.runtime import Measurement, Schedule, TrialOutcome, Workload
+from dynaflow.runtime.measure import tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig
 
 from .config import TuneConfig, TuneError
@@ -37,12 +38,36 @@ def result_of(trial: optuna.trial.FrozenTrial) -> dict:
 
 
 @dataclass(kw_only=True)
+class LoopStats:
+    """Who measured a run's trials, and what the driver spent outside waiting for them."""
+
+    per_worker: dict[str, dict[str, int]] = field(default_factory=dict)  # named workers: outcome -> count
+    trials: int = 0  # every trial told, measured or answered by the driver
+    driver_s: float = 0.0  # ask, build, tell, dispatch and collect
+    study_s: float = 0.0  # the part of it spent in Optuna and its storage: ask, suggest, tell
+
+    def count(self, worker: str | None, outcome: str) -> None:
+        self.trials += 1
+        if worker is not None:
+            counts = self.per_worker.setdefault(worker, {})
+            counts[outcome] = counts.get(outcome, 0) + 1
+
+    def summary(self, hardware_key: str) -> str:
+        per = "; ".join(f"{w}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+                        for w, c in sorted(self.per_worker.items()))
+        answered = self.trials - sum(sum(c.values()) for c in self.per_worker.values())
+        return (f"{hardware_key}: {self.trials} trial(s) by worker: {per or 'none'}"
+                + (f"; {answered} answered by the driver (duplicates, skipped)" if answered else ""))
+
+
+@dataclass(kw_only=True)
 class StudyResult:
     study: optuna.Study
     interrupted: bool = False
     exhausted: bool = False  # the space kept proposing schedules already measured
     outcomes: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
+    stats: LoopStats = field(default_factory=LoopStats)
 
 
 def study_name(hardware_key: str, workload: Workload, space: str) -> str:
@@ -130,6 +155,8 @@ class Known:
     def remember(self, schedule: Schedule, m: Measurement) -> None:
         if m.outcome.value in REUSABLE:
             self.results.setdefault(schedule.key(), m)
+        elif m.killed_worker:
+            self.poison.add(schedule.key())
 
     def reuse(self, schedule: Schedule) -> Measurement | None:
         """A schedule measured before (TPE re-proposes): its result again, marked, not re-timed."""
@@ -193,7 +220,7 @@ def trial_record(schedule: Schedule, m: Measurement, worker: str | None) -> dict
 
 def per_sample(m: Measurement, target: Target) -> dict[int, float]:
     tokens = target.space_context().layout.num_tokens
-    return {i: tokens / s * 1e3 for i, s in enumerate(m.samples_ms)}
+    return {i: tokens_per_s(tokens, s) for i, s in enumerate(m.samples_ms)}
 
 
 def skipped() -> Measurement:

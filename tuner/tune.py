@@ -1,21 +1,26 @@
-"""Tune every workload of a TuneConfig in turn; one study and one stored record each.
+"""Tune every workload of a TuneConfig in turn; one study and one stored record each (per
+hardware type, when a Ray pool spans several).
 
     for each workload: start (study, baseline, warm starts) -> search -> finish (confirm, store)
 
-Trials are measured in this process, or on a Ray pool with `pool` (tuner/ray_fanout.py).
+Where trials run is a pool (tuner/pool.py): this process by default, Ray actors with `pool`
+(tuner/ray_fanout.py). The search is the one loop in tuner/search.py either way.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
 import optuna
 
+from dynaflow.runtime import Workload
 from dynaflow.runtime.store import StoreConfig
 
 from .config import TuneConfig
 from .interrupt import stop_on_ctrl_c
-from .search import run_search
+from .pool import InlinePool, Pool
+from .search import Lane, run_search
 from .session import WorkloadResult, finish, start
 from .targets import LocalTarget, Target
 
@@ -29,23 +34,41 @@ def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[
     if measure.peaks_dir is None:  # one peaks file per hardware for every command (the store's)
         measure = dataclasses.replace(measure, peaks_dir=StoreConfig(root=config.store_root).peaks_dir)
     make_target = make_target or functools.partial(LocalTarget, config=measure)
-    with stop_on_ctrl_c() as stop:
-        if pool is not None:
-            from .ray_fanout import tune_pool
-
-            return tune_pool(config, make_target, pool, log=log, stop=stop)
-        results = []
+    with stop_on_ctrl_c() as stop, _places(make_target, pool, log) as place:
+        results: list[WorkloadResult] = []
         for workload in config.workloads:
-            results.append(tune_one(workload, make_target(workload), config, log=log, stop=stop))
-            if results[-1].interrupted:
+            results += tune_workload(workload, place(workload), config, log=log, stop=stop)
+            if any(r.interrupted for r in results):
                 break
         return results
 
 
-def tune_one(workload, target: Target, config: TuneConfig, *, log=print, stop=()) -> WorkloadResult:
-    session = start(workload, target, config, log=log)
+@contextlib.contextmanager
+def _places(make_target, pool, log):
+    """place(workload) -> [(target, pool)]: this process, or one pair per hardware type in Ray."""
+    if pool is None:
+        yield lambda workload: [(target := make_target(workload), InlinePool(target))]
+        return
+    from .ray_fanout import ray_places
+
+    with ray_places(pool, make_target, log=log) as place:
+        yield place
+
+
+def tune_workload(workload: Workload, places: list[tuple[Target, Pool]], config: TuneConfig, *, log=print,
+                  stop=()) -> list[WorkloadResult]:
+    """One study per (target, pool), searched at once; each confirmed on its target and stored."""
+    sessions = [start(workload, target, config, log=log, position=i) for i, (target, _) in enumerate(places)]
+    lanes = [Lane(study=s.study, pool=p, context=s.target.space_context(), progress=s.progress)
+             for s, (_, p) in zip(sessions, places)]
     try:
-        result = run_search(session.study, target, config, session.progress, stop)
+        outcomes = run_search(lanes, config, stop)
     finally:
-        session.progress.close()
-    return finish(session, result, config)
+        for s in sessions:
+            s.progress.close()
+    results = []
+    for session, outcome in zip(sessions, outcomes):
+        if outcome.stats.per_worker:
+            log(outcome.stats.summary(session.target.hardware.key))
+        results.append(finish(session, outcome, config))
+    return results

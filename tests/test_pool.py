@@ -1,0 +1,176 @@
+"""The one tuning loop over a pool it cannot see into: results out of order, workers that die and
+come back later, Ctrl-C with trials in flight. A fake pool enforces the protocol (never more
+jobs than it said it had room for; a job id answered once)."""
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from dynaflow import search_spaces
+from dynaflow.runtime import Measurement, TrialOutcome
+from dynaflow.tuner.config import TuneConfig
+from dynaflow.tuner.pool import Done, InlinePool, Job, measure_one
+from dynaflow.tuner.tune import tune_workload
+from fakes import FakeTarget, split_landscape, tiny_context
+from test_tuner import W
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def faulty_space(monkeypatch, tmp_path):
+    shutil.copy(TESTS / "faulty_space.py", tmp_path / "faulty.py")
+    monkeypatch.setattr(search_spaces, "__path__", [*search_spaces.__path__, str(tmp_path)])
+
+
+class FakePool:
+    """`workers` slots; each wait() finishes the newest job first (out of submission order). A
+    schedule labelled poison-* kills its worker, which comes back `down_for` waits later."""
+
+    def __init__(self, target, workers: int = 3, down_for: int = 2, on_wait=None) -> None:
+        self.target, self.workers, self.down_for, self.on_wait = target, workers, down_for, on_wait
+        self.running: list[Job] = []
+        self.down: list[int] = []  # waits left before each dead worker is back
+        self.submitted: list[str] = []
+        self.answered: set[int] = set()
+        self.peak = 0
+
+    def free(self) -> int:
+        return self.workers - len(self.running) - len(self.down)
+
+    def submit(self, job: Job) -> None:
+        assert self.free() > 0, "submitted to a pool with no room"
+        self.running.append(job)
+        self.submitted.append(job.schedule.key())
+        self.peak = max(self.peak, len(self.running))
+
+    def wait(self, timeout_s: float) -> list[Done]:
+        if self.on_wait:
+            self.on_wait(self)
+        self.down = [n - 1 for n in self.down if n > 1]
+        if not self.running:
+            return []
+        job = self.running.pop()  # the newest first
+        assert job.id not in self.answered
+        self.answered.add(job.id)
+        if job.schedule.label.startswith("poison"):
+            self.down.append(self.down_for)
+            m = Measurement(outcome=TrialOutcome.CRASHED, message="worker died", killed_worker=True)
+        else:
+            m = self.target.measure(job.schedule, time_limit_s=job.time_limit_s)
+        return [Done(job=job, measurement=m, worker=f"w{job.id % self.workers}")]
+
+
+def config(tmp_path, **kw):
+    base = dict(workloads=(W,), space="faulty", trials=12, storage=f"sqlite:///{tmp_path}/s.db",
+                store_root=tmp_path, progress=False, confirm_rounds=1, trial_timeout_s=5.0)
+    return TuneConfig(**{**base, **kw})
+
+
+def trials_of(cfg) -> list[optuna.trial.FrozenTrial]:
+    name = optuna.get_all_study_names(cfg.storage.url)[0]
+    study = optuna.load_study(study_name=name, storage=cfg.storage.url)
+    return [t for t in study.trials if not t.user_attrs.get("baseline")]
+
+
+def test_out_of_order_results_reach_their_own_trials_and_dead_workers_cost_one_trial(tmp_path, faulty_space):
+    cfg = config(tmp_path)
+    target = FakeTarget(tiny_context(), split_landscape)
+    pool = FakePool(target)
+    logs = []
+    [result] = tune_workload(W, [(target, pool)], cfg, log=logs.append)
+    trials = trials_of(cfg)
+    assert len(trials) == 12 and all(t.state.is_finished() for t in trials)
+    assert pool.peak == 3  # trials ran three at a time
+    for t in trials:  # each result is its own trial's: faulty proposes candidate n at trial n
+        label = t.user_attrs["result"]["label"]
+        assert label == {3: "poison-exit", 6: "poison-hang"}.get(t.number, f"cand{t.number}")
+        assert t.user_attrs["result"]["worker"] == f"w{t.number % 3}"
+    poisoned = [t for t in trials if t.user_attrs["result"]["label"].startswith("poison")]
+    assert [t.user_attrs["result"]["killed_worker"] for t in poisoned] == [True, True]
+    assert len(pool.submitted) == len(set(pool.submitted)) == 12  # nothing measured twice
+    assert result.outcomes == {"ok": 10, "crashed": 2}
+    assert any(line.startswith(target.hardware.key) and "12 trial(s) by worker" in line for line in logs)
+
+    # the same winner as one process measuring in turn
+    ref_cfg = config(tmp_path / "inline")
+    ref_target = FakeTarget(tiny_context(), split_landscape)
+    [ref] = tune_workload(W, [(ref_target, InlinePool(ref_target))], ref_cfg, log=lambda *a: None)
+    assert result.record.schedule == ref.record.schedule and result.record.schedule.label == "cand2"
+
+
+AGAIN = """
+from dynaflow.runtime import Schedule
+
+name = "again"
+
+
+def suggest(trial, ctx):
+    n = ctx.layout.num_requests
+    if trial.number in (3, 9):  # the same poison split twice
+        return Schedule(split_sizes=(n - 1, 1), label="poison-exit")
+    return Schedule(split_sizes=(trial.number + 1, n - trial.number - 1), label=f"cand{trial.number}")
+"""
+
+
+def test_a_schedule_that_killed_a_worker_is_never_submitted_again(tmp_path, monkeypatch):
+    (tmp_path / "again.py").write_text(AGAIN)
+    monkeypatch.setattr(search_spaces, "__path__", [*search_spaces.__path__, str(tmp_path)])
+    cfg = config(tmp_path, space="again")
+    target = FakeTarget(tiny_context(), split_landscape)
+    pool = FakePool(target, workers=1)  # trial 3 has died before trial 9 is asked
+    tune_workload(W, [(target, pool)], cfg, log=lambda *a: None)
+    trials = {t.number: t.user_attrs["result"] for t in trials_of(cfg)}
+    assert trials[3]["killed_worker"] and trials[3]["worker"] == "w0"
+    assert trials[9]["label"] == "poison-exit" and trials[9]["worker"] is None
+    assert trials[9]["message"] == "this schedule killed a worker before; not re-run"
+    assert len(pool.submitted) == len(set(pool.submitted)) == 11
+
+
+def test_ctrl_c_with_trials_in_flight_records_them_interrupted(tmp_path, faulty_space):
+    from dynaflow.tuner.interrupt import StopFlag
+
+    stop = StopFlag()
+
+    def press_ctrl_c(pool):
+        if len(pool.answered) == 4:
+            stop.requested = True
+
+    cfg = config(tmp_path)
+    target = FakeTarget(tiny_context(), split_landscape)
+    pool = FakePool(target, on_wait=press_ctrl_c)
+    [result] = tune_workload(W, [(target, pool)], cfg, log=lambda *a: None, stop=stop)
+    assert result.interrupted
+    trials = trials_of(cfg)
+    assert all(t.state is not TrialState.RUNNING for t in trials)
+    outcomes = [t.user_attrs["result"]["outcome"] for t in trials]
+    assert outcomes.count("interrupted") == len(pool.running) >= 1  # in flight when the loop stopped
+    assert len(trials) == len(pool.answered) + len(pool.running) < 12  # nothing proposed after the flag
+
+
+def test_a_second_ctrl_c_inside_a_wait_leaves_no_trial_running(tmp_path, faulty_space):
+    def second_ctrl_c(pool):
+        if len(pool.answered) == 5:
+            raise KeyboardInterrupt
+
+    cfg = config(tmp_path)
+    target = FakeTarget(tiny_context(), split_landscape)
+    [result] = tune_workload(W, [(target, FakePool(target, on_wait=second_ctrl_c))], cfg, log=lambda *a: None)
+    assert result.interrupted
+    states = [t.state for t in trials_of(cfg)]
+    assert TrialState.RUNNING not in states and len(states) >= 6
+
+
+def test_inline_pool_turns_a_raising_target_into_one_crashed_trial():
+    target = FakeTarget(tiny_context(), split_landscape, failures={1: RuntimeError})
+    pool = InlinePool(target)
+    from dynaflow.runtime import Schedule
+
+    m = measure_one(pool, Schedule())
+    assert m.outcome is TrialOutcome.CRASHED and m.message == "RuntimeError: injected at call 1"
+    assert measure_one(pool, Schedule()).ok  # the pool lives on
+    pool.submit(Job(id=1, schedule=Schedule()))
+    with pytest.raises(RuntimeError, match="one job at a time"):
+        pool.submit(Job(id=2, schedule=Schedule()))

@@ -1,0 +1,88 @@
+"""Where trials run, behind one small protocol: the tuning loop (tuner/search.py) submits jobs
+and waits for what finished, whether they run in this process, on Ray actors
+(tuner/ray_fanout.py) or on a fake in the tests.
+
+    pool.free()           how many more jobs it can take now
+    pool.submit(job)      start measuring job.schedule
+    pool.wait(timeout_s)  the jobs finished since the last call (a result, or a dead or hung worker)
+
+A pool never raises for a schedule: a measure that raises, a worker that dies or hangs, is a
+`Done` whose measurement says so (a dead or hung worker sets `killed_worker`, so the loop never
+dispatches that schedule again). Ctrl-C (KeyboardInterrupt) is the one exception let through.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from dynaflow.runtime import Measurement, Schedule, TrialOutcome
+from dynaflow.runtime.measure import OnSample
+
+from .targets import Target
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Job:
+    id: int  # the trial's number: unique in its study
+    schedule: Schedule
+    time_limit_s: float | None = None
+    on_sample: OnSample | None = None  # pruning and Ctrl-C; pools in another process time fully
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Done:
+    job: Job
+    measurement: Measurement
+    worker: str | None = None  # who measured it; None: this process
+
+
+class Pool(Protocol):
+    def free(self) -> int: ...
+
+    def submit(self, job: Job) -> None: ...
+
+    def wait(self, timeout_s: float) -> list[Done]: ...
+
+
+def crashed(e: BaseException, prefix: str = "") -> Measurement:
+    """A measure that raised: the trial is CRASHED, the worker lives on."""
+    first = (str(e).splitlines() or [""])[0]
+    return Measurement(outcome=TrialOutcome.CRASHED, message=f"{prefix}{type(e).__name__}: {first}")
+
+
+class InlinePool:
+    """One job at a time, measured in this process when the loop waits for it."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.job: Job | None = None
+
+    def free(self) -> int:
+        return 0 if self.job else 1
+
+    def submit(self, job: Job) -> None:
+        if self.job is not None:
+            raise RuntimeError("an InlinePool measures one job at a time; wait for it first")
+        self.job = job
+
+    def wait(self, timeout_s: float) -> list[Done]:
+        job, self.job = self.job, None
+        if job is None:
+            return []
+        try:
+            m = self.target.measure(job.schedule, on_sample=job.on_sample, time_limit_s=job.time_limit_s)
+        except KeyboardInterrupt:
+            self.job = job  # still in flight: the loop marks it interrupted
+            raise
+        except Exception as e:  # a bug in a target costs one trial, not the study
+            m = crashed(e)
+        return [Done(job=job, measurement=m)]
+
+
+def measure_one(pool: Pool, schedule: Schedule, *, time_limit_s: float | None = None,
+                poll_s: float = 0.1) -> Measurement:
+    """Measure one schedule on an idle pool and wait for it (a baseline, a confirmation round)."""
+    pool.submit(Job(id=-1, schedule=schedule, time_limit_s=time_limit_s))
+    while not (done := pool.wait(poll_s)):
+        pass
+    return done[0].measurement
