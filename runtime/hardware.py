@@ -159,10 +159,14 @@ class Peaks:
     flops_per_s: float
     bytes_per_s: float
     dtype: str
+    busy: dict = field(default_factory=dict)  # how busy the machine was while they were measured
 
     @property
     def balance(self) -> float:
         return self.flops_per_s / self.bytes_per_s
+
+
+RECHECK = 1.25  # a quick check this much above a cached peak: the cache was measured under load
 
 
 _PEAKS: dict[tuple[str, str], Peaks] = {}
@@ -184,11 +188,17 @@ def measure_peaks(device: str, dtype: torch.dtype, *, hardware: Hardware, cache_
         path = None
     if path is not None and path.exists() and not remeasure:
         try:
-            _PEAKS[key] = _read_peaks(path)
-            return _PEAKS[key]
+            cached = _read_peaks(path)
+            if (why := _stale(cached, device, dtype)) is None:
+                _PEAKS[key] = cached
+                return cached
+            warnings.warn(f"peaks cached in {path} {why}: measuring them again")
         except ValueError as e:
             warnings.warn(f"{e}; measuring the peaks again")
     _PEAKS[key] = peaks = _run_peaks(device, dtype)
+    if (why := telemetry.contention(peaks.busy)) is not None:
+        warnings.warn(f"the device peaks were measured under contention ({why}); the op classes follow from "
+                      "them, and the next process re-measures them")
     if path is not None:
         try:
             write_json_atomic(path, asdict(peaks))
@@ -197,28 +207,45 @@ def measure_peaks(device: str, dtype: torch.dtype, *, hardware: Hardware, cache_
     return peaks
 
 
+def _stale(cached: Peaks, device: str, dtype: torch.dtype) -> str | None:
+    """Why cached peaks are not to be trusted: measured under contention, or a quick check now
+    beats them by RECHECK (they were measured while something else ran); None if they stand."""
+    if (why := telemetry.contention(cached.busy)) is not None:
+        return f"were measured under contention ({why})"
+    quick = _run_peaks(device, dtype, repeats=3)
+    for what, now, then in (("GEMM", quick.flops_per_s, cached.flops_per_s),
+                            ("copy", quick.bytes_per_s, cached.bytes_per_s)):
+        if now > RECHECK * then:
+            return f"are contradicted by a quick check ({what} {now / then:.2f}x faster now)"
+    return None
+
+
 def _read_peaks(path: Path) -> Peaks:
     data = validate.obj(validate.read_json(path, "peaks cache"), f"peaks cache {path}")
     try:
         peaks = Peaks(**data)
     except TypeError:
-        raise ValueError(f"peaks cache {path} needs exactly the fields flops_per_s, bytes_per_s, dtype") from None
+        raise ValueError(f"peaks cache {path} needs the fields flops_per_s, bytes_per_s, dtype (and busy)") from None
+    if not isinstance(peaks.busy, dict):
+        raise ValueError(f"peaks cache {path}: busy must be a JSON object")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
                for v in (peaks.flops_per_s, peaks.bytes_per_s)):
         raise ValueError(f"peaks cache {path} holds non-positive or non-finite peaks")
     return peaks
 
 
-def _run_peaks(device: str, dtype: torch.dtype) -> Peaks:
+def _run_peaks(device: str, dtype: torch.dtype, repeats: int = 10) -> Peaks:
+    mark = telemetry.busy_mark()
     n = 4096 if device.startswith("cuda") else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    flops = 2 * n**3 / _best_time(lambda: torch.mm(a, b), device)
+    flops = 2 * n**3 / _best_time(lambda: torch.mm(a, b), device, repeats)
     size = 256 * 2**20 if device.startswith("cuda") else 64 * 2**20  # well past the caches
     src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    bw = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), device)
-    return Peaks(flops_per_s=flops, bytes_per_s=bw, dtype=str(dtype).removeprefix("torch."))
+    bw = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), device, repeats)
+    return Peaks(flops_per_s=flops, bytes_per_s=bw, dtype=str(dtype).removeprefix("torch."),
+                 busy=telemetry.busy_since(mark, device))
 
 
 def _best_time(fn, device: str, repeats: int = 10, launches: int = 20) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -23,6 +24,7 @@ from .executor import Compiled, Executor
 from .hardware import Hardware, Peaks, detect, measure_peaks
 from .schedule import Schedule
 from .case import Case
+from .timeline import Timeline, overlap, record_timelines
 
 if TYPE_CHECKING:  # a workload only builds its case here (workload.build()); the core never imports it
     from .workload import Workload
@@ -208,6 +210,24 @@ class Bench:
             if compiled is not None:
                 compiled.close()
 
+    def timelines(self, schedules: list[Schedule], *, runs: int = 5) -> list[Timeline]:
+        """When each op of each nano-batch ran, for each schedule: run eagerly (a CUDA graph hides
+        its tasks), warmed up and interleaved so that the timelines compare (timeline.py)."""
+        resources = {op.name: op.resource for op in self.executor.graph.ops}
+        compiled: list[Compiled] = []
+        try:
+            for s in schedules:
+                compiled.append(self.executor.compile(dataclasses.replace(s, cuda_graph=False),
+                                                      sm_count=self.hardware.num_sms))
+            return record_timelines(compiled, resources, runs=runs)
+        finally:
+            for c in compiled:
+                c.close()
+
+    def explain(self, schedule: Schedule) -> dict:
+        """Why `schedule` is fast: what of it ran at the same time, from its timeline (timeline.overlap)."""
+        return overlap(self.timelines([schedule])[0])
+
     def check(self, out: torch.Tensor) -> float:
         """Worst error relative to the tolerance; <= 1 means equal to the reference."""
         return self.tolerance.error(out, self.reference)
@@ -219,6 +239,7 @@ class Bench:
             return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=first, notes=notes, tolerance=tol,
                                message=f"output differs from the sequential reference: error {first:.2f}x tolerance "
                                        f"(rtol {tol['rtol']:.2g}, atol {tol['atol']:.2g})")
+        mark = telemetry.busy_mark()  # how busy the machine is while this schedule is timed
         samples, stop = self._time(compiled, on_sample, time_limit_s)
         if stop is not None:
             return Measurement(outcome=stop[0], message=stop[1], samples_ms=tuple(samples), notes=notes,
@@ -227,7 +248,7 @@ class Bench:
         if last > 1:
             return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=last, notes=notes, tolerance=tol,
                                message=f"output differs after timed runs: error {last:.2f}x tolerance (a race?)")
-        return self._result(samples, max(first, last), compiled, notes)
+        return self._result(samples, max(first, last), compiled, notes, telemetry.busy_since(mark, self.device))
 
     def _time(self, compiled: Compiled, on_sample, time_limit_s):
         """Warm up, then time `repeats` synced runs. Returns (samples, None) or (samples, (outcome, why))."""
@@ -248,7 +269,8 @@ class Bench:
                 return samples, (TrialOutcome.PRUNED, f"stopped after {len(samples)} samples: clearly slower")
         return samples, None
 
-    def _result(self, samples: list[float], error: float, compiled: Compiled, notes: dict) -> Measurement:
+    def _result(self, samples: list[float], error: float, compiled: Compiled, notes: dict,
+                busy: dict) -> Measurement:
         median = statistics.median(samples)
         deciles = statistics.quantiles(samples, n=10) if len(samples) > 1 else [median] * 9
         peak = compiled.backend.peak_bytes(compiled.plan, compiled.runner)
@@ -256,7 +278,8 @@ class Bench:
             outcome=TrialOutcome.OK, error_ratio=error, latency_ms=median, latency_p10_ms=deciles[0],
             latency_p90_ms=deciles[-1], samples_ms=tuple(samples), tokens_per_s=tokens_per_s(self.case.num_tokens, median),
             peak_bytes=peak, flops=self.flops, bytes=self.bytes, bound_ms=self.bound_ms,
-            efficiency=self.bound_ms / median, telemetry=telemetry.sample(self.device), notes=notes,
+            efficiency=self.bound_ms / median, notes=notes,
+            telemetry={**telemetry.sample(self.device), "busy": busy},
             tolerance=self.tolerance.to_dict(),
         )
 

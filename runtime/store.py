@@ -25,7 +25,7 @@ from .workload import Workload
 
 log = logging.getLogger("dynaflow")
 
-RECORD_SCHEMA = 2  # 2 added `verdict` and `speedup_interval`; schema-1 records still load
+RECORD_SCHEMA = 3  # 2 added `verdict` and `speedup_interval`, 3 `busy`, `contended`, `overlap`; older ones load
 
 
 class Verdict(str, Enum):
@@ -59,6 +59,9 @@ class StoredSchedule:
     storage: str = ""
     trial: int | None = None
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    busy: dict[str, Any] = field(default_factory=dict)  # how busy the machine was over the confirmation
+    contended: str | None = None  # why the confirmation counts as measured under contention, or None
+    overlap: dict[str, Any] | None = None  # a winner's why: what ran at the same time (timeline.overlap)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -85,8 +88,8 @@ class StoredSchedule:
         ValueError naming the field."""
         d = validate.obj(d, "a record")
         schema = d.get("record_schema")
-        if isinstance(schema, bool) or schema not in (1, RECORD_SCHEMA):
-            raise ValueError(f"record_schema must be 1 or {RECORD_SCHEMA}, but got {validate.short(schema)}; "
+        if isinstance(schema, bool) or schema not in range(1, RECORD_SCHEMA + 1):
+            raise ValueError(f"record_schema must be 1 to {RECORD_SCHEMA}, but got {validate.short(schema)}; "
                              "a newer dynaflow-tune wrote it, or it is not a schedule record.")
         validate.known(d, _RECORD_FIELDS, "the record")
         for key in ("hardware", "workload", "schedule", "tokens_per_s", "baseline_tokens_per_s",
@@ -129,7 +132,38 @@ class StoredSchedule:
                    params=dict(params), study=validate.string(d, "study", r, default=""),
                    storage=validate.string(d, "storage", r, default=""),
                    trial=validate.integer(d, "trial", r, lo=0, optional=True),
-                   created_at=validate.string(d, "created_at", r, default=""))
+                   created_at=validate.string(d, "created_at", r, default=""), busy=_busy(d.get("busy", {})),
+                   contended=validate.string(d, "contended", r, optional=True),
+                   overlap=_overlap(d.get("overlap")))
+
+
+def _busy(value: Any) -> dict[str, Any]:
+    busy = validate.obj(value, "record.busy")
+    for key in busy:
+        validate.number(busy, key, "record.busy", optional=True)
+    return dict(busy)
+
+
+def _overlap(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    o, name = validate.obj(value, "record.overlap"), "record.overlap"
+    validate.known(o, {"makespan_ms", "overlapped_ms", "by_resources", "top"}, name)
+    for key in ("makespan_ms", "overlapped_ms"):
+        validate.number(o, key, name)
+    pairs = validate.obj(o.get("by_resources", {}), f"{name}.by_resources")
+    for key in pairs:
+        validate.number(pairs, key, f"{name}.by_resources")
+    top = o.get("top", [])
+    if not isinstance(top, list):
+        raise ValueError(f"{name}.top must be a list, but got {validate.short(top)}.")
+    for i, item in enumerate(top):
+        item = validate.obj(item, f"{name}.top[{i}]")
+        ops = item.get("ops")
+        if not (isinstance(ops, list) and len(ops) == 2 and all(isinstance(x, str) for x in ops)):
+            raise ValueError(f"{name}.top[{i}].ops must be two op/nano-batch names, but got {validate.short(ops)}.")
+        validate.number(item, "ms", f"{name}.top[{i}]")
+    return dict(o)
 
 
 EXPORT_SCHEMA = 1

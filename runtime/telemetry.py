@@ -1,4 +1,5 @@
-"""NVML queries, each wrapped: a query the device or the VM does not support reads None.
+"""How the device was while a schedule ran: NVML queries (each wrapped: a query the device or
+the VM does not support reads None), and how busy the machine was (`busy_mark`/`busy_since`).
 
 NVML numbers GPUs physically; torch numbers the GPUs CUDA_VISIBLE_DEVICES lets it see. So the
 handle for torch's device is found by its UUID, else its PCI bus id, never by torch's index (with
@@ -7,9 +8,15 @@ having no NVML ("nvml": None), not as another GPU's clocks.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
+
+CONTENDED_SHARE = 0.25  # other processes using more than this share of the CPUs: a contended reading
 
 
 def _nvml():
@@ -92,3 +99,98 @@ def _decode_reasons(nv, mask: int | None) -> list[str] | None:
     names = [n for n in dir(nv) if n.startswith("nvmlClocksEventReason") and n != "nvmlClocksEventReasonNone"]
     return sorted(n.removeprefix("nvmlClocksEventReason") for n in names
                   if isinstance(getattr(nv, n), int) and mask & getattr(nv, n) and n != "nvmlClocksEventReasonAll")
+
+
+# --- how busy the machine was ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class BusyMark:
+    wall: float
+    system_cpu_s: float | None  # busy time of every CPU (Linux /proc/stat), steal included
+    own_cpu_s: float
+
+
+def _system_cpu_s() -> tuple[float, int] | None:
+    """(seconds every CPU spent busy since boot, number of CPUs) from /proc/stat; None elsewhere."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    fields = [float(x) for x in lines[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), max(cpus, 1)
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def busy_mark() -> BusyMark:
+    system = _system_cpu_s()
+    return BusyMark(wall=time.perf_counter(), system_cpu_s=system and system[0], own_cpu_s=_own_cpu_s())
+
+
+def busy_since(mark: BusyMark, device: str = "cpu") -> dict[str, Any]:
+    """What else ran since `mark`: other processes' CPU seconds (all CPUs' busy time less this
+    process's), the load average, and on a GPU the other processes NVML sees on it."""
+    wall = time.perf_counter() - mark.wall
+    out: dict[str, Any] = {"wall_s": round(wall, 4)}
+    system = _system_cpu_s()
+    if system is not None and mark.system_cpu_s is not None:
+        others = (system[0] - mark.system_cpu_s) - (_own_cpu_s() - mark.own_cpu_s)
+        out.update(others_cpu_s=round(max(others, 0.0), 3), cpus=system[1])
+    if hasattr(os, "getloadavg"):
+        out["load1"] = round(os.getloadavg()[0], 2)
+    if device.startswith("cuda"):
+        out["gpu_other_processes"] = _gpu_other_processes(device)
+    return out
+
+
+def _gpu_other_processes(device: str) -> int | None:
+    nv = _nvml()
+    if nv is None:
+        return None
+    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    handle = nvml_handle(nv, index)
+    if handle is None:
+        return None
+    procs = _query(lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle))
+    return None if procs is None else sum(1 for p in procs if p.pid != os.getpid())
+
+
+def merge_busy(readings: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Readings over several spans as one: times add up, the load and other GPU processes peak."""
+    readings = [r for r in readings if r]
+    if not readings:
+        return {}
+    out: dict[str, Any] = {"wall_s": round(sum(r.get("wall_s", 0.0) for r in readings), 4)}
+    if all("others_cpu_s" in r for r in readings):
+        out.update(others_cpu_s=round(sum(r["others_cpu_s"] for r in readings), 3), cpus=readings[0]["cpus"])
+    for key in ("load1", "gpu_other_processes"):
+        values = [r[key] for r in readings if r.get(key) is not None]
+        if values:
+            out[key] = max(values)
+    return out
+
+
+def others_share(busy: dict[str, Any]) -> float | None:
+    """The share of all CPUs other processes used: 0 quiet, 1 every CPU busy with others' work."""
+    if not busy.get("wall_s") or "others_cpu_s" not in busy:
+        return None
+    return min(busy["others_cpu_s"] / (busy["wall_s"] * busy["cpus"]), 1.0)
+
+
+def contention(busy: dict[str, Any] | None) -> str | None:
+    """Why a reading was taken under contention, in words; None when it was not (or unknown)."""
+    if not busy:
+        return None
+    why = []
+    share = others_share(busy)
+    if share is not None and share > CONTENDED_SHARE:
+        why.append(f"other processes used {share:.0%} of the {busy['cpus']} CPU(s)"
+                   + (f" (load average {busy['load1']:g})" if busy.get("load1") is not None else ""))
+    if busy.get("gpu_other_processes"):
+        why.append(f"{busy['gpu_other_processes']} other process(es) ran on the GPU")
+    return "; ".join(why) or None

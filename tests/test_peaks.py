@@ -14,13 +14,18 @@ from dynaflow.runtime.hardware import _PEAKS, measure_peaks
 def _ops(store, *extra) -> str:
     cmd = [sys.executable, "-m", "dynaflow.tuner.cli", "ops", "--model", "llama-tiny", "--workload", "d4x16",
            "--store", str(store), *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
-    return out.splitlines()[0]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout.splitlines()[0], done.stderr
 
 
 def test_repeated_ops_runs_print_the_same_balance_until_renewed(tmp_path):
-    first, second = _ops(tmp_path), _ops(tmp_path)
-    assert "machine balance" in first and first == second  # two processes, one cached measurement
+    (first, _), (second, said) = _ops(tmp_path), _ops(tmp_path)
+    assert "machine balance" in first
+    if "measuring them again" in said:  # the first was measured while the machine was busy: renewed, said so
+        assert "contradicted by a quick check" in said or "measured under contention" in said
+        first, said = second, _ops(tmp_path)[1]
+        second = _ops(tmp_path)[0]
+    assert first == second  # two processes, one cached measurement
     [cache] = (tmp_path / "peaks").glob("*_float32.json")
     before = json.loads(cache.read_text())
     _ops(tmp_path, "--remeasure-peaks")
@@ -36,3 +41,33 @@ def test_a_corrupt_peaks_cache_is_named_and_measured_again(tmp_path):
     with pytest.warns(UserWarning, match=f"peaks cache {path} is not valid JSON"):
         peaks = measure_peaks("cpu", torch.float32, hardware=hw, cache_dir=tmp_path)
     assert peaks.balance > 0 and json.loads(path.read_text())["flops_per_s"] == peaks.flops_per_s
+
+
+def _cache(tmp_path, **fields):
+    hw = detect("cpu")
+    path = tmp_path / f"{hw.key}_float32.json"
+    path.write_text(json.dumps({"flops_per_s": 1e11, "bytes_per_s": 3e10, "dtype": "float32", **fields}))
+    _PEAKS.clear()
+    return hw, path
+
+
+def test_peaks_cached_under_contention_are_measured_again_with_a_line_saying_so(tmp_path):
+    busy = {"wall_s": 1.0, "others_cpu_s": 1.2, "cpus": 2, "load1": 5.0}  # others took 60% of the CPUs
+    hw, path = _cache(tmp_path, busy=busy)
+    with pytest.warns(UserWarning, match=r"were measured under contention \(other processes used 60% of the 2 CPU"):
+        peaks = measure_peaks("cpu", torch.float32, hardware=hw, cache_dir=tmp_path)
+    assert json.loads(path.read_text())["flops_per_s"] == peaks.flops_per_s != 1e11
+    assert "others_cpu_s" in json.loads(path.read_text())["busy"]  # the new cache records its own load
+
+
+def test_peaks_a_quick_check_contradicts_are_measured_again(tmp_path):
+    hw, path = _cache(tmp_path, flops_per_s=1e6)  # far below anything this machine does
+    with pytest.warns(UserWarning, match=r"contradicted by a quick check \(GEMM [0-9.]+x faster now\)"):
+        peaks = measure_peaks("cpu", torch.float32, hardware=hw, cache_dir=tmp_path)
+    assert peaks.flops_per_s > 1e8
+
+
+def test_peaks_cached_quiet_and_confirmed_are_kept(tmp_path, recwarn):
+    hw, path = _cache(tmp_path, flops_per_s=1e15, bytes_per_s=1e13, busy={"wall_s": 1.0, "others_cpu_s": 0.0, "cpus": 2})
+    peaks = measure_peaks("cpu", torch.float32, hardware=hw, cache_dir=tmp_path)
+    assert peaks.flops_per_s == 1e15 and not [w for w in recwarn if "peaks" in str(w.message)]

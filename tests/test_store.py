@@ -35,7 +35,7 @@ def test_corrupt_and_foreign_files_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=f"schedule record {path} is not valid JSON"):
         store.read(path)
     path.write_text('{"record_schema": 9}')
-    with pytest.raises(ValueError, match="record_schema must be 1 or 2, but got 9"):
+    with pytest.raises(ValueError, match="record_schema must be 1 to 3, but got 9"):
         store.read(path)
 
 

@@ -31,11 +31,14 @@ def studies_table(storage: str) -> pd.DataFrame:
         study = optuna.load_study(study_name=summary.study_name, storage=opened)
         trials = study.get_trials(deepcopy=False)
         last = max((t.datetime_complete or t.datetime_start for t in trials if t.datetime_start), default=None)
+        confirmation = study.user_attrs.get("confirmation") or {}
         rows.append({"study": summary.study_name, "trials": len(trials),
                      "distinct": sum(1 for t in trials if counts_toward_budget(t) and t.state.is_finished()),
-                     "verdict": (study.user_attrs.get("confirmation") or {}).get("verdict", "not confirmed"),
-                     "last_trial": last})
-    df = pd.DataFrame(rows, columns=["study", "trials", "distinct", "verdict", "last_trial"])
+                     "verdict": confirmation.get("verdict", "not confirmed"),
+                     "confirmed_speedup": confirmation.get("speedup") if confirmation.get("verdict") == "winner" else None,
+                     "contended": bool(confirmation.get("contended")), "last_trial": last})
+    df = pd.DataFrame(rows, columns=["study", "trials", "distinct", "verdict", "confirmed_speedup", "contended",
+                                     "last_trial"])
     return df.sort_values("last_trial", ascending=False, na_position="last").reset_index(drop=True)
 
 
@@ -69,9 +72,22 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     df = df.rename(columns={"value": "tokens_per_s"})
     df["last_sample_tokens_per_s"] = [t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values
                                       else None for t in trials]
-    base = df.loc[df.baseline, "tokens_per_s"]
-    df["speedup"] = df.tokens_per_s / base.iloc[0] if len(base) else float("nan")
+    df["baseline_tokens_per_s"] = _baseline_of_each(trials)
+    df["speedup"] = df.tokens_per_s / df.baseline_tokens_per_s
     return df
+
+
+def _baseline_of_each(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
+    """Each trial's baseline: the one measured in its own run (its record names it), else the
+    latest measured before it (studies from before runs named theirs); a baseline is its own."""
+    values = {t.number: t.value for t in trials if t.user_attrs.get(BASELINE) and t.value}
+    out, latest = [], None
+    for t in trials:
+        if t.number in values:
+            latest = values[t.number]
+        named = result_of(t).get("baseline_trial")
+        out.append(values.get(named, latest) if named is not None else latest)
+    return [float("nan") if v is None else v for v in out]
 
 
 def best_search_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -88,8 +104,9 @@ def say(ax, text: str) -> None:
 
 
 def plot_history(study: optuna.Study, df: pd.DataFrame, ax) -> None:
-    """Every search trial's speedup over the baseline: completed (dots, with the best so far),
-    pruned (at their last sample) and failed (at the bottom), each marked."""
+    """Every search trial's speedup over the baseline measured in its own run (warmed before the
+    run's first trial): completed (dots, with the best so far), pruned (at their last sample)
+    and failed (at the bottom), each marked; the confirmed speedup, when there is one, as a line."""
     search = df[~df.baseline] if len(df) else df
     base = df.loc[df.baseline, "tokens_per_s"] if len(df) else []
     if not len(search) or not len(base):
@@ -103,10 +120,13 @@ def plot_history(study: optuna.Study, df: pd.DataFrame, ax) -> None:
     for state, (marker, colour, label) in MARKERS.items():
         rows = search[search.state == state]
         if len(rows):
-            y = rows.last_sample_tokens_per_s / base.iloc[0] if state == "PRUNED" else [low] * len(rows)
+            y = rows.last_sample_tokens_per_s / rows.baseline_tokens_per_s if state == "PRUNED" else [low] * len(rows)
             ax.scatter(rows.number, y, marker=marker, color=colour, s=22, label=label)
-    ax.axhline(1.0, color="red", linestyle="--", label="sequential baseline")
-    ax.set(xlabel="trial", ylabel="speedup over sequential", title="optimization history")
+    ax.axhline(1.0, color="red", linestyle="--", label="sequential baseline (each run's own)")
+    confirmed = study.user_attrs.get("confirmation") or {}
+    if confirmed.get("verdict") == "winner":
+        ax.axhline(confirmed["speedup"], color="green", linestyle=":", label=f"confirmed {confirmed['speedup']:.3f}x")
+    ax.set(xlabel="trial", ylabel="speedup over its run's baseline", title="optimization history")
     ax.legend(loc="best", fontsize=7)
 
 
@@ -173,8 +193,9 @@ def plot_buckets(records: pd.DataFrame, ax) -> None:
     ax.legend(fontsize=8)
 
 
-def plot_timelines(timelines: list[Timeline], axes) -> None:
-    """Gantt charts, one per schedule, on a shared time axis: where the overlap is."""
+def plot_timelines(timelines: list[Timeline], axes, *, caption: str | None = None) -> None:
+    """Gantt charts, one per schedule, on a shared time axis: where the overlap is; `caption`
+    (report.timeline_ratio) says how their ratio compares with the stored verdict."""
     end = max(t.makespan_ms for t in timelines)
     for tl, ax in zip(timelines, axes):
         for s in tl.spans:
@@ -186,6 +207,10 @@ def plot_timelines(timelines: list[Timeline], axes) -> None:
         ax.set(xlim=(0, end * 1.02), yticks=sorted({s.stream for s in tl.spans}), ylabel="stream",
                title=f"{tl.label}: {tl.makespan_ms:.2f} ms")
     axes[-1].set_xlabel("ms")
+    if caption:
+        import textwrap
+
+        axes[0].figure.suptitle(textwrap.fill(caption, 130), fontsize=7)
     handles = [matplotlib.patches.Patch(color=c, label=r) for r, c in COLOURS.items()]
     axes[0].legend(handles=handles, fontsize=7, loc="upper right")
 

@@ -6,11 +6,16 @@ candidate median, on the pooled samples of every confirmation round):
 - `sequential_best`: every candidate's interval ends below 1 + min_effect: none can be faster
   by more than the smallest effect this confirmation is asked to resolve (also when no
   candidate completed);
-- `inconclusive`: otherwise: the noise is too large to tell. The sequential schedule is
-  stored, marked as such, and never replaces a conclusive record.
+- `inconclusive`: otherwise: the noise is too large to tell, or the run was interrupted
+  before any candidate was measured. The sequential schedule is stored, marked as such, and
+  never replaces a conclusive record.
+
+How busy the machine was over the confirmation's runs is kept with the verdict; a verdict
+reached while other processes used a large share of the machine says so (`contended`).
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
@@ -18,14 +23,14 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from dynaflow.runtime import Schedule, Workload
+from dynaflow.runtime import Schedule, Workload, telemetry
 from dynaflow.runtime.measure import relative_spread, tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.runtime.store import Verdict as Kind  # the stored verdict; `Verdict` here is the confirmation
 
 from .config import TuneConfig
 from .study import BASELINE, result_of
-from .targets import Target
+from .targets import Target, explain
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -50,6 +55,13 @@ class Verdict:
     bound_ms: float | None
     min_effect: float
     candidates: tuple[Candidate, ...] = field(default=())
+    busy: dict = field(default_factory=dict)  # how busy the machine was over the confirmation (telemetry.busy_since)
+    interrupted_early: bool = False  # stopped before any candidate was measured
+
+    @property
+    def contended(self) -> str | None:
+        """Why the confirmation ran under contention, in words; None when it did not."""
+        return telemetry.contention(self.busy)
 
     @property
     def wins(self) -> bool:
@@ -78,7 +90,8 @@ class Verdict:
                 "high": self.best.high if self.best else None, "noise": self.noise, "min_effect": self.min_effect,
                 "sequential_best": not self.wins, "baseline_samples_ms": list(self.baseline_samples_ms),
                 "best_samples_ms": list(self.best.samples_ms) if self.best else [],
-                "best_trial": self.best.trial.number if self.best else None}
+                "best_trial": self.best.trial.number if self.best else None,
+                "busy": self.busy, "contended": self.contended, "interrupted_early": self.interrupted_early}
 
 
 def top_candidates(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
@@ -94,14 +107,17 @@ def top_candidates(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial
     return best[:k]
 
 
-def confirm(study: optuna.Study, target: Target, config: TuneConfig, *, rounds: int | None = None) -> Verdict:
+def confirm(study: optuna.Study, target: Target, config: TuneConfig, *, rounds: int | None = None,
+            interrupted: bool = False) -> Verdict:
+    """`interrupted`: the search was stopped; with no candidate measured, nothing is concluded."""
     trials = top_candidates(study, config.confirm_top)
     schedules = [Schedule()] + [Schedule.from_json(result_of(t)["schedule"]) for t in trials]
     pooled: list[list[float]] = [[] for _ in schedules]
-    bound = None
+    bound, busy = None, []
     for _ in range(rounds or config.confirm_rounds):
         for i, s in enumerate(schedules):
             m = target.measure(s, time_limit_s=config.trial_timeout_s)
+            busy.append(m.telemetry.get("busy") or {})
             if m.ok:
                 pooled[i].extend(m.samples_ms)
                 bound = m.bound_ms
@@ -109,17 +125,22 @@ def confirm(study: optuna.Study, target: Target, config: TuneConfig, *, rounds: 
         pooled[0] = list(result_of(_baseline(study)).get("samples_ms") or [float("nan")])
     candidates = tuple(_candidate(t, s, pooled[i + 1], pooled[0])
                        for i, (t, s) in enumerate(zip(trials, schedules[1:])) if pooled[i + 1])
-    return judge(candidates, tuple(pooled[0]), bound, config.min_effect)
+    early = interrupted and not candidates
+    verdict = judge(candidates, tuple(pooled[0]), bound, config.min_effect, undecided=early)
+    return dataclasses.replace(verdict, busy=telemetry.merge_busy(busy), interrupted_early=early)
 
 
 def judge(candidates: tuple[Candidate, ...], baseline: tuple[float, ...], bound_ms: float | None,
-          min_effect: float) -> Verdict:
+          min_effect: float, *, undecided: bool = False) -> Verdict:
+    """`undecided`: nothing may be concluded (an interrupted run with no candidate): inconclusive."""
     winners = [c for c in candidates if c.low > 1.0]
     if winners:
         kind, best = Kind.WINNER, max(winners, key=lambda c: c.speedup)
     else:
         best = max(candidates, key=lambda c: c.speedup, default=None)
         kind = Kind.SEQUENTIAL_BEST if all(c.high < 1.0 + min_effect for c in candidates) else Kind.INCONCLUSIVE
+    if undecided:
+        kind = Kind.INCONCLUSIVE
     return Verdict(kind=kind, best=best, baseline_samples_ms=baseline, bound_ms=bound_ms, min_effect=min_effect,
                    candidates=candidates)
 
@@ -170,6 +191,8 @@ def store_verdict(verdict: Verdict, study: optuna.Study, target: Target, workloa
         efficiency=verdict.bound_ms / verdict.median_ms if verdict.bound_ms else None,
         space=config.space, params=dict(best.trial.params) if verdict.wins else {},
         study=study.study_name, storage=config.storage.url, trial=best.trial.number if verdict.wins else None,
+        busy=verdict.busy, contended=verdict.contended,
+        overlap=explain(target, verdict.schedule) if verdict.wins else None,
     )
     study.set_user_attr("confirmation", verdict.attrs())
     kept, path, why = ScheduleStore(StoreConfig(root=config.store_root)).save_unless_kept(record)
@@ -178,14 +201,24 @@ def store_verdict(verdict: Verdict, study: optuna.Study, target: Target, workloa
 
 def verdict_text(v: dict | None) -> str:
     """A confirmation (a study's "confirmation" attribute, Verdict.attrs()) in words, with what to
-    do when it is inconclusive."""
+    do when it is inconclusive, and whether it ran under contention."""
     if not v:
         return "not run yet"
+    text = _verdict_words(v)
+    if v.get("contended"):
+        text += f"; measured under contention: {v['contended']}"
+    return text
+
+
+def _verdict_words(v: dict) -> str:
     kind = v.get("verdict") or ("sequential_best" if v.get("sequential_best") else "winner")
     interval = f"95% interval {v['low']:.2f}-{v['high']:.2f}x" if v.get("low") is not None else "no interval"
     if kind == "winner":
         return f"{v['speedup']:.3f}x over sequential, confirmed ({interval}; trial {v['winner_trial']})"
     effect = v.get("min_effect") or 0.03
+    if v.get("interrupted_early"):
+        return ("inconclusive: interrupted before any candidate was measured; sequential kept, nothing concluded "
+                "(run tune again to search)")
     if kind == "sequential_best":
         if v.get("best_trial") is None:
             return "sequential is best: no candidate completed (every trial was pruned or failed)"

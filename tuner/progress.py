@@ -32,7 +32,7 @@ class Progress:
             self.failures[m.outcome.value] = self.failures.get(m.outcome.value, 0) + 1
         if self.bar is None:
             return
-        postfix = {"unconfirmed best": f"{self.best:,.0f} tok/s ({self.best / self.baseline:.2f}x)"}
+        postfix = {"unconfirmed best": f"{self.best:,.0f} tok/s ({self.best / self.baseline:.2f}x this run's baseline)"}
         postfix.update(self.failures)
         if self.duplicates:
             postfix["duplicates"] = self.duplicates

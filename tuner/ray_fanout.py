@@ -20,7 +20,7 @@ from dynaflow.runtime import Hardware, Measurement, OpGraph, Schedule, TrialOutc
 from dynaflow.search_spaces import SpaceContext, get_space
 
 from .pool import Done, Job, crashed, measure_one
-from .targets import Target
+from .targets import Target, explain
 
 GRACE_S = 5.0  # beyond a trial's own time limit, before the driver gives up on its worker
 
@@ -58,6 +58,9 @@ class MeasureWorker:
             return self.target.measure(schedule, time_limit_s=time_limit_s)
         except Exception as e:  # raised, not died: the worker lives on
             return crashed(e)
+
+    def explain(self, schedule: Schedule) -> dict | None:
+        return explain(self.target, schedule)
 
 
 @dataclass(kw_only=True)
@@ -229,6 +232,9 @@ class ActorTarget:
         for ref in one.starting:  # a replacement must be ready before the next call reaches it
             one.pool.check_replacement(self.group, ref)
         return m
+
+    def explain(self, schedule: Schedule) -> dict | None:
+        return self.pool.ray.get(self.group.actors[0].explain.remote(schedule), timeout=self.pool.config.prepare_timeout_s)
 
 
 @contextmanager

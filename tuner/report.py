@@ -26,9 +26,8 @@ def stored_table(root: Path) -> pd.DataFrame:
 
 def timelines_for(study, store_root: Path) -> tuple[list, str | None]:
     """Timelines of the sequential and the best schedule, re-run here when this machine is the
-    study's hardware; else ([], why)."""
+    study's hardware (warmed, interleaved, medians: Bench.timelines); else ([], why)."""
     from dynaflow.runtime import Bench, MeasureConfig, Schedule, detect
-    from dynaflow.runtime.timeline import record_timeline
 
     from .analysis import best_schedule, study_workload, workload_from_record
 
@@ -39,15 +38,33 @@ def timelines_for(study, store_root: Path) -> tuple[list, str | None]:
     if detect(workload.device).key != hardware:
         return [], f"this machine is not {hardware}: timelines are recorded on the study's hardware"
     bench = Bench(workload, config=MeasureConfig(warmup=1, repeats=1, peaks_dir=StoreConfig(root=store_root).peaks_dir))
-    resources = {op.name: op.resource for op in bench.executor.graph.ops}
-    out = []
-    for schedule in (Schedule(), best_schedule(study)):
-        compiled = bench.executor.compile(dataclasses.replace(schedule, cuda_graph=False))
-        try:
-            out.append(record_timeline(compiled, resources))
-        finally:
-            compiled.close()
-    return out, None
+    return bench.timelines([Schedule(), best_schedule(study)], runs=TIMELINE_RUNS), None
+
+
+TIMELINE_RUNS = 9
+
+
+def timeline_ratio(timelines: list, confirmation: dict | None) -> str:
+    """The timelines' own ratio (median makespans, sequential over best, with the spread of the
+    per-run ratios) beside the stored verdict's speedup, saying so when they disagree."""
+    import statistics
+
+    seq, best = timelines
+    ratios = sorted(a / b for a, b in zip(seq.makespans_ms, best.makespans_ms) if b > 0)
+    if not ratios:
+        return "the timelines recorded no runs"
+    ratio = statistics.median(seq.makespans_ms) / statistics.median(best.makespans_ms)
+    low, high = ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]
+    text = f"timelines: sequential {seq.makespan_ms:.2f} ms, best {best.makespan_ms:.2f} ms: {ratio:.3f}x " \
+           f"(per-run ratios {low:.3f}-{high:.3f}x; timing every task adds a little to each)"
+    if not confirmation:
+        return text + "; no stored verdict to compare"
+    verdict = confirmation.get("speedup", 1.0) if confirmation.get("verdict") == "winner" else 1.0
+    text += f"; the stored verdict: {verdict:.3f}x ({confirmation.get('verdict', '?').replace('_', ' ')})"
+    if not (low <= verdict <= high):
+        text += ": they disagree beyond the timelines' spread (the machine's load changed, or the per-task " \
+                "timing weighs more on one schedule)"
+    return text
 
 
 def write_report(storage: str, out_dir: Path, *, store_root: Path = Path("results"),
@@ -96,8 +113,10 @@ def write_report(storage: str, out_dir: Path, *, store_root: Path = Path("result
         if tls:
             fig, axes = plt.subplots(len(tls), 1, figsize=(9, 1.6 + 1.2 * sum(len({s.stream for s in t.spans})
                                                                               for t in tls)), squeeze=False)
-            analysis.plot_timelines(tls, [a[0] for a in axes])
+            ratio = timeline_ratio(tls, study.user_attrs.get("confirmation"))
+            analysis.plot_timelines(tls, [a[0] for a in axes], caption=ratio)
             save("timelines", fig)
+            notes.append(ratio)
             for name, tl in zip(("sequential", "best"), tls):
                 tl.to_chrome_trace(out_dir / f"trace_{name}.json")
         else:
@@ -116,10 +135,15 @@ def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]
     lines = [f"# {study.study_name}", "",
              f"- trials: {len(search)} ({', '.join(f'{k} {v}' for k, v in search.outcome.value_counts().items())}), "
              f"{int((~search.duplicate).sum()) if len(search) else 0} distinct schedules",
-             f"- sequential baseline: {base.iloc[0]:,.0f} tokens/s" if len(base) else "- no baseline"]
+             f"- sequential baseline: {base.iloc[-1]:,.0f} tokens/s (the latest run's, warmed until stable"
+             + (f"; {len(base)} runs, from {base.min():,.0f} to {base.max():,.0f}" if len(base) > 1 else "") + ")"
+             if len(base) else "- no baseline"]
     if len(done) and len(base):
-        best = done.tokens_per_s.max()
-        lines.append(f"- best search trial: {best:,.0f} tokens/s ({best / base.iloc[0]:.3f}x the baseline)")
+        best = done.loc[done.tokens_per_s.idxmax()]
+        lines.append(f"- best search trial: {best.tokens_per_s:,.0f} tokens/s ({best.speedup:.3f}x the baseline "
+                     f"measured in its run; unconfirmed: the confirmation below re-measures it interleaved)")
+    elif not len(search):
+        lines.append("- best search trial: none (no search trial was measured)")
     else:
         lines.append("- best search trial: none completed (every trial was pruned or failed)")
     lines += [f"- confirmation: {verdict_text(study.user_attrs.get('confirmation'))}", ""]

@@ -43,6 +43,7 @@ class Lane:
     pool: Pool
     context: SpaceContext
     progress: Progress
+    baseline_trial: int | None = None  # the run's baseline, which its trials' records name
 
 
 def run_search(lanes: Sequence[Lane], config: TuneConfig, stop=()) -> list[StudyResult]:
@@ -108,7 +109,7 @@ class _Search:
 
     def interrupt(self) -> None:
         for p in self.inflight.values():
-            finish_trial(self.study, p.trial, p.schedule, interrupted())
+            finish_trial(self.study, p.trial, p.schedule, interrupted(), baseline=self.lane.baseline_trial)
         self.inflight.clear()
         self.result.interrupted = True
 
@@ -118,7 +119,8 @@ class _Search:
 
     def _record(self, p: Proposal, m: Measurement, worker: str | None) -> None:
         t0 = time.perf_counter()
-        record_trial(self.study, p.trial, p.schedule, m, known=self.known, result=self.result, worker=worker)
+        record_trial(self.study, p.trial, p.schedule, m, known=self.known, result=self.result, worker=worker,
+                     baseline=self.lane.baseline_trial)
         self.heartbeat.discard(p.trial)
         self.result.stats.study_s += time.perf_counter() - t0
         self.result.stats.count(worker, m.outcome.value)

@@ -41,27 +41,30 @@ class Session:
     target: Target
     study: optuna.Study
     progress: Progress
+    baseline_trial: int  # this run's baseline: its trials are compared with it
 
 
 def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, position: int = 0) -> Session:
     ScheduleStore(StoreConfig(root=config.store_root)).path(target.hardware.key, workload.key)  # writable there?
     name = study_name(target.hardware.key, workload, config.space)
     study = open_study(name, config)
-    baseline = ensure_baseline(study, target, config)
+    baseline, baseline_trial = ensure_baseline(study, target, config, log=log)
     warm = enqueue_warm_starts(study, config, target.hardware.key, workload)
     done = len(search_trials(study))
-    log(f"study {name}: {done} schedule(s) measured so far, baseline {baseline.tokens_per_s:,.0f} tokens/s"
+    log(f"study {name}: {done} schedule(s) measured so far, baseline {baseline.tokens_per_s:,.0f} tokens/s "
+        f"(trial {baseline_trial}, warm after {study.get_trials(deepcopy=False)[baseline_trial].user_attrs['warm_runs']} run(s))"
         + (f", {warm} warm start(s) enqueued" if warm else ""))
     progress = Progress(total=config.trials, desc=f"{target.hardware.key[:24]} {workload.key}" if position else
                         workload.key, baseline_tokens_per_s=baseline.tokens_per_s, enabled=config.progress,
                         done=done, position=position)
-    return Session(workload=workload, target=target, study=study, progress=progress)
+    return Session(workload=workload, target=target, study=study, progress=progress, baseline_trial=baseline_trial)
 
 
 def finish(session: Session, result: StudyResult, config: TuneConfig) -> WorkloadResult:
     """Confirm the best candidates against the baseline and store the verdict."""
     try:
-        verdict = confirm(session.study, session.target, config, rounds=1 if result.interrupted else None)
+        verdict = confirm(session.study, session.target, config, rounds=1 if result.interrupted else None,
+                          interrupted=result.interrupted)
     except KeyboardInterrupt:
         print("interrupted again: nothing stored for this workload", file=sys.stderr)
         raise

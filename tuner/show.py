@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dynaflow.runtime.store import StoredSchedule
+from dynaflow.runtime.telemetry import others_share
+from dynaflow.runtime.timeline import overlap_text
 
 
 def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
@@ -29,6 +31,21 @@ def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
              f"streams    {streams}"]
     lines += [f"order      stream {k}: " + " ".join(v) for k, v in sorted(per_stream.items())] if per_stream else \
         ["order      default: nano-batch by nano-batch, ops in graph order"]
+    if r.verdict == "winner":
+        lines.append(f"why        {overlap_text(r.overlap)}")
+    lines.append(f"machine    {_machine(r)}")
     lines.append(f"origin     {r.space} space, study {r.study or '?'} trial {r.trial if r.trial is not None else '-'}"
                  f" ({r.storage or 'storage unknown'}), {r.created_at}")
     return "\n".join(line for line in lines if line is not None)
+
+
+def _machine(r: StoredSchedule) -> str:
+    """How busy the machine was while the verdict was confirmed."""
+    if not r.busy:
+        return "load not recorded (a record from before it was)"
+    share = others_share(r.busy)
+    quiet = "under contention: " + r.contended if r.contended else "quiet enough"
+    parts = [f"other processes used {share:.0%} of the CPUs" if share is not None else None,
+             f"load average {r.busy['load1']:g}" if r.busy.get("load1") is not None else None,
+             f"{r.busy['gpu_other_processes']} other GPU process(es)" if r.busy.get("gpu_other_processes") else None]
+    return f"{quiet} ({', '.join(p for p in parts if p)} over {r.busy.get('wall_s', 0):.1f} s of confirmation)"

@@ -107,20 +107,51 @@ def over_budget(study: optuna.Study, trial: optuna.Trial, config: TuneConfig) ->
     return config.trials is not None and len(search_trials(study, before=trial.number)) >= config.trials
 
 
-def ensure_baseline(study: optuna.Study, target: Target, config: TuneConfig) -> Measurement:
-    """The sequential schedule, measured first and kept as a completed trial without params.
-    Measured twice, keeping the second: the first run in a process pays one-off start-up costs."""
-    target.measure(Schedule(), time_limit_s=config.trial_timeout_s)
-    m = target.measure(Schedule(), time_limit_s=config.trial_timeout_s)
+WARM_RUNS = 6  # the most sequential runs spent warming the baseline
+STABLE = 0.05  # two medians in a row this close (or within the runs' own spread): warm
+
+
+def ensure_baseline(study: optuna.Study, target: Target, config: TuneConfig, *, log=print) -> tuple[Measurement, int]:
+    """The sequential schedule, measured until warm (`warm_baseline`) and kept as a completed
+    trial without params: each run adds its own, and the run's trials are compared with it
+    (their records name it). Returns the measurement and the baseline trial's number."""
+    m, runs, drift = warm_baseline(target, config)
     if not m.ok:
         advice = ("the sequential run differs from itself beyond the tolerance: loosen it with --rtol/--atol"
                   if m.outcome is TrialOutcome.INCORRECT else "check the model and the device")
         raise TuneError(f"the sequential baseline failed ({m.outcome.value}: {m.message}); {advice}.")
-    if not any(t.user_attrs.get(BASELINE) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
-        study.add_trial(optuna.trial.create_trial(
-            value=m.tokens_per_s, intermediate_values=per_sample(m, target),
-            user_attrs={BASELINE: True, RESULT: trial_record(Schedule(), m, worker=None)}))
-    return m
+    if drift is not None:
+        log(f"baseline still drifting after {runs} runs (the last two medians differ by {drift:.0%}): the machine "
+            "is busy or warming; speedups shown against it are uncertain until the confirmation")
+    study.add_trial(optuna.trial.create_trial(
+        value=m.tokens_per_s, intermediate_values=per_sample(m, target),
+        user_attrs={BASELINE: True, "warm_runs": runs, RESULT: trial_record(Schedule(), m, worker=None)}))
+    number = max(t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE))
+    return m, number
+
+
+def warm_baseline(target: Target, config: TuneConfig) -> tuple[Measurement, int, float | None]:
+    """Measure the sequential schedule until two medians in a row agree within STABLE (or their
+    own p10-p90 spread), at most WARM_RUNS times: the first runs in a process pay one-off costs
+    (allocations, caches, a cold CPU clock). Returns (the last measurement, runs, the drift
+    between the last two when they never agreed, else None)."""
+    previous, drift = None, None
+    for run in range(1, WARM_RUNS + 1):
+        m = target.measure(Schedule(), time_limit_s=config.trial_timeout_s)
+        if not m.ok:
+            return m, run, None
+        if previous is not None:
+            drift = abs(m.latency_ms / previous.latency_ms - 1)
+            if drift <= max(STABLE, m.spread or 0.0):
+                return m, run, None
+        previous = m
+    return m, WARM_RUNS, drift
+
+
+def baseline_trials(study: optuna.Study) -> dict[int, optuna.trial.FrozenTrial]:
+    """Every run's baseline trial, by number."""
+    return {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get(BASELINE)}
 
 
 def enqueue_warm_starts(study: optuna.Study, config: TuneConfig, hardware_key: str, workload: Workload) -> int:
@@ -182,9 +213,9 @@ def _reusable(t: optuna.trial.FrozenTrial, r: dict) -> Measurement:
 
 
 def record_trial(study: optuna.Study, trial, schedule: Schedule, m: Measurement, *, known: Known,
-                 result: StudyResult, worker: str | None = None) -> None:
+                 result: StudyResult, worker: str | None = None, baseline: int | None = None) -> None:
     """Tell the study, remember the schedule's result, count the outcome."""
-    finish_trial(study, trial, schedule, m, worker=worker)
+    finish_trial(study, trial, schedule, m, worker=worker, baseline=baseline)
     if m.duplicate:
         result.duplicates += 1
         return
@@ -193,19 +224,20 @@ def record_trial(study: optuna.Study, trial, schedule: Schedule, m: Measurement,
 
 
 def finish_trial(study: optuna.Study, trial: optuna.Trial, schedule: Schedule, m: Measurement, *,
-                 worker: str | None = None) -> None:
-    trial.set_user_attr(RESULT, trial_record(schedule, m, worker))
+                 worker: str | None = None, baseline: int | None = None) -> None:
+    trial.set_user_attr(RESULT, trial_record(schedule, m, worker, baseline))
     if m.ok:
         study.tell(trial, m.tokens_per_s)
     else:
         study.tell(trial, state=TrialState.PRUNED if m.outcome is TrialOutcome.PRUNED else TrialState.FAIL)
 
 
-def trial_record(schedule: Schedule, m: Measurement, worker: str | None) -> dict:
+def trial_record(schedule: Schedule, m: Measurement, worker: str | None, baseline: int | None = None) -> dict:
+    """`baseline`: the number of the baseline trial this trial is compared with (its run's)."""
     record = {"outcome": m.outcome.value, "message": m.message, "schedule": schedule.to_json(),
               "label": schedule.label, "latency_ms": m.latency_ms, "spread": m.spread,
               "efficiency": m.efficiency, "peak_bytes": m.peak_bytes, "samples_ms": list(m.samples_ms),
-              "worker": worker}
+              "worker": worker, "baseline_trial": baseline}
     record["killed_worker"] = m.killed_worker  # always written: a record without it is from before the field
     if m.duplicate:
         record["duplicate"] = True

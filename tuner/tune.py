@@ -59,7 +59,8 @@ def tune_workload(workload: Workload, places: list[tuple[Target, Pool]], config:
                   stop=()) -> list[WorkloadResult]:
     """One study per (target, pool), searched at once; each confirmed on its target and stored."""
     sessions = [start(workload, target, config, log=log, position=i) for i, (target, _) in enumerate(places)]
-    lanes = [Lane(study=s.study, pool=p, context=s.target.space_context(), progress=s.progress)
+    lanes = [Lane(study=s.study, pool=p, context=s.target.space_context(), progress=s.progress,
+                  baseline_trial=s.baseline_trial)
              for s, (_, p) in zip(sessions, places)]
     try:
         outcomes = run_search(lanes, config, stop)

@@ -1,0 +1,222 @@
+"""Verdicts a user can trust on a busy machine: a warm baseline, each run compared with its own,
+timelines that compare like with like, contention recorded and said, every winner explained."""
+import dataclasses
+
+import optuna
+import pytest
+
+from dynaflow.runtime import Bench, Executor, MeasureConfig, Measurement, Schedule, StreamSpec, TrialOutcome, Workload
+from dynaflow.runtime.store import ScheduleStore, StoreConfig, Verdict
+from dynaflow.runtime.timeline import Span, Timeline, overlap, record_timelines
+from dynaflow.tuner.analysis import trials_table
+from dynaflow.tuner.commands import result_lines
+from dynaflow.tuner.config import TuneConfig
+from dynaflow.tuner.interrupt import StopFlag
+from dynaflow.tuner.pool import InlinePool
+from dynaflow.tuner.report import timeline_ratio
+from dynaflow.tuner.show import describe
+from dynaflow.tuner.study import WARM_RUNS, ensure_baseline, open_study
+from dynaflow.tuner.tune import tune_workload
+from fakes import FakeTarget, split_landscape, tiny_context
+from test_tuner import W
+
+QUIET = {"wall_s": 2.0, "others_cpu_s": 0.1, "cpus": 2, "load1": 0.5}
+BUSY = {"wall_s": 2.0, "others_cpu_s": 2.4, "cpus": 2, "load1": 6.0}  # others took 60% of the CPUs
+
+
+class Telemetered(FakeTarget):
+    """A fake whose measurements carry a load reading, whose latencies scale by `scale`, whose
+    first `cold` sequential runs are slower, and which explains a schedule when `why` is given."""
+
+    def __init__(self, *, busy=QUIET, scale=1.0, cold=(), drift=False, why=None) -> None:
+        super().__init__(tiny_context(), lambda s: scale * split_landscape(s))
+        self.busy, self.cold, self.drift, self.why, self.sequential_runs = busy, list(cold), drift, why, 0
+
+    def measure(self, schedule, *, on_sample=None, time_limit_s=None):
+        m = super().measure(schedule, on_sample=on_sample, time_limit_s=time_limit_s)
+        if schedule.is_sequential:
+            self.sequential_runs += 1
+            factor = (self.cold.pop(0) if self.cold else 1.0) * (0.8 ** self.sequential_runs if self.drift else 1.0)
+            if factor != 1.0 and m.ok:
+                m = dataclasses.replace(m, latency_ms=m.latency_ms * factor, tokens_per_s=m.tokens_per_s / factor,
+                                        samples_ms=tuple(x * factor for x in m.samples_ms),
+                                        latency_p10_ms=m.latency_p10_ms * factor, latency_p90_ms=m.latency_p90_ms * factor)
+        return dataclasses.replace(m, telemetry={"busy": dict(self.busy)})
+
+    def explain(self, schedule):
+        return self.why
+
+
+@pytest.fixture(autouse=True)
+def faulty_space(monkeypatch, tmp_path):
+    """Trial n proposes candidate n (a split of its own); candidates beat the baseline's 10 ms."""
+    import shutil
+    from pathlib import Path
+
+    from dynaflow import search_spaces
+
+    shutil.copy(Path(__file__).parent / "faulty_space.py", tmp_path / "faulty.py")
+    monkeypatch.setattr(search_spaces, "__path__", [*search_spaces.__path__, str(tmp_path)])
+
+
+def config(tmp_path, **kw):
+    base = dict(workloads=(W,), space="faulty", trials=6, prune=False, storage=f"sqlite:///{tmp_path}/s.db", store_root=tmp_path,
+                progress=False, confirm_rounds=2, trial_timeout_s=5.0, seed=0)
+    return TuneConfig(**{**base, **kw})
+
+
+def run(target, cfg, stop=()):
+    [result] = tune_workload(W, [(target, InlinePool(target))], cfg, log=lambda *a: None, stop=stop)
+    return result
+
+
+def test_the_baseline_is_warmed_until_two_medians_agree(tmp_path):
+    cfg = config(tmp_path)
+    study = open_study("s", cfg)
+    target = Telemetered(cold=(5.0, 2.0))  # a cold process: 50 ms, then 20, then the real 10
+    m, number = ensure_baseline(study, target, cfg, log=lambda *a: None)
+    assert m.latency_ms == pytest.approx(10.0, rel=0.01) and target.sequential_runs == 4
+    trial = study.get_trials(deepcopy=False)[number]
+    assert trial.user_attrs["warm_runs"] == 4 and trial.value == pytest.approx(m.tokens_per_s)
+
+
+def test_a_baseline_that_never_settles_is_said_to_drift(tmp_path):
+    cfg, lines = config(tmp_path), []
+    target = Telemetered(drift=True)  # 20% faster every run
+    ensure_baseline(open_study("s", cfg), target, cfg, log=lines.append)
+    assert target.sequential_runs == WARM_RUNS
+    assert any(line.startswith(f"baseline still drifting after {WARM_RUNS} runs (the last two medians differ by 20%)")
+               for line in lines)
+
+
+def test_each_run_is_compared_with_the_baseline_measured_next_to_it(tmp_path):
+    cfg = config(tmp_path, trials=4)
+    run(Telemetered(scale=1.0), cfg)
+    run(Telemetered(scale=3.0), config(tmp_path, trials=8))  # the machine is 3x slower in the second run
+    study = optuna.load_study(study_name=optuna.get_all_study_names(cfg.storage.url)[0], storage=cfg.storage.url)
+    df = trials_table(study)
+    baselines = df[df.baseline]
+    assert len(baselines) == 2  # one per run
+    search = df[~df.baseline & (df.state == "COMPLETE")]
+    assert len(search) == 8
+    expected = [10.0 / split_landscape(Schedule.from_json(j)) for j in search.schedule]
+    assert list(search.speedup) == pytest.approx(expected, rel=0.01)  # not 3x off in the second run
+    assert set(search.baseline_trial) == set(baselines.number)
+
+
+def test_ctrl_c_before_the_first_trial_concludes_nothing(tmp_path):
+    stop = StopFlag()
+    stop.requested = True
+    result = run(Telemetered(), config(tmp_path), stop=stop)
+    assert result.interrupted and result.verdict.kind is Verdict.INCONCLUSIVE
+    assert result.record.verdict is Verdict.INCONCLUSIVE and result.record.schedule.is_sequential
+    text = result_lines(result)
+    assert "inconclusive: interrupted before any candidate was measured" in text
+    assert "no candidate completed" not in text
+
+
+def test_a_verdict_confirmed_under_contention_says_so_everywhere(tmp_path):
+    cfg = config(tmp_path)
+    result = run(Telemetered(busy=BUSY), cfg)
+    rec = ScheduleStore(StoreConfig(root=tmp_path)).read(result.path)
+    assert rec.contended == "other processes used 60% of the 2 CPU(s) (load average 6)"
+    assert rec.busy["wall_s"] == pytest.approx(2.0 * 2 * (1 + cfg.confirm_top))  # 2 rounds: baseline + top ones
+    assert f"measured under contention: {rec.contended}" in result_lines(result)
+    assert f"machine    under contention: {rec.contended}" in describe(rec)
+
+
+def test_a_quiet_confirmation_is_said_to_be_quiet(tmp_path):
+    result = run(Telemetered(busy=QUIET), config(tmp_path))
+    rec = ScheduleStore(StoreConfig(root=tmp_path)).read(result.path)
+    assert rec.contended is None and "contention" not in result_lines(result)
+    assert "machine    quiet enough (other processes used 2% of the CPUs" in describe(rec)
+
+
+WHY = {"makespan_ms": 8.0, "overlapped_ms": 3.0, "by_resources": {"compute+memory": 2.5, "compute+compute": 0.5},
+       "top": [{"ops": ["mlp/0", "attn/1"], "ms": 2.5}]}
+
+
+def test_a_stored_winner_says_what_overlapped(tmp_path):
+    result = run(Telemetered(why=WHY), config(tmp_path))
+    assert result.record.verdict is Verdict.WINNER
+    rec = ScheduleStore(StoreConfig(root=tmp_path)).read(result.path)  # through the file and its checks
+    assert rec.overlap == WHY
+    assert ("why        3.00 of 8.00 ms with two or more streams busy (compute+memory 2.50 ms, compute+compute "
+            "0.50 ms); longest: mlp/0 | attn/1 2.50 ms") in describe(rec)
+
+
+def test_a_bad_overlap_in_a_record_names_the_field(tmp_path):
+    result = run(Telemetered(why=WHY), config(tmp_path))
+    store = ScheduleStore(StoreConfig(root=tmp_path))
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(result.path).read_text())
+    data["overlap"]["top"][0]["ops"] = "mlp/0"
+    Path(result.path).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"record.overlap.top\[0\].ops must be two op/nano-batch names"):
+        store.read(Path(result.path))
+
+
+def test_overlap_adds_up_what_ran_at_the_same_time_per_pair_of_resource_classes():
+    spans = (Span(op="mlp", nano=0, stream=0, start_ms=0.0, end_ms=4.0, resource="compute"),
+             Span(op="attn", nano=1, stream=1, start_ms=1.0, end_ms=3.0, resource="memory"),
+             Span(op="norm", nano=0, stream=0, start_ms=4.0, end_ms=5.0, resource="memory"),
+             Span(op="o", nano=1, stream=1, start_ms=5.0, end_ms=6.0, resource="compute"))
+    o = overlap(Timeline(label="x", spans=spans))
+    assert o == {"makespan_ms": 6.0, "overlapped_ms": 2.0, "by_resources": {"compute+memory": 2.0},
+                 "top": [{"ops": ["mlp/0", "attn/1"], "ms": 2.0}]}
+    assert overlap(Timeline(label="seq", spans=spans[:1] + spans[2:3]))["overlapped_ms"] == 0.0
+
+
+def test_a_real_two_stream_schedule_overlaps_and_sequential_does_not():
+    bench = Bench(Workload(model="user_models:paced_block", num_decode=8), config=MeasureConfig(warmup=1, repeats=2))
+    names = bench.executor.graph.names
+    two = Schedule(split_sizes=(4, 4), streams=(StreamSpec(), StreamSpec()), label="2x2",
+                   order=tuple(dataclasses.replace(s) for s in _order(names)))
+    assert bench.explain(two)["overlapped_ms"] > 0  # the paced 'kernels' of the two nano-batches sleep together
+    assert bench.explain(Schedule())["overlapped_ms"] == 0
+
+
+def _order(names):
+    from dynaflow.runtime import Step
+
+    return [Step(op=o, nano=b, stream=b) for o in names for b in (0, 1)]
+
+
+class Logged:
+    """A compiled schedule that logs each call, so the order of runs can be read."""
+
+    def __init__(self, compiled, name, log) -> None:
+        self._c, self._name, self._log = compiled, name, log
+
+    def __getattr__(self, attr):
+        return getattr(self._c, attr)
+
+    def __call__(self):
+        self._log.append(self._name)
+        return self._c()
+
+
+def test_timelines_are_warmed_and_their_runs_interleaved():
+    ex = Executor(Workload(model="llama-tiny", num_decode=4, context_len=16).build())
+    log = []
+    a = Logged(ex.compile(Schedule()), "a", log)
+    b = Logged(ex.compile(Schedule(split_sizes=(2, 2), label="split")), "b", log)
+    seq, split = record_timelines([a, b], runs=3, warmup=2)
+    assert log == ["a", "b"] * 5  # two warm-ups each, then three recorded runs, alternating
+    assert len(seq.makespans_ms) == len(split.makespans_ms) == 3
+    assert seq.label == "sequential" and split.label == "split"
+
+
+def _tl(makespans):
+    return Timeline(label="", spans=(Span(op="x", nano=0, stream=0, start_ms=0.0, end_ms=max(makespans)),),
+                    makespans_ms=tuple(makespans))
+
+
+def test_the_timeline_ratio_is_set_beside_the_verdict_and_disagreement_said():
+    seq, best = _tl([20.0, 20.0, 21.0, 20.5]), _tl([10.0, 10.0, 10.5, 10.2])
+    agree = timeline_ratio([seq, best], {"verdict": "winner", "speedup": 2.0})
+    assert "2.0" in agree and "the stored verdict: 2.000x (winner)" in agree and "disagree" not in agree
+    differ = timeline_ratio([seq, best], {"verdict": "sequential_best", "speedup": 1.01})
+    assert "the stored verdict: 1.000x (sequential best): they disagree beyond the timelines' spread" in differ
