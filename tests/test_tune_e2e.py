@@ -27,8 +27,12 @@ def test_tune_on_a_built_in_preset_writes_a_valid_record_of_a_correct_schedule(t
     w = Workload(model="llama-small", num_decode=8, context_len=64, prefill_tokens=32)
     assert rec.workload == w and path.stem == w.key and path.parent.name == rec.hardware.key
     data = json.loads(path.read_text())
-    assert data["record_schema"] == 2 and data["schedule"]["schema_version"] == 1
+    assert data["record_schema"] == 3 and data["schedule"]["schema_version"] == 1
     assert data["hardware"]["software"]["torch"]
+    # how busy the machine was over the confirmation, and whether that counts as contention
+    assert data["busy"]["wall_s"] > 0 and data["busy"]["cpus"] >= 1 and "others_cpu_s" in data["busy"]
+    assert data["contended"] is None or data["contended"].startswith("other processes used")
+    assert (data["overlap"] is not None) == (rec.verdict == "winner")  # a winner says what overlapped
     # the record is one confirmation: its numbers agree with each other and with the study's verdict
     assert rec.tokens_per_s == pytest.approx(rec.baseline_tokens_per_s * rec.speedup)
     assert rec.efficiency is not None and 0 < rec.efficiency <= 1
