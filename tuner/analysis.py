@@ -19,7 +19,7 @@ from .confirm import verdict_text  # noqa: E402,F401  (the notebook's verdict in
 from .storage import open_storage  # noqa: E402
 from .study import BASELINE, RESULT, counts_toward_budget, result_of  # noqa: E402
 
-COLOURS = {"compute": "tab:blue", "memory": "tab:orange", "copy": "tab:green"}
+COLOURS = {"compute": "tab:blue", "memory": "tab:orange", "copy": "tab:green", "network": "tab:purple"}
 MARKERS = {"PRUNED": ("v", "tab:orange", "pruned (last sample)"), "FAIL": ("x", "tab:red", "failed")}
 
 
@@ -222,6 +222,10 @@ def study_workload(study: optuna.Study) -> tuple[str, str]:
 
 
 def best_schedule(study: optuna.Study) -> Schedule:
+    """The confirmed winner's schedule, else the fastest search trial's (unconfirmed)."""
+    winner = (study.user_attrs.get("confirmation") or {}).get("winner_trial")
+    if winner is not None:
+        return Schedule.from_json(result_of(study.get_trials(deepcopy=False)[winner])["schedule"])
     best = best_search_trial(study)
     return Schedule() if best is None else Schedule.from_json(best.user_attrs[RESULT]["schedule"])
 

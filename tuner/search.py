@@ -86,8 +86,10 @@ class _Search:
         """Propose trials while the pool has room and the budget lasts; answer known ones here."""
         t0 = time.perf_counter()
         while self.lane.pool.free() > 0 and self.budget.left(self.study) and not self.stop:
+            t1 = time.perf_counter()
             p = propose(self.study, self.space, self.lane.context, self.known, self.config, self.heartbeat,
                         explore=self.budget.stuck)
+            self.result.stats.study_s += time.perf_counter() - t1
             if p.answer is not None:
                 self._record(p, p.answer, None)
                 continue
