@@ -220,3 +220,14 @@ def test_the_timeline_ratio_is_set_beside_the_verdict_and_disagreement_said():
     assert "2.0" in agree and "the stored verdict: 2.000x (winner)" in agree and "disagree" not in agree
     differ = timeline_ratio([seq, best], {"verdict": "sequential_best", "speedup": 1.01})
     assert "the stored verdict: 1.000x (sequential best): they disagree beyond the timelines' spread" in differ
+
+
+def test_the_report_says_why_the_winner_won_and_how_busy_the_machine_was(tmp_path):
+    from dynaflow.tuner.report import write_report
+
+    cfg = config(tmp_path)
+    run(Telemetered(why=WHY, busy=BUSY), cfg)
+    text = write_report(cfg.storage.url, tmp_path / "report", store_root=tmp_path, timelines=False).read_text()
+    assert "- why the winner won: 3.00 of 8.00 ms with two or more streams busy (compute+memory 2.50 ms" in text
+    assert "- machine during the confirmation: under contention: other processes used 60% of the 2 CPU(s)" in text
+    assert "x the baseline measured in its run; unconfirmed" in text

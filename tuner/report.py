@@ -122,12 +122,23 @@ def write_report(storage: str, out_dir: Path, *, store_root: Path = Path("result
         else:
             notes.append(why)
     path = out_dir / "report.md"
-    path.write_text(_markdown(study, df, figures, [n for n in notes if n]))
+    path.write_text(_markdown(study, df, figures, [n for n in notes if n], stored_for(study, store_root)))
     return path
 
 
-def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]) -> str:
+def stored_for(study, store_root: Path):
+    """The stored record this study's confirmation wrote, or None."""
+    for _, rec in ScheduleStore(StoreConfig(root=store_root)).records():
+        if not isinstance(rec, ValueError) and rec.study == study.study_name:
+            return rec
+    return None
+
+
+def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str], record=None) -> str:
+    from dynaflow.runtime.timeline import overlap_text
+
     from .confirm import verdict_text
+    from .show import machine_text
 
     search = df[~df.baseline] if len(df) else df
     base = df.loc[df.baseline, "tokens_per_s"]
@@ -146,7 +157,12 @@ def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]
         lines.append("- best search trial: none (no search trial was measured)")
     else:
         lines.append("- best search trial: none completed (every trial was pruned or failed)")
-    lines += [f"- confirmation: {verdict_text(study.user_attrs.get('confirmation'))}", ""]
+    lines += [f"- confirmation: {verdict_text(study.user_attrs.get('confirmation'))}"]
+    if record is not None:
+        if record.verdict == "winner":
+            lines.append(f"- why the winner won: {overlap_text(record.overlap)}")
+        lines.append(f"- machine during the confirmation: {machine_text(record)}")
+    lines.append("")
     top = done.nlargest(5, "tokens_per_s")[["number", "tokens_per_s", "speedup", "label"]]
     lines += ["## Best trials", "", _table(top) if len(top) else "none completed", ""]
     lines += [f"![{name}]({file})" for name, file in figures.items()]

@@ -33,13 +33,13 @@ def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
         ["order      default: nano-batch by nano-batch, ops in graph order"]
     if r.verdict == "winner":
         lines.append(f"why        {overlap_text(r.overlap)}")
-    lines.append(f"machine    {_machine(r)}")
+    lines.append(f"machine    {machine_text(r)}")
     lines.append(f"origin     {r.space} space, study {r.study or '?'} trial {r.trial if r.trial is not None else '-'}"
                  f" ({r.storage or 'storage unknown'}), {r.created_at}")
     return "\n".join(line for line in lines if line is not None)
 
 
-def _machine(r: StoredSchedule) -> str:
+def machine_text(r: StoredSchedule) -> str:
     """How busy the machine was while the verdict was confirmed."""
     if not r.busy:
         return "load not recorded (a record from before it was)"
