@@ -15,13 +15,21 @@ COPY_OPS = {_ATEN.copy_.default, _ATEN.cat.default, _ATEN.clone.default, _ATEN._
 
 
 MATMULS = {_ATEN.mm.default: 0, _ATEN.bmm.default: 0, _ATEN.addmm.default: 1, _ATEN.baddbmm.default: 1}
-REDUCTIONS = {"aten::sum", "aten::mean", "aten::var_mean", "aten::var", "aten::_softmax", "aten::softmax",
-              "aten::_log_softmax", "aten::linalg_vector_norm", "aten::norm", "aten::_fused_rms_norm", "aten::cumsum"}
+# Reductions over the dims they are given (args[1]), else over the whole tensor.
+REDUCTIONS = {"aten::sum", "aten::mean", "aten::var_mean", "aten::var", "aten::std", "aten::std_mean",
+              "aten::nansum", "aten::nanmean", "aten::logsumexp", "aten::_softmax", "aten::softmax",
+              "aten::_log_softmax", "aten::log_softmax", "aten::linalg_vector_norm", "aten::norm",
+              "aten::cumsum", "aten::prod"}
+# Norms over their trailing `normalized_shape` (args[1]): layer norm, RMS norm.
+TRAILING_NORMS = {"aten::native_layer_norm", "aten::layer_norm", "aten::_fused_rms_norm", "aten::rms_norm"}
 
 
 def reduction_length(func, args) -> int:
     """Terms summed into one output element by this op: the inner dimension of a matmul, the
-    longer of head_dim and the key length in attention, the reduced extent of a reduction."""
+    longer of head_dim and the key length in attention, a convolution's in-channels per group
+    times its kernel size, a norm's normalised size (layer, RMS: the trailing shape; group: the
+    channels per group times the spatial size), the reduced extent of a sum, mean, variance or
+    softmax."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if func in MATMULS:
         return int(args[MATMULS[func]].shape[-1])
@@ -29,6 +37,16 @@ def reduction_length(func, args) -> int:
     if "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name:
         q, k = tensors[0], tensors[1]
         return int(max(q.shape[-1], k.shape[-2]))
+    if "convolution" in name and len(tensors) >= 2:
+        return _conv_length(tensors[1], args)
+    if name in TRAILING_NORMS and len(args) > 1 and isinstance(args[1], (list, tuple)):
+        return max(math.prod(int(n) for n in args[1]), 1)
+    if name == "aten::native_group_norm" and len(args) >= 7:  # (input, weight, bias, N, C, HxW, group, eps)
+        return max(int(args[4]) // max(int(args[6]), 1) * int(args[5]), 1)
+    if name in ("aten::mv", "aten::addmv"):
+        return int(tensors[0 if name == "aten::mv" else 1].shape[-1])
+    if name in ("aten::dot", "aten::vdot"):
+        return int(tensors[0].numel())
     if name in REDUCTIONS and tensors:
         dims = args[1] if len(args) > 1 and isinstance(args[1], (int, list, tuple)) else None
         if isinstance(dims, int):
@@ -37,6 +55,16 @@ def reduction_length(func, args) -> int:
             return math.prod(tensors[0].shape[d] for d in dims)
         return tensors[0].numel()
     return 1
+
+
+def _conv_length(weight: torch.Tensor, args) -> int:
+    """in-channels per group x kernel size. The weight is (out, in/groups, *kernel), or for a
+    transposed convolution (in, out/groups, *kernel), whose outputs each sum over in/groups
+    channels (at most the whole kernel)."""
+    transposed = next((a for a in args[6:7] if isinstance(a, bool)), False)
+    groups = next((a for a in args[8:9] if isinstance(a, int) and not isinstance(a, bool)), 1)
+    channels = weight.shape[0] // max(groups, 1) if transposed else weight.shape[1]
+    return max(int(channels) * math.prod(int(k) for k in weight.shape[2:]), 1)
 
 
 def attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
