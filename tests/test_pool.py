@@ -2,6 +2,7 @@
 come back later, Ctrl-C with trials in flight. A fake pool enforces the protocol (never more
 jobs than it said it had room for; a job id answered once)."""
 import shutil
+import warnings
 from pathlib import Path
 
 import optuna
@@ -148,6 +149,13 @@ def test_ctrl_c_with_trials_in_flight_records_them_interrupted(tmp_path, faulty_
     outcomes = [t.user_attrs["result"]["outcome"] for t in trials]
     assert outcomes.count("interrupted") == len(pool.running) >= 1  # in flight when the loop stopped
     assert len(trials) == len(pool.answered) + len(pool.running) < 12  # nothing proposed after the flag
+    # every count printed means what it says: measured, crashed and interrupted apart
+    from dynaflow.tuner.commands import result_lines
+
+    measured = sum(o not in ("crashed", "interrupted") for o in outcomes)
+    rest = ", ".join(f"{outcomes.count(k)} {k}" for k in ("crashed", "interrupted") if outcomes.count(k))
+    assert f"  {measured} distinct schedule(s) measured (and {rest}) in the study" in result_lines(result)
+    assert f"interrupted {outcomes.count('interrupted')}" in result_lines(result)  # this run's tally too
 
 
 def test_a_second_ctrl_c_inside_a_wait_leaves_no_trial_running(tmp_path, faulty_space):
@@ -174,3 +182,32 @@ def test_inline_pool_turns_a_raising_target_into_one_crashed_trial():
     pool.submit(Job(id=1, schedule=Schedule()))
     with pytest.raises(RuntimeError, match="one job at a time"):
         pool.submit(Job(id=2, schedule=Schedule()))
+
+
+def test_a_schedule_running_in_another_process_is_not_measured_again(tmp_path):
+    """Another tuner's running trial names its schedule as soon as it is built; a proposal of the
+    same schedule here is a duplicate (not counted, not measured), and one finished there since
+    this tuner started is reused."""
+    from dynaflow.runtime import Schedule
+    from dynaflow.tuner.search import propose
+    from dynaflow.tuner.storage import Heartbeat
+    from dynaflow.tuner.study import SCHEDULE_KEY, Known, open_study
+
+    cfg = config(tmp_path)
+    study = open_study("s", cfg)
+    split = Schedule(split_sizes=(20, 12), label="split")
+    known = Known(study)
+    with warnings.catch_warnings():  # "Heartbeat of storage is supposed to be used with Study.optimize"
+        warnings.simplefilter("ignore")
+        other = study.ask()  # another process's trial, still running
+    other.set_user_attr(SCHEDULE_KEY, split.key())
+    heartbeat = Heartbeat(study)
+    try:
+        p = propose(study, lambda trial, ctx: split, tiny_context(), known, cfg, heartbeat)
+        assert p.answer is not None and p.answer.duplicate and p.answer.outcome is TrialOutcome.SKIPPED
+        assert p.answer.message == f"duplicate schedule: being measured now in trial {other.number} (this or another process)"
+        study.tell(p.trial, state=TrialState.FAIL)
+        fresh = Schedule(split_sizes=(16, 16), label="fresh")
+        assert propose(study, lambda trial, ctx: fresh, tiny_context(), known, cfg, heartbeat).answer is None
+    finally:
+        heartbeat.close()

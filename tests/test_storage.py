@@ -1,6 +1,7 @@
 """Storage that does not crash: several processes opening a new SQLite file at once, a second
 tuner on a live study, a journal whose last line a kill cut short."""
 import os
+import re
 import subprocess
 import sys
 import time
@@ -8,6 +9,7 @@ import time
 import optuna
 import pytest
 
+from dynaflow.runtime import Schedule
 from dynaflow.tuner.storage import open_storage
 from dynaflow.tuner.study import counts_toward_budget, result_of
 
@@ -73,11 +75,20 @@ def test_two_tuners_on_one_study_share_its_budget_and_leave_each_other_alone(tmp
     while not os.path.exists(f"{tmp_path}/s.db") and first.poll() is None:
         time.sleep(0.05)
     second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outs = []
     for p in (first, second):
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
+        outs.append(out)
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
     counted = [t for t in study.trials if counts_toward_budget(t)]
     assert len(counted) == 12  # the budget held across the two processes
+    # each distinct schedule measured once: one still running elsewhere counts as known too
+    keys = [Schedule.from_json(result_of(t)["schedule"]).key() for t in counted]
+    assert len(set(keys)) == 12, sorted(keys)
+    seeds = {re.search(r"sampler seed (\d+)", out).group(1) for out in outs}
+    assert len(seeds) == 2  # the two tuners draw different proposals
+    for out in outs:  # both say the same, true count
+        assert "12 distinct schedule(s) measured in the study" in out, out
     assert not [t for t in study.trials if "heartbeats" in (result_of(t).get("message") or "")]
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]

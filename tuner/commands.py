@@ -124,7 +124,9 @@ def _tune_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--heartbeat-s", type=int, default=10, help="a running trial's heartbeat; a trial silent for "
                    "3 heartbeats belonged to a process that died and is failed")
     t.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler")
-    t.add_argument("--seed", type=int, default=0, help="sampler seed")
+    t.add_argument("--seed", type=int, default=None,
+                   help="sampler seed (default: the run's baseline trial number: 0 in a new study, and a different "
+                        "one for each tuner sharing a study)")
     t.add_argument("--no-prune", action="store_true", help="time every trial fully (no Wilcoxon pruning)")
     t.add_argument("--confirm-top", type=int, default=3, help="candidates re-measured against the baseline")
     t.add_argument("--confirm-rounds", type=int, default=3, help="interleaved re-measurement rounds")
@@ -244,10 +246,17 @@ def result_lines(r) -> str:
     fails = ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()) if k != "ok") or "none"
     converged = "; the search converged (proposals kept repeating measured schedules)" if r.exhausted else ""
     return (f"{r.workload.key}: {verdict_text(r.verdict.attrs())}\n"
-            f"  {r.distinct} distinct schedule(s) measured in the study, {r.duplicates} duplicate proposal(s) "
+            f"  {_tried(r.tally)} in the study, {r.duplicates} duplicate proposal(s) "
             f"answered from it this run{converged}; failed/pruned this run: {fails}\n"
             f"  stored {r.path}: {rec.verdict.replace('_', ' ')}, {rec.tokens_per_s:,.0f} tokens/s"
             + (f" ({r.kept})" if r.kept else "") + f"\n  schedule {rec.schedule}")
+
+
+def _tried(tally: dict[str, int]) -> str:
+    """Distinct schedules by what became of them: '30 distinct schedule(s) measured' when all
+    were, else with the crashed, interrupted and running ones apart."""
+    rest = ", ".join(f"{n} {kind}" for kind, n in tally.items() if kind != "measured" and n)
+    return f"{tally['measured']} distinct schedule(s) measured" + (f" (and {rest})" if rest else "")
 
 
 def pool_config(args):

@@ -25,7 +25,7 @@ class TuneConfig:
     storage: StorageConfig = StorageConfig()
     store_root: Path = Path("results")
     sampler: str = "tpe"
-    seed: int | None = 0
+    seed: int | None = None  # None: each run seeds its sampler with its baseline trial's number (0 in a new study)
     measure: MeasureConfig = MeasureConfig(warmup=2, repeats=10)
     prune: bool = True
     confirm_top: int = 3

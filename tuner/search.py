@@ -29,8 +29,8 @@ from .config import TuneConfig
 from .pool import Done, Job, Pool
 from .progress import Progress
 from .storage import Heartbeat, fail_stale_trials
-from .study import (Known, StudyResult, finish_trial, interrupted, over_budget, record_trial, search_trials,
-                    skipped)
+from .study import (SCHEDULE_KEY, Known, StudyResult, finish_trial, interrupted, over_budget, record_trial,
+                    search_trials, skipped)
 
 POLL_S = 0.1  # how long one pass of the loop waits for a finished trial, split over the lanes
 
@@ -112,6 +112,7 @@ class _Search:
     def interrupt(self) -> None:
         for p in self.inflight.values():
             finish_trial(self.study, p.trial, p.schedule, interrupted(), baseline=self.lane.baseline_trial)
+            self.result.outcomes["interrupted"] = self.result.outcomes.get("interrupted", 0) + 1
         self.inflight.clear()
         self.result.interrupted = True
 
@@ -158,6 +159,8 @@ def propose(study: optuna.Study, space, ctx, known: Known, config: TuneConfig, h
                 outcome=TrialOutcome.CRASHED, message=f"search space raised {type(e).__name__}: {e}"))
     finally:
         study.sampler = sampler
+    trial.set_user_attr(SCHEDULE_KEY, schedule.key())  # other processes see it is being measured
+    known.refresh(study, me=trial.number)
     if (m := known.reuse(schedule)) is not None:
         return Proposal(trial=trial, schedule=schedule, answer=m)
     if schedule.key() in known.poison:

@@ -16,7 +16,8 @@ from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from .config import TuneConfig
 from .confirm import Verdict, confirm, store_verdict
 from .progress import Progress
-from .study import StudyResult, enqueue_warm_starts, ensure_baseline, open_study, search_trials, study_name
+from .study import (StudyResult, enqueue_warm_starts, ensure_baseline, make_sampler, open_study, search_trials,
+                    study_name, tally)
 from .targets import Target
 
 
@@ -29,7 +30,8 @@ class WorkloadResult:
     kept: str | None  # why the stored record is an older one, or None
     verdict: Verdict
     outcomes: dict[str, int]
-    distinct: int  # distinct schedules measured in the study, across runs
+    distinct: int  # distinct schedules tried in the study, across runs (what the budget counts)
+    tally: dict[str, int]  # of them: measured, crashed, interrupted, running (study.tally)
     duplicates: int  # proposals this run answered from the study
     interrupted: bool
     exhausted: bool
@@ -49,10 +51,14 @@ def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, 
     name = study_name(target.hardware.key, workload, config.space)
     study = open_study(name, config)
     baseline, baseline_trial = ensure_baseline(study, target, config, log=log)
+    seed = config.seed if config.seed is not None else baseline_trial  # tuners sharing a study differ
+    if config.seed is None:
+        study.sampler = make_sampler(config.sampler, seed)
     warm = enqueue_warm_starts(study, config, target.hardware.key, workload)
     done = len(search_trials(study))
     log(f"study {name}: {done} schedule(s) measured so far, baseline {baseline.tokens_per_s:,.0f} tokens/s "
-        f"(trial {baseline_trial}, warm after {study.get_trials(deepcopy=False)[baseline_trial].user_attrs['warm_runs']} run(s))"
+        f"(trial {baseline_trial}, warm after {study.get_trials(deepcopy=False)[baseline_trial].user_attrs['warm_runs']} "
+        f"run(s)), sampler seed {seed}"
         + (f", {warm} warm start(s) enqueued" if warm else ""))
     progress = Progress(total=config.trials, desc=f"{target.hardware.key[:24]} {workload.key}" if position else
                         workload.key, baseline_tokens_per_s=baseline.tokens_per_s, enabled=config.progress,
@@ -71,5 +77,6 @@ def finish(session: Session, result: StudyResult, config: TuneConfig) -> Workloa
     record, path, kept = store_verdict(verdict, session.study, session.target, session.workload, config)
     return WorkloadResult(workload=session.workload, study=session.study.study_name, record=record, path=path,
                           kept=kept, verdict=verdict, outcomes=result.outcomes,
-                          distinct=len(search_trials(session.study)), duplicates=result.duplicates,
+                          distinct=len(search_trials(session.study)), tally=tally(session.study),
+                          duplicates=result.duplicates,
                           interrupted=result.interrupted, exhausted=result.exhausted)

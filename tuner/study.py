@@ -23,6 +23,7 @@ from .targets import Target
 
 BASELINE = "baseline"
 RESULT = "result"
+SCHEDULE_KEY = "schedule_key"  # a running trial's schedule, written as soon as it is built
 STALE = "the tuning process stopped sending heartbeats during this trial (killed or crashed)"
 ASKED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 REUSABLE = {TrialOutcome.OK.value, TrialOutcome.PRUNED.value, TrialOutcome.INCORRECT.value, TrialOutcome.INVALID.value}
@@ -74,10 +75,14 @@ def study_name(hardware_key: str, workload: Workload, space: str) -> str:
     return f"{hardware_key}/{workload.key}/{space}"
 
 
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+            "qmc": lambda: optuna.samplers.QMCSampler(seed=seed)}[name]()
+
+
 def open_study(name: str, config: TuneConfig) -> optuna.Study:
-    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=config.seed),
-               "random": lambda: optuna.samplers.RandomSampler(seed=config.seed),
-               "qmc": lambda: optuna.samplers.QMCSampler(seed=config.seed)}[config.sampler]()
+    sampler = make_sampler(config.sampler, config.seed)
     with warnings.catch_warnings():  # WilcoxonPruner is marked experimental; it fits repeated timings
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         pruner = optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=5) if config.prune \
@@ -99,6 +104,18 @@ def search_trials(study: optuna.Study, before: int | None = None) -> list[optuna
     warm starts not yet asked do not count; running ones, in any process, do."""
     return [t for t in study.get_trials(deepcopy=False, states=ASKED)
             if counts_toward_budget(t) and (before is None or t.number < before)]
+
+
+def tally(study: optuna.Study) -> dict[str, int]:
+    """The study's search trials that count toward the budget, by what became of them: measured
+    (a result: ok, pruned, incorrect, invalid, oom, timeout), crashed, interrupted, running."""
+    out = {"measured": 0, "crashed": 0, "interrupted": 0, "running": 0}
+    for t in search_trials(study):
+        outcome = result_of(t).get("outcome")
+        kind = ("running" if t.state == TrialState.RUNNING else outcome if outcome in ("crashed", "interrupted")
+                else "measured")
+        out[kind] += 1
+    return out
 
 
 def over_budget(study: optuna.Study, trial: optuna.Trial, config: TuneConfig) -> bool:
@@ -169,16 +186,34 @@ def enqueue_warm_starts(study: optuna.Study, config: TuneConfig, hardware_key: s
 
 class Known:
     """Schedules this study measured before, with a result a re-proposal can reuse (OK, pruned,
-    incorrect, invalid), and schedules that killed a worker (never dispatched again)."""
+    incorrect, invalid), schedules that killed a worker (never dispatched again), and schedules
+    being measured now, by any process sharing the study (each running trial names its schedule
+    in SCHEDULE_KEY as soon as it is built): none is measured twice."""
 
     def __init__(self, study: optuna.Study) -> None:
         self.results: dict[str, Measurement] = {}
         self.poison: set[str] = set()
+        self.running: dict[str, int] = {}  # schedule key -> the running trial measuring it
+        self.seen: set[int] = set()  # finished trials already read
+        self.refresh(study)
+
+    def refresh(self, study: optuna.Study, *, me: int | None = None) -> None:
+        """Read what other processes finished or started since the last call (`me`: the trial
+        asking, whose own key does not count)."""
+        self.running = {}
         for t in study.get_trials(deepcopy=False):
+            if t.state == TrialState.RUNNING:
+                key = t.user_attrs.get(SCHEDULE_KEY)
+                if key and t.number != me:
+                    self.running.setdefault(key, t.number)
+                continue
+            if t.number in self.seen:
+                continue
+            self.seen.add(t.number)
             r = result_of(t)
             if not r.get("schedule") or r.get("duplicate"):
                 continue
-            if t.state.is_finished() and r.get("outcome") in REUSABLE:
+            if r.get("outcome") in REUSABLE:
                 self.results.setdefault(_key(r), _reusable(t, r))
             elif r.get("killed_worker", _killed_worker_before_the_field(r)):
                 self.poison.add(_key(r))
@@ -190,8 +225,13 @@ class Known:
             self.poison.add(schedule.key())
 
     def reuse(self, schedule: Schedule) -> Measurement | None:
-        """A schedule measured before (TPE re-proposes): its result again, marked, not re-timed."""
+        """A schedule measured before (TPE re-proposes): its result again, marked, not re-timed;
+        one being measured now: skipped, marked a duplicate (neither counts toward the budget)."""
         m = self.results.get(schedule.key())
+        if m is None and schedule.key() in self.running:
+            return Measurement(outcome=TrialOutcome.SKIPPED, duplicate=True,
+                               message=f"duplicate schedule: being measured now in trial "
+                                       f"{self.running[schedule.key()]} (this or another process)")
         if m is None:
             return None
         return Measurement(outcome=m.outcome, tokens_per_s=m.tokens_per_s, samples_ms=m.samples_ms, duplicate=True,
