@@ -25,3 +25,36 @@ def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> No
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+PSEUDO = (Path("/proc"), Path("/sys"), Path("/dev"))  # kernel interfaces: never a place for results
+
+
+def check_folder(path: Path | str, flag: str) -> Path:
+    """A folder results can be written in, checked before any work: not a file, not under a
+    kernel pseudo-filesystem, created if missing, writable. Any defect is one ValueError naming
+    `flag` and the path."""
+    path = Path(path)
+    resolved = path.resolve()
+    if any(resolved == p or resolved.is_relative_to(p) for p in PSEUDO):
+        raise ValueError(f"{flag} {path} is under {next(p for p in PSEUDO if resolved.is_relative_to(p))}, a kernel "
+                         "interface, not a folder for results; give a folder of your own")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; give a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".dynaflow-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is not writable: {e.strerror or e}") from None
+    return path
+
+
+def check_file(path: Path | str, flag: str) -> Path:
+    """A file results can be written to: its folder passes check_folder and it is not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file path in it")
+    check_folder(path.parent, f"{flag} {path}: its folder")
+    return path

@@ -211,3 +211,69 @@ def test_a_schedule_running_in_another_process_is_not_measured_again(tmp_path):
         assert propose(study, lambda trial, ctx: fresh, tiny_context(), known, cfg, heartbeat).answer is None
     finally:
         heartbeat.close()
+
+
+def test_a_storage_that_fails_mid_run_is_one_line_and_the_trial_is_failed(tmp_path, faulty_space, monkeypatch):
+    from dynaflow.tuner import search
+    from dynaflow.tuner.config import TuneError
+
+    honest, calls = search.record_trial, []
+
+    def full_disk(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.\nmore")
+        return honest(*args, **kw)
+
+    monkeypatch.setattr(search, "record_trial", full_disk)
+    cfg = config(tmp_path)
+    target = FakeTarget(tiny_context(), split_landscape)
+    with pytest.raises(TuneError) as info:
+        tune_workload(W, [(target, InlinePool(target))], cfg, log=lambda *a: None)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"the study storage {cfg.storage.url} failed to record trial 3 "
+                                                      "(StorageInternalError: An exception is raised during the commit.)")
+    assert "trial 3 is failed, the trials recorded before it are kept" in message
+    states = {t.number: t.state for t in trials_of(cfg)}
+    assert states == {1: TrialState.COMPLETE, 2: TrialState.COMPLETE, 3: TrialState.FAIL}  # none left RUNNING
+
+
+def test_a_full_disk_at_the_record_write_is_one_line_and_nothing_half_written(tmp_path, faulty_space, monkeypatch):
+    import errno
+    import os
+
+    from dynaflow.runtime import files
+    from dynaflow.tuner.config import TuneError
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", no_space)
+    cfg = config(tmp_path)
+    target = FakeTarget(tiny_context(), split_landscape)
+    with pytest.raises(TuneError, match=r"cannot write the record .*\.json: No space left on device; nothing was "
+                                        r"half-written .* keeps every trial and the verdict"):
+        tune_workload(W, [(target, InlinePool(target))], cfg, log=lambda *a: None)
+    monkeypatch.setattr(files.os, "replace", os.replace)
+    leftovers = [p for p in (tmp_path / "schedules").rglob("*") if p.is_file()]
+    assert leftovers == []  # no temp file, no partial record
+    assert len(trials_of(cfg)) == 12  # the search was kept
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("store", "a-file", "--store {tmp}/a-file is a file, not a folder"),
+    ("store", "/proc/dynaflow", "--store /proc/dynaflow is under /proc, a kernel interface"),
+    ("storage", "sqlite:///{tmp}/a-file/s.db", "--storage {tmp}/a-file/s.db: its folder {tmp}/a-file is a file"),
+    ("storage", "journal:{tmp}", "--storage {tmp} is a folder; give a file path in it"),
+])
+def test_store_and_storage_are_checked_before_anything_runs(tmp_path, flag, value, said, capsys):
+    from dynaflow.tuner.cli import main
+
+    (tmp_path / "a-file").write_text("x")
+    value = value.format(tmp=tmp_path)
+    args = ["tune", "--model", "definitely_missing_module:case", "--trials", "1", "--no-progress",
+            "--store", str(tmp_path / "store"), "--storage", f"sqlite:///{tmp_path}/s.db"]
+    args[args.index(f"--{flag}") + 1] = value if flag == "storage" or value.startswith("/") else str(tmp_path / value)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said.format(tmp=tmp_path) in err, err  # before the model was even imported

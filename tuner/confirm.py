@@ -28,7 +28,7 @@ from dynaflow.runtime.measure import relative_spread, tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.runtime.store import Verdict as Kind  # the stored verdict; `Verdict` here is the confirmation
 
-from .config import TuneConfig
+from .config import TuneConfig, TuneError
 from .study import BASELINE, result_of
 from .targets import Target, explain
 
@@ -195,7 +195,14 @@ def store_verdict(verdict: Verdict, study: optuna.Study, target: Target, workloa
         overlap=explain(target, verdict.schedule) if verdict.wins else None,
     )
     study.set_user_attr("confirmation", verdict.attrs())
-    kept, path, why = ScheduleStore(StoreConfig(root=config.store_root)).save_unless_kept(record)
+    store = ScheduleStore(StoreConfig(root=config.store_root))
+    try:
+        kept, path, why = store.save_unless_kept(record)
+    except OSError as e:  # a full disk, a folder made read-only mid-run: the write left nothing half-done
+        where = store.path(record.hardware.key, record.workload.key)
+        raise TuneError(f"cannot write the record {where}: {e.strerror or e}; nothing was half-written (any older "
+                        f"record there is unchanged) and study {study.study_name} in {config.storage.url} keeps every "
+                        "trial and the verdict: free space and run tune again to store it") from None
     return kept, str(path), why
 
 

@@ -25,7 +25,7 @@ from dynaflow.runtime import Measurement, Schedule, TrialOutcome
 from dynaflow.runtime.measure import tokens_per_s
 from dynaflow.search_spaces import SpaceContext, get_space
 
-from .config import TuneConfig
+from .config import TuneConfig, TuneError
 from .pool import Done, Job, Pool
 from .progress import Progress
 from .storage import Heartbeat, fail_stale_trials
@@ -122,13 +122,30 @@ class _Search:
 
     def _record(self, p: Proposal, m: Measurement, worker: str | None) -> None:
         t0 = time.perf_counter()
-        record_trial(self.study, p.trial, p.schedule, m, known=self.known, result=self.result, worker=worker,
-                     baseline=self.lane.baseline_trial)
+        try:
+            record_trial(self.study, p.trial, p.schedule, m, known=self.known, result=self.result, worker=worker,
+                         baseline=self.lane.baseline_trial)
+        except Exception as e:  # the storage failed (a full disk, a lost database): the study cannot go on
+            raise storage_failed(self.study, p.trial, e, self.config) from None
         self.heartbeat.discard(p.trial)
         self.result.stats.study_s += time.perf_counter() - t0
         self.result.stats.count(worker, m.outcome.value)
         self.lane.progress.update(m, counted=Budget.counts(m), workers=self.result.stats.per_worker or None)
         self.result.exhausted = self.budget.converged(m)
+
+
+def storage_failed(study: optuna.Study, trial: optuna.Trial, e: Exception, config: TuneConfig) -> TuneError:
+    """One line for a storage that failed to record a trial; the trial is failed if the storage
+    still takes that much (else the next run fails it: its heartbeat has stopped)."""
+    try:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        state = "is failed"
+    except Exception:  # noqa: BLE001 - the storage is gone: say what happens instead
+        state = "will be failed by the next run (its heartbeat stops)"
+    first = (str(getattr(e, "orig", None) or e).splitlines() or [""])[0]
+    return TuneError(f"the study storage {config.storage.url} failed to record trial {trial.number} "
+                     f"({type(e).__name__}: {first[:200]}); trial {trial.number} {state}, the trials recorded before "
+                     "it are kept; free space (or fix the database) and run tune again to resume")
 
 
 @dataclass(kw_only=True)

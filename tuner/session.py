@@ -47,7 +47,7 @@ class Session:
 
 
 def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, position: int = 0) -> Session:
-    ScheduleStore(StoreConfig(root=config.store_root)).path(target.hardware.key, workload.key)  # writable there?
+    ScheduleStore(StoreConfig(root=config.store_root)).path(target.hardware.key, workload.key)  # inside the store
     name = study_name(target.hardware.key, workload, config.space)
     study = open_study(name, config)
     baseline, baseline_trial = ensure_baseline(study, target, config, log=log)

@@ -27,6 +27,8 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import TrialState
 
+from dynaflow.runtime.files import check_file
+
 SCHEMA_RETRIES = 8
 HEARTBEAT_ATTR = "dynaflow_heartbeat"
 
@@ -61,13 +63,7 @@ def open_storage(config: StorageConfig | str) -> BaseStorage | str:
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        for prefix in ("sqlite:///", "journal:"):
-            if url.startswith(prefix):
-                path = url.removeprefix(prefix)
-                if not path or path.endswith("/"):
-                    raise ValueError(f"--storage {url!r} names no file: give {prefix}PATH, e.g. {prefix}results/studies."
-                                     f"{'db' if prefix == 'sqlite:///' else 'journal'}")
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        check_storage(url)
         if url.startswith("journal:"):
             return _journal(url.removeprefix("journal:"), config)
         if "://" not in url:
@@ -83,6 +79,18 @@ def open_storage(config: StorageConfig | str) -> BaseStorage | str:
     except SQLAlchemyError as e:
         first = str(getattr(e, "orig", None) or e).splitlines()[0]
         raise ValueError(f"--storage {url!r} cannot be opened: {type(e).__name__}: {first}") from None
+
+
+def check_storage(url: str) -> None:
+    """A file storage's path (sqlite:///PATH, journal:PATH) names a file in a writable folder;
+    checked before any work, so a long search never ends in a storage that cannot be written."""
+    for prefix in ("sqlite:///", "journal:"):
+        if url.startswith(prefix):
+            path = url.removeprefix(prefix)
+            if not path or path.endswith("/"):
+                raise ValueError(f"--storage {url!r} names no file: give {prefix}PATH, e.g. {prefix}results/studies."
+                                 f"{'db' if prefix == 'sqlite:///' else 'journal'}")
+            check_file(path, "--storage")
 
 
 def _rdb(url: str, config: StorageConfig) -> optuna.storages.RDBStorage:

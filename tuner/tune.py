@@ -15,6 +15,7 @@ import functools
 import optuna
 
 from dynaflow.runtime import Workload
+from dynaflow.runtime.files import check_folder
 from dynaflow.runtime.store import StoreConfig
 
 from .config import TuneConfig
@@ -22,6 +23,7 @@ from .interrupt import stop_on_ctrl_c
 from .pool import InlinePool, Pool
 from .search import Lane, run_search
 from .session import WorkloadResult, finish, start
+from .storage import check_storage
 from .targets import LocalTarget, Target
 
 
@@ -30,6 +32,9 @@ def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[
     (a ray_fanout.PoolConfig), targets live in Ray actors (make_target must then be picklable)
     and trials run in parallel."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_folder(config.store_root, "--store")  # before any model is built: a whole search must be storable
+    if not config.storage.url.endswith(":memory:"):
+        check_storage(config.storage.url)
     measure = config.measure
     if measure.peaks_dir is None:  # one peaks file per hardware for every command (the store's)
         measure = dataclasses.replace(measure, peaks_dir=StoreConfig(root=config.store_root).peaks_dir)
