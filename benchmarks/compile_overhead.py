@@ -9,6 +9,7 @@ Target: <= 1.05x the eager model's time; recompiles bounded (one graph per step 
 """
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 
@@ -20,6 +21,7 @@ from dynaflow.runtime.hf import compile_with_schedules  # noqa: E402
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     args, model, cfg, ids, run = hf_generation(__doc__)
     sequential = Schedule()
     compiled = compile_with_schedules(model, lambda layout: sequential)

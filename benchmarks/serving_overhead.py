@@ -10,6 +10,7 @@ Targets: generation <= 1.03x of unscheduled; the added time per layer call, in m
 """
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 import time
@@ -42,6 +43,7 @@ def per_call_us(smap: ScheduleMap, calls: int = 20000) -> tuple[float, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     args, model, cfg, ids, run = hf_generation(__doc__)
     smap = ScheduleMap([], source="(no schedules)")  # every answer is the sequential fallback
     run(model)  # warm

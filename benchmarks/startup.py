@@ -7,6 +7,7 @@ steady state of a server) and new ones; both are reported.
 """
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import sys
@@ -36,6 +37,7 @@ def fill(root: Path, n: int) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         fill(Path(tmp), 1000)
         t0 = time.perf_counter()

@@ -109,7 +109,7 @@ def run(args) -> dict:
         print(f"2. dynaflow-tune tune --shapes {shapes} --buckets {args.buckets} --trials {args.trials}")
         code = tuner(["tune", "--shapes", str(shapes), "--buckets", str(args.buckets), "--trials", str(args.trials),
                       "--store", str(store), "--storage", f"sqlite:///{store / 'studies.db'}", "--device", args.device,
-                      "--dtype", args.dtype, "--no-progress"])
+                      "--dtype", args.dtype] + (["--no-progress"] if args.no_progress else []))
         if code != 0:
             raise SystemExit(f"tuning failed (exit {code})")
         # 3. serve again: the server's three lines at start-up
@@ -158,6 +158,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--buckets", type=int, default=4, help="buckets tuned for the recorded shapes")
     p.add_argument("--trials", type=int, default=8, help="distinct schedules measured per bucket")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while tuning (long at --granularity op)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     run(args)

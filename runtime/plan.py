@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from . import validate
 from .graph import OpGraph
 from .schedule import Schedule, Step
 from .case import Case
@@ -60,7 +61,8 @@ def check_order(order: tuple[Step, ...], graph: OpGraph, num_nano: int) -> None:
     done: set[tuple[str, int]] = set()
     for step in order:
         if step.op not in known:
-            raise ValueError(f"order names op {step.op!r}, which the graph lacks; ops: {list(graph.names)}.")
+            raise ValueError(f"order names op {validate.short(step.op)}, which the graph lacks; "
+                             f"ops: {validate.names(graph.names)}.")
         for dep in graph.op(step.op).deps:
             if (dep, step.nano) not in done:
                 raise ValueError(
@@ -70,7 +72,8 @@ def check_order(order: tuple[Step, ...], graph: OpGraph, num_nano: int) -> None:
         done.add((step.op, step.nano))
     missing = [(op, b) for b in range(num_nano) for op in graph.names if (op, b) not in done]
     if missing:
-        raise ValueError(f"order must hold every (op, nano-batch) once, but lacks {missing[:4]} ({len(missing)} in all).")
+        lacks = ", ".join(f"({validate.short(op)}, {nano})" for op, nano in missing[:4])
+        raise ValueError(f"order must hold every (op, nano-batch) once, but lacks {lacks} ({len(missing)} in all).")
 
 
 def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor | None, *,

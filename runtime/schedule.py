@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any, ClassVar
 
+from . import validate
 from .validate import short
 
 SCHEMA_VERSION = 1
@@ -102,9 +103,10 @@ class Schedule:
                     f"{self.split_sizes!r} makes {self.num_nano} nano-batch(es)."
                 )
             if not 0 <= step.stream < len(self.streams):
-                raise ValueError(f"order step {step} names stream {step.stream}, but only {len(self.streams)} exist.")
+                raise ValueError(f"order step ({short(step.op)}, nano {step.nano}) names stream {step.stream}, but only "
+                                 f"{len(self.streams)} exist.")
             if (step.op, step.nano) in seen:
-                raise ValueError(f"order holds ({step.op!r}, nano {step.nano}) twice; each step must appear once.")
+                raise ValueError(f"order holds ({short(step.op)}, nano {step.nano}) twice; each step must appear once.")
             seen.add((step.op, step.nano))
 
     def __hash__(self) -> int:  # computed once: serving looks plans up by schedule on every call
@@ -166,7 +168,9 @@ class Schedule:
     @classmethod
     def from_json(cls, text: str) -> "Schedule":
         try:
-            data = json.loads(text)
+            data = validate.loads(text)
+        except validate.DuplicateKey as e:
+            raise ValueError(f"a schedule: {e}.") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"a schedule must be JSON, but it is not ({e.msg} at line {e.lineno} column {e.colno}).") from None
         except RecursionError:
@@ -175,7 +179,7 @@ class Schedule:
 
     def __str__(self) -> str:
         shares = [s.sm_share for s in self.streams]
-        return (f"Schedule({self.label}: split {self.split_unit} {list(self.split_sizes) or 'whole'}, "
+        return (f"Schedule({validate.clip(self.label)}: split {self.split_unit} {list(self.split_sizes) or 'whole'}, "
                 f"{len(self.streams)} stream(s) shares={shares}, {len(self.order) or 'default'} steps, "
                 f"cuda_graph={self.cuda_graph})")
 

@@ -19,11 +19,45 @@ def short(value: Any) -> str:
     return f"a {'JSON object' if isinstance(value, Mapping) else 'JSON list' if isinstance(value, list) else type(value).__name__}"
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(f"the key {short(key)} appears twice in one object (JSON keeps the last silently; "
+                               "this refuses to guess which was meant)")
+        out[key] = value
+    return out
+
+
+def loads(text: str | bytes) -> Any:
+    """json.loads, refusing an object with a key twice (DuplicateKey, a ValueError)."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+def clip(text: str, limit: int = 60) -> str:
+    """A name or label cut to a readable length for an output line, saying how long it was."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text):,} characters)"
+
+
+def names(items, limit: int = 8) -> str:
+    """A list of names for an error message: the first `limit`, each clipped, and how many in all."""
+    items = list(items)
+    shown = ", ".join(clip(i, 40) for i in items[:limit])
+    return f"[{shown}{f', ... ({len(items)} in all)' if len(items) > limit else ''}]"
+
+
 def read_json(path: Path, what: str) -> Any:
-    """Parse a JSON file; any defect (unreadable, not UTF-8, not JSON, nested past Python's
-    recursion limit) is one ValueError naming the file."""
+    """Parse a JSON file; any defect (unreadable, not UTF-8, not JSON, a key twice in one object,
+    nested past Python's recursion limit) is one ValueError naming the file."""
     try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
+        return loads(Path(path).read_bytes().decode("utf-8"))
+    except DuplicateKey as e:
+        raise ValueError(f"{what} {path}: {e}") from None
     except OSError as e:
         raise ValueError(f"{what} {path} is unreadable: {e.strerror or e}") from None
     except UnicodeDecodeError as e:

@@ -62,7 +62,8 @@ class Workload:
                                  f"{' or null' if name == 'prefill_chunk' else ''}, but got {validate.short(value)}.")
         if self.model not in PRESETS and ":" not in self.model:
             raise ValueError(
-                f"model must be a preset {sorted(PRESETS)} or 'module:callable', but got {self.model!r}."
+                f"model must be a preset {sorted(PRESETS)}, a Hugging Face architecture 'hf:<arch>[:<preset>[:<layers>]]' "
+                f"or 'module:callable', but got {validate.short(self.model)}."
             )
         for name in ("num_decode", "context_len", "prefill_tokens"):
             value = getattr(self, name)
@@ -79,7 +80,7 @@ class Workload:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, but got {self.dtype!r}.")
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', but got {self.device!r}.")
 
     @classmethod

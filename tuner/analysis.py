@@ -1,7 +1,6 @@
 """Trial tables and figures for a study, shared by the notebook and `dynaflow-tune report`."""
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,7 @@ MARKERS = {"PRUNED": ("v", "tab:orange", "pruned (last sample)"), "FAIL": ("x", 
 
 def studies_table(storage: str) -> pd.DataFrame:
     """One row per study in the storage, newest first: name, trials, distinct schedules, verdict."""
-    opened = open_storage(storage)
+    opened = open_storage(storage, create=False)
     rows = []
     for summary in optuna.get_all_study_summaries(opened, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=opened)
@@ -44,7 +43,7 @@ def studies_table(storage: str) -> pd.DataFrame:
 
 def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
     """The named study, or the newest one (last trial) when none is named."""
-    opened = open_storage(storage)  # one storage (one engine for SQLite) for the lookup and the load
+    opened = open_storage(storage, create=False)  # one storage (one engine for SQLite) for the lookup and the load
     names = optuna.get_all_study_names(opened)
     if not names:
         raise ValueError(f"no study in {storage}.")
@@ -231,7 +230,10 @@ def best_schedule(study: optuna.Study) -> Schedule:
 
 
 def workload_from_record(store_root: Path, hardware: str, workload: str) -> Workload | None:
-    path = Path(store_root) / "schedules" / hardware / f"{workload}.json"
+    from dynaflow.runtime.store import ScheduleStore, StoreConfig
+
+    store = ScheduleStore(StoreConfig(root=Path(store_root)))
+    path = store.path(hardware, workload)
     if not path.exists():
         return None
-    return Workload(**json.loads(path.read_text())["workload"])
+    return store.read(path).workload  # validated like every record the product reads

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dynaflow.runtime import PRESETS, Bench, MeasureConfig, Schedule
+from dynaflow.runtime import PRESETS, Bench, MeasureConfig, Schedule, TrialOutcome
 
 from dynaflow.runtime import detect, validate
 from dynaflow.runtime.hardware import live_device
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--remeasure-peaks", action="store_true", help="measure the device peaks again and renew the cache")
 
     t = command("tune", "search schedules for each workload and store the winners", cmd_tune)
-    _model_flags(t)
+    _model_flags(t, shapes=True)
     _measure_flags(t)
     _tune_flags(t)
 
@@ -88,10 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
+def _model_flags(p: argparse.ArgumentParser, *, shapes: bool = False) -> None:
     p.add_argument("--model", default=None,
-                   help=f"a preset ({', '.join(sorted(PRESETS))}) or module:function returning a Case "
-                        f"(default: {DEFAULT_MODEL}, or the model a --shapes file names)")
+                   help=f"a preset ({', '.join(sorted(PRESETS))}), a Hugging Face architecture "
+                        "hf:<arch>[:<preset>[:<layers>]] (llama, qwen2, mistral, mixtral), or module:function returning a Case "
+                        f"(default: {DEFAULT_MODEL}" + (", or the model a --shapes file names)" if shapes else ")"))
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -165,7 +166,9 @@ def cmd_measure(args) -> int:
               + (f" (error {m.error_ratio:.2g}x of it)" if m.error_ratio is not None else ""))
         for k, v in m.notes.items():
             print(f"note      {k}: {v}")
-    return 0 if m.ok else 1
+    # a schedule breaking a rule is bad input (2) whether the file's checks or the plan found it;
+    # a schedule that ran and failed (incorrect, crashed, timeout, oom) is a failed run (1)
+    return 0 if m.ok else 2 if m.outcome is TrialOutcome.INVALID else 1
 
 
 def cmd_ops(args) -> int:

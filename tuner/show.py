@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dynaflow.runtime.store import StoredSchedule
+from dynaflow.runtime.validate import clip
 from dynaflow.runtime.telemetry import others_share
 from dynaflow.runtime.timeline import overlap_text
 
@@ -16,7 +17,7 @@ def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
                         for i, st in enumerate(s.streams))
     per_stream = {}
     for step in s.order:
-        per_stream.setdefault(step.stream, []).append(f"{step.op}/{step.nano}")
+        per_stream.setdefault(step.stream, []).append(f"{clip(step.op, 40)}/{step.nano}")
     lines = [f"record     {path}" if path else None,
              f"hardware   {r.hardware.key} ({r.hardware.name}, {r.hardware.num_sms} "
              f"{'SMs' if r.hardware.kind == 'cuda' else 'cores'})",
@@ -26,7 +27,7 @@ def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
              f"verdict    {r.verdict.replace('_', ' ')}: speedup {r.speedup:.3f}x{interval} (noise {r.speedup_spread:.1%})",
              f"throughput {r.tokens_per_s:,.0f} tokens/s, sequential {r.baseline_tokens_per_s:,.0f} tokens/s"
              + (f", {r.efficiency:.1%} of roofline" if r.efficiency is not None else ""),
-             f"schedule   {s.label}: split {s.split_unit} {list(s.split_sizes) or 'whole'}, "
+             f"schedule   {clip(s.label)}: split {s.split_unit} {list(s.split_sizes) or 'whole'}, "
              f"{'CUDA graph' if s.cuda_graph else 'eager'}",
              f"streams    {streams}"]
     lines += [f"order      stream {k}: " + " ".join(v) for k, v in sorted(per_stream.items())] if per_stream else \

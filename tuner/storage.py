@@ -52,7 +52,7 @@ class StorageConfig:
         return self.grace_s or 3 * self.heartbeat_s
 
 
-def open_storage(config: StorageConfig | str) -> BaseStorage | str:
+def open_storage(config: StorageConfig | str, *, create: bool = True) -> BaseStorage | str:
     """A storage for `config` (a StorageConfig or a bare URL: readers need no heartbeat).
     Local folders are created. A local SQLite file is put in write-ahead-log mode: a notebook
     or optuna-dashboard can read it while the tuner writes, and each write costs half as much."""
@@ -63,6 +63,8 @@ def open_storage(config: StorageConfig | str) -> BaseStorage | str:
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
+        if not create:
+            require_existing(url)  # before check_storage, which makes a missing folder
         check_storage(url)
         if url.startswith("journal:"):
             return _journal(url.removeprefix("journal:"), config)
@@ -79,6 +81,14 @@ def open_storage(config: StorageConfig | str) -> BaseStorage | str:
     except SQLAlchemyError as e:
         first = str(getattr(e, "orig", None) or e).splitlines()[0]
         raise ValueError(f"--storage {url!r} cannot be opened: {type(e).__name__}: {first}") from None
+
+
+def require_existing(url: str) -> None:
+    """Readers never create a storage: a file storage that is not there is one error."""
+    for prefix in ("sqlite:///", "journal:"):
+        if url.startswith(prefix) and not Path(url.removeprefix(prefix)).is_file():
+            raise ValueError(f"no storage at {url.removeprefix(prefix)} (--storage {url}): nothing was tuned there yet; "
+                             "give the --storage that `tune` used")
 
 
 def check_storage(url: str) -> None:

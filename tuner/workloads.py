@@ -5,7 +5,7 @@ import re
 
 from dynaflow.runtime import Workload
 
-_SPEC = re.compile(r"(?:d(?P<d>\d+)x(?P<c>\d+))?(?:\+?p(?P<p>\d+)(?:c(?P<chunk>\d+))?)?")
+_SPEC = re.compile(r"(?:d(?P<d>[0-9]+)x(?P<c>[0-9]+))?(?:\+?p(?P<p>[0-9]+)(?:c(?P<chunk>[0-9]+))?)?")
 FORMAT = "d<decode requests>x<context>[+p<prefill tokens>[c<chunk>]], e.g. d256x2048+p512 or p512c128"
 
 

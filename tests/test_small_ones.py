@@ -1,0 +1,105 @@
+"""Issue 25's small ones, each as a user met it: echoes cut short, duplicate JSON keys refused,
+ASCII digits only, one exit status for a broken schedule, readers that create nothing, help and
+README that agree with the flags."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynaflow.runtime import Executor, Schedule, Step, Workload
+from dynaflow.tuner.cli import main
+from dynaflow.tuner.workloads import parse_workload
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_a_huge_op_name_or_label_is_echoed_cut_short(tmp_path):
+    ex = Executor(Workload(model="llama-tiny", num_decode=4, context_len=16).build())
+    with pytest.raises(ValueError) as info:
+        ex.compile(Schedule(order=(Step(op="x" * 10_000, nano=0, stream=0),)))
+    assert len(str(info.value)) < 300 and "which the graph lacks" in str(info.value)
+    label = "y" * 50_000_000
+    assert len(str(Schedule(label=label))) < 250 and "(50,000,000 characters)" in str(Schedule(label=label))
+
+
+@pytest.mark.parametrize("what, text, key", [
+    ("schedule", '{"label": "a", "label": "b"}', "'label'"),
+    ("record", '{"record_schema": 3, "schedule": {}, "schedule": {"split_sizes": [1, 1]}}', "'schedule'"),
+    ("shapes", '{"shapes_schema": 1, "model": "a", "model": "b", "shapes": []}', "'model'"),
+])
+def test_a_key_twice_in_any_json_read_is_one_error_naming_it(tmp_path, what, text, key):
+    from dynaflow.runtime.shapes import ShapeLog
+    from dynaflow.runtime.store import read_record
+
+    path = tmp_path / f"{what}.json"
+    path.write_text(text)
+    read = {"schedule": lambda: Schedule.from_json(text), "record": lambda: read_record(path),
+            "shapes": lambda: ShapeLog.load(path)}[what]
+    with pytest.raises(ValueError, match=f"the key {key} appears twice in one object"):
+        read()
+
+
+@pytest.mark.parametrize("spec", ["d\u0661\u0666x256", "d16x\uff12\uff15\uff16", "p\u0665\u0661\u0662"])
+def test_workloads_take_ascii_digits_only(spec):
+    with pytest.raises(ValueError, match="must look like"):
+        parse_workload(spec, model="llama-tiny", dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("device", ["cuda:\u0661", "cuda:\uff10"])
+def test_devices_take_ascii_digits_only(device):
+    with pytest.raises(ValueError, match="device"):
+        Workload(model="llama-tiny", num_decode=4, context_len=16, device=device)
+
+
+def test_a_broken_schedule_exits_2_whichever_stage_finds_it(tmp_path, capsys):
+    load_time = tmp_path / "bad_field.json"
+    load_time.write_text(json.dumps({"schema_version": 1, "split_sizes": [2, 2], "streams": "one"}))
+    plan_time = tmp_path / "bad_op.json"
+    plan_time.write_text(json.dumps({"schema_version": 1, "order": [["no_such_op", 0, 0]]}))
+    common = ["measure", "--model", "llama-tiny", "--workload", "d4x16", "--repeats", "1", "--warmup", "0",
+              "--store", str(tmp_path)]
+    assert main([*common, "--schedule", str(load_time)]) == 2
+    assert "streams must be a list" in capsys.readouterr().err
+    assert main([*common, "--schedule", str(plan_time)]) == 2
+    assert "order names op 'no_such_op', which the graph lacks" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["studies", "report"])
+def test_commands_that_read_never_create_a_storage(tmp_path, command, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [command, "--storage", "sqlite:///nowhere/studies.db"] + (["--out", "out"] if command == "report" else [])
+    assert main(args) == 2
+    assert "no storage at nowhere/studies.db" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_help_and_errors_name_the_hf_form(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    assert "hf:<arch>" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(ValueError, match=r"a Hugging Face architecture 'hf:<arch>\[:<preset>\[:<layers>\]\]'"):
+        Workload(model="nonsense", num_decode=4, context_len=16)
+
+
+@pytest.mark.parametrize("command", ["ops", "measure"])
+def test_help_of_commands_without_shapes_does_not_mention_it(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--shapes" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")
+                                          if '__name__ == "__main__"' in p.read_text()))
+def test_every_benchmark_answers_help_without_running(script):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-500:]
+
+
+def test_the_readme_installs_what_it_runs():
+    text = (ROOT / "README.md").read_text()
+    for line in text.splitlines():
+        if "jupyter lab" in line:
+            assert "pip install jupyterlab" in line, line
