@@ -1,8 +1,9 @@
 """Batch layout: which requests a batch holds and how each model input is indexed by them.
 
-A nano-batch is a contiguous range of requests. Every batched input is indexed on dim 0 by
-flat tokens, by all requests, or by the requests of one kind (e.g. only decode requests), so a
-request range maps to one contiguous slice of each input: nano-batches are views, never copies.
+A nano-batch is a contiguous range of requests. Every batched input is indexed on one dim (0
+unless `input_dims` says another, e.g. 1 for a [seq, batch, hidden] input) by flat tokens, by
+all requests, or by the requests of one kind (e.g. only decode requests), so a request range maps
+to one contiguous slice of each input: nano-batches are views, never copies.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ class BatchLayout:
     input_axes: tuple[str | None, ...]
     output_axis: str = TOKENS
     kinds: tuple[str, ...] = ()  # request kinds inputs may be indexed by, even if none is in this batch
+    input_dims: tuple[int, ...] = ()  # the dim each input is batched on; () = dim 0 for every input
+    output_dim: int = 0  # the dim the output is batched on
 
     def __post_init__(self) -> None:
         if not self.request_tokens:
@@ -37,6 +40,12 @@ class BatchLayout:
             )
         if any(t < 1 for t in self.request_tokens):
             raise ValueError(f"every request needs >= 1 token, but request_tokens={self.request_tokens!r}.")
+        if self.input_dims and len(self.input_dims) != len(self.input_axes):
+            raise ValueError(f"input_dims has {len(self.input_dims)} entries but input_axes has "
+                             f"{len(self.input_axes)}; give one dim per input (or none: dim 0 for all).")
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in (*self.input_dims, self.output_dim)):
+            raise ValueError(f"input_dims and output_dim must be ints >= 0, but got {self.input_dims!r} and "
+                             f"{self.output_dim!r}.")
         axes = {TOKENS, REQUESTS, *self.request_kinds, *self.kinds}
         for j, axis in enumerate((*self.input_axes, self.output_axis)):
             if axis is not None and axis not in axes:
@@ -92,15 +101,46 @@ class BatchLayout:
             out[kind] = slice(start, start + self.request_kinds[r0:r1].count(kind))
         return out
 
+    def dim_of(self, j: int) -> int:
+        return self.input_dims[j] if self.input_dims else 0
+
     def split_inputs(self, inputs: tuple[torch.Tensor, ...], r0: int, r1: int) -> tuple[torch.Tensor, ...]:
         """Views of every batched input for requests [r0, r1); unbatched inputs pass whole."""
         if len(inputs) != len(self.input_axes):
             raise ValueError(f"the model takes {len(self.input_axes)} inputs per the layout, but got {len(inputs)}.")
         sl = self.slices(r0, r1)
-        return tuple(x if axis is None else x[sl[axis]] for x, axis in zip(inputs, self.input_axes))
+        return tuple(x if axis is None else _narrow(x, self.dim_of(j), sl[axis])
+                     for j, (x, axis) in enumerate(zip(inputs, self.input_axes)))
 
     def output_slice(self, r0: int, r1: int) -> slice:
         return self.slices(r0, r1)[self.output_axis]
+
+    def output_view(self, out: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """The output's view for requests [r0, r1), on its batch dim."""
+        return _narrow(out, self.output_dim, self.output_slice(r0, r1))
+
+    def check(self, inputs: tuple, output: torch.Tensor | None = None) -> None:
+        """Every batched input (and the output) must be as long on its batch dim as its axis is
+        over the whole batch: a [seq, batch, hidden] input declared on dim 0 is one error here,
+        not a silent wrong answer. Raises ValueError naming the input, the dim and the axis."""
+        whole = self.slices(0, self.num_requests)
+        named = [(f"input {j}", x, axis, self.dim_of(j)) for j, (x, axis) in enumerate(zip(inputs, self.input_axes))]
+        if output is not None:
+            named.append(("the output", output, self.output_axis, self.output_dim))
+        for name, x, axis, dim in named:
+            if axis is None or not isinstance(x, torch.Tensor):
+                continue
+            want = whole[axis].stop - whole[axis].start
+            if x.dim() <= dim or x.shape[dim] != want:
+                got = f"has {x.shape[dim]} on dim {dim}" if x.dim() > dim else f"has only {x.dim()} dim(s)"
+                raise ValueError(
+                    f"{name} {got} (shape {list(x.shape)}), but the layout batches it by {axis!r} on dim {dim}, "
+                    f"which has {want} in this batch: is the batch on another dim? say which with BatchLayout("
+                    f"input_dims=..., output_dim=...).")
+
+
+def _narrow(x: torch.Tensor, dim: int, sl: slice) -> torch.Tensor:
+    return x[sl] if dim == 0 else x.narrow(dim, sl.start, sl.stop - sl.start)
 
 
 def _ranges_from_sizes(sizes: tuple[int, ...], total: int, unit: str) -> list[tuple[int, int]]:

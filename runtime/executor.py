@@ -51,10 +51,14 @@ class Executor:
 
     def reference(self) -> torch.Tensor:
         """The plain sequential eager run of the unchanged model."""
+        layout = self.case.layout
+        layout.check(self.case.inputs)  # before any run: an input batched on another dim is one error
         with torch.no_grad():
             out = self.case.model(*self.case.inputs)
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"{self.case.name}: the model must return one tensor, but returned {type(out).__name__}.")
+        if self.case.nano_inputs is None:  # the fx path joins nano-batches into this output
+            layout.check((), out)
         self._out_like = out
         return out
 

@@ -118,9 +118,10 @@ def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor
     drops = _drop_after(order, graph, call_nodes, stream_of, output_value)
     for i, step in enumerate(order):
         node = call_nodes[step.op]
-        env, sl = envs[step.nano], case.layout.output_slice(*ranges[step.nano])
+        env, r = envs[step.nano], ranges[step.nano]
         single = isinstance(output_value, fx.Node)
-        join = (bound, sl, output_value) if single and not graph.writes_output and _produces(node, output_value) else None
+        join = (bound, case.layout, r, output_value) if single and not graph.writes_output and _produces(node, output_value) \
+            else None
         waits = tuple(sorted({index_of[(d, step.nano)] for d in graph.op(step.op).deps
                               if stream_of[(d, step.nano)] != step.stream}))
         tasks.append(Task(op=step.op, nano=step.nano, stream=step.stream, waits=waits,
@@ -133,7 +134,7 @@ def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor
 
 def _nano_inputs(layout, inputs, r0: int, r1: int, out: torch.Tensor, writes_output: bool):
     views = layout.split_inputs(inputs, r0, r1)
-    return (*views, out[layout.output_slice(r0, r1)]) if writes_output else views
+    return (*views, layout.output_view(out, r0, r1)) if writes_output else views
 
 
 def _task_fn(mod, node: fx.Node, env: dict, consts: dict, drop: tuple, join):
@@ -146,12 +147,12 @@ def _task_fn(mod, node: fx.Node, env: dict, consts: dict, drop: tuple, join):
             for n in drop:
                 del env[n]
         return fn
-    bound, sl, value = join
+    bound, layout, (r0, r1), value = join
     load_value = _loader(value, env, consts)
 
     def fn_with_copy() -> None:
         env[node] = forward(*[load() for load in loaders])
-        bound["out"][sl].copy_(load_value())
+        layout.output_view(bound["out"], r0, r1).copy_(load_value())
         for n in drop:
             del env[n]
     return fn_with_copy

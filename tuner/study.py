@@ -125,6 +125,7 @@ def over_budget(study: optuna.Study, trial: optuna.Trial, config: TuneConfig) ->
 
 
 WARM_RUNS = 6  # the most sequential runs spent warming the baseline
+ROWS_MIXED = 1e3  # a baseline error this many times the tolerance is not rounding: rows mixed, or the layout is wrong
 STABLE = 0.05  # two medians in a row this close (or within the runs' own spread): warm
 
 
@@ -134,7 +135,10 @@ def ensure_baseline(study: optuna.Study, target: Target, config: TuneConfig, *, 
     (their records name it). Returns the measurement and the baseline trial's number."""
     m, runs, drift = warm_baseline(target, config)
     if not m.ok:
-        advice = ("the sequential run differs from itself beyond the tolerance: loosen it with --rtol/--atol"
+        advice = ("the model's rows are not independent, or the layout is wrong (is the batch on another dim of an "
+                  "input or the output? BatchLayout(input_dims=..., output_dim=...) says which); no tolerance fixes that"
+                  if m.outcome is TrialOutcome.INCORRECT and (m.error_ratio or 0) > ROWS_MIXED else
+                  "the sequential run differs from itself beyond the tolerance: loosen it with --rtol/--atol"
                   if m.outcome is TrialOutcome.INCORRECT else "check the model and the device")
         raise TuneError(f"the sequential baseline failed ({m.outcome.value}: {m.message}); {advice}.")
     if drift is not None:
