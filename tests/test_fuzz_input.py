@@ -2,7 +2,7 @@
 one-line errors come out (ValueError naming the file, or exit 2 with one line on stderr).
 
 Valid records and schedules are mutated (truncated, a value swapped for another type, a huge or
-negative number, deep nesting, an unknown key, bytes that are not UTF-8) and handed to the store
+negative number, deep nesting, an unknown key, a key written twice, bytes that are not UTF-8) and handed to the store
 reader, start-up loading (record files and the pack), `load_schedule`, `measure --schedule`'s
 reader and `dynaflow-tune list`.
 """
@@ -63,7 +63,11 @@ ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**80, ma
 @st.composite
 def mutated(draw, base):
     """The bytes of a damaged file made from `base`."""
-    kind = draw(st.sampled_from(["swap", "swap", "unknown", "truncate", "bytes"]))
+    kind = draw(st.sampled_from(["swap", "swap", "unknown", "truncate", "bytes", "twice"]))
+    if kind == "twice":  # a top-level key written twice, the second value another's: JSON keeps the last
+        key = draw(st.sampled_from(sorted(base)))
+        other = draw(ANY_VALUE.filter(lambda v: v != DEEP))
+        return ("{" + json.dumps(key) + ": " + json.dumps(other) + ", " + json.dumps(base)[1:]).encode()
     if kind in ("swap", "unknown"):
         at = draw(st.sampled_from(list(paths(base))))
         value = draw(ANY_VALUE)
@@ -155,3 +159,17 @@ def test_mutated_records_as_measure_schedule_files(data):
         path = root / "r.json"
         path.write_bytes(data)
         only_own_errors(lambda: load_schedule_file(path))
+
+
+@FUZZ
+@given(spec=st.text(alphabet=st.sampled_from("dxpc+0123456789\u0661\u0666\uff12\u00b2 "), max_size=14))
+def test_workload_specs_take_ascii_digits_only(spec):
+    """Any spec either parses (ASCII digits only, each number as written) or is one ValueError."""
+    from dynaflow.tuner.workloads import parse_workload
+
+    try:
+        w = parse_workload(spec, model="llama-tiny", dtype="float32", device="cpu")
+    except ValueError as e:
+        assert "\n" not in str(e)
+        return
+    assert spec.strip().isascii(), (spec, w)
