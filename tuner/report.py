@@ -143,9 +143,11 @@ def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]
     search = df[~df.baseline] if len(df) else df
     base = df.loc[df.baseline, "tokens_per_s"]
     done = search[(search.state == "COMPLETE") & ~search.duplicate] if len(search) else search
+    distinct = search[~search.duplicate & (search.outcome != "skipped")] if len(search) else search
+    outcomes = ", ".join(f"{k} {v}" for k, v in distinct.outcome.value_counts().items()) if len(distinct) else "none"
     lines = [f"# {study.study_name}", "",
-             f"- trials: {len(search)} ({', '.join(f'{k} {v}' for k, v in search.outcome.value_counts().items())}), "
-             f"{int((~search.duplicate).sum()) if len(search) else 0} distinct schedules",
+             f"- trials: {len(search)}: {len(distinct)} distinct schedules ({outcomes}), "
+             f"{len(search) - len(distinct)} duplicates or skipped, answered from the study without measuring",
              f"- sequential baseline: {base.iloc[-1]:,.0f} tokens/s (the latest run's, warmed until stable"
              + (f"; {len(base)} runs, from {base.min():,.0f} to {base.max():,.0f}" if len(base) > 1 else "") + ")"
              if len(base) else "- no baseline"]
