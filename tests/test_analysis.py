@@ -36,7 +36,11 @@ def test_notebook_runs_top_to_bottom(tuned, tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) >= 6  # history, importances, outcomes, spread, buckets, timelines
-    assert (tmp_path / "trace_best.json").exists()
+    assert (root / "report" / "trace_best.json").exists()  # beside the report's, not in the notebook's folder
+    assert not (tmp_path / "trace_best.json").exists()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "timelines: sequential" in text and "the stored verdict:" in text  # the ratio beside the verdict
+    assert "machine    " in text  # each stored record of the study, with how busy the machine was
 
 
 def test_report_writes_decodable_pngs(tuned, tmp_path):
