@@ -52,9 +52,10 @@ def check_folder(path: Path | str, flag: str) -> Path:
 
 
 def check_file(path: Path | str, flag: str) -> Path:
-    """A file results can be written to: its folder passes check_folder and it is not a folder."""
+    """A file results can be written to: not a folder, and its folder passes check_folder.
+    `flag` names what gave the path (e.g. "--storage 'sqlite:///x.db'")."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file path in it")
-    check_folder(path.parent, f"{flag} {path}: its folder")
+        raise ValueError(f"{flag} names a folder, {path}; give a file path in it")
+    check_folder(path.parent, f"{flag}: its folder")
     return path

@@ -16,6 +16,7 @@ from schedules import random_order
 
 transformers = pytest.importorskip("transformers")
 from test_hf import ARCHS as HF_ARCHS, COMMON, PROMPT, ROWS, STEPS, build, generate  # noqa: E402
+from cli_output import error_lines
 
 ARCHS = {a: HF_ARCHS[a] for a in ("llama", "qwen2", "mixtral", "mistral")}  # mistral: a window shorter than the prompt
 SCHEDULES = 100
@@ -131,7 +132,7 @@ def test_bad_hf_specs_are_one_line(capsys, spec, words):
     from dynaflow.tuner.cli import main
     assert main(["ops", "--model", spec, "--workload", "d4x8"]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and words in err
+    assert len(error_lines(err)) == 1 and words in err
 
 
 def test_an_hf_batch_is_decode_or_prefill(capsys):

@@ -17,6 +17,7 @@ from dynaflow.runtime.loading import ScheduleMap, load_schedule
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.tuner.cli import main
 from fakes import A100, H100
+from cli_output import error_lines
 
 W = Workload(model="llama3-8b", num_decode=256, context_len=2048, prefill_tokens=512, dtype="bfloat16", device="cuda")
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -36,7 +37,7 @@ def run_cli(*argv) -> tuple[int, str, str]:
 
 
 def one_line(err: str, *words: str) -> None:
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert len(error_lines(err)) == 1 and "Traceback" not in err, err
     for w in words:
         assert w in err, (w, err)
 
@@ -161,18 +162,19 @@ def test_bad_model_specs_are_one_line(model, words):
 
 # --- storage URLs ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("url, words", [
-    ("sqlite:///{tmp}/afile/studies.db", "File exists"),
-    ("sqlite:////proc/dynaflow/studies.db", "cannot be opened"),
-    ("sqlite:///", "names no file"),
-    ("postgresql://user@localhost/db", "needs a database driver"),
-    ("journal:", "names no file"),
+@pytest.mark.parametrize("url, read_words, tune_words", [
+    ("sqlite:///{tmp}/afile/studies.db", "does not exist (nothing was tuned there yet)", "afile is a file, not a folder"),
+    ("sqlite:////proc/dynaflow/studies.db", "does not exist", "is under /proc, a kernel interface"),
+    ("sqlite:///", "names no file", "names no file"),
+    ("postgresql://user@localhost/db", "needs a database driver", "needs a database driver"),
+    ("journal:", "names no file", "names no file"),
 ])
-def test_storage_urls_that_cannot_be_opened_are_one_line(tmp_path, url, words):
+def test_storage_urls_that_cannot_be_opened_are_one_line(tmp_path, url, read_words, tune_words):
     (tmp_path / "afile").write_text("")
     url = url.format(tmp=tmp_path)
-    for argv in (["studies", "--storage", url], ["tune", "--model", "llama-tiny", "--workload", "d4x16", "--trials",
-                                                 "1", "--no-progress", "--store", tmp_path, "--storage", url]):
+    for argv, words in ((["studies", "--storage", url], read_words),
+                        (["tune", "--model", "llama-tiny", "--workload", "d4x16", "--trials", "1", "--no-progress",
+                          "--store", tmp_path, "--storage", url], tune_words)):
         code, _, err = run_cli(*argv)
         assert code == 2
         one_line(err, f"--storage {url!r}", words)
@@ -213,7 +215,9 @@ def test_a_closed_pipe_ends_quietly():
     done = subprocess.run([sys.executable, "-m", "dynaflow.tuner.cli", "ops", "--model", "llama-tiny",
                            "--workload", "d4x16"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write)
-    assert done.returncode == 141 and done.stderr == ""
+    # nothing on stderr but the tool's own warnings (a busy machine's peaks say so on one line)
+    assert done.returncode == 141 and all(line.startswith("dynaflow-tune: warning: ")
+                                          for line in done.stderr.splitlines()), done.stderr
 
 
 def test_zero_trials_is_a_usage_error_not_a_strange_bar(tmp_path):

@@ -7,6 +7,7 @@ import torch
 from dynaflow.runtime import Bench, MeasureConfig, Schedule, StreamSpec, TrialOutcome, Workload, detect, measure
 from dynaflow.runtime.graph import trace
 from dynaflow.tuner.cli import main
+from cli_output import error_lines
 
 W = Workload(model="llama-tiny", num_decode=4, context_len=16, prefill_tokens=16, prefill_chunk=8)
 FAST = MeasureConfig(warmup=1, repeats=5)
@@ -98,7 +99,7 @@ def test_cli_measures_a_schedule_file(tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["measure", "--workload", "d4"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "workload 'd4' must look like" in err
+    assert len(error_lines(err)) == 1 and "workload 'd4' must look like" in err
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert main(["measure", "--workload", "d4x16", "--schedule", str(bad)]) == 2

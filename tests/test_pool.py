@@ -16,6 +16,7 @@ from dynaflow.tuner.pool import Done, InlinePool, Job, measure_one
 from dynaflow.tuner.tune import tune_workload
 from fakes import FakeTarget, split_landscape, tiny_context
 from test_tuner import W
+from cli_output import error_lines
 
 TESTS = Path(__file__).parent
 
@@ -263,8 +264,8 @@ def test_a_full_disk_at_the_record_write_is_one_line_and_nothing_half_written(tm
 @pytest.mark.parametrize("flag, value, said", [
     ("store", "a-file", "--store {tmp}/a-file is a file, not a folder"),
     ("store", "/proc/dynaflow", "--store /proc/dynaflow is under /proc, a kernel interface"),
-    ("storage", "sqlite:///{tmp}/a-file/s.db", "--storage {tmp}/a-file/s.db: its folder {tmp}/a-file is a file"),
-    ("storage", "journal:{tmp}", "--storage {tmp} is a folder; give a file path in it"),
+    ("storage", "sqlite:///{tmp}/a-file/s.db", "--storage 'sqlite:///{tmp}/a-file/s.db': its folder {tmp}/a-file is a file"),
+    ("storage", "journal:{tmp}", "--storage 'journal:{tmp}' names a folder, {tmp}; give a file path in it"),
 ])
 def test_store_and_storage_are_checked_before_anything_runs(tmp_path, flag, value, said, capsys):
     from dynaflow.tuner.cli import main
@@ -276,4 +277,4 @@ def test_store_and_storage_are_checked_before_anything_runs(tmp_path, flag, valu
     args[args.index(f"--{flag}") + 1] = value if flag == "storage" or value.startswith("/") else str(tmp_path / value)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and said.format(tmp=tmp_path) in err, err  # before the model was even imported
+    assert len(error_lines(err)) == 1 and said.format(tmp=tmp_path) in err, err  # before the model was even imported

@@ -14,6 +14,7 @@ from dynaflow.runtime.shapes import candidates, context_bucket, distance
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.runtime.workload import preset_layout
 from fakes import H100
+from cli_output import error_lines
 
 
 def wl(d=0, p=0, c=None, ctx=2048, model="llama3-8b", device="cuda", dtype="bfloat16") -> Workload:
@@ -187,4 +188,4 @@ def test_tune_shapes_flags_are_checked(tmp_path, capsys, argv, words):
     argv = [a.format(shapes=shapes, tmp=tmp_path) for a in argv]
     assert main(["tune", *argv, "--store", str(tmp_path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and words in err
+    assert len(error_lines(err)) == 1 and words in err

@@ -71,7 +71,7 @@ def test_commands_that_read_never_create_a_storage(tmp_path, command, capsys, mo
     monkeypatch.chdir(tmp_path)
     args = [command, "--storage", "sqlite:///nowhere/studies.db"] + (["--out", "out"] if command == "report" else [])
     assert main(args) == 2
-    assert "no storage at nowhere/studies.db" in capsys.readouterr().err
+    assert "names no storage: nowhere/studies.db does not exist" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -7,6 +7,7 @@ from dynaflow.runtime import Schedule, StreamSpec, Workload
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.tuner.report import stored_table
 from fakes import H100
+from cli_output import error_lines
 
 W = Workload(model="llama3-8b", num_decode=256, context_len=2048, prefill_tokens=512, dtype="bfloat16",
              device="cuda")
@@ -118,7 +119,7 @@ def test_export_and_import_commands(tmp_path, capsys):
     out.write_text(json.dumps(bundle))
     assert main(["import", str(out), "--store", str(tmp_path / "c"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "nothing imported" in err
+    assert len(error_lines(err)) == 1 and "nothing imported" in err
     assert main(["export", "--store", str(tmp_path / "empty"), "--device", "cpu", "--out", str(out)]) == 2
 
 

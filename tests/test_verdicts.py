@@ -11,6 +11,7 @@ from dynaflow.tuner.confirm import Candidate, judge, speedup_interval
 from dynaflow.tuner.config import TuneConfig
 from dynaflow.tuner.tune import tune
 from fakes import FakeTarget, tiny_context
+from cli_output import error_lines
 
 W = Workload(model="llama-tiny", num_decode=32, context_len=16, prefill_tokens=32, prefill_chunk=16)
 
@@ -87,5 +88,5 @@ def test_a_baseline_that_fails_verification_is_one_line_saying_what_to_do(tmp_pa
             "--storage", f"sqlite:///{tmp_path}/s.db", "--store", str(tmp_path)]
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert len(error_lines(err)) == 1 and "Traceback" not in err
     assert "the sequential baseline failed (incorrect" in err and "--rtol/--atol" in err

@@ -63,9 +63,7 @@ def open_storage(config: StorageConfig | str, *, create: bool = True) -> BaseSto
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        if not create:
-            require_existing(url)  # before check_storage, which makes a missing folder
-        check_storage(url)
+        check_storage(url, create=create)
         if url.startswith("journal:"):
             return _journal(url.removeprefix("journal:"), config)
         if "://" not in url:
@@ -83,24 +81,21 @@ def open_storage(config: StorageConfig | str, *, create: bool = True) -> BaseSto
         raise ValueError(f"--storage {url!r} cannot be opened: {type(e).__name__}: {first}") from None
 
 
-def require_existing(url: str) -> None:
-    """Readers never create a storage: a file storage that is not there is one error."""
-    for prefix in ("sqlite:///", "journal:"):
-        if url.startswith(prefix) and not Path(url.removeprefix(prefix)).is_file():
-            raise ValueError(f"no storage at {url.removeprefix(prefix)} (--storage {url}): nothing was tuned there yet; "
-                             "give the --storage that `tune` used")
-
-
-def check_storage(url: str) -> None:
-    """A file storage's path (sqlite:///PATH, journal:PATH) names a file in a writable folder;
-    checked before any work, so a long search never ends in a storage that cannot be written."""
+def check_storage(url: str, *, create: bool = True) -> None:
+    """A file storage's path (sqlite:///PATH, journal:PATH) names a file in a writable folder,
+    checked before any work, so a long search never ends in a storage that cannot be written;
+    with create=False (readers) it must exist, and nothing is made."""
     for prefix in ("sqlite:///", "journal:"):
         if url.startswith(prefix):
             path = url.removeprefix(prefix)
             if not path or path.endswith("/"):
                 raise ValueError(f"--storage {url!r} names no file: give {prefix}PATH, e.g. {prefix}results/studies."
                                  f"{'db' if prefix == 'sqlite:///' else 'journal'}")
-            check_file(path, "--storage")
+            if not create and not Path(path).is_file():
+                raise ValueError(f"--storage {url!r} names no storage: {path} does not exist (nothing was tuned "
+                                 "there yet); give the --storage that `tune` used")
+            if create:
+                check_file(path, f"--storage {url!r}")
 
 
 def _rdb(url: str, config: StorageConfig) -> optuna.storages.RDBStorage:

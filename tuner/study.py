@@ -135,8 +135,9 @@ def ensure_baseline(study: optuna.Study, target: Target, config: TuneConfig, *, 
     (their records name it). Returns the measurement and the baseline trial's number."""
     m, runs, drift = warm_baseline(target, config)
     if not m.ok:
-        advice = ("the model's rows are not independent, or the layout is wrong (is the batch on another dim of an "
-                  "input or the output? BatchLayout(input_dims=..., output_dim=...) says which); no tolerance fixes that"
+        advice = ("that is no rounding error: the model's rows are not independent, or the layout is wrong (is the "
+                  "batch on another dim of an input or the output? BatchLayout(input_dims=..., output_dim=...) says "
+                  "which); only a model that differs from itself run to run (random noise) needs --rtol/--atol"
                   if m.outcome is TrialOutcome.INCORRECT and (m.error_ratio or 0) > ROWS_MIXED else
                   "the sequential run differs from itself beyond the tolerance: loosen it with --rtol/--atol"
                   if m.outcome is TrialOutcome.INCORRECT else "check the model and the device")
