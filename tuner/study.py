@@ -170,12 +170,6 @@ def warm_baseline(target: Target, config: TuneConfig) -> tuple[Measurement, int,
     return m, WARM_RUNS, drift
 
 
-def baseline_trials(study: optuna.Study) -> dict[int, optuna.trial.FrozenTrial]:
-    """Every run's baseline trial, by number."""
-    return {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get(BASELINE)}
-
-
 def enqueue_warm_starts(study: optuna.Study, config: TuneConfig, hardware_key: str, workload: Workload) -> int:
     """Winners stored for this model's other workloads on this hardware, same space."""
     store = ScheduleStore(StoreConfig(root=config.store_root))
