@@ -20,7 +20,8 @@ REQUESTS = "requests"
 class BatchLayout:
     """request_tokens[i], request_kinds[i]: tokens and kind of request i, in batch order.
     input_axes[j]: how input j is indexed on dim 0: "tokens", "requests", a kind, or None (whole).
-    output_axis: how the output is indexed on dim 0 ("tokens" or "requests")."""
+    output_axis: how the output is indexed ("tokens" or "requests"); a model returning a tuple (or
+    list) of tensors has every element indexed by it, each on its own dim (`output_dims`)."""
 
     request_tokens: tuple[int, ...]
     request_kinds: tuple[str, ...]
@@ -29,6 +30,7 @@ class BatchLayout:
     kinds: tuple[str, ...] = ()  # request kinds inputs may be indexed by, even if none is in this batch
     input_dims: tuple[int, ...] = ()  # the dim each input is batched on; () = dim 0 for every input
     output_dim: int = 0  # the dim the output is batched on
+    output_dims: tuple[int, ...] = ()  # a tuple output: the dim of each element; () = output_dim for all
 
     def __post_init__(self) -> None:
         if not self.request_tokens:
@@ -43,9 +45,10 @@ class BatchLayout:
         if self.input_dims and len(self.input_dims) != len(self.input_axes):
             raise ValueError(f"input_dims has {len(self.input_dims)} entries but input_axes has "
                              f"{len(self.input_axes)}; give one dim per input (or none: dim 0 for all).")
-        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in (*self.input_dims, self.output_dim)):
-            raise ValueError(f"input_dims and output_dim must be ints >= 0, but got {self.input_dims!r} and "
-                             f"{self.output_dim!r}.")
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0
+               for d in (*self.input_dims, self.output_dim, *self.output_dims)):
+            raise ValueError(f"input_dims, output_dim and output_dims must be ints >= 0, but got {self.input_dims!r}, "
+                             f"{self.output_dim!r} and {self.output_dims!r}.")
         axes = {TOKENS, REQUESTS, *self.request_kinds, *self.kinds}
         for j, axis in enumerate((*self.input_axes, self.output_axis)):
             if axis is not None and axis not in axes:
@@ -119,13 +122,28 @@ class BatchLayout:
         """The output's view for requests [r0, r1), on its batch dim."""
         return _narrow(out, self.output_dim, self.output_slice(r0, r1))
 
-    def check(self, inputs: tuple, output: torch.Tensor | None = None) -> None:
-        """Every batched input (and the output) must be as long on its batch dim as its axis is
-        over the whole batch: a [seq, batch, hidden] input declared on dim 0 is one error here,
-        not a silent wrong answer. Raises ValueError naming the input, the dim and the axis."""
+    def out_dim(self, i: int | None = None) -> int:
+        """The batch dim of the output (i None) or of element i of a tuple output."""
+        return self.output_dim if i is None or not self.output_dims else self.output_dims[i]
+
+    def join(self, outputs: list):
+        """The nano-batches' outputs (each a tensor or a flat tuple/list of tensors, in batch order)
+        joined into the whole batch's, each tensor concatenated on its batch dim."""
+        first = outputs[0]
+        if isinstance(first, (tuple, list)):
+            return type(first)(torch.cat([o[i] for o in outputs], dim=self.out_dim(i)) for i in range(len(first)))
+        return torch.cat(outputs, dim=self.out_dim())
+
+    def check(self, inputs: tuple, output=None) -> None:
+        """Every batched input (and the output, or each element of a tuple output) must be as long
+        on its batch dim as its axis is over the whole batch: a [seq, batch, hidden] input declared
+        on dim 0 is one error here, not a silent wrong answer. Raises ValueError naming the input
+        or output element, the dim and the axis."""
         whole = self.slices(0, self.num_requests)
         named = [(f"input {j}", x, axis, self.dim_of(j)) for j, (x, axis) in enumerate(zip(inputs, self.input_axes))]
-        if output is not None:
+        if isinstance(output, (tuple, list)):
+            named += self._output_elements(output)
+        elif output is not None:
             named.append(("the output", output, self.output_axis, self.output_dim))
         for name, x, axis, dim in named:
             if axis is None or not isinstance(x, torch.Tensor):
@@ -133,10 +151,22 @@ class BatchLayout:
             want = whole[axis].stop - whole[axis].start
             if x.dim() <= dim or x.shape[dim] != want:
                 got = f"has {x.shape[dim]} on dim {dim}" if x.dim() > dim else f"has only {x.dim()} dim(s)"
+                where = "input_dims=..., output_dim=...)" if not name.startswith("output element") \
+                    else "output_dims=...); an element not batched (a loss summed over the batch) cannot be split: " \
+                         "return it from a separate call"
                 raise ValueError(
                     f"{name} {got} (shape {list(x.shape)}), but the layout batches it by {axis!r} on dim {dim}, "
-                    f"which has {want} in this batch: is the batch on another dim? say which with BatchLayout("
-                    f"input_dims=..., output_dim=...).")
+                    f"which has {want} in this batch: is the batch on another dim? say which with BatchLayout({where}.")
+
+    def _output_elements(self, output) -> list[tuple]:
+        if self.output_dims and len(self.output_dims) != len(output):
+            raise ValueError(f"output_dims has {len(self.output_dims)} entries but the model returned "
+                             f"{len(output)} outputs; give one dim per output (or none: output_dim for all).")
+        for i, x in enumerate(output):
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"output element {i} is a {type(x).__name__}, not a tensor: a model may return a "
+                                 "tensor or a flat tuple/list of tensors batched like its inputs.")
+        return [(f"output element {i}", x, self.output_axis, self.out_dim(i)) for i, x in enumerate(output)]
 
 
 def _narrow(x: torch.Tensor, dim: int, sl: slice) -> torch.Tensor:

@@ -19,6 +19,17 @@ from .plan import Plan, build_plan
 from .schedule import Schedule
 from .case import Case
 
+Output = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+
+def clone_output(out: Output) -> Output:
+    """A copy of an output (a tensor or a flat tuple/list of them) no later run overwrites."""
+    return type(out)(t.clone() for t in out) if isinstance(out, (tuple, list)) else out.clone()
+
+
+def first_tensor(out: Output) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
 
 @dataclass(kw_only=True)
 class Compiled:
@@ -26,15 +37,17 @@ class Compiled:
     runner: Runner
     backend: Backend
     gather: Callable[[], None] | None = None  # joins a graph's per-nano-batch outputs into plan.out
+    device: torch.device = torch.device("cpu")  # where it runs (the case's device)
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self) -> Output:
         self.runner.run()
         if self.gather is not None:
             self.gather()
         return self.plan.out
 
     @property
-    def out(self) -> torch.Tensor:
+    def out(self) -> Output:
+        """The output of the last run: a tensor, or a tuple (list) of them for a model returning one."""
         return self.plan.out
 
     def close(self) -> None:
@@ -47,16 +60,19 @@ class Executor:
         self.device = case.device
         self.backend = backend or get_backend(self.device)
         self.graph: OpGraph = case.graph if case.graph is not None else trace(case.model)
-        self._out_like: torch.Tensor | None = None
+        self._out_like: Output | None = None
 
-    def reference(self) -> torch.Tensor:
-        """The plain sequential eager run of the unchanged model."""
+    def reference(self) -> Output:
+        """The plain sequential eager run of the unchanged model: a tensor, or a flat tuple (list)
+        of tensors, each batched on its own dim (BatchLayout.output_dims)."""
         layout = self.case.layout
         layout.check(self.case.inputs)  # before any run: an input batched on another dim is one error
         with torch.no_grad():
             out = self.case.model(*self.case.inputs)
-        if not isinstance(out, torch.Tensor):
-            raise ValueError(f"{self.case.name}: the model must return one tensor, but returned {type(out).__name__}.")
+        if not isinstance(out, (torch.Tensor, tuple, list)) or isinstance(out, (tuple, list)) and (
+                not out or not all(isinstance(t, torch.Tensor) for t in out)):
+            raise ValueError(f"{self.case.name}: the model must return a tensor or a flat tuple/list of tensors, but "
+                             f"returned {_kind_of(out)}.")
         if self.case.nano_inputs is None:  # the fx path joins nano-batches into this output
             layout.check((), out)
         self._out_like = out
@@ -67,12 +83,15 @@ class Executor:
         check_shares(schedule, sm_count)
         if self._out_like is None:
             self.reference()
-        out = torch.empty_like(self._out_like)
+        several = isinstance(self._out_like, (tuple, list))
+        out = None if several else torch.empty_like(self._out_like)
         plan = build_plan(self.graph, self.case, schedule, out, nano_inputs=self.case.nano_inputs,
                           fresh_each_run=self.case.nano_inputs is not None)
         runner = self.backend.prepare(plan)
         gather = (lambda: self.case.gather(plan)) if self.case.gather is not None else None
-        return Compiled(plan=plan, runner=runner, backend=self.backend, gather=gather)
+        if several and gather is None:  # each nano-batch's elements stay in its env; join them by rows
+            gather = lambda: setattr(plan, "out", join_nano_outputs(plan, self.case.layout))
+        return Compiled(plan=plan, runner=runner, backend=self.backend, gather=gather, device=self.device)
 
     def profile_ops(self, *, flops_per_byte: float) -> OpGraph:
         """Count each op's FLOPs and bytes on the whole batch and classify its resource:
@@ -89,6 +108,18 @@ class Executor:
         compiled.close()
         self.graph = dataclasses.replace(self.graph, ops=tuple(ops))
         return self.graph
+
+
+def join_nano_outputs(plan: Plan, layout) -> Output:
+    """After a run: the nano-batches' graph outputs joined into the whole batch's (BatchLayout.join)."""
+    return layout.join([plan.outputs(b) for b in range(len(plan.ranges))])
+
+
+def _kind_of(out) -> str:
+    if isinstance(out, (tuple, list)):
+        inner = sorted({type(t).__name__ for t in out if not isinstance(t, torch.Tensor)})
+        return f"a {type(out).__name__} holding {', '.join(inner)}" if inner else f"an empty {type(out).__name__}"
+    return f"a {type(out).__name__}"
 
 
 def check_shares(schedule: Schedule, sm_count: int | None) -> None:

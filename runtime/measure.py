@@ -20,7 +20,7 @@ import torch
 
 from . import telemetry
 from .counters import count
-from .executor import Compiled, Executor
+from .executor import Compiled, Executor, Output, clone_output, first_tensor
 from .hardware import Hardware, Peaks, detect, measure_peaks
 from .schedule import Schedule
 from .case import Case
@@ -65,11 +65,18 @@ class Tolerance:
     def derive(cls, dtype: torch.dtype, *, reduction: int, depth: int, reference: torch.Tensor) -> "Tolerance":
         eps_acc, eps_out = torch.finfo(ACCUMULATE).eps, torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
         rtol = reduction * eps_acc + math.sqrt(depth) * eps_out
-        rms = float(reference.float().pow(2).mean().sqrt()) if reference.numel() else 0.0
+        flat = _flat(reference)
+        rms = float(flat.pow(2).mean().sqrt()) if flat.numel() else 0.0
         return cls(rtol=rtol, atol=rtol * rms, reduction=reduction, depth=depth)
 
-    def error(self, out: torch.Tensor, ref: torch.Tensor) -> float:
-        """Worst |out - ref| / (atol + rtol |ref|): <= 1 passes."""
+    def error(self, out: Output, ref: Output) -> float:
+        """Worst |out - ref| / (atol + rtol |ref|): <= 1 passes. A tuple output: the worst of its elements."""
+        if isinstance(ref, (tuple, list)):
+            if not isinstance(out, (tuple, list)) or len(out) != len(ref):
+                return math.inf
+            return max((self.error(o, r) for o, r in zip(out, ref)), default=0.0)
+        if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+            return math.inf
         ref = ref.float()
         err = (out.float() - ref).abs() / (self.atol + self.rtol * ref.abs()).clamp_min(torch.finfo(torch.float32).tiny)
         worst = float(err.max()) if err.numel() else 0.0
@@ -77,6 +84,12 @@ class Tolerance:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _flat(out: Output) -> torch.Tensor:
+    """Every element of an output as one float32 vector (a tuple output's, concatenated)."""
+    parts = out if isinstance(out, (tuple, list)) else (out,)
+    return torch.cat([t.detach().float().flatten() for t in parts]) if parts else torch.zeros(0)
 
 
 def relative_spread(samples: list[float]) -> float:
@@ -175,10 +188,10 @@ class Bench:
         self.device = str(self.case.device)
         self.hardware = hardware or detect(self.device)
         self.executor = Executor(self.case)
-        self.reference = self.executor.reference().clone()
+        self.reference = clone_output(self.executor.reference())
         _, counts = count(self.case.model, *self.case.inputs)
         self.flops, self.bytes = counts.flops, counts.bytes
-        self.peaks: Peaks = measure_peaks(self.device, self.reference.dtype, hardware=self.hardware,
+        self.peaks: Peaks = measure_peaks(self.device, first_tensor(self.reference).dtype, hardware=self.hardware,
                                           cache_dir=config.peaks_dir, remeasure=config.remeasure_peaks)
         self.executor.profile_ops(flops_per_byte=self.peaks.balance)
         derived = tolerance_for(self.executor, self.reference, counts=counts)
@@ -228,7 +241,7 @@ class Bench:
         """Why `schedule` is fast: what of it ran at the same time, from its timeline (timeline.overlap)."""
         return overlap(self.timelines([schedule])[0])
 
-    def check(self, out: torch.Tensor) -> float:
+    def check(self, out: Output) -> float:
         """Worst error relative to the tolerance; <= 1 means equal to the reference."""
         return self.tolerance.error(out, self.reference)
 
@@ -284,11 +297,11 @@ class Bench:
         )
 
 
-def tolerance_for(executor: Executor, reference: torch.Tensor, *, counts=None) -> Tolerance:
+def tolerance_for(executor: Executor, reference: Output, *, counts=None) -> Tolerance:
     """The derived tolerance of an executor's model and batch (what Bench checks against);
     `counts`: the model's counts, when the caller has them already."""
     counts = counts or count(executor.case.model, *executor.case.inputs)[1]
-    return Tolerance.derive(reference.dtype, reduction=counts.max_reduction, depth=executor.graph.depth,
+    return Tolerance.derive(first_tensor(reference).dtype, reduction=counts.max_reduction, depth=executor.graph.depth,
                             reference=reference)
 
 

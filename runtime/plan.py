@@ -79,8 +79,9 @@ def check_order(order: tuple[Step, ...], graph: OpGraph, num_nano: int) -> None:
 def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor | None, *,
                nano_inputs: Callable[[tuple, int, int], tuple] | None = None, fresh_each_run: bool = False) -> Plan:
     """`nano_inputs(inputs, r0, r1)`: a nano-batch's graph inputs (default: the layout's row and
-    token views). A graph returning several values (dynamo's) is not joined here: its outputs stay
-    in each nano-batch's env (`Plan.outputs(b)`) for the caller to gather. `fresh_each_run`: the
+    token views). A graph returning several values (dynamo's, a model's tuple), or any graph given
+    no `out`, is not joined here: its outputs stay in each nano-batch's env (`Plan.outputs(b)`) for
+    the caller to gather. `fresh_each_run`: the
     nano-batch inputs are made again at every run's start (inputs the graph writes in place are
     then fresh copies each time, so every run starts from the same state)."""
     ranges = case.layout.request_ranges(schedule.split_unit, schedule.split_sizes)
@@ -120,16 +121,21 @@ def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor
         node = call_nodes[step.op]
         env, r = envs[step.nano], ranges[step.nano]
         single = isinstance(output_value, fx.Node)
-        join = (bound, case.layout, r, output_value) if single and not graph.writes_output and _produces(node, output_value) \
-            else None
+        join = (bound, case.layout, r, output_value) if single and out is not None and not graph.writes_output \
+            and _produces(node, output_value) else None
         waits = tuple(sorted({index_of[(d, step.nano)] for d in graph.op(step.op).deps
                               if stream_of[(d, step.nano)] != step.stream}))
         tasks.append(Task(op=step.op, nano=step.nano, stream=step.stream, waits=waits,
                           fn=_task_fn(mod, node, env, consts, drops.get(i, ()), join)))
     plan = Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=not graph.writes_output,
                 envs=envs, reset=reset, bind=bind)
-    plan.outputs = lambda b: fx.node.map_arg(output_value, lambda n: _loader(n, envs[b], consts)())
+    plan.outputs = lambda b: _plain(fx.node.map_arg(output_value, lambda n: _loader(n, envs[b], consts)()))
     return plan
+
+
+def _plain(value):
+    """fx hands a list output back as its immutable_list: the caller gets a plain list."""
+    return list(value) if isinstance(value, list) else value
 
 
 def _nano_inputs(layout, inputs, r0: int, r1: int, out: torch.Tensor, writes_output: bool):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .backends import Backend, Runner, get_backend
+from .executor import join_nano_outputs
 from .batch import BatchLayout
 from .graph import trace
 from .plan import Plan, build_plan
@@ -103,16 +104,20 @@ class ScheduledModule(nn.Module):
         self.graph = trace(module)
         self.last_schedule: Schedule | None = None
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor):
         layout = self.layout_of(inputs)
         schedule = self.last_schedule = self.calls.pick(layout, self.context_of(inputs))
         if schedule.is_sequential:
             return self.module(*inputs)
-        out = torch.empty_like(inputs[0])
+        # The last op writes its residual add into `out` itself; any other output (another shape, a
+        # tuple) stays in each nano-batch's env and is joined by rows after the run.
+        out = torch.empty_like(inputs[0]) if self.graph.writes_output else None
         shape = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs) + (layout.request_tokens, layout.request_kinds)
         case = Case(model=self.module, inputs=tuple(inputs), layout=layout)
-        self.calls.run(schedule, shape, inputs[0].device, lambda: build_plan(self.graph, case, schedule, out), inputs, out)
-        return out
+        joined = self.calls.run(schedule, shape, inputs[0].device, lambda: build_plan(self.graph, case, schedule, out),
+                                inputs, out, finish=None if out is not None else
+                                lambda plan, _: join_nano_outputs(plan, layout))
+        return out if out is not None else joined
 
 
 class PlanCache:

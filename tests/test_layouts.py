@@ -61,7 +61,7 @@ def test_a_batch_on_dim_1_splits_into_views_and_equals_the_model(sizes):
 def test_bad_dims_name_the_field():
     with pytest.raises(ValueError, match="input_dims has 1 entries but input_axes has 2"):
         dataclasses.replace(BatchLayout.uniform(6, 2), input_dims=(1,))
-    with pytest.raises(ValueError, match="input_dims and output_dim must be ints >= 0"):
+    with pytest.raises(ValueError, match="input_dims, output_dim and output_dims must be ints >= 0"):
         dataclasses.replace(BatchLayout.uniform(6, 2), output_dim=-1)
 
 

@@ -127,3 +127,22 @@ def not_a_case(w: Workload) -> int:
 
 def broken_factory(w: Workload) -> Case:
     raise RuntimeError("the weights folder is empty")
+
+
+class RoutedBlock(nn.Module):
+    """An MoE-style layer returning (hidden, router logits): a tuple of batch-first tensors."""
+
+    def __init__(self, dim: int = 32, experts: int = 4) -> None:
+        super().__init__()
+        self.router = nn.Linear(dim, experts)
+        self.up = nn.Linear(dim, 4 * dim)
+        self.down = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.router(x)
+        h = self.down(torch.relu(self.up(x))) * torch.softmax(logits, -1).amax(-1, keepdim=True)
+        return x + h, logits
+
+
+def routed_block(w: Workload) -> Case:
+    return _case(RoutedBlock(), w.num_decode or 12, 32, w.seed)
