@@ -1,0 +1,136 @@
+"""Tuned schedules inside vLLM: a plugin, no fork.
+
+    DYNAFLOW_VLLM_SCHEDULES=results vllm serve ./my-model        # or LLM(...) in a script
+
+One switch: the environment variable naming the store the tuner wrote (or
+`DYNAFLOW_VLLM_POLICY=module:function`, a policy `(BatchLayout) -> Schedule`, for a hand-written
+rule). vLLM loads the plugin from the `vllm.general_plugins` entry point in each of its processes;
+with neither variable set, `register()` returns at once and vLLM runs untouched. With one set, the
+plugin wraps the compilation backend vLLM chooses for itself (DYNAMO_TRACE_ONCE mode, as vLLM's
+CPU build always runs: one graph of the whole model) and runs every forward step through
+`steps.StepRunner`: the step's batch is looked up like any live batch (exact, nearest,
+sequential); a sequential answer runs vLLM's own compiled graph, any other runs the graph's ops
+per nano-batch on the schedule's streams. Every problem with the configuration (no store, records
+for other hardware or another model, a corrupt record, a vLLM this plugin does not know) is one
+WARNING and sequential steps: never a crash of the engine.
+
+Other settings, all optional: DYNAFLOW_VLLM_MODEL, the model name the records are stored under
+(default `vllm:<the model folder's name>`); DYNAFLOW_VLLM_SHAPES, a file the live step shapes are
+written to as the engine exits (`dynaflow-tune tune --shapes FILE` tunes them).
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("vllm.dynaflow")  # shown in vLLM's own log format, by its handlers
+
+ENV_SCHEDULES = "DYNAFLOW_VLLM_SCHEDULES"
+ENV_POLICY = "DYNAFLOW_VLLM_POLICY"
+ENV_MODEL = "DYNAFLOW_VLLM_MODEL"
+ENV_SHAPES = "DYNAFLOW_VLLM_SHAPES"
+RUNNERS: list = []  # this process's step runners (one per graph vLLM compiles), for tests and reports
+
+
+def enabled() -> bool:
+    return bool(os.environ.get(ENV_SCHEDULES) or os.environ.get(ENV_POLICY))
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: runs in every vLLM process, possibly more than once."""
+    if not enabled():
+        return
+    from . import hooks
+    try:
+        hooks.check()
+    except RuntimeError as e:
+        log.warning("%s", e)
+        return
+    # vLLM's AOT compile caches what a backend returns; a step runner is rebuilt at each start instead.
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    hooks.install(wrap_backend)
+
+
+def model_key(vllm_config) -> str:
+    return os.environ.get(ENV_MODEL) or f"vllm:{Path(str(vllm_config.model_config.model)).name}"
+
+
+def chooser_for(vllm_config):
+    """The policy named by DYNAFLOW_VLLM_POLICY, else the store's ScheduleMap for this model and
+    the live hardware; any problem is one WARNING and a chooser that answers sequential."""
+    from ..loading import ScheduleMap
+    from ..schedule import Schedule
+    from ..serving import Policy
+    from ..workload import load_callable
+
+    dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
+    policy = os.environ.get(ENV_POLICY)
+    try:
+        if policy:
+            return Policy(load_callable(policy))
+        store = os.environ[ENV_SCHEDULES]
+        if not Path(store).is_dir():
+            raise ValueError(f"{ENV_SCHEDULES}={store!r} is not a folder (the --store a tuner wrote)")
+        device = "cpu" if vllm_config.device_config.device_type == "cpu" else None
+        return ScheduleMap.load(store, model=model_key(vllm_config), dtype=dtype, device=device, on_error="warn")
+    except Exception as e:  # the engine must serve whatever the configuration says
+        log.warning("dynaflow: %s; every step runs sequential", e if policy is None else f"policy {policy!r}: {e}")
+        return Policy(lambda layout: Schedule())
+
+
+def wrap_backend(backend, vllm_config):
+    """A compilation backend: vLLM's own `backend` compiles the graph for sequential steps, and a
+    StepRunner runs the graph's ops per nano-batch for the others."""
+    from .steps import StepRunner
+
+    chooser = chooser_for(vllm_config)
+    dtype = vllm_config.model_config.dtype
+    inductor_config = dict(getattr(vllm_config.compilation_config, "inductor_compile_config", {}) or {})
+
+    def compile_graph(gm, example_inputs, **kwargs):
+        try:
+            runner = StepRunner(gm, None, chooser, dtype=dtype)
+        except Exception as e:  # a graph the cutter cannot split: vLLM runs it as it would have
+            log.warning("dynaflow: vLLM's graph cannot be cut into ops (%s: %s); every step runs sequential",
+                        type(e).__name__, e)
+            return _compiled(backend, gm, example_inputs, inductor_config, kwargs)
+        runner.sequential = _compiled(backend, gm, example_inputs, inductor_config, kwargs)
+        RUNNERS.append(runner)
+        log.info("dynaflow: vLLM's graph cut into %d ops (%d with attention or a KV-cache write); steps scheduled by %s",
+                 len(runner.graph.ops), len(runner.context_ops), _describe(chooser))
+        atexit.register(_at_exit, runner)
+        return runner
+
+    return compile_graph
+
+
+def _compiled(backend, gm, example_inputs, inductor_config: dict, kwargs: dict):
+    """What vLLM would have run: its backend applied to the graph (inductor with vLLM's options)."""
+    if backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs, config_patches=inductor_config)
+    if isinstance(backend, str):
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs, **kwargs)
+    return backend(gm, example_inputs, **kwargs)
+
+
+def _describe(chooser) -> str:
+    policy = os.environ.get(ENV_POLICY)
+    return f"policy {policy}" if policy else f"{getattr(chooser, 'source', 'a sequential fallback')}"
+
+
+def _at_exit(runner) -> None:
+    """Say what the plugin did, and write the step shapes where DYNAFLOW_VLLM_SHAPES says."""
+    log.info("dynaflow: %d step(s) split into nano-batches, %d sequential", runner.steps["split"],
+             runner.steps["sequential"])
+    path = os.environ.get(ENV_SHAPES)
+    if path:
+        try:
+            runner.shapes.save(path)
+            log.info("dynaflow: %d step shape(s) written to %s", runner.shapes.total_calls, path)
+        except OSError as e:
+            log.warning("dynaflow: cannot write the step shapes to %s (%s)", path, e)

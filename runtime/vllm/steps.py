@@ -1,0 +1,167 @@
+"""One vLLM model graph, each forward step run under the schedule chosen for its batch.
+
+vLLM hands its compilation backend one FX graph of the whole model, with the step's token count
+symbolic: `input_ids` and `positions` are [num_tokens], and the graph's sizes follow them. A
+step's batch is read from the forward context (the attention metadata's `query_start_loc`: each
+request's tokens, a decode being one, a prefill chunk several). A nano-batch is a range of the
+step's requests: its token rows of every batched input, its own token count for the graph's
+size inputs, and, while each of its attention and KV-cache-update ops runs, the forward context
+showing that nano-batch's attention metadata and slot mappings (hooks.slice_metadata). The
+nano-batches' outputs are joined by rows. A sequential step runs vLLM's own compiled graph.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from .. import validate
+from ..batch import BatchLayout
+from ..case import Case
+from ..graph import OpGraph, cut
+from ..hf.compile_backend import join_outputs, op_keys
+from ..plan import Plan, build_plan
+from ..schedule import Schedule
+from ..serving import ScheduledCalls
+from . import hooks
+
+log = logging.getLogger("vllm.dynaflow")
+
+
+def token_kinds(placeholders: list[fx.Node]) -> list[str]:
+    """Per graph input: "rows" (a tensor whose dim 0 is a symbolic size: the step's tokens),
+    "size" (a symbolic int that is such a dim 0: the token count), or "whole" (weights, caches,
+    the layer-name objects of the attention ops)."""
+    values = [n.meta.get("example_value") for n in placeholders]
+    sizes = {v.shape[0].node.expr for v in values
+             if isinstance(v, torch.Tensor) and v.dim() >= 1 and isinstance(v.shape[0], torch.SymInt)}
+    kinds = []
+    for v in values:
+        if isinstance(v, torch.SymInt) and v.node.expr in sizes:
+            kinds.append("size")
+        elif isinstance(v, torch.Tensor) and v.dim() >= 1 and isinstance(v.shape[0], torch.SymInt) \
+                and v.shape[0].node.expr in sizes:
+            kinds.append("rows")
+        else:
+            kinds.append("whole")
+    return kinds
+
+
+def context_ops(graph: OpGraph) -> set[str]:
+    """The ops whose code calls one of vLLM's forward-context ops (attention, KV-cache update)."""
+    found = set()
+    for name in graph.names:
+        sub = getattr(graph.module, graph.targets[name])
+        if any(n.op == "call_function" and hooks.reads_context(n.target) for n in sub.graph.nodes):
+            found.add(name)
+    return found
+
+
+class StepRunner:
+    """Runs one vLLM graph per forward step: sequential through `sequential` (vLLM's own compiled
+    callable), split under the chosen schedule otherwise."""
+
+    def __init__(self, gm: fx.GraphModule, sequential: Callable, chooser, *, dtype: torch.dtype) -> None:
+        self.gm, self.sequential, self.dtype = gm, sequential, dtype
+        self.calls = ScheduledCalls(chooser)
+        self.shapes = self.calls.shapes
+        self.kinds = token_kinds([n for n in gm.graph.nodes if n.op == "placeholder"])
+        self.graph: OpGraph = cut(gm, op_keys(gm))
+        self.context_ops = context_ops(self.graph)
+        self.said: set[str] = set()
+        self.steps = {"split": 0, "sequential": 0}
+
+    def say_once(self, why: str) -> None:
+        if why not in self.said:
+            self.said.add(why)
+            log.warning("dynaflow: a step runs sequential: %s", why)
+
+    def __call__(self, *args):
+        metadata, slots = hooks.step_metadata()
+        if metadata is None:  # a profiling or warm-up run: no batch to schedule
+            return self.sequential(*args)
+        why = self._why_not(metadata, args)
+        if why is not None:
+            self.say_once(why)
+            return self._sequential(args)
+        starts = hooks.query_starts(metadata)
+        tokens = [b - a for a, b in zip(starts, starts[1:])]
+        layout = BatchLayout(request_tokens=tuple(tokens), request_kinds=tuple("decode" if t == 1 else "prefill"
+                                                                              for t in tokens),
+                             input_axes=(), kinds=("decode", "prefill"))
+        context = max(int(m.max_seq_len) for m in metadata.values())
+        schedule = self.calls.pick(layout, context)
+        if schedule.num_nano < 2 and len(schedule.streams) < 2:
+            return self._sequential(args)
+        layers = hooks.attention_layers()
+        try:
+            out = self.calls.run(schedule, (layout.request_tokens,), self._device(args),
+                                 lambda: self._prepare(schedule, layout, args), args, metadata, slots, layers,
+                                 finish=_joiner(layout))
+        except ValueError as e:  # the schedule breaks a rule of this batch (a cut inside a request, ...)
+            self.say_once(f"schedule {validate.short(schedule.label)} does not fit this step ({e})")
+            return self._sequential(args)
+        self.steps["split"] += 1
+        return out
+
+    def _sequential(self, args):
+        self.steps["sequential"] += 1
+        return self.sequential(*args)
+
+    def _why_not(self, metadata: dict, args) -> str | None:
+        if "rows" not in self.kinds:
+            return "vLLM's graph has no input batched by tokens"
+        why = hooks.why_unsplittable(metadata)
+        if why is not None:
+            return why
+        starts = hooks.query_starts(metadata)
+        rows = next(a.shape[0] for a, k in zip(args, self.kinds) if k == "rows")
+        if rows != starts[-1]:
+            return f"the step's inputs hold {rows} token rows for {starts[-1]} scheduled tokens (padding)"
+        return None
+
+    def _device(self, args) -> torch.device:
+        return next(a.device for a, k in zip(args, self.kinds) if k == "rows")
+
+    def _prepare(self, schedule: Schedule, layout: BatchLayout, args) -> Plan:
+        kinds, state, dtype = self.kinds, {}, self.dtype
+
+        def nano_inputs(inputs, r0: int, r1: int) -> tuple:
+            tok = layout.slices(r0, r1)["tokens"]
+            return tuple(a[tok] if k == "rows" else tok.stop - tok.start if k == "size" else a
+                         for a, k in zip(inputs, kinds))
+
+        case = Case(model=self.gm, inputs=tuple(args), layout=layout, name="vllm")
+        plan = build_plan(self.graph, case, schedule, None, nano_inputs=nano_inputs)
+        for task in plan.tasks:
+            if task.op in self.context_ops:
+                task.fn = _in_context(task.fn, task.nano, state)
+        bind_fx = plan.bind
+
+        def bind(inputs, metadata, slots, layers) -> None:
+            state["nano"] = [hooks.slice_metadata(metadata, slots, r0, r1, layers, dtype) for r0, r1 in plan.ranges]
+            bind_fx(inputs, None)
+
+        def unbind() -> None:  # the cached plan keeps no values of this step alive
+            state.clear()
+            for env in plan.envs:
+                env.clear()
+
+        plan.bind, plan.unbind = bind, unbind
+        return plan
+
+
+def _in_context(fn: Callable[[], None], nano: int, state: dict[str, Any]) -> Callable[[], None]:
+    def run() -> None:
+        with hooks.nano_context(*state["nano"][nano]):
+            fn()
+    return run
+
+def _joiner(layout: BatchLayout) -> Callable[[Plan, Any], Any]:
+    """The nano-batches' outputs joined by token rows (a tuple output element by element)."""
+    def join(plan: Plan, _bound):
+        rows = [sum(layout.request_tokens[r0:r1]) for r0, r1 in plan.ranges]
+        return join_outputs([plan.outputs(b) for b in range(len(plan.ranges))], rows)
+    return join
