@@ -16,11 +16,14 @@ WARNING and sequential steps: never a crash of the engine.
 
 Other settings, all optional: DYNAFLOW_VLLM_MODEL, the model name the records are stored under
 (default `vllm:<the model folder's name>`); DYNAFLOW_VLLM_SHAPES, a file the live step shapes are
-written to as the engine exits (`dynaflow-tune tune --shapes FILE` tunes them).
+written to as the engine exits (`dynaflow-tune tune --shapes FILE` tunes them);
+DYNAFLOW_VLLM_REPORT, a JSON file the plugin's counts are written to as the engine exits (steps
+split and sequential, how the store answered them, the reasons a step ran sequential).
 """
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 from pathlib import Path
@@ -33,6 +36,7 @@ ENV_SCHEDULES = "DYNAFLOW_VLLM_SCHEDULES"
 ENV_POLICY = "DYNAFLOW_VLLM_POLICY"
 ENV_MODEL = "DYNAFLOW_VLLM_MODEL"
 ENV_SHAPES = "DYNAFLOW_VLLM_SHAPES"
+ENV_REPORT = "DYNAFLOW_VLLM_REPORT"
 RUNNERS: list = []  # this process's step runners (one per graph vLLM compiles), for tests and reports
 
 
@@ -123,14 +127,24 @@ def _describe(chooser) -> str:
     return f"policy {policy}" if policy else f"{getattr(chooser, 'source', 'a sequential fallback')}"
 
 
+def report(runner) -> dict:
+    """What the plugin did in this process: steps split and sequential, how the store answered
+    (ScheduleMap.rule_counts: exact, nearest, sequential), the reasons a step ran sequential."""
+    rules = dict(getattr(runner.calls.chooser, "rule_counts", {}) or {})
+    return {"steps_split": runner.steps["split"], "steps_sequential": runner.steps["sequential"],
+            "answered_by": rules, "sequential_because": sorted(runner.said)}
+
+
 def _at_exit(runner) -> None:
-    """Say what the plugin did, and write the step shapes where DYNAFLOW_VLLM_SHAPES says."""
-    log.info("dynaflow: %d step(s) split into nano-batches, %d sequential", runner.steps["split"],
-             runner.steps["sequential"])
-    path = os.environ.get(ENV_SHAPES)
-    if path:
-        try:
-            runner.shapes.save(path)
-            log.info("dynaflow: %d step shape(s) written to %s", runner.shapes.total_calls, path)
-        except OSError as e:
-            log.warning("dynaflow: cannot write the step shapes to %s (%s)", path, e)
+    """Say what the plugin did; write the step shapes and the report where the environment says."""
+    done = report(runner)
+    log.info("dynaflow: %d step(s) split into nano-batches, %d sequential%s", done["steps_split"],
+             done["steps_sequential"], f"; the store answered {done['answered_by']}" if done["answered_by"] else "")
+    for env, write in ((ENV_SHAPES, lambda path: runner.shapes.save(path)),
+                       (ENV_REPORT, lambda path: Path(path).write_text(json.dumps(done, indent=1)))):
+        path = os.environ.get(env)
+        if path:
+            try:
+                write(path)
+            except OSError as e:
+                log.warning("dynaflow: cannot write %s=%s (%s)", env, path, e)

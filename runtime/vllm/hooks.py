@@ -32,7 +32,10 @@ CONTEXT_FIELDS = ("attn_metadata", "slot_mapping", "no_compile_layers")
 CPU_FIELDS = ("num_actual_tokens", "max_query_len", "query_start_loc", "max_seq_len", "seq_lens", "block_table",
               "slot_mapping", "scheduler_metadata", "causal", "dynamic_causal", "use_sdpa_prefill", "num_decode_tokens",
               "sdpa_attn_masks", "sdpa_start_loc", "encoder_cache")
-_LOCK = threading.Lock()  # the forward context is one per process: nano-batches on other streams take turns
+# The forward context is one per process, and vLLM's CPU kernels (oneDNN GEMM handlers, rotary
+# embedding, attention scratchpads) are not safe to enter from two threads at once (two streams
+# running one projection corrupted the heap): on the CPU, tasks calling them take turns.
+_LOCK = threading.RLock()
 
 
 def _resolve(module: str, dotted: str):
@@ -112,6 +115,18 @@ def reads_context(target) -> bool:
     """Whether an fx call target is one of vLLM's ops that read the forward context."""
     name = str(target)
     return name.startswith("vllm.") and name.split(".")[1].split(".")[0] in CONTEXT_OPS
+
+
+def is_vllm_kernel(target) -> bool:
+    """Whether an fx call target is one of vLLM's own ops (`torch.ops._C.*`, `torch.ops.vllm.*`)."""
+    return str(target).startswith(("_C.", "_C_", "vllm."))
+
+
+@contextmanager
+def kernels_in_turn() -> Iterator[None]:
+    """Hold the lock vLLM's CPU kernels are entered under (one thread at a time)."""
+    with _LOCK:
+        yield
 
 
 @contextmanager

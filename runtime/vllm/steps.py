@@ -49,12 +49,12 @@ def token_kinds(placeholders: list[fx.Node]) -> list[str]:
     return kinds
 
 
-def context_ops(graph: OpGraph) -> set[str]:
-    """The ops whose code calls one of vLLM's forward-context ops (attention, KV-cache update)."""
+def ops_calling(graph: OpGraph, test: Callable[[Any], bool]) -> set[str]:
+    """The ops whose code calls a target `test` accepts."""
     found = set()
     for name in graph.names:
         sub = getattr(graph.module, graph.targets[name])
-        if any(n.op == "call_function" and hooks.reads_context(n.target) for n in sub.graph.nodes):
+        if any(n.op == "call_function" and test(n.target) for n in sub.graph.nodes):
             found.add(name)
     return found
 
@@ -69,7 +69,8 @@ class StepRunner:
         self.shapes = self.calls.shapes
         self.kinds = token_kinds([n for n in gm.graph.nodes if n.op == "placeholder"])
         self.graph: OpGraph = cut(gm, op_keys(gm))
-        self.context_ops = context_ops(self.graph)
+        self.context_ops = ops_calling(self.graph, hooks.reads_context)  # attention, KV-cache writes
+        self.kernel_ops = ops_calling(self.graph, hooks.is_vllm_kernel)  # on the CPU: one thread at a time
         self.said: set[str] = set()
         self.steps = {"split": 0, "sequential": 0}
 
@@ -135,9 +136,12 @@ class StepRunner:
 
         case = Case(model=self.gm, inputs=tuple(args), layout=layout, name="vllm")
         plan = build_plan(self.graph, case, schedule, None, nano_inputs=nano_inputs)
+        on_cpu = self._device(args).type == "cpu"
         for task in plan.tasks:
             if task.op in self.context_ops:
                 task.fn = _in_context(task.fn, task.nano, state)
+            elif on_cpu and task.op in self.kernel_ops:
+                task.fn = _in_turn(task.fn)
         bind_fx = plan.bind
 
         def bind(inputs, metadata, slots, layers) -> None:
@@ -158,6 +162,13 @@ def _in_context(fn: Callable[[], None], nano: int, state: dict[str, Any]) -> Cal
         with hooks.nano_context(*state["nano"][nano]):
             fn()
     return run
+
+def _in_turn(fn: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with hooks.kernels_in_turn():
+            fn()
+    return run
+
 
 def _joiner(layout: BatchLayout) -> Callable[[Plan, Any], Any]:
     """The nano-batches' outputs joined by token rows (a tuple output element by element)."""
