@@ -1,6 +1,7 @@
 """runtime/ imports downward only: the torch-only core knows nothing of workloads, stores, serving
 or Hugging Face; what builds a Case from a model spec and what serves one sit above it; the HF
-code (runtime/hf/) sits on top. Read from the source (ast), lazy imports included, so an
+code (runtime/hf/) above that, and the vLLM plugin (runtime/vllm/, which reuses hf's graph
+cutting) on top. Read from the source (ast), lazy imports included, so an
 import tucked into a function cannot hide an upward edge; `if TYPE_CHECKING:` imports are types
 only and do not count."""
 import ast
@@ -13,7 +14,7 @@ CORE = {"batch", "validate", "files", "counters", "telemetry", "graph", "schedul
         "backends.base", "backends.cpu", "backends.cuda", "backends.green_ctx", "executor", "measure", "timeline",
         "hardware", "models", "models.llama", "models.moe"}
 ABOVE_CORE = {"workload", "store", "shapes", "loading", "serving", "probe"}
-LAYERS = [CORE, ABOVE_CORE]  # then runtime.hf (every hf.* module), then the package facade (__init__)
+LAYERS = [CORE, ABOVE_CORE]  # then runtime.hf (every hf.* module), runtime.vllm, then the package facade (__init__)
 
 
 def layer_of(module: str) -> int:
@@ -22,8 +23,10 @@ def layer_of(module: str) -> int:
             return i
     if module == "hf" or module.startswith("hf."):
         return len(LAYERS)
+    if module == "vllm" or module.startswith("vllm."):
+        return len(LAYERS) + 1
     assert module == "__init__", f"runtime/{module}: put it in a layer in tests/test_layers.py"
-    return len(LAYERS) + 1
+    return len(LAYERS) + 2
 
 
 def modules() -> dict[str, Path]:
