@@ -2,7 +2,7 @@
 every step is looked up and answered sequential, running vLLM's own compiled graph) against vLLM
 without it, in interleaved rounds, each round a fresh engine of each (off, on, off, on, ...).
 
-    python benchmarks/vllm_overhead.py [--rounds 3] [--max-tokens 48]
+    python benchmarks/vllm_overhead.py [--rounds 3] [--max-tokens 128]
 
 Needs vLLM (`sh scripts/setup.sh --vllm`, or the overlay scripts/test.sh makes). Target: time per
 output token with the plugin <= 1.03x without it. Printed: each round's time per output token,
@@ -46,7 +46,9 @@ def serve(model: str, out: str, max_tokens: int) -> None:
 def make_model(folder: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2,
@@ -67,7 +69,7 @@ def round_of(model: Path, out: Path, max_tokens: int, store: Path | None) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--serve", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:

@@ -208,6 +208,10 @@ def load_callable(spec: str) -> Callable[[Workload], Case]:
     """`module:function`, the module importable by name (installed, or on PYTHONPATH;
     never a file path) and not from Python's standard library: a model factory is user code."""
     module_name, _, attr = spec.partition(":")
+    if module_name == "vllm":
+        raise ValueError(f"model {spec!r} names a model as vLLM's plugin stores it: the tuner cannot build vLLM's own "
+                         "model yet; tune the same architecture as 'hf:<arch>' and serve its records in vLLM with "
+                         "DYNAFLOW_VLLM_MODEL=hf:<arch> (their splits and streams apply; their op order is vLLM's own).")
     if not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(attr):
         raise ValueError(f"model {spec!r} must be a preset {sorted(PRESETS)} or 'module:function' with a dotted "
                          "Python module name (importable by this Python: installed, or on PYTHONPATH; not a file path).")

@@ -7,6 +7,7 @@ vLLM needs its own transformers range, so scripts/test.sh runs this file again i
 that has vLLM (DYNAFLOW_EXPECT_VLLM=1 there: a missing vLLM fails instead of skipping)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,7 +21,7 @@ if os.environ.get("DYNAFLOW_EXPECT_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/test.sh runs this file with it)")
 import torch  # noqa: E402
 
-from dynaflow.runtime import Schedule, StreamSpec, Workload  # noqa: E402
+from dynaflow.runtime import Schedule, Step, StreamSpec, Workload  # noqa: E402
 from dynaflow.runtime.hardware import detect  # noqa: E402
 from dynaflow.runtime.measure import Tolerance  # noqa: E402
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule  # noqa: E402
@@ -102,31 +103,35 @@ def _logprob_tolerance(reference: list[list[float]]) -> Tolerance:
     return Tolerance.derive(torch.float32, reduction=max(CONFIG["intermediate_size"], 512), depth=20, reference=ref)
 
 
+@pytest.fixture(scope="module")
+def randomly(models, tmp_path_factory) -> dict[str, dict]:
+    """Per model: vLLM with the plugin under a policy drawing a random schedule at every step."""
+    tmp = tmp_path_factory.mktemp("random")
+    out = {}
+    for name, path in models.items():
+        schedules = tmp / f"{name}.schedules.jsonl"
+        out[name] = serve(path, tmp, f"random-{name}", DYNAFLOW_VLLM_POLICY="vllm_policies:random_schedules",
+                          DYNAFLOW_TEST_SCHEDULES=str(schedules))
+        out[name]["schedules"] = set(schedules.read_text().splitlines())
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_random_schedules_give_vllms_tokens(models, plain, tmp_path, name):
-    schedules = tmp_path / "schedules.jsonl"
-    got = serve(models[name], tmp_path, f"random-{name}", DYNAFLOW_VLLM_POLICY="vllm_policies:random_schedules",
-                DYNAFLOW_TEST_SCHEDULES=str(schedules))
-    want = plain[name]
+def test_random_schedules_give_vllms_tokens(plain, randomly, name):
+    got, want = randomly[name], plain[name]
     assert got["tokens"] == want["tokens"]
     tol = _logprob_tolerance(want["logprobs"])
     flat = lambda rows: torch.tensor([x for row in rows for x in row])  # noqa: E731
     assert tol.error(flat(got["logprobs"]), flat(want["logprobs"])) <= 1
-    distinct = {line for line in schedules.read_text().splitlines()}
-    assert len(distinct) >= 20, f"only {len(distinct)} distinct schedules ran"
+    assert len(got["schedules"]) >= 20, f"only {len(got['schedules'])} distinct schedules ran"
     report = got["report"]
     assert report["steps_split"] >= 20, report
     assert "split into nano-batches" in got["log"]
-
-
-@pytest.mark.slow
-def test_a_split_the_step_cannot_take_runs_sequential_and_says_why_once(models, plain, tmp_path):
-    got = serve(models["llama"], tmp_path, "inside", DYNAFLOW_VLLM_POLICY="vllm_policies:cut_inside_a_request")
-    assert got["tokens"] == plain["llama"]["tokens"]
+    # the policy's cuts inside a request: those steps ran sequential, each reason said once
     said = [line for line in got["log"].splitlines() if "a step runs sequential" in line]
-    assert said and all("inside a request" in line for line in said)
-    assert len(said) == len(set(s.split("dynaflow:", 1)[1] for s in said))  # each reason once
+    assert said and all("inside a request" in line for line in said), said
+    assert len(said) == len({line.split("dynaflow:", 1)[1] for line in said}) == len(report["sequential_because"])
 
 
 def _record(model: str, hardware, sizes=(2, 2)) -> StoredSchedule:
@@ -137,25 +142,45 @@ def _record(model: str, hardware, sizes=(2, 2)) -> StoredSchedule:
 
 
 @pytest.mark.slow
-def test_bad_stores_are_one_warning_and_vllm_serves_sequential(models, plain, tmp_path):
+def test_bad_stores_are_one_warning_and_vllm_serves_sequential(models, plain, randomly, tmp_path):
+    live = randomly["llama"]["report"]["hardware"]  # the hardware vLLM's worker sees (its CPU threads are vLLM's)
     store = ScheduleStore(StoreConfig(root=tmp_path / "store"))
     store.save(_record("vllm:llama", H100))  # tuned on other hardware
-    other = serve(models["llama"], tmp_path, "other", DYNAFLOW_VLLM_SCHEDULES=str(tmp_path / "store"))
-    assert other["tokens"] == plain["llama"]["tokens"] and other["report"]["steps_split"] == 0
-    said = re.search(r"no stored schedules for vllm:llama float32 on (\S+): .* holds no records for this hardware "
-                     r"\(only for cuda-nvidia-h100", other["log"])
-    assert said, other["log"][-3000:]
-    live = said.group(1)  # the hardware vLLM's worker sees (its CPU threads are vLLM's to set)
-
     folder = tmp_path / "store" / "schedules" / live
     folder.mkdir(parents=True)
     (folder / "vllm-llama_d4x64_p0_fp32.json").write_text('{"record_schema": 3, "hard')  # cut off mid-write
-    corrupt = serve(models["llama"], tmp_path, "corrupt", DYNAFLOW_VLLM_SCHEDULES=str(tmp_path / "store"))
-    assert corrupt["tokens"] == plain["llama"]["tokens"] and corrupt["report"]["steps_split"] == 0
-    assert "vllm-llama_d4x64_p0_fp32.json" in corrupt["log"] and "is not valid JSON" in corrupt["log"]
+    bad = serve(models["llama"], tmp_path, "bad", DYNAFLOW_VLLM_SCHEDULES=str(tmp_path / "store"))
+    assert bad["tokens"] == plain["llama"]["tokens"] and bad["report"]["steps_split"] == 0
+    assert "vllm-llama_d4x64_p0_fp32.json" in bad["log"] and "is not valid JSON" in bad["log"]
+    assert f"no stored schedules for vllm:llama float32 on {live}" in bad["log"]
+
+    tuned = tmp_path / "tuned"  # records as the tuner writes them for hf:llama, on the hardware vLLM's worker sees
+    hardware = _live_hardware(live)
+    store = ScheduleStore(StoreConfig(root=tuned))
+    foreign = tuple(Step(op=op, nano=b, stream=b) for op in ("input_layernorm", "mlp") for b in (0, 1))
+    for d, p in ((2, 0), (4, 0), (8, 0), (16, 0), (1, 63), (3, 61), (7, 57), (12, 52)):
+        n = d + (1 if p else 0)
+        w = Workload(model="hf:llama", num_decode=d, context_len=64, prefill_tokens=p, dtype="float32", device="cpu")
+        store.save(StoredSchedule(hardware=hardware, workload=w, verdict="winner", tokens_per_s=1.0,
+                                  baseline_tokens_per_s=1.0, speedup=1.2, speedup_spread=0.01, efficiency=0.5,
+                                  space="nanoflow", schedule=Schedule(split_sizes=(1, n - 1), order=foreign,
+                                                                      streams=(StreamSpec(), StreamSpec()))))
+    served = serve(models["llama"], tmp_path, "tuned", DYNAFLOW_VLLM_SCHEDULES=str(tuned), DYNAFLOW_VLLM_MODEL="hf:llama")
+    assert served["tokens"] == plain["llama"]["tokens"]
+    answered = served["report"]["answered_by"]
+    assert served["report"]["steps_split"] > 0 and answered.get("exact", 0) + answered.get("nearest", 0) > 0, answered
+    assert "op order does not fit vLLM's graph" in served["log"]
 
     missing = serve(models["llama"], tmp_path, "missing", DYNAFLOW_VLLM_SCHEDULES=str(tmp_path / "nowhere"))
     assert missing["tokens"] == plain["llama"]["tokens"]
     assert "is not a folder" in missing["log"] and "every step runs sequential" in missing["log"]
     # vLLM prints a traceback of its own (no tokenizer to warm up); none may pass through the plugin
-    assert not re.search(r'File ".*dynaflow|File ".*/runtime/vllm/', other["log"] + corrupt["log"] + missing["log"])
+    logs = bad["log"] + served["log"] + missing["log"]
+    assert not re.search(r'File ".*dynaflow|File ".*/runtime/vllm/', logs)
+
+
+def _live_hardware(key: str):
+    """This CPU with the thread count in `key` (cpu-<name>-<arch>-<N>sm): the threads vLLM's worker runs with."""
+    live = dataclasses.replace(detect("cpu"), num_sms=int(re.search(r"-(\d+)sm$", key).group(1)))
+    assert live.key == key, (live.key, key)
+    return live

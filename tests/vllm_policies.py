@@ -15,6 +15,7 @@ def random_schedules(layout) -> Schedule:
     """A random schedule for every step of two requests or more: 2-4
     nano-batches cut on request boundaries, on 1 or 2 streams, ops issued op-major (nano-batches
     interleaved); a new draw at every step (seeded by the step's index: the same run, the same draws).
+    About one step in seven with a prefill chunk gets a token split inside a request instead.
     Each distinct schedule is appended to the file DYNAFLOW_TEST_SCHEDULES names."""
     from dynaflow.runtime.vllm import RUNNERS
 
@@ -22,6 +23,8 @@ def random_schedules(layout) -> Schedule:
     if n < 2 or not RUNNERS:
         return Schedule()
     rng = random.Random(next(_CALLS))
+    if rng.random() < 0.15 and max(layout.request_tokens) > 1:
+        return cut_inside_a_request(layout)  # one the step cannot take: sequential, said once
     k = rng.randint(2, min(4, n))
     cuts = sorted(rng.sample(range(1, n), k - 1))
     sizes = tuple(b - a for a, b in zip([0, *cuts], [*cuts, n]))
@@ -38,7 +41,8 @@ def random_schedules(layout) -> Schedule:
 def cut_inside_a_request(layout) -> Schedule:
     """Token splits that fall inside a request whenever one holds more than one token: the plugin
     must run such a step sequential and say why once."""
-    if layout.num_tokens < 2:
+    longest = max(range(layout.num_requests), key=lambda i: layout.request_tokens[i])
+    if layout.request_tokens[longest] < 2:
         return Schedule()
-    half = layout.num_tokens // 2
+    half = sum(layout.request_tokens[:longest]) + layout.request_tokens[longest] // 2
     return Schedule(split_unit="tokens", split_sizes=(half, layout.num_tokens - half))

@@ -59,11 +59,11 @@ def register() -> None:
     hooks.install(wrap_backend)
 
 
-def model_key(vllm_config) -> str:
-    return os.environ.get(ENV_MODEL) or f"vllm:{Path(str(vllm_config.model_config.model)).name}"
+def model_key(facts: dict) -> str:
+    return os.environ.get(ENV_MODEL) or f"vllm:{Path(facts['model']).name}"
 
 
-def chooser_for(vllm_config):
+def chooser_for(facts: dict):
     """The policy named by DYNAFLOW_VLLM_POLICY, else the store's ScheduleMap for this model and
     the live hardware; any problem is one WARNING and a chooser that answers sequential."""
     from ..loading import ScheduleMap
@@ -71,7 +71,7 @@ def chooser_for(vllm_config):
     from ..serving import Policy
     from ..workload import load_callable
 
-    dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
+    dtype = str(facts["dtype"]).removeprefix("torch.")
     policy = os.environ.get(ENV_POLICY)
     try:
         if policy:
@@ -79,8 +79,8 @@ def chooser_for(vllm_config):
         store = os.environ[ENV_SCHEDULES]
         if not Path(store).is_dir():
             raise ValueError(f"{ENV_SCHEDULES}={store!r} is not a folder (the --store a tuner wrote)")
-        device = "cpu" if vllm_config.device_config.device_type == "cpu" else None
-        return ScheduleMap.load(store, model=model_key(vllm_config), dtype=dtype, device=device, on_error="warn")
+        device = "cpu" if facts["device_type"] == "cpu" else None
+        return ScheduleMap.load(store, model=model_key(facts), dtype=dtype, device=device, on_error="warn")
     except Exception as e:  # the engine must serve whatever the configuration says
         log.warning("dynaflow: %s; every step runs sequential", e if policy is None else f"policy {policy!r}: {e}")
         return Policy(lambda layout: Schedule())
@@ -89,11 +89,12 @@ def chooser_for(vllm_config):
 def wrap_backend(backend, vllm_config):
     """A compilation backend: vLLM's own `backend` compiles the graph for sequential steps, and a
     StepRunner runs the graph's ops per nano-batch for the others."""
+    from . import hooks
     from .steps import StepRunner
 
-    chooser = chooser_for(vllm_config)
-    dtype = vllm_config.model_config.dtype
-    inductor_config = dict(getattr(vllm_config.compilation_config, "inductor_compile_config", {}) or {})
+    facts = hooks.config_facts(vllm_config)
+    chooser = chooser_for(facts)
+    dtype, inductor_config = facts["dtype"], facts["inductor_config"]
 
     def compile_graph(gm, example_inputs, **kwargs):
         try:
@@ -129,10 +130,13 @@ def _describe(chooser) -> str:
 
 def report(runner) -> dict:
     """What the plugin did in this process: steps split and sequential, how the store answered
-    (ScheduleMap.rule_counts: exact, nearest, sequential), the reasons a step ran sequential."""
+    (ScheduleMap.rule_counts: exact, nearest, sequential), the reasons a step ran sequential, and
+    the hardware key records must carry to apply here (vLLM sets its worker's CPU threads)."""
+    from ..hardware import detect
     rules = dict(getattr(runner.calls.chooser, "rule_counts", {}) or {})
     return {"steps_split": runner.steps["split"], "steps_sequential": runner.steps["sequential"],
-            "answered_by": rules, "sequential_because": sorted(runner.said)}
+            "answered_by": rules, "sequential_because": sorted(runner.said),
+            "hardware": detect(str(runner.device)).key if runner.device is not None else None}
 
 
 def _at_exit(runner) -> None:

@@ -201,6 +201,19 @@ def slice_metadata(metadata: dict, slots: dict | None, r0: int, r1: int, layers:
     return out, nano_slots
 
 
+def context_len(metadata: dict) -> int:
+    """The step's longest sequence (its context, for the bucket a lookup matches)."""
+    return max(int(m.max_seq_len) for m in metadata.values())
+
+
+def config_facts(vllm_config) -> dict:
+    """What the plugin reads of vLLM's config: the model's folder or name, its dtype, the device
+    type, and the inductor options vLLM compiles with."""
+    return {"model": str(vllm_config.model_config.model), "dtype": vllm_config.model_config.dtype,
+            "device_type": vllm_config.device_config.device_type,
+            "inductor_config": dict(getattr(vllm_config.compilation_config, "inductor_compile_config", {}) or {})}
+
+
 def attention_layers() -> dict:
     """Layer name -> vLLM Attention module, from the forward context."""
     return forward_context().no_compile_layers

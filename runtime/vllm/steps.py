@@ -11,6 +11,7 @@ nano-batches' outputs are joined by rows. A sequential step runs vLLM's own comp
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -73,16 +74,18 @@ class StepRunner:
         self.kernel_ops = ops_calling(self.graph, hooks.is_vllm_kernel)  # on the CPU: one thread at a time
         self.said: set[str] = set()
         self.steps = {"split": 0, "sequential": 0}
+        self.device: torch.device | None = None  # the device of the steps seen
 
-    def say_once(self, why: str) -> None:
+    def say_once(self, why: str, *, what: str = "a step runs sequential") -> None:
         if why not in self.said:
             self.said.add(why)
-            log.warning("dynaflow: a step runs sequential: %s", why)
+            log.warning("dynaflow: %s: %s", what, why)
 
     def __call__(self, *args):
         metadata, slots = hooks.step_metadata()
         if metadata is None:  # a profiling or warm-up run: no batch to schedule
             return self.sequential(*args)
+        self.device = self.device or next((a.device for a in args if isinstance(a, torch.Tensor)), None)
         why = self._why_not(metadata, args)
         if why is not None:
             self.say_once(why)
@@ -92,8 +95,7 @@ class StepRunner:
         layout = BatchLayout(request_tokens=tuple(tokens), request_kinds=tuple("decode" if t == 1 else "prefill"
                                                                               for t in tokens),
                              input_axes=(), kinds=("decode", "prefill"))
-        context = max(int(m.max_seq_len) for m in metadata.values())
-        schedule = self.calls.pick(layout, context)
+        schedule = self.calls.pick(layout, hooks.context_len(metadata))
         if schedule.num_nano < 2 and len(schedule.streams) < 2:
             return self._sequential(args)
         layers = hooks.attention_layers()
@@ -135,7 +137,14 @@ class StepRunner:
                          for a, k in zip(inputs, kinds))
 
         case = Case(model=self.gm, inputs=tuple(args), layout=layout, name="vllm")
-        plan = build_plan(self.graph, case, schedule, None, nano_inputs=nano_inputs)
+        try:
+            plan = build_plan(self.graph, case, schedule, None, nano_inputs=nano_inputs)
+        except ValueError as e:  # an order made for another graph (a record tuned on the hf: model)
+            if not schedule.order:
+                raise
+            self.say_once(f"schedule {validate.short(schedule.label)}'s op order does not fit vLLM's graph ({e}); "
+                          "its splits and streams run in the graph's own order", what="a schedule runs in part")
+            plan = build_plan(self.graph, case, dataclasses.replace(schedule, order=()), None, nano_inputs=nano_inputs)
         on_cpu = self._device(args).type == "cpu"
         for task in plan.tasks:
             if task.op in self.context_ops:
