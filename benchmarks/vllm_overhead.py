@@ -1,12 +1,16 @@
 """The vLLM plugin's cost when it answers sequential: vLLM with the plugin on (an empty store:
 every step is looked up and answered sequential, running vLLM's own compiled graph) against vLLM
-without it, in interleaved rounds, each round a fresh engine of each (off, on, off, on, ...).
+without it, in interleaved rounds, each round a fresh engine of each (off, on, off, on, ...);
+and, measured inside the plugin's engine, the share of each sequential step the plugin spends
+deciding (reading the step's batch, the lookup) before it runs vLLM's graph: the same cost
+without the noise between engine processes, which on a 2-core machine exceeds 10%.
 
     python benchmarks/vllm_overhead.py [--rounds 3] [--max-tokens 128]
 
 Needs vLLM (`sh scripts/setup.sh --vllm`, or the overlay scripts/test.sh makes). Target: time per
 output token with the plugin <= 1.03x without it. Printed: each round's time per output token,
-the median ratio and its spread over the rounds, and the engine start-up time the plugin adds.
+the median ratio and its spread over the rounds, the plugin's share of a step, and the engine
+start-up time the plugin adds.
 """
 from __future__ import annotations
 
@@ -59,11 +63,15 @@ def round_of(model: Path, out: Path, max_tokens: int, store: Path | None) -> dic
     env = {k: v for k, v in os.environ.items() if k not in PLUGIN_ENV}
     if store is not None:
         env["DYNAFLOW_VLLM_SCHEDULES"] = str(store)
+        env["DYNAFLOW_VLLM_REPORT"] = str(out.with_suffix(".report.json"))
     run = subprocess.run([sys.executable, __file__, "--serve", str(model), str(out), "--max-tokens", str(max_tokens)],
                          env=env, capture_output=True, text=True, timeout=600)
     if run.returncode != 0:
         sys.exit(f"vllm_overhead: a {'plugin' if store else 'plain'} engine failed:\n{(run.stdout + run.stderr)[-3000:]}")
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    if store is not None:
+        result["report"] = json.loads(out.with_suffix(".report.json").read_text())
+    return result
 
 
 def main() -> None:
@@ -95,9 +103,14 @@ def main() -> None:
                   f"({on['s_per_token'] / off['s_per_token']:.3f}x); start-up {off['startup_s']:.1f} s vs "
                   f"{on['startup_s']:.1f} s", flush=True)
     ratios = [on["s_per_token"] / off["s_per_token"] for off, on in rows]
+    shares = [on["report"]["deciding_s"] / on["report"]["sequential_steps_s"] for _, on in rows]
+    per_step = [1e6 * on["report"]["deciding_s"] / max(on["report"]["steps_sequential"], 1) for _, on in rows]
     added = [on["startup_s"] - off["startup_s"] for off, on in rows]
     print(f"time per output token, plugin answering sequential / vLLM without it: {statistics.median(ratios):.3f}x "
           f"median over {len(ratios)} rounds (spread {min(ratios):.3f}-{max(ratios):.3f}x; target <= 1.03x)")
+    print(f"inside the plugin's engine: deciding takes {statistics.median(per_step):.0f} us per sequential step, "
+          f"{statistics.median(shares):.2%} of the step (spread {min(shares):.2%}-{max(shares):.2%}): a time per "
+          f"token of {1 + statistics.median(shares):.3f}x vLLM's own graph")
     print(f"engine start-up the plugin adds: {statistics.median(added):+.1f} s median "
           f"({min(added):+.1f} to {max(added):+.1f} s)")
 

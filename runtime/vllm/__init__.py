@@ -136,7 +136,8 @@ def report(runner) -> dict:
     rules = dict(getattr(runner.calls.chooser, "rule_counts", {}) or {})
     return {"steps_split": runner.steps["split"], "steps_sequential": runner.steps["sequential"],
             "answered_by": rules, "sequential_because": sorted(runner.said),
-            "hardware": detect(str(runner.device)).key if runner.device is not None else None}
+            "hardware": detect(str(runner.device)).key if runner.device is not None else None,
+            "deciding_s": runner.cost_s["deciding"], "sequential_steps_s": runner.cost_s["sequential_steps"]}
 
 
 def _at_exit(runner) -> None:

@@ -142,25 +142,27 @@ def nano_context(metadata: dict, slots: dict | None) -> Iterator[None]:
             ctx.attn_metadata, ctx.slot_mapping = saved
 
 
-def query_starts(metadata: dict) -> list[int] | None:
-    """The step's query_start_loc, if every layer's metadata agrees on it (one list of ints)."""
-    starts = {tuple(int(x) for x in m.query_start_loc.tolist()) for m in {id(m): m for m in metadata.values()}.values()
-              if hasattr(m, "query_start_loc")}
-    return list(starts.pop()) if len(starts) == 1 else None
-
-
-def why_unsplittable(metadata: dict) -> str | None:
-    """Why this step's metadata cannot be cut into nano-batches, or None when it can."""
+def read_step(metadata: dict) -> tuple[tuple[int, ...], int] | str:
+    """The step's (query_start_loc, longest sequence) from its attention metadata, or why it cannot
+    be cut into nano-batches. Layers sharing one metadata object (a KV-cache group) are read once."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+    seen: dict[int, tuple[int, ...]] = {}
+    context = 0
     for name, m in metadata.items():
+        if id(m) in seen:
+            continue
         if not isinstance(m, CPUAttentionMetadata):
             return f"layer {name}'s attention metadata is {type(m).__name__}; the plugin cuts CPUAttentionMetadata only"
         if m.use_sdpa_prefill or m.sdpa_attn_masks is not None or m.encoder_cache is not None \
                 or m.dynamic_causal is not None:
             return f"layer {name} uses SDPA prefill, an encoder cache or a dynamic causal mask, which the plugin does not cut"
-    if query_starts(metadata) is None:
+        seen[id(m)] = tuple(m.query_start_loc.tolist())
+        context = max(context, int(m.max_seq_len))
+    starts = set(seen.values())
+    if len(starts) != 1:
         return "the layers' attention metadata disagree on the step's requests"
-    return None
+    return starts.pop(), context
 
 
 def slice_metadata(metadata: dict, slots: dict | None, r0: int, r1: int, layers: dict,
@@ -199,11 +201,6 @@ def slice_metadata(metadata: dict, slots: dict | None, r0: int, r1: int, layers:
         t0, t1 = int(qsl[r0]), int(qsl[r1])
         nano_slots = {name: s[t0:t1] if isinstance(s, torch.Tensor) else s for name, s in slots.items()}
     return out, nano_slots
-
-
-def context_len(metadata: dict) -> int:
-    """The step's longest sequence (its context, for the bucket a lookup matches)."""
-    return max(int(m.max_seq_len) for m in metadata.values())
 
 
 def config_facts(vllm_config) -> dict:

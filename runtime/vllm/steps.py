@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -74,6 +75,9 @@ class StepRunner:
         self.kernel_ops = ops_calling(self.graph, hooks.is_vllm_kernel)  # on the CPU: one thread at a time
         self.said: set[str] = set()
         self.steps = {"split": 0, "sequential": 0}
+        self.cost_s = {"deciding": 0.0, "sequential_steps": 0.0}  # over the sequential steps: the plugin's share
+        self._t0 = 0.0
+        self._layouts: dict[tuple[int, ...], BatchLayout] = {}  # per query_start_loc: the step's layout
         self.device: torch.device | None = None  # the device of the steps seen
 
     def say_once(self, why: str, *, what: str = "a step runs sequential") -> None:
@@ -82,20 +86,26 @@ class StepRunner:
             log.warning("dynaflow: %s: %s", what, why)
 
     def __call__(self, *args):
+        self._t0 = time.perf_counter()
         metadata, slots = hooks.step_metadata()
         if metadata is None:  # a profiling or warm-up run: no batch to schedule
             return self.sequential(*args)
         self.device = self.device or next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        why = self._why_not(metadata, args)
+        step = hooks.read_step(metadata)
+        why = step if isinstance(step, str) else self._why_not(step[0], args)
         if why is not None:
             self.say_once(why)
             return self._sequential(args)
-        starts = hooks.query_starts(metadata)
-        tokens = [b - a for a, b in zip(starts, starts[1:])]
-        layout = BatchLayout(request_tokens=tuple(tokens), request_kinds=tuple("decode" if t == 1 else "prefill"
-                                                                              for t in tokens),
-                             input_axes=(), kinds=("decode", "prefill"))
-        schedule = self.calls.pick(layout, hooks.context_len(metadata))
+        starts, context = step
+        layout = self._layouts.get(starts)
+        if layout is None:
+            if len(self._layouts) >= 4096:  # live shapes are few; bound the cache anyway
+                self._layouts.clear()
+            tokens = [b - a for a, b in zip(starts, starts[1:])]
+            layout = self._layouts[starts] = BatchLayout(
+                request_tokens=tuple(tokens), request_kinds=tuple("decode" if t == 1 else "prefill" for t in tokens),
+                input_axes=(), kinds=("decode", "prefill"))
+        schedule = self.calls.pick(layout, context)
         if schedule.num_nano < 2 and len(schedule.streams) < 2:
             return self._sequential(args)
         layers = hooks.attention_layers()
@@ -110,16 +120,17 @@ class StepRunner:
         return out
 
     def _sequential(self, args):
+        """vLLM's own graph; the time this step spent deciding so is the plugin's cost to a sequential step."""
+        t1 = time.perf_counter()
+        out = self.sequential(*args)
         self.steps["sequential"] += 1
-        return self.sequential(*args)
+        self.cost_s["deciding"] += t1 - self._t0
+        self.cost_s["sequential_steps"] += time.perf_counter() - self._t0
+        return out
 
-    def _why_not(self, metadata: dict, args) -> str | None:
+    def _why_not(self, starts: tuple[int, ...], args) -> str | None:
         if "rows" not in self.kinds:
             return "vLLM's graph has no input batched by tokens"
-        why = hooks.why_unsplittable(metadata)
-        if why is not None:
-            return why
-        starts = hooks.query_starts(metadata)
         rows = next(a.shape[0] for a, k in zip(args, self.kinds) if k == "rows")
         if rows != starts[-1]:
             return f"the step's inputs hold {rows} token rows for {starts[-1]} scheduled tokens (padding)"
