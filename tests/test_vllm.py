@@ -85,6 +85,27 @@ def test_a_vllm_that_changed_a_name_is_one_clear_message(monkeypatch):
         hooks.check()
 
 
+@pytest.mark.parametrize("env, words", [
+    ({"DYNAFLOW_VLLM_SCHEDULES": "/nowhere/store"}, "DYNAFLOW_VLLM_SCHEDULES='/nowhere/store' is not a folder"),
+    ({"DYNAFLOW_VLLM_POLICY": "no_such_module:policy"}, "policy 'no_such_module:policy'"),
+])
+def test_a_missing_store_or_policy_is_one_warning_and_sequential(monkeypatch, caplog, env, words):
+    import logging
+
+    import dynaflow.runtime.vllm as plugin
+    from dynaflow.runtime.batch import BatchLayout
+    for k in PLUGIN_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    facts = {"model": "/models/llama", "dtype": torch.float32, "device_type": "cpu", "inductor_config": {}}
+    with caplog.at_level(logging.WARNING, logger="vllm.dynaflow"):
+        chooser = plugin.chooser_for(facts)
+    said = [r for r in caplog.records if r.name == "vllm.dynaflow"]
+    assert len(said) == 1 and words in said[0].getMessage() and "every step runs sequential" in said[0].getMessage()
+    assert chooser.pick(BatchLayout.uniform(8, 1)).is_sequential
+
+
 def test_without_the_switch_register_changes_nothing(monkeypatch):
     from vllm.config.compilation import CompilationConfig
 
@@ -171,11 +192,8 @@ def test_bad_stores_are_one_warning_and_vllm_serves_sequential(models, plain, ra
     assert served["report"]["steps_split"] > 0 and answered.get("exact", 0) + answered.get("nearest", 0) > 0, answered
     assert "op order does not fit vLLM's graph" in served["log"]
 
-    missing = serve(models["llama"], tmp_path, "missing", DYNAFLOW_VLLM_SCHEDULES=str(tmp_path / "nowhere"))
-    assert missing["tokens"] == plain["llama"]["tokens"]
-    assert "is not a folder" in missing["log"] and "every step runs sequential" in missing["log"]
     # vLLM prints a traceback of its own (no tokenizer to warm up); none may pass through the plugin
-    logs = bad["log"] + served["log"] + missing["log"]
+    logs = bad["log"] + served["log"]
     assert not re.search(r'File ".*dynaflow|File ".*/runtime/vllm/', logs)
 
 
