@@ -103,3 +103,16 @@ def test_the_readme_installs_what_it_runs():
     for line in text.splitlines():
         if "jupyter lab" in line:
             assert "pip install jupyterlab" in line, line
+
+
+def test_setup_refuses_an_unknown_option_before_installing_anything(tmp_path):
+    import os
+    calls = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit 1\n')
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(["sh", str(root / "scripts" / "setup.sh"), "--dev", "--bogus"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": str(fake)}, cwd=root)
+    assert run.returncode == 2 and "unknown option --bogus (known: --dev, --vllm)" in run.stderr
+    assert not calls.exists()  # the Python was never asked to do anything
