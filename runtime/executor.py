@@ -27,8 +27,11 @@ def clone_output(out: Output) -> Output:
     return type(out)(t.clone() for t in out) if isinstance(out, (tuple, list)) else out.clone()
 
 
-def first_tensor(out: Output) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+def first_tensor(out) -> torch.Tensor:
+    """The output itself, or the first tensor of a tuple/list of values."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return next(o for o in out if isinstance(o, torch.Tensor))
 
 
 @dataclass(kw_only=True)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..batch import REQUESTS, BatchLayout
 from ..case import Case
+from ..executor import first_tensor
 from ..schedule import Schedule
 from ..shapes import ShapeLog
 from ..workload import PRESETS, Workload, register_case_builder
@@ -80,13 +81,7 @@ class GraphCall(nn.Module):
 
     def forward(self, *args):
         args = tuple(a.clone() if k == "mutated" else a for a, k in zip(args, self.runner.kinds))
-        return _first_tensor(self.runner.gm(*args))
-
-
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    return next(o for o in out if isinstance(o, torch.Tensor))
+        return first_tensor(self.runner.gm(*args))
 
 
 def build_hf_case(w: Workload) -> Case:
@@ -154,7 +149,7 @@ def build_hf_case(w: Workload) -> Case:
 
     def gather(plan) -> None:
         rows_of = [r1 - r0 for r0, r1 in plan.ranges]
-        plan.out.copy_(_first_tensor(join_outputs([plan.outputs(b) for b in range(len(plan.ranges))], rows_of)))
+        plan.out.copy_(first_tensor(join_outputs([plan.outputs(b) for b in range(len(plan.ranges))], rows_of)))
 
     return Case(model=GraphCall(runner), inputs=tuple(args), layout=layout, name=w.model, graph=runner.graph,
                 nano_inputs=nano_inputs, gather=gather)

@@ -110,7 +110,7 @@ class StepRunner:
             return self._sequential(args)
         layers = hooks.attention_layers()
         try:
-            out = self.calls.run(schedule, (layout.request_tokens,), self._device(args),
+            out = self.calls.run(schedule, (layout.request_tokens,), self.device,
                                  lambda: self._prepare(schedule, layout, args), args, metadata, slots, layers,
                                  finish=_joiner(layout))
         except ValueError as e:  # the schedule breaks a rule of this batch (a cut inside a request, ...)
@@ -136,9 +136,6 @@ class StepRunner:
             return f"the step's inputs hold {rows} token rows for {starts[-1]} scheduled tokens (padding)"
         return None
 
-    def _device(self, args) -> torch.device:
-        return next(a.device for a, k in zip(args, self.kinds) if k == "rows")
-
     def _prepare(self, schedule: Schedule, layout: BatchLayout, args) -> Plan:
         kinds, state, dtype = self.kinds, {}, self.dtype
 
@@ -156,7 +153,7 @@ class StepRunner:
             self.say_once(f"schedule {validate.short(schedule.label)}'s op order does not fit vLLM's graph ({e}); "
                           "its splits and streams run in the graph's own order", what="a schedule runs in part")
             plan = build_plan(self.graph, case, dataclasses.replace(schedule, order=()), None, nano_inputs=nano_inputs)
-        on_cpu = self._device(args).type == "cpu"
+        on_cpu = self.device.type == "cpu"
         for task in plan.tasks:
             if task.op in self.context_ops:
                 task.fn = _in_context(task.fn, task.nano, state)
