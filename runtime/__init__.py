@@ -11,6 +11,7 @@ from .serving import ScheduledModule
 from .shapes import Bucket, ShapeLog
 from .case import Case
 from .workload import PRESETS, Workload
+from . import vllm as _vllm  # noqa: F401 - registers the builder of `vllm:` models (vLLM itself stays unimported)
 
 __all__ = [
     "BatchLayout", "Bench", "Bucket", "Case", "Compiled", "Executor", "Hardware", "MeasureConfig", "Measurement",

@@ -3,6 +3,7 @@ from a model spec (workload presets, `hf:` architectures, a user's `module:funct
 from __future__ import annotations
 
 from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from typing import Any, Callable
 
 import torch
@@ -24,6 +25,10 @@ class Case:
     graph: Any = None
     nano_inputs: Callable[[tuple, int, int], tuple] | None = None
     gather: Callable[[Any], None] | None = None
+    # What each task runs inside: around(op, r0, r1) gives, for op `op` on requests [r0, r1), a
+    # factory of the context manager its task runs in (vLLM's attention ops read their nano-batch's
+    # metadata from a forward context), or None for a bare task. None: every task bare.
+    around: Callable[[str, int, int], Callable[[], AbstractContextManager] | None] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -25,7 +25,7 @@ from .hardware import Hardware, detect, live_device
 from .schedule import Schedule
 from .store import ScheduleStore, StoreConfig, StoredSchedule, check_hardware, hardware_folder, read_record, read_records
 from .shapes import NEAREST_RATIO, Bucket, ShapeLog, candidates, context_bucket
-from .workload import Workload, preset_layout
+from .workload import Workload, model_name, preset_layout
 
 log = logging.getLogger("dynaflow")
 Policy = Callable[[BatchLayout], Schedule]
@@ -93,7 +93,8 @@ class ScheduleMap:
         store_obj = ScheduleStore(StoreConfig(root=Path(store)))
         pairs = read_records(store_obj, live, on_error)
         raw = [r for r, _ in pairs]
-        mine = [(r, rec) for r, rec in pairs if rec.workload.model == model and rec.workload.dtype == dtype]
+        mine = [(r, rec) for r, rec in pairs if model_name(rec.workload.model) == model_name(model)
+                and rec.workload.dtype == dtype]
         if mine:
             log.info("loaded %d schedule(s) for %s %s on %s from %s", len(mine), model, dtype, live.key, store)
         else:

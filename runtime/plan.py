@@ -125,8 +125,10 @@ def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor
             and _produces(node, output_value) else None
         waits = tuple(sorted({index_of[(d, step.nano)] for d in graph.op(step.op).deps
                               if stream_of[(d, step.nano)] != step.stream}))
+        fn = _task_fn(mod, node, env, consts, drops.get(i, ()), join)
+        enter = case.around(step.op, *r) if case.around is not None else None
         tasks.append(Task(op=step.op, nano=step.nano, stream=step.stream, waits=waits,
-                          fn=_task_fn(mod, node, env, consts, drops.get(i, ()), join)))
+                          fn=fn if enter is None else _inside(fn, enter)))
     plan = Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=not graph.writes_output,
                 envs=envs, reset=reset, bind=bind)
     plan.outputs = lambda b: _plain(fx.node.map_arg(output_value, lambda n: _loader(n, envs[b], consts)()))
@@ -162,6 +164,14 @@ def _task_fn(mod, node: fx.Node, env: dict, consts: dict, drop: tuple, join):
         for n in drop:
             del env[n]
     return fn_with_copy
+
+
+def _inside(fn: Callable[[], None], enter: Callable[[], object]) -> Callable[[], None]:
+    """The task run inside the context manager `enter()` makes (Case.around)."""
+    def run() -> None:
+        with enter():
+            fn()
+    return run
 
 
 def _loader(a, env: dict, consts: dict) -> Callable[[], object]:

@@ -10,6 +10,7 @@ import re
 import sys
 import traceback
 from dataclasses import dataclass, fields
+from pathlib import PurePath
 from typing import Any, Callable
 
 import torch
@@ -109,7 +110,7 @@ class Workload:
     @property
     def key(self) -> str:
         """Stable, filename-safe; the device type is part of it, the device index is not."""
-        model = re.sub(r"[^A-Za-z0-9.-]+", "-", self.model)
+        model = re.sub(r"[^A-Za-z0-9.-]+", "-", model_name(self.model))
         parts = [model, f"d{self.num_decode}x{self.context_len}", f"p{self.prefill_tokens}"]
         if self.prefill_chunk and self.prefill_chunk != self.prefill_tokens:
             parts.append(f"c{self.prefill_chunk}")
@@ -145,6 +146,14 @@ class Workload:
             raise ValueError(f"model {self.model!r} must return a dynaflow.runtime.Case (model, inputs, layout), "
                              f"but returned {type(case).__name__}.")
         return case
+
+
+def model_name(model: str) -> str:
+    """The name records are stored and looked up by: the model itself, except that a vLLM model
+    (`vllm:<folder>`) is known by its folder's name, as vLLM's plugin names the model it serves."""
+    if model.startswith("vllm:"):
+        return "vllm:" + (PurePath(model.removeprefix("vllm:")).name or model.removeprefix("vllm:"))
+    return model
 
 
 _WORKLOAD_FIELDS = frozenset(f.name for f in fields(Workload))
@@ -208,10 +217,6 @@ def load_callable(spec: str) -> Callable[[Workload], Case]:
     """`module:function`, the module importable by name (installed, or on PYTHONPATH;
     never a file path) and not from Python's standard library: a model factory is user code."""
     module_name, _, attr = spec.partition(":")
-    if module_name == "vllm":
-        raise ValueError(f"model {spec!r} names a model as vLLM's plugin stores it: the tuner cannot build vLLM's own "
-                         "model yet; tune the same architecture as 'hf:<arch>' and serve its records in vLLM with "
-                         "DYNAFLOW_VLLM_MODEL=hf:<arch> (their splits and streams apply; their op order is vLLM's own).")
     if not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(attr):
         raise ValueError(f"model {spec!r} must be a preset {sorted(PRESETS)} or 'module:function' with a dotted "
                          "Python module name (importable by this Python: installed, or on PYTHONPATH; not a file path).")

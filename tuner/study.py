@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from dynaflow.runtime import Measurement, Schedule, TrialOutcome, Workload
 from dynaflow.runtime.measure import tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig
+from dynaflow.runtime.workload import model_name
 
 from .config import TuneConfig, TuneError
 from .storage import fail_stale_trials, open_storage
@@ -177,7 +178,7 @@ def enqueue_warm_starts(study: optuna.Study, config: TuneConfig, hardware_key: s
     for _, rec in store.records(hardware_key):
         if isinstance(rec, ValueError) or rec.space != config.space or rec.sequential_best or not rec.params:
             continue
-        if rec.workload.model == workload.model and rec.workload.key != workload.key:
+        if model_name(rec.workload.model) == model_name(workload.model) and rec.workload.key != workload.key:
             study.enqueue_trial(rec.params, skip_if_exists=True)
             n += 1
     return n

@@ -52,3 +52,45 @@ def explain(target, schedule: Schedule) -> dict | None:
 
         warnings.warn(f"could not record the winner's timeline: {type(e).__name__}: {e}")
         return None
+
+
+class VllmTarget:
+    """Measures a `vllm:<folder>` model where vLLM serves it: in vLLM's worker process, on a step
+    of the workload's shape that vLLM's scheduler formed and the plugin kept (runtime/vllm/replay.py)."""
+
+    def __init__(self, workload: Workload, config: MeasureConfig) -> None:
+        from dynaflow.runtime.vllm import replay
+
+        self.engine, self.step = replay.start(workload)
+        info = self.engine.rpc("dynaflow_bench", workload.model, config)
+        self.hardware: Hardware = info["hardware"]
+        self.context = SpaceContext(hardware=self.hardware, graph=info["graph"], layout=info["layout"])
+
+    def space_context(self) -> SpaceContext:
+        return self.context
+
+    def measure(self, schedule: Schedule, *, on_sample=None, time_limit_s=None) -> Measurement:
+        """`on_sample` is not forwarded: pruning needs the driver's study, and the worker is another
+        process (as for Ray actors), so trials time fully."""
+        try:
+            return self.engine.rpc("dynaflow_measure", schedule, time_limit_s)
+        except Exception as e:  # noqa: BLE001 - the worker failed this schedule; the search goes on
+            from .pool import crashed
+            return crashed(e)
+
+    def explain(self, schedule: Schedule) -> dict | None:
+        return self.engine.rpc("dynaflow_explain", schedule)
+
+
+def reserve(workloads) -> None:
+    """Before the first target: a vLLM engine started once holds every vllm: workload's step."""
+    if any(w.model.startswith("vllm:") for w in workloads):
+        from dynaflow.runtime.vllm import replay
+        replay.reserve(workloads)
+
+
+def target_for(workload: Workload, config: MeasureConfig) -> Target:
+    """Where a workload is measured: vLLM's worker for a `vllm:` model, else this process."""
+    if workload.model.startswith("vllm:"):
+        return VllmTarget(workload, config)
+    return LocalTarget(workload, config)

@@ -18,13 +18,13 @@ from dynaflow.runtime import Workload
 from dynaflow.runtime.files import check_folder
 from dynaflow.runtime.store import StoreConfig
 
-from .config import TuneConfig
+from .config import TuneConfig, TuneError
 from .interrupt import stop_on_ctrl_c
 from .pool import InlinePool, Pool
 from .search import Lane, run_search
 from .session import WorkloadResult, finish, start
 from .storage import check_storage
-from .targets import LocalTarget, Target
+from .targets import Target, reserve, target_for
 
 
 def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[WorkloadResult]:
@@ -38,7 +38,12 @@ def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[
     measure = config.measure
     if measure.peaks_dir is None:  # one peaks file per hardware for every command (the store's)
         measure = dataclasses.replace(measure, peaks_dir=StoreConfig(root=config.store_root).peaks_dir)
-    make_target = make_target or functools.partial(LocalTarget, config=measure)
+    if pool is not None and any(w.model.startswith("vllm:") for w in config.workloads):
+        raise TuneError("vllm: models are measured in the one vLLM engine this process drives; --workers (a Ray "
+                        "pool) is not supported for them.")
+    if make_target is None:
+        reserve(config.workloads)
+        make_target = functools.partial(target_for, config=measure)
     with stop_on_ctrl_c() as stop, _places(make_target, pool, log) as place:
         results: list[WorkloadResult] = []
         for workload in config.workloads:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ..workload import register_case_builder
+
 log = logging.getLogger("vllm.dynaflow")  # shown in vLLM's own log format, by its handlers
 
 ENV_SCHEDULES = "DYNAFLOW_VLLM_SCHEDULES"
@@ -38,6 +40,14 @@ ENV_MODEL = "DYNAFLOW_VLLM_MODEL"
 ENV_SHAPES = "DYNAFLOW_VLLM_SHAPES"
 ENV_REPORT = "DYNAFLOW_VLLM_REPORT"
 RUNNERS: list = []  # this process's step runners (one per graph vLLM compiles), for tests and reports
+
+
+def _build_case(workload):
+    raise ValueError(f"model {workload.model!r} runs inside vLLM's worker process, not in this one: "
+                     "`dynaflow-tune tune`, `measure` and `ops` reach it there (runtime/vllm/replay.py).")
+
+
+register_case_builder("vllm:", _build_case)  # `vllm:<folder>`: measured on a step vLLM formed, in its worker
 
 
 def enabled() -> bool:

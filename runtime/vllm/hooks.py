@@ -22,6 +22,10 @@ CONTEXT_OPS = ("unified_attention_with_output", "unified_kv_cache_update")
 # (module, attribute) pairs the plugin uses; check() imports each.
 NAMES = (
     ("vllm.forward_context", "get_forward_context"),
+    ("vllm.forward_context", "override_forward_context"),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.add_request"),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.step"),
+    ("vllm.v1.engine.llm_engine", "LLMEngine.abort_request"),
     ("vllm.config.compilation", "CompilationConfig.init_backend"),
     ("vllm.config.compilation", "CompilationMode.DYNAMO_TRACE_ONCE"),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata"),
@@ -214,3 +218,30 @@ def config_facts(vllm_config) -> dict:
 def attention_layers() -> dict:
     """Layer name -> vLLM Attention module, from the forward context."""
     return forward_context().no_compile_layers
+
+
+def kept_step(metadata: dict, slots: dict | None) -> tuple[Any, dict, dict | None]:
+    """The forward context of the step in flight, with copies of its metadata and slot mappings
+    (vLLM refills their buffers at the next step), so that it can be replayed after the step
+    (replayed_context). Layers sharing one metadata object share its copy."""
+    copies: dict[int, Any] = {}
+
+    def copy(m):
+        if id(m) not in copies:
+            copies[id(m)] = dataclasses.replace(m, **{f.name: getattr(m, f.name).clone() for f in dataclasses.fields(m)
+                                                      if isinstance(getattr(m, f.name), torch.Tensor)})
+        return copies[id(m)]
+
+    kept_md = {name: copy(m) for name, m in metadata.items()}
+    kept_slots = None if slots is None else {n: s.clone() if isinstance(s, torch.Tensor) else s for n, s in slots.items()}
+    return forward_context(), kept_md, kept_slots
+
+
+@contextmanager
+def replayed_context(ctx, metadata: dict, slots: dict | None) -> Iterator[None]:
+    """Run with `ctx` (a kept step's forward context) as the forward context, showing `metadata`
+    and `slots`: a captured step replayed outside vLLM's own step (tuning, replay.py)."""
+    from vllm.forward_context import override_forward_context
+
+    with _LOCK, override_forward_context(dataclasses.replace(ctx, attn_metadata=metadata, slot_mapping=slots)):
+        yield

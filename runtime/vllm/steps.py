@@ -79,6 +79,8 @@ class StepRunner:
         self._t0 = 0.0
         self._layouts: dict[tuple[int, ...], BatchLayout] = {}  # per query_start_loc: the step's layout
         self.device: torch.device | None = None  # the device of the steps seen
+        # capture(args, metadata, slots, layout, context) -> None, or keep(output) for a step kept to tune on
+        self.capture: Callable[..., bool] | None = None
 
     def say_once(self, why: str, *, what: str = "a step runs sequential") -> None:
         if why not in self.said:
@@ -97,14 +99,13 @@ class StepRunner:
             self.say_once(why)
             return self._sequential(args)
         starts, context = step
-        layout = self._layouts.get(starts)
-        if layout is None:
-            if len(self._layouts) >= 4096:  # live shapes are few; bound the cache anyway
-                self._layouts.clear()
-            tokens = [b - a for a, b in zip(starts, starts[1:])]
-            layout = self._layouts[starts] = BatchLayout(
-                request_tokens=tuple(tokens), request_kinds=tuple("decode" if t == 1 else "prefill" for t in tokens),
-                input_axes=(), kinds=("decode", "prefill"))
+        layout = self.layout_of(starts)
+        if self.capture is not None:  # tuning (replay.py): a step of the wanted shape is kept, and runs as vLLM's
+            keep = self.capture(args, metadata, slots, layout, context)
+            if keep is not None:
+                out = self._sequential(args)
+                keep(out)
+                return out
         schedule = self.calls.pick(layout, context)
         if schedule.num_nano < 2 and len(schedule.streams) < 2:
             return self._sequential(args)
@@ -136,33 +137,58 @@ class StepRunner:
             return f"the step's inputs hold {rows} token rows for {starts[-1]} scheduled tokens (padding)"
         return None
 
-    def _prepare(self, schedule: Schedule, layout: BatchLayout, args) -> Plan:
-        kinds, state, dtype = self.kinds, {}, self.dtype
+    def layout_of(self, starts: tuple[int, ...]) -> BatchLayout:
+        """The step's batch from its query_start_loc: one request per range, a decode being 1 token."""
+        layout = self._layouts.get(starts)
+        if layout is None:
+            if len(self._layouts) >= 4096:  # live shapes are few; bound the cache anyway
+                self._layouts.clear()
+            tokens = [b - a for a, b in zip(starts, starts[1:])]
+            layout = self._layouts[starts] = BatchLayout(
+                request_tokens=tuple(tokens), request_kinds=tuple("decode" if t == 1 else "prefill" for t in tokens),
+                input_axes=(), kinds=("decode", "prefill"))
+        return layout
+
+    def case(self, args, layout: BatchLayout, nano_metadata: Callable[[int, int], tuple], *,
+             model: Callable | None = None) -> Case:
+        """A step as the runtime's Case: each nano-batch's token rows of the batched inputs and its
+        token count for the graph's sizes, its attention and KV-cache ops inside the forward
+        context `nano_metadata(r0, r1)` makes (hooks.nano_context or a replayed context), vLLM's
+        own CPU kernels entered one thread at a time. `model`: what runs the whole step (the tuner's
+        reference); the graph by default."""
+        kinds = self.kinds
 
         def nano_inputs(inputs, r0: int, r1: int) -> tuple:
             tok = layout.slices(r0, r1)["tokens"]
             return tuple(a[tok] if k == "rows" else tok.stop - tok.start if k == "size" else a
                          for a, k in zip(inputs, kinds))
 
-        case = Case(model=self.gm, inputs=tuple(args), layout=layout, name="vllm")
+        on_cpu = self.device is None or self.device.type == "cpu"
+
+        def around(op: str, r0: int, r1: int):
+            if op in self.context_ops:
+                return lambda: nano_metadata(r0, r1)
+            return hooks.kernels_in_turn if on_cpu and op in self.kernel_ops else None
+
+        return Case(model=model or self.gm, inputs=tuple(args), layout=layout, name="vllm", graph=self.graph,
+                    nano_inputs=nano_inputs, around=around)
+
+    def _prepare(self, schedule: Schedule, layout: BatchLayout, args) -> Plan:
+        state: dict[tuple[int, int], tuple] = {}  # this step's metadata per request range, made at bind
+        case = self.case(args, layout, lambda r0, r1: hooks.nano_context(*state[(r0, r1)]))
         try:
-            plan = build_plan(self.graph, case, schedule, None, nano_inputs=nano_inputs)
+            plan = build_plan(self.graph, case, schedule, None, nano_inputs=case.nano_inputs)
         except ValueError as e:  # an order made for another graph (a record tuned on the hf: model)
             if not schedule.order:
                 raise
             self.say_once(f"schedule {validate.short(schedule.label)}'s op order does not fit vLLM's graph ({e}); "
                           "its splits and streams run in the graph's own order", what="a schedule runs in part")
-            plan = build_plan(self.graph, case, dataclasses.replace(schedule, order=()), None, nano_inputs=nano_inputs)
-        on_cpu = self.device.type == "cpu"
-        for task in plan.tasks:
-            if task.op in self.context_ops:
-                task.fn = _in_context(task.fn, task.nano, state)
-            elif on_cpu and task.op in self.kernel_ops:
-                task.fn = _in_turn(task.fn)
-        bind_fx = plan.bind
+            plan = build_plan(self.graph, case, dataclasses.replace(schedule, order=()), None,
+                              nano_inputs=case.nano_inputs)
+        bind_fx, dtype = plan.bind, self.dtype
 
         def bind(inputs, metadata, slots, layers) -> None:
-            state["nano"] = [hooks.slice_metadata(metadata, slots, r0, r1, layers, dtype) for r0, r1 in plan.ranges]
+            state.update({r: hooks.slice_metadata(metadata, slots, *r, layers, dtype) for r in plan.ranges})
             bind_fx(inputs, None)
 
         def unbind() -> None:  # the cached plan keeps no values of this step alive
@@ -172,19 +198,6 @@ class StepRunner:
 
         plan.bind, plan.unbind = bind, unbind
         return plan
-
-
-def _in_context(fn: Callable[[], None], nano: int, state: dict[str, Any]) -> Callable[[], None]:
-    def run() -> None:
-        with hooks.nano_context(*state["nano"][nano]):
-            fn()
-    return run
-
-def _in_turn(fn: Callable[[], None]) -> Callable[[], None]:
-    def run() -> None:
-        with hooks.kernels_in_turn():
-            fn()
-    return run
 
 
 def _joiner(layout: BatchLayout) -> Callable[[Plan, Any], Any]:
