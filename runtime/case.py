@@ -29,6 +29,9 @@ class Case:
     # factory of the context manager its task runs in (vLLM's attention ops read their nano-batch's
     # metadata from a forward context), or None for a bare task. None: every task bare.
     around: Callable[[str, int, int], Callable[[], AbstractContextManager] | None] | None = None
+    # What a sequential schedule runs instead of the op plan: the call serving makes for one
+    # (vLLM's own compiled graph), so that candidates are timed against it. None: the op plan.
+    sequential: Callable[..., Any] | None = None
 
     @property
     def num_tokens(self) -> int:

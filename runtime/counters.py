@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,6 +32,9 @@ def reduction_length(func, args) -> int:
     channels per group times the spatial size), the reduced extent of a sum, mean, variance or
     softmax."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    foreign = FOREIGN_OPS.get(getattr(func, "_overloadpacket", None))
+    if foreign is not None:
+        return int(foreign[1](args))
     if func in MATMULS:
         return int(args[MATMULS[func]].shape[-1])
     name = func._schema.name
@@ -85,8 +89,22 @@ ATTENTION_OPS = tuple(getattr(_ATEN, name) for name in (
     "_scaled_dot_product_fused_attention_overrideable") if hasattr(_ATEN, name))
 
 
+# Other libraries' ops counted like aten's (vLLM's oneDNN GEMM, registered by its plugin), by op
+# packet: (FLOPs from the args' shapes, as FlopCounterMode's formulas take them; the reduction
+# length from the args; the bytes it reads that its args do not show, e.g. weights held by a handle)
+FOREIGN_OPS: dict = {}
+
+
+def register_op(op, *, flops: Callable[..., int], reduction: Callable[[tuple], int],
+                hidden_bytes: Callable[[tuple], int] = lambda args: 0) -> None:
+    """Count a custom op (an OpOverload or its packet) that torch's counter does not know:
+    `flops(*arg_shapes, out_shape=...)`, `reduction(args)` (the tolerance's K), `hidden_bytes(args)`."""
+    FOREIGN_OPS[getattr(op, "_overloadpacket", op)] = (flops, reduction, hidden_bytes)
+
+
 def flop_counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping={op: attention_flops for op in ATTENTION_OPS})
+    return FlopCounterMode(display=False, custom_mapping={**{op: attention_flops for op in ATTENTION_OPS},
+                                                          **{op: f[0] for op, f in FOREIGN_OPS.items()}})
 
 
 class BytesCounterMode(TorchDispatchMode):
@@ -108,6 +126,9 @@ class BytesCounterMode(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and _storage_ptr(t) not in self.created:
                 self.external[(t.data_ptr(), t.nbytes)] = t.nbytes
         out = func(*args, **kwargs)
+        foreign = FOREIGN_OPS.get(func._overloadpacket)
+        if foreign is not None:
+            self.external[("hidden", len(self.external))] = int(foreign[2](args))
         self.max_reduction = max(self.max_reduction, reduction_length(func, args))
         if func in COPY_OPS:
             self.copy_bytes += sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))

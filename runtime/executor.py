@@ -91,6 +91,9 @@ class Executor:
         plan = build_plan(self.graph, self.case, schedule, out, nano_inputs=self.case.nano_inputs,
                           fresh_each_run=self.case.nano_inputs is not None)
         runner = self.backend.prepare(plan)
+        if schedule.is_sequential and self.case.sequential is not None:  # the call serving makes for it
+            runner = _calling(self.case, plan, runner)
+            return Compiled(plan=plan, runner=runner, backend=self.backend, device=self.device)
         gather = (lambda: self.case.gather(plan)) if self.case.gather is not None else None
         if several and gather is None:  # each nano-batch's elements stay in its env; join them by rows
             gather = lambda: setattr(plan, "out", join_nano_outputs(plan, self.case.layout))
@@ -111,6 +114,16 @@ class Executor:
         compiled.close()
         self.graph = dataclasses.replace(self.graph, ops=tuple(ops))
         return self.graph
+
+
+def _calling(case: Case, plan: Plan, runner: Runner) -> Runner:
+    """A runner making the case's own sequential call (plan.out is what it returns); the plan's
+    tasks stay for counting (profile_ops) and timelines."""
+    def run() -> None:
+        with torch.no_grad():
+            plan.out = case.sequential(*case.inputs)
+    return dataclasses.replace(runner, run=run, notes={**runner.notes, "sequential": "the model's own call "
+                                                       "(as serving makes it), not its ops one by one"})
 
 
 def join_nano_outputs(plan: Plan, layout) -> Output:

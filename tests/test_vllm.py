@@ -22,8 +22,8 @@ if os.environ.get("DYNAFLOW_EXPECT_VLLM") != "1":
 import torch  # noqa: E402
 
 from dynaflow.runtime import Schedule, Step, StreamSpec, Workload  # noqa: E402
-from dynaflow.runtime.hardware import detect  # noqa: E402
 from dynaflow.runtime.measure import Tolerance  # noqa: E402
+from dynaflow.runtime.shapes import Bucket, ShapeLog, candidates  # noqa: E402
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule  # noqa: E402
 from fakes import H100  # noqa: E402
 
@@ -130,10 +130,11 @@ def randomly(models, tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("random")
     out = {}
     for name, path in models.items():
-        schedules = tmp / f"{name}.schedules.jsonl"
+        schedules, shapes = tmp / f"{name}.schedules.jsonl", tmp / f"{name}.shapes.json"
         out[name] = serve(path, tmp, f"random-{name}", DYNAFLOW_VLLM_POLICY="vllm_policies:random_schedules",
-                          DYNAFLOW_TEST_SCHEDULES=str(schedules))
+                          DYNAFLOW_TEST_SCHEDULES=str(schedules), DYNAFLOW_VLLM_SHAPES=str(shapes))
         out[name]["schedules"] = set(schedules.read_text().splitlines())
+        out[name]["shapes"] = shapes
     return out
 
 
@@ -175,30 +176,55 @@ def test_bad_stores_are_one_warning_and_vllm_serves_sequential(models, plain, ra
     assert "vllm-llama_d4x64_p0_fp32.json" in bad["log"] and "is not valid JSON" in bad["log"]
     assert f"no stored schedules for vllm:llama float32 on {live}" in bad["log"]
 
-    tuned = tmp_path / "tuned"  # records as the tuner writes them for hf:llama, on the hardware vLLM's worker sees
-    hardware = _live_hardware(live)
-    store = ScheduleStore(StoreConfig(root=tuned))
-    foreign = tuple(Step(op=op, nano=b, stream=b) for op in ("input_layernorm", "mlp") for b in (0, 1))
-    for d, p in ((2, 0), (4, 0), (8, 0), (16, 0), (1, 63), (3, 61), (7, 57), (12, 52)):
-        n = d + (1 if p else 0)
-        w = Workload(model="hf:llama", num_decode=d, context_len=64, prefill_tokens=p, dtype="float32", device="cpu")
-        store.save(StoredSchedule(hardware=hardware, workload=w, verdict="winner", tokens_per_s=1.0,
-                                  baseline_tokens_per_s=1.0, speedup=1.2, speedup_spread=0.01, efficiency=0.5,
-                                  space="nanoflow", schedule=Schedule(split_sizes=(1, n - 1), order=foreign,
-                                                                      streams=(StreamSpec(), StreamSpec()))))
-    served = serve(models["llama"], tmp_path, "tuned", DYNAFLOW_VLLM_SCHEDULES=str(tuned), DYNAFLOW_VLLM_MODEL="hf:llama")
-    assert served["tokens"] == plain["llama"]["tokens"]
-    answered = served["report"]["answered_by"]
-    assert served["report"]["steps_split"] > 0 and answered.get("exact", 0) + answered.get("nearest", 0) > 0, answered
-    assert "op order does not fit vLLM's graph" in served["log"]
-
     # vLLM prints a traceback of its own (no tokenizer to warm up); none may pass through the plugin
-    logs = bad["log"] + served["log"]
-    assert not re.search(r'File ".*dynaflow|File ".*/runtime/vllm/', logs)
+    assert not re.search(r'File ".*dynaflow|File ".*/runtime/vllm/', bad["log"])
 
 
-def _live_hardware(key: str):
-    """This CPU with the thread count in `key` (cpu-<name>-<arch>-<N>sm): the threads vLLM's worker runs with."""
-    live = dataclasses.replace(detect("cpu"), num_sms=int(re.search(r"-(\d+)sm$", key).group(1)))
-    assert live.key == key, (live.key, key)
-    return live
+@pytest.mark.slow
+def test_the_loop_closes_in_vllm(models, plain, randomly, tmp_path):
+    """The shapes a serve recorded, tuned on vLLM's own model (`dynaflow-tune tune --model vllm:DIR
+    --shapes FILE`: in vLLM's worker, on steps vLLM's scheduler formed), answer the next serve's
+    steps: the share answered is the coverage the tuner printed, records found by the model's
+    folder name and the worker's hardware key. Their schedules are then made splits (as a GPU's
+    tuning would store), one with an op order from another graph: steps split, tokens identical."""
+    store, live = tmp_path / "store", randomly["llama"]["report"]["hardware"]
+    run = subprocess.run([sys.executable, "-m", "dynaflow.tuner.cli", "tune", "--model", f"vllm:{models['llama']}",
+                          "--shapes", str(randomly["llama"]["shapes"]), "--buckets", "3", "--trials", "3",
+                          "--confirm-rounds", "1", "--store", str(store), "--storage", f"sqlite:///{tmp_path}/s.db",
+                          "--no-progress"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])})
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    coverage = float(re.search(r"coverage: ([0-9.]+)% of recorded calls", run.stdout).group(1))
+    assert run.stdout.count("stored ") == 3 and "Traceback" not in run.stderr, run.stdout
+    records = [rec for _, rec in ScheduleStore(StoreConfig(root=store)).records()]
+    assert len(records) == 3 and {r.hardware.key for r in records} == {live}  # measured where vLLM serves
+    assert {r.workload.model for r in records} == {f"vllm:{models['llama']}"}
+
+    split = ScheduleStore(StoreConfig(root=store))
+    foreign = tuple(Step(op=op, nano=b, stream=b) for op in ("input_layernorm", "mlp") for b in (0, 1))
+    for i, rec in enumerate(records):
+        n = rec.workload.num_decode + rec.workload.num_prefill
+        if n < 2:
+            continue
+        schedule = Schedule(split_sizes=(1, n - 1), streams=(StreamSpec(), StreamSpec()), order=foreign if i == 0 else ())
+        split.save(dataclasses.replace(rec, schedule=schedule, verdict="winner", speedup=1.2))
+    live_shapes = tmp_path / "served.shapes.json"
+    served = serve(models["llama"], tmp_path, "tuned", DYNAFLOW_VLLM_SCHEDULES=str(store),
+                   DYNAFLOW_VLLM_SHAPES=str(live_shapes))
+    assert served["tokens"] == plain["llama"]["tokens"]
+    report = served["report"]
+    answered = report["answered_by"]
+    share = 100 * (sum(answered.values()) - answered.get("sequential", 0)) / sum(answered.values())
+    # the served steps a stored bucket answers: the coverage the tuner printed for the recorded ones
+    # (the same prompts), and, less the steps of one request, which no split fits, the share served
+    steps = ShapeLog.load(live_shapes)
+    assert steps.total_calls == sum(answered.values())
+    buckets = [Bucket(num_decode=r.workload.num_decode, prefill_tokens=r.workload.prefill_tokens,
+                      context_len=r.workload.context_len) for r in records]
+    hit = {b: n for b, n in steps.calls.items() if candidates(buckets, b)}
+    assert abs(100 * sum(hit.values()) / steps.total_calls - coverage) < 5, (hit, coverage)
+    splittable = sum(n for b, n in hit.items() if b.num_decode + b.num_prefill >= 2)
+    assert share > 50 and abs(share - 100 * splittable / steps.total_calls) < 0.01, (share, coverage, answered)
+    assert report["steps_split"] > 0 and report["hardware"] == live
+    assert "op order does not fit vLLM's graph" in served["log"]
+    assert not re.search(r'File ".*dynaflow|File ".*/runtime/vllm/', served["log"])

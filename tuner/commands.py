@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dynaflow.runtime import PRESETS, Bench, MeasureConfig, Schedule, TrialOutcome
+from dynaflow.runtime import PRESETS, MeasureConfig, Schedule, TrialOutcome
 
 from dynaflow.runtime import detect, validate
 from dynaflow.runtime.hardware import live_device
@@ -153,15 +153,17 @@ def _workload(args, spec: str):
 def cmd_measure(args) -> int:
     w = _workload(args, args.workload)
     schedule = load_schedule_file(args.schedule, hardware=detect(w.device)) if args.schedule else Schedule()
-    bench = Bench(w, config=measure_config(args))
-    m = bench.measure(schedule)
+    from .targets import target_for
+
+    target = target_for(w, measure_config(args))
+    m = target.measure(schedule)
     if args.json:
-        print(json.dumps({"workload": w.key, "hardware": bench.hardware.key, "schedule": schedule.to_dict(),
+        print(json.dumps({"workload": w.key, "hardware": target.hardware.key, "schedule": schedule.to_dict(),
                           "measurement": m.to_dict()}, indent=2))
     else:
-        print(f"workload  {w.key} ({w.num_tokens} tokens)\nhardware  {bench.hardware.key}\nschedule  {schedule}")
+        print(f"workload  {w.key} ({w.num_tokens} tokens)\nhardware  {target.hardware.key}\nschedule  {schedule}")
         print(f"result    {m.summary()}")
-        tol = bench.tolerance
+        tol = target.tolerance
         print(f"checked   against the sequential reference: rtol {tol.rtol:.2g}, atol {tol.atol:.2g}"
               + (f" (error {m.error_ratio:.2g}x of it)" if m.error_ratio is not None else ""))
         for k, v in m.notes.items():
@@ -173,13 +175,15 @@ def cmd_measure(args) -> int:
 
 def cmd_ops(args) -> int:
     w = _workload(args, args.workload)
-    bench = Bench(w, config=MeasureConfig(warmup=0, repeats=1, peaks_dir=StoreConfig(root=args.store).peaks_dir,
-                                          remeasure_peaks=args.remeasure_peaks))
-    peaks = bench.peaks
-    print(f"{w.key} on {bench.hardware.key}: machine balance {peaks.balance:.1f} FLOP/byte "
+    from .targets import target_for
+
+    target = target_for(w, MeasureConfig(warmup=0, repeats=1, peaks_dir=StoreConfig(root=args.store).peaks_dir,
+                                         remeasure_peaks=args.remeasure_peaks))
+    peaks = target.peaks
+    print(f"{w.key} on {target.hardware.key}: machine balance {peaks.balance:.1f} FLOP/byte "
           f"({peaks.flops_per_s / 1e9:,.0f} GFLOP/s, {peaks.bytes_per_s / 1e9:,.1f} GB/s, measured once and cached "
           f"under {args.store / 'peaks'}; --remeasure-peaks renews it)")
-    print(bench.executor.graph.describe())
+    print(target.graph.describe())
     return 0
 
 

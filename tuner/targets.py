@@ -29,8 +29,20 @@ class LocalTarget:
         self.bench = Bench(workload, config=config)
         self.hardware = self.bench.hardware
 
+    @property
+    def graph(self):
+        return self.bench.executor.graph
+
+    @property
+    def peaks(self):
+        return self.bench.peaks
+
+    @property
+    def tolerance(self):
+        return self.bench.tolerance
+
     def space_context(self) -> SpaceContext:
-        return SpaceContext(hardware=self.hardware, graph=self.bench.executor.graph, layout=self.bench.case.layout)
+        return SpaceContext(hardware=self.hardware, graph=self.graph, layout=self.bench.case.layout)
 
     def measure(self, schedule: Schedule, *, on_sample=None, time_limit_s=None) -> Measurement:
         return self.bench.measure(schedule, on_sample=on_sample, time_limit_s=time_limit_s)
@@ -64,7 +76,8 @@ class VllmTarget:
         self.engine, self.step = replay.start(workload)
         info = self.engine.rpc("dynaflow_bench", workload.model, config)
         self.hardware: Hardware = info["hardware"]
-        self.context = SpaceContext(hardware=self.hardware, graph=info["graph"], layout=info["layout"])
+        self.graph, self.peaks, self.tolerance = info["graph"], info["peaks"], info["tolerance"]
+        self.context = SpaceContext(hardware=self.hardware, graph=self.graph, layout=info["layout"])
 
     def space_context(self) -> SpaceContext:
         return self.context

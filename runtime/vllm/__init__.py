@@ -103,6 +103,7 @@ def wrap_backend(backend, vllm_config):
     from .steps import StepRunner
 
     facts = hooks.config_facts(vllm_config)
+    hooks.count_vllm_ops()  # vLLM's kernels are loaded by now
     chooser = chooser_for(facts)
     dtype, inductor_config = facts["dtype"], facts["inductor_config"]
 

@@ -98,6 +98,21 @@ def install(wrap: Callable[[Any, Any], Any]) -> None:
     CompilationConfig.init_backend = init_backend
 
 
+def count_vllm_ops() -> None:
+    """vLLM's CPU GEMM (`_C.onednn_mm(out [M, N], x [M, K], bias, handler)`) counted as a matmul:
+    2 M N K FLOPs, K terms per output element, and its K x N weight (held in oneDNN's handle, not
+    an argument) read once, so that the ops' resource classes and the tolerance see vLLM's
+    projections as they see aten's. Its attention op reads the KV cache through its layer, not its
+    arguments: counted as the bytes it is given."""
+    from ..counters import register_op
+
+    op = getattr(getattr(torch.ops, "_C", None), "onednn_mm", None)
+    if op is not None:
+        register_op(op.default, flops=lambda out, x, *rest, out_shape=None: 2 * out[0] * out[1] * x[1],
+                    reduction=lambda args: args[1].shape[-1],
+                    hidden_bytes=lambda args: args[1].shape[-1] * args[0].shape[-1] * args[0].element_size())
+
+
 def forward_context():
     from vllm.forward_context import get_forward_context
     return get_forward_context()

@@ -99,11 +99,13 @@ class KeptStep:
 
         case = self.runner.case(self.inputs, self.layout, nano_metadata, model=_Replayed(self.runner.gm, self.whole))
         case.name = name
+        case.sequential = _Replayed(self.runner.sequential, self.whole)  # vLLM's compiled graph, as served
         return case
 
 
 class _Replayed:
-    """The kept step's whole graph, run eagerly inside its forward context: the reference."""
+    """A call of the kept step's whole graph inside its forward context: eagerly (the reference),
+    or vLLM's compiled graph (what a sequential step runs when serving)."""
 
     def __init__(self, gm, whole: Callable) -> None:
         self.gm, self.whole = gm, whole
@@ -124,7 +126,6 @@ class Engine:
         self.folder, self.dtype, self.limits = folder, dtype, limits
         self.live: list[str] = []  # the requests of the kept step: aborted when the next is kept
         self._ids = 0
-        hooks.check()
         from vllm import LLM
 
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_AOT_COMPILE": "0",
@@ -265,7 +266,8 @@ def _bench(name: str, config) -> dict:
     bench = _WORKER["bench"] = Bench(case=case, config=config)
     graph = bench.executor.graph
     return {"hardware": bench.hardware, "layout": case.layout, "context_len": step.context_len,
-            "graph": OpGraph(ops=graph.ops, module=None, writes_output=graph.writes_output)}
+            "graph": OpGraph(ops=graph.ops, module=None, writes_output=graph.writes_output),  # no weights
+            "peaks": bench.peaks, "tolerance": bench.tolerance}
 
 
 @contextmanager
@@ -297,6 +299,15 @@ def start(w: Workload) -> tuple[Engine, dict]:
     if not (Path(folder) / "config.json").is_file():
         raise ValueError(f"model {w.model!r}: {folder!r} is not a model folder (no config.json in it): give the "
                          "folder vLLM serves, as 'vllm:<folder>'.")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise ValueError(f"model {w.model!r} is measured inside vLLM, which is not installed in this Python: "
+                         "`sh scripts/setup.sh --vllm` installs it (vLLM's CPU build here).") from None
+    try:
+        hooks.check()
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
     engine = engine_for(folder, w.dtype, limits_for(w))
     return engine, engine.keep(w)
 
