@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_flags(p: argparse.ArgumentParser, *, shapes: bool = False) -> None:
     p.add_argument("--model", default=None,
                    help=f"a preset ({', '.join(sorted(PRESETS))}), a Hugging Face architecture "
-                        "hf:<arch>[:<preset>[:<layers>]] (llama, qwen2, mistral, mixtral), or module:function returning a Case "
+                        "hf:<arch>[:<preset>[:<layers>]] (llama, qwen2, mistral, mixtral), a folder vLLM serves as vllm:<folder> "
+                        "(measured inside vLLM), or module:function returning a Case "
                         f"(default: {DEFAULT_MODEL}" + (", or the model a --shapes file names)" if shapes else ")"))
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")

@@ -60,6 +60,24 @@ class Limits:
                       max(self.model_len, other.model_len))
 
 
+def kv_cache_bytes(folder: str, dtype: str, limits: Limits) -> int | None:
+    """A KV cache holding every request at the full sequence length (twice over, for vLLM's block
+    rounding), not the machine's memory vLLM takes by default; None (vLLM's default) for a config
+    that does not say its sizes."""
+    import json
+
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        heads = int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+        per_token = 2 * int(cfg["num_hidden_layers"]) * int(cfg.get("num_key_value_heads") or heads) * head_dim
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    element = torch.empty(0, dtype=getattr(torch, dtype, torch.float32)).element_size()
+    return max(2 * per_token * element * limits.requests * (limits.model_len + 64), 2**26)
+
+
 def limits_for(w: Workload) -> Limits:
     """A step budget holding the whole step (decodes and every prefill chunk at once), with room
     for the decode requests' prompts to be prefilled in a few steps."""
@@ -134,6 +152,7 @@ class Engine:
             self.llm = LLM(model=folder, skip_tokenizer_init=True, dtype=dtype, max_model_len=limits.model_len,
                            max_num_batched_tokens=limits.tokens, max_num_seqs=limits.requests,
                            enable_chunked_prefill=True, enable_prefix_caching=False, seed=0,
+                           kv_cache_memory_bytes=kv_cache_bytes(folder, dtype, limits),
                            distributed_executor_backend="mp", worker_extension_cls=f"{__name__}.TuningWorker")
         self.vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
         why = self.rpc("dynaflow_ready")
@@ -187,8 +206,8 @@ class Engine:
                 engine.step()
                 if self.rpc("dynaflow_seen") == (1,) * w.num_decode:
                     break
-        for _ in range(w.num_prefill):
-            self._add(w.chunk, 1 if not w.num_decode else 2)
+        for _ in range(w.num_prefill):  # alive after the kept step too: their cache blocks stay theirs
+            self._add(w.chunk, self.limits.model_len - w.chunk)
         self.rpc("dynaflow_arm", want)
         engine.step()
         kept = self.rpc("dynaflow_kept")
