@@ -3,8 +3,9 @@
 vLLM's documented extension points (the `vllm.general_plugins` entry point, a compilation
 backend named in `compilation_config`) need no code here. What does: the forward context the
 attention ops read their per-step metadata from, the attention metadata of the backends whose
-nano-batches the plugin can cut, the custom ops that read that context, and the one function
-patched so that an environment variable alone turns the plugin on. `check()` says which of them
+nano-batches the plugin can cut, the custom ops that read that context, the one function
+patched so that an environment variable alone turns the plugin on, and the engine calls the
+tuner steps vLLM with to form a step of a bucket's shape (replay.py). `check()` says which of them
 the installed vLLM lacks, in one message, and a test runs it against the installed vLLM.
 """
 from __future__ import annotations

@@ -2,23 +2,25 @@
 
     dynaflow-tune tune --model vllm:./my-model --shapes shapes.json   # the shapes a serve recorded
 
-`build_case(workload)`, the builder of `vllm:<folder>` models, starts vLLM once per process with
-its engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and the plugin on, every step
-sequential. It feeds the engine requests so that its scheduler forms a step of the workload's
-shape (decode requests whose sequences end near the workload's context, then its prefill
-requests of one chunk each), keeps that step (its inputs, its attention metadata and slot
-mappings) and returns it as a Case: the graph the plugin cuts when serving, so the same ops,
-op names and attention backend, with every attention and KV-cache op of a nano-batch run inside
-that nano-batch's replayed forward context. Replaying writes the KV cache at the kept step's
-slots with the values the step itself wrote, so every run starts from the same state; the kept
-requests stay alive (their cache blocks untouched) until the next step is kept.
+`start(workload)` starts vLLM once per process (`Engine`: its engine core in this process,
+stepped by the tuner, VLLM_ENABLE_V1_MULTIPROCESSING=0; the model in vLLM's own worker process,
+bound to the CPU threads vLLM gives it when serving; the plugin on, every step sequential). It
+feeds the engine requests so that its scheduler forms a step of the workload's shape (decode
+requests whose sequences end near the workload's context, then its prefill requests of one chunk
+each), and the worker keeps that step (`TuningWorker`, a `worker_extension_cls` reached by
+vLLM's collective_rpc): its inputs, its attention metadata and slot mappings, as a Case (the
+graph the plugin cuts when serving, so the same ops, op names and attention backend, every
+attention and KV-cache op of a nano-batch run inside that nano-batch's replayed forward
+context; a sequential schedule run as vLLM's compiled graph). Trials are measured there, by a
+Bench. Replaying writes the KV cache at the kept step's slots with the values the step itself
+wrote, so every run starts from the same state; the kept requests stay alive (their cache blocks
+untouched) until the next step is kept.
 
 Records are stored under `vllm:<folder name>` (workload.model_name), the name the plugin looks
-them up by, and carry the hardware key vLLM's worker sets (its CPU threads), the one it serves on.
+them up by, with the hardware key the worker sees (its CPU threads), the one it serves on.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 from contextlib import contextmanager
@@ -31,11 +33,9 @@ import torch
 from ..batch import BatchLayout
 from ..case import Case
 from ..schedule import Schedule
-from ..shapes import Bucket
 from ..workload import Workload
 from . import ENV_POLICY, ENV_SCHEDULES, RUNNERS, hooks, wrap_backend
 
-log = logging.getLogger("dynaflow")
 MAX_STEPS = 4096  # steps fed to vLLM before a shape it would not form is given up
 
 
