@@ -14,9 +14,10 @@ per nano-batch on the schedule's streams. Every problem with the configuration (
 for other hardware or another model, a corrupt record, a vLLM this plugin does not know) is one
 WARNING and sequential steps: never a crash of the engine.
 
-Other settings, all optional: DYNAFLOW_VLLM_MODEL, the model name the records are stored under
-(default `vllm:<the model folder's name>`); DYNAFLOW_VLLM_SHAPES, a file the live step shapes are
-written to as the engine exits (`dynaflow-tune tune --shapes FILE` tunes them);
+Other settings, all optional: DYNAFLOW_VLLM_MODEL, the model name the records are looked up by
+(default `vllm:<the model folder's name>`, as `dynaflow-tune tune --model vllm:<folder>` stores
+them, tuned on vLLM's own model: replay.py); DYNAFLOW_VLLM_SHAPES, a file the live step shapes
+are written to as the engine exits (`dynaflow-tune tune --shapes FILE` tunes them);
 DYNAFLOW_VLLM_REPORT, a JSON file the plugin's counts are written to as the engine exits (steps
 split and sequential, how the store answered them, the reasons a step ran sequential).
 """
