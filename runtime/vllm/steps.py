@@ -80,7 +80,7 @@ class StepRunner:
         self._layouts: dict[tuple[int, ...], BatchLayout] = {}  # per query_start_loc: the step's layout
         self.device: torch.device | None = None  # the device of the steps seen
         # capture(args, metadata, slots, layout, context) -> None, or keep(output) for a step kept to tune on
-        self.capture: Callable[..., bool] | None = None
+        self.capture: Callable[..., Callable[[Any], None] | None] | None = None
 
     def say_once(self, why: str, *, what: str = "a step runs sequential") -> None:
         if why not in self.said:
