@@ -32,6 +32,9 @@ class Case:
     # What a sequential schedule runs instead of the op plan: the call serving makes for one
     # (vLLM's own compiled graph), so that candidates are timed against it. None: the op plan.
     sequential: Callable[..., Any] | None = None
+    # This rank's tensor-parallel group (runtime.parallel.Parallel): measurements agree across
+    # ranks on when to stop, and peaks are measured one rank at a time. None: one device.
+    parallel: Any = None
 
     @property
     def num_tokens(self) -> int:

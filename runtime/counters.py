@@ -119,6 +119,7 @@ class BytesCounterMode(TorchDispatchMode):
         self.only_copies = True
         self.copy_bytes = 0
         self.max_reduction = 1
+        self.network_bytes = 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -130,7 +131,9 @@ class BytesCounterMode(TorchDispatchMode):
         if foreign is not None:
             self.external[("hidden", len(self.external))] = int(foreign[2](args))
         self.max_reduction = max(self.max_reduction, reduction_length(func, args))
-        if func in COPY_OPS:
+        if func.namespace == "c10d":  # a collective (torch.distributed): bytes over the link, no arithmetic here
+            self.network_bytes += _bus_bytes(func, args)
+        elif func in COPY_OPS:
             self.copy_bytes += sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
         elif not _is_view(func):
             self.only_copies = False
@@ -152,6 +155,7 @@ class Counts:
     only_copies: bool
     copy_bytes: int
     max_reduction: int = 1  # the most terms summed into one output element, by any op
+    network_bytes: float = 0.0  # bytes each rank moved over its link in collectives (parallel.bus_factor)
 
 
 def count(fn, *args) -> tuple[object, Counts]:
@@ -163,8 +167,21 @@ def count(fn, *args) -> tuple[object, Counts]:
     out_bytes = sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
     counts = Counts(flops=float(flop_mode.get_total_flops()), bytes=float(byte_mode.external_bytes + out_bytes),
                     only_copies=byte_mode.only_copies, copy_bytes=byte_mode.copy_bytes,
-                    max_reduction=byte_mode.max_reduction)
+                    max_reduction=byte_mode.max_reduction, network_bytes=byte_mode.network_bytes)
     return out, counts
+
+
+def _bus_bytes(func, args) -> float:
+    """A collective's bus bytes: its whole tensor (the largest of its tensor arguments: an
+    all-reduce's tensor, an all-gather's output, a reduce-scatter's input) times the bus factor."""
+    import torch.distributed as dist
+
+    from .parallel import bus_factor
+
+    sizes = [sum(t.nbytes for t in tree_leaves(a) if isinstance(t, torch.Tensor)) for a in args
+             if isinstance(a, (torch.Tensor, list, tuple))]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return max(sizes, default=0) * bus_factor(func._schema.name, world)
 
 
 class HostSyncs(TorchDispatchMode):

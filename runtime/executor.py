@@ -100,14 +100,19 @@ class Executor:
         return Compiled(plan=plan, runner=runner, backend=self.backend, gather=gather, device=self.device)
 
     def profile_ops(self, *, flops_per_byte: float) -> OpGraph:
-        """Count each op's FLOPs and bytes on the whole batch and classify its resource:
-        copy (no arithmetic), compute (intensity above the machine balance), else memory."""
+        """Count each op's FLOPs and bytes on the whole batch and classify its resource: network
+        (a collective; its bytes are those each rank moves over the link), copy (no arithmetic),
+        compute (intensity above the machine balance), else memory."""
         compiled = self.compile(Schedule())
         plan, ops = compiled.plan, []
         plan.reset()
         with torch.no_grad():
             for task, op in zip(plan.tasks, self.graph.ops):
                 _, c = count(task.fn)
+                if c.network_bytes:  # a collective: its bytes are those over the link
+                    ops.append(Op(name=op.name, deps=op.deps, flops=c.flops, bytes=c.network_bytes,
+                                  resource=Resource.NETWORK))
+                    continue
                 resource = Resource.COPY if c.only_copies else Resource.COMPUTE \
                     if c.flops / max(c.bytes, 1) >= flops_per_byte else Resource.MEMORY
                 ops.append(Op(name=op.name, deps=op.deps, flops=c.flops, bytes=c.bytes, resource=resource))

@@ -17,6 +17,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.split_module import split_module
 
+from .parallel import Collective
+
 OUT = "dynaflow_out"
 
 
@@ -96,7 +98,7 @@ def add_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tenso
 def trace(model: nn.Module) -> OpGraph:
     """Trace `model` (unchanged) and split it into ops."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as e:  # fx raises many types; the user needs the model name and the reason
         raise ValueError(
             f"{type(model).__name__} cannot be traced by torch.fx ({type(e).__name__}: {e}); the runtime cuts "
@@ -106,6 +108,13 @@ def trace(model: nn.Module) -> OpGraph:
     writes_output = _rewrite_final_add(gm)
     children = dict(model.named_children())
     return cut(gm, lambda node: _module_key(node, children), root=model, writes_output=writes_output)
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping each collective's call whole (one op of resource class network)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, Collective) or super().is_leaf_module(m, qualname)
 
 
 def cut(gm: fx.GraphModule, key_of: Callable[[fx.Node], str | None], *, root: nn.Module | None = None,

@@ -154,12 +154,17 @@ def _cpu_model() -> str | None:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Peaks:
-    """Peaks measured on this device: a large GEMM and a large device-to-device copy."""
+    """Peaks measured on this device: a large GEMM and a large device-to-device copy; in a
+    tensor-parallel group, also its all-reduce bus bandwidth (parallel.Parallel.bus_bytes_per_s),
+    measured by the group's ranks together each time the group starts (never cached: it is the
+    group's, not the device's)."""
 
     flops_per_s: float
     bytes_per_s: float
     dtype: str
     busy: dict = field(default_factory=dict)  # how busy the machine was while they were measured
+    bus_bytes_per_s: float | None = None  # a group's all-reduce bus bandwidth; None: one device
+    world_size: int = 1  # the group it was measured in
 
     @property
     def balance(self) -> float:

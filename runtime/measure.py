@@ -120,10 +120,13 @@ class MeasureConfig:
     remeasure_peaks: bool = False  # measure the peaks again and renew the cache
     rtol: float | None = None  # replaces the derived tolerance's rtol (see Tolerance)
     atol: float | None = None  # replaces the derived tolerance's atol
+    collective_timeout_s: float = 60.0  # a tensor-parallel collective not done by then raises (a hung rank)
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.repeats < 1:
             raise ValueError(f"warmup must be >= 0 and repeats >= 1, but got {self.warmup} and {self.repeats}.")
+        if not 0 < self.collective_timeout_s < math.inf:
+            raise ValueError(f"collective_timeout_s must be a finite number > 0, but got {self.collective_timeout_s!r}.")
         for flag, v in (("--rtol", self.rtol), ("--atol", self.atol)):
             if v is not None and not (0 <= v < math.inf):
                 raise ValueError(f"{flag} must be a finite number >= 0, but got {v!r}.")
@@ -190,9 +193,18 @@ class Bench:
         self.executor = Executor(self.case)
         self.reference = clone_output(self.executor.reference())
         _, counts = count(self.case.model, *self.case.inputs)
-        self.flops, self.bytes = counts.flops, counts.bytes
-        self.peaks: Peaks = measure_peaks(self.device, first_tensor(self.reference).dtype, hardware=self.hardware,
-                                          cache_dir=config.peaks_dir, remeasure=config.remeasure_peaks)
+        self.flops, self.bytes, self.network_bytes = counts.flops, counts.bytes, counts.network_bytes
+        parallel, dtype = self.case.parallel, first_tensor(self.reference).dtype
+        self._agree = parallel.agree if parallel is not None else lambda value: value
+
+        def peaks() -> Peaks:
+            return measure_peaks(self.device, dtype, hardware=self.hardware, cache_dir=config.peaks_dir,
+                                 remeasure=config.remeasure_peaks)
+        if parallel is None:
+            self.peaks: Peaks = peaks()
+        else:  # one rank at a time (ranks share the machine), then the group's bus bandwidth, together
+            self.peaks = dataclasses.replace(parallel.in_turn(peaks), world_size=parallel.world_size,
+                                             bus_bytes_per_s=parallel.bus_bytes_per_s(self.device, dtype))
         self.executor.profile_ops(flops_per_byte=self.peaks.balance)
         derived = tolerance_for(self.executor, self.reference, counts=counts)
         self.tolerance = Tolerance(rtol=derived.rtol if config.rtol is None else config.rtol,
@@ -201,7 +213,9 @@ class Bench:
 
     @property
     def bound_ms(self) -> float:
-        return 1e3 * max(self.flops / self.peaks.flops_per_s, self.bytes / self.peaks.bytes_per_s)
+        """The roofline: the slowest of the compute, memory and (tensor-parallel) network terms."""
+        network = self.network_bytes / self.peaks.bus_bytes_per_s if self.peaks.bus_bytes_per_s else 0.0
+        return 1e3 * max(self.flops / self.peaks.flops_per_s, self.bytes / self.peaks.bytes_per_s, network)
 
     def measure(self, schedule: Schedule, *, on_sample: OnSample | None = None,
                 time_limit_s: float | None = None) -> Measurement:
@@ -247,7 +261,7 @@ class Bench:
 
     def _measure(self, compiled: Compiled, on_sample, time_limit_s) -> Measurement:
         notes, tol = dict(compiled.runner.notes), self.tolerance.to_dict()
-        first = self.check(compiled())
+        first = self._agree(self.check(compiled()))  # ranks of a group agree: the worst rank decides
         if first > 1:
             return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=first, notes=notes, tolerance=tol,
                                message=f"output differs from the sequential reference: error {first:.2f}x tolerance "
@@ -257,7 +271,7 @@ class Bench:
         if stop is not None:
             return Measurement(outcome=stop[0], message=stop[1], samples_ms=tuple(samples), notes=notes,
                                latency_ms=statistics.median(samples) if samples else None)
-        last = self.check(compiled.out)  # races show up on later runs too
+        last = self._agree(self.check(compiled.out))  # races show up on later runs too
         if last > 1:
             return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=last, notes=notes, tolerance=tol,
                                message=f"output differs after timed runs: error {last:.2f}x tolerance (a race?)")
@@ -276,9 +290,12 @@ class Bench:
             compiled()
             sync()
             samples.append((time.perf_counter() - t0) * 1e3)
-            if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+            over = time_limit_s is not None and time.perf_counter() - start > time_limit_s
+            stop = 2 if over else 1 if on_sample is not None and on_sample(samples) else 0
+            stop = self._agree(stop) if self.case.parallel is not None else stop  # every rank stops at once
+            if stop == 2:
                 return samples, (TrialOutcome.TIMEOUT, f"timing exceeded the {time_limit_s:g} s limit")
-            if on_sample is not None and on_sample(samples):
+            if stop == 1:
                 return samples, (TrialOutcome.PRUNED, f"stopped after {len(samples)} samples: clearly slower")
         return samples, None
 

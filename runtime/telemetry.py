@@ -122,9 +122,27 @@ def _system_cpu_s() -> tuple[float, int] | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), max(cpus, 1)
 
 
+_PEERS: list[int] = []  # processes whose CPU time is this one's work (the other ranks of a TP group)
+
+
+def count_as_own(pids) -> None:
+    """The CPU time of `pids` (a tensor-parallel group's other ranks) is this process's work, not
+    contention: their ranks compute the same schedule, in lockstep."""
+    _PEERS[:] = [p for p in pids if p != os.getpid()]
+
+
 def _own_cpu_s() -> float:
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system + sum(_cpu_s_of(p) for p in _PEERS)
+
+
+def _cpu_s_of(pid: int) -> float:
+    """User + system seconds of another process (Linux /proc); 0 where it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def busy_mark() -> BusyMark:

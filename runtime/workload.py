@@ -19,7 +19,7 @@ from torch import nn
 from . import validate
 from .batch import TOKENS, BatchLayout
 from .case import Case
-from .models.llama import LlamaConfig, LlamaLayer, init_weights
+from .models.llama import LlamaConfig, LlamaLayer, init_shard, init_weights
 from .models.moe import MixtralLayer, MoEConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,8 +30,8 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama-tiny": LlamaConfig(hidden=64, num_heads=4, num_kv_heads=2, intermediate=128, head_dim=16),
     "llama-small": LlamaConfig(hidden=1024, num_heads=8, num_kv_heads=4, intermediate=2816),
     "llama3-8b": LlamaConfig(hidden=4096, num_heads=32, num_kv_heads=8, intermediate=14336),
-    # one tensor-parallel shard (TP=8) of Llama-3-70B; the all-reduce is not modelled
-    "llama3-70b": LlamaConfig(hidden=8192, num_heads=8, num_kv_heads=1, intermediate=3584),
+    # Llama-3-70B's layer; tp=8 gives its usual shard (8 heads, 1 kv head, 3584 intermediate, and the all-reduces)
+    "llama3-70b": LlamaConfig(hidden=8192, num_heads=64, num_kv_heads=8, intermediate=28672),
     "mixtral-tiny": MoEConfig(hidden=64, num_heads=4, num_kv_heads=2, intermediate=64, head_dim=16),
     "mixtral-8x7b": MoEConfig(hidden=4096, num_heads=32, num_kv_heads=8, intermediate=14336, rope_theta=1e6),
 }
@@ -40,7 +40,9 @@ PRESETS: dict[str, LlamaConfig] = {
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Workload:
     """model: a preset name or "module:callable" (callable(workload) -> Case).
-    prefill_tokens are cut into requests of prefill_chunk tokens (default: one request)."""
+    prefill_tokens are cut into requests of prefill_chunk tokens (default: one request).
+    tp: tensor parallelism; > 1 builds this rank's shard of a preset (runtime/parallel.py), in a
+    process of a torch.distributed group of `tp` ranks."""
 
     model: str
     num_decode: int = 0
@@ -50,11 +52,19 @@ class Workload:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    tp: int = 1
 
     def __post_init__(self) -> None:
         for name in ("model", "dtype", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, but got {validate.short(getattr(self, name))}.")
+        if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
+            raise ValueError(f"tp must be an int >= 1 (the tensor-parallel degree), but got {validate.short(self.tp)}.")
+        if self.tp > 1 and self.model not in PRESETS:
+            raise ValueError(f"tp={self.tp} shards the built-in presets {sorted(PRESETS)}, but model is "
+                             f"{validate.short(self.model)}; tensor parallelism of other models is not built.")
+        if self.tp > 1:
+            PRESETS[self.model].shard(self.tp)  # heads and sizes it must divide: one error naming tp
         for name in ("prefill_chunk", "seed"):
             value = getattr(self, name)
             if not (value is None and name == "prefill_chunk") and (not isinstance(value, int) or isinstance(value, bool)
@@ -115,6 +125,8 @@ class Workload:
         if self.prefill_chunk and self.prefill_chunk != self.prefill_tokens:
             parts.append(f"c{self.prefill_chunk}")
         parts.append(DTYPE_SHORT[self.dtype])
+        if self.tp > 1:
+            parts.append(f"tp{self.tp}")
         return "_".join(parts)
 
     @property
@@ -193,21 +205,48 @@ def preset_layout_of(inputs) -> BatchLayout:
 
 
 def build_preset(w: Workload) -> Case:
+    """The preset's layer with seeded weights and inputs; at tp > 1, this rank's shard of them
+    (the same values, sliced: a TP run equals the unsharded layer up to rounding)."""
     cfg = PRESETS[w.model]
     layer_cls = MixtralLayer if isinstance(cfg, MoEConfig) else LlamaLayer
-    model = init_weights(layer_cls(cfg), w.seed).to(device=w.device, dtype=w.torch_dtype).eval()
+    parallel = None
+    if w.tp == 1:
+        model = init_weights(layer_cls(cfg), w.seed)
+    else:
+        parallel = _parallel(w)
+        with torch.device("meta"):
+            full = layer_cls(cfg)
+        model = init_shard(layer_cls(cfg.shard(w.tp), tp=w.tp), full, w.seed, tp=w.tp, rank=parallel.rank)
+    model = model.to(device=w.device, dtype=w.torch_dtype).eval()
     gen = torch.Generator().manual_seed(w.seed + 1)
     kv_shape = (w.num_decode, w.context_len + 1, cfg.num_kv_heads, cfg.head_dim)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(device=w.device, dtype=w.torch_dtype)
 
+    def heads(cache: torch.Tensor) -> torch.Tensor:  # this rank's kv heads
+        return cache if parallel is None else cache.chunk(w.tp, dim=2)[parallel.rank].contiguous()
+
     inputs = (
-        rand(w.num_tokens, cfg.hidden), rand(*kv_shape), rand(*kv_shape),
+        rand(w.num_tokens, cfg.hidden), heads(rand(*kv_shape)), heads(rand(*kv_shape)),
         torch.full((w.num_decode,), w.context_len, dtype=torch.long, device=w.device),
         torch.arange(w.chunk, device=w.device).repeat(w.num_prefill, 1),
     )
-    return Case(model=model, inputs=inputs, layout=w.build_layout(), name=w.model)
+    around = parallel.around(frozenset({"attn_allreduce", "mlp_allreduce"})) if parallel else None
+    return Case(model=model, inputs=inputs, layout=w.build_layout(), name=w.model, around=around, parallel=parallel)
+
+
+def _parallel(w: Workload):
+    """This process's rank in a group of w.tp ranks, or one error saying how to get one."""
+    import torch.distributed as dist
+
+    from . import parallel
+
+    if not dist.is_initialized() or dist.get_world_size() != w.tp:
+        have = f"a group of {dist.get_world_size()}" if dist.is_initialized() else "no torch.distributed group"
+        raise ValueError(f"workload tp={w.tp} runs on {w.tp} ranks, one process each, but this process has {have}; "
+                         f"`dynaflow-tune ... --tp {w.tp}` starts them.")
+    return parallel.current()
 
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")

@@ -2,8 +2,11 @@
 
 What varies: the number of nano-batches and their relative sizes (snapped to split steps and
 request boundaries), how ops map to streams (one stream; compute vs memory+copy; compute vs
-memory vs copy; one stream per nano-batch), each stream's SM share in partition steps (or no
-partition), the stagger between nano-batches, stream priorities, and CUDA-graph capture.
+memory vs copy; one stream per nano-batch), with tensor parallelism whether the collectives get
+a stream of their own (the network stream: each nano-batch's all-reduce overlaps the next one's
+compute), each stream's SM share in partition steps (or no partition), the stagger between
+nano-batches (which orders the collectives among the other ops), stream priorities, and CUDA-graph
+capture.
 """
 from dynaflow.runtime import Schedule
 from dynaflow.runtime.graph import Resource
@@ -26,7 +29,7 @@ def suggest(trial: Trial, ctx: SpaceContext) -> Schedule:
     sizes = splits_from_weights(ctx, weights) if k > 1 else ()
     num_nano = max(1, len(sizes))
     mapping = trial.suggest_categorical("streams", list(MAPPINGS))
-    route = MAPPINGS[mapping]
+    route = network_stream(trial, ctx, MAPPINGS[mapping], num_nano)
     num_streams = max(route(op.resource, b) for op in ctx.graph.ops for b in range(num_nano)) + 1
     stagger = trial.suggest_int("stagger", 0, 4)
     streams = sm_shares(trial, ctx, num_streams)
@@ -36,5 +39,18 @@ def suggest(trial: Trial, ctx: SpaceContext) -> Schedule:
     if num_nano == 1 and num_streams == 1:  # one nano-batch on one stream is the baseline, however ordered
         return Schedule(label="nanoflow:sequential")
     order = staggered_order(ctx, num_nano, stagger, lambda op, b: route(ctx.graph.op(op).resource, b))
+    net = "+network" if route is not MAPPINGS[mapping] else ""
     return Schedule(split_sizes=sizes, streams=streams, order=order, cuda_graph=graph,
-                    label=f"nanoflow:{num_nano}x:{mapping}:stagger{stagger}")
+                    label=f"nanoflow:{num_nano}x:{mapping}{net}:stagger{stagger}")
+
+
+def network_stream(trial: Trial, ctx: SpaceContext, route, num_nano: int):
+    """With collectives in the graph (tensor parallelism): whether they get a stream of their own,
+    after the mapping's streams, so that one nano-batch's collective overlaps another's compute."""
+    if not any(op.resource is Resource.NETWORK for op in ctx.graph.ops):
+        return route
+    if not trial.suggest_categorical("network_stream", [False, True]):
+        return route
+    own = max(route(op.resource, b) for op in ctx.graph.ops if op.resource is not Resource.NETWORK
+              for b in range(num_nano)) + 1
+    return lambda res, b: own if res is Resource.NETWORK else route(res, b)

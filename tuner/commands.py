@@ -97,6 +97,8 @@ def _model_flags(p: argparse.ArgumentParser, *, shapes: bool = False) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism of a preset: each trial runs on this many "
+                   "rank processes (gloo on cpu, NCCL on cuda: cuda:0..N-1), their collectives scheduled as ops")
     p.add_argument("--store", type=Path, default=Path("results"),
                    help="root of the schedule store; its peaks/ folder caches the device peaks")
 
@@ -142,13 +144,16 @@ def _tune_flags(t: argparse.ArgumentParser) -> None:
 
 
 def measure_config(args) -> MeasureConfig:
+    # a hung tensor-parallel collective fails its trial within the trial's own time limit
+    collective = getattr(args, "trial_timeout_s", None) or MeasureConfig.collective_timeout_s
     return MeasureConfig(warmup=args.warmup, repeats=args.repeats, rtol=args.rtol, atol=args.atol,
-                         peaks_dir=StoreConfig(root=args.store).peaks_dir, remeasure_peaks=args.remeasure_peaks)
+                         peaks_dir=StoreConfig(root=args.store).peaks_dir, remeasure_peaks=args.remeasure_peaks,
+                         collective_timeout_s=collective)
 
 
 def _workload(args, spec: str):
     return parse_workload(spec, model=args.model or DEFAULT_MODEL, dtype=default_dtype(args.dtype, args.device),
-                          device=args.device)
+                          device=args.device, tp=args.tp)
 
 
 def cmd_measure(args) -> int:
@@ -218,7 +223,8 @@ def _shape_workloads(args) -> tuple:
     args.model = args.model or log.model
     buckets = choose_buckets(log, 4 if args.buckets is None else args.buckets)
     dtype = default_dtype(args.dtype, args.device)
-    workloads = [workload_of(b, model=args.model or DEFAULT_MODEL, dtype=dtype, device=args.device) for b in buckets]
+    workloads = [workload_of(b, model=args.model or DEFAULT_MODEL, dtype=dtype, device=args.device, tp=args.tp)
+                 for b in buckets]
     print(coverage_text(log, buckets, workloads, str(args.shapes)), flush=True)
     return tuple(workloads)
 

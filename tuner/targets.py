@@ -103,7 +103,11 @@ def reserve(workloads) -> None:
 
 
 def target_for(workload: Workload, config: MeasureConfig) -> Target:
-    """Where a workload is measured: vLLM's worker for a `vllm:` model, else this process."""
+    """Where a workload is measured: vLLM's worker for a `vllm:` model, a group of rank processes
+    at tensor parallelism > 1 (tuner/tp.py), else this process."""
     if workload.model.startswith("vllm:"):
         return VllmTarget(workload, config)
+    if workload.tp > 1:
+        from .tp import TPTarget
+        return TPTarget(workload, config)
     return LocalTarget(workload, config)

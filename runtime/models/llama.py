@@ -7,14 +7,23 @@ Inputs (dim 0 is the batch axis the runtime splits on):
     decode_pos   [D]               position of each decode token (= its context length C)
     prefill_pos  [P, L]            positions of each prefill request's L tokens
 Each child module is one op of the runtime's graph; the forward only slices and adds between them.
+
+Tensor parallelism (`tp` > 1): the layer is one rank's shard, built from `cfg.shard(tp)`: qkv_proj
+and gate_up_proj are column-parallel (the rank's heads, its slice of the intermediate size),
+o_proj and down_proj row-parallel, each followed by an all-reduce op (`attn_allreduce`,
+`mlp_allreduce`) that sums the ranks' partial results; the norms are replicated. `init_shard`
+slices the rank's weights out of the ones `init_weights` gives the unsharded layer.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..parallel import AllReduce
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -32,6 +41,15 @@ class LlamaConfig:
             raise ValueError(
                 f"num_heads must be a multiple of num_kv_heads, but got {self.num_heads} and {self.num_kv_heads}."
             )
+
+    def shard(self, tp: int) -> "LlamaConfig":
+        """One rank's share at tensor parallelism `tp`: its heads, kv heads and intermediate slice."""
+        bad = [f"{n}={getattr(self, n)}" for n in ("num_heads", "num_kv_heads", "intermediate") if getattr(self, n) % tp]
+        if bad:
+            raise ValueError(f"tp={tp} must divide the model's heads, kv heads and intermediate size, but "
+                             f"{', '.join(bad)} is not a multiple of {tp}.")
+        return dataclasses.replace(self, num_heads=self.num_heads // tp, num_kv_heads=self.num_kv_heads // tp,
+                                   intermediate=self.intermediate // tp)
 
 
 class RMSNorm(nn.Module):
@@ -100,15 +118,19 @@ class SiluAndMul(nn.Module):
 
 
 class LlamaLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    """`cfg`: the layer's own dimensions (a shard's, `full.shard(tp)`, at tensor parallelism `tp`)."""
+
+    def __init__(self, cfg: LlamaConfig, tp: int = 1) -> None:
         super().__init__()
-        self._init_attention(cfg)
+        self._init_attention(cfg, tp)
         self.gate_up_proj = nn.Linear(cfg.hidden, 2 * cfg.intermediate, bias=False)
         self.act = SiluAndMul()
         self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
+        if tp > 1:
+            self.mlp_allreduce = AllReduce()
 
-    def _init_attention(self, cfg: LlamaConfig) -> None:
-        self.cfg = cfg
+    def _init_attention(self, cfg: LlamaConfig, tp: int) -> None:
+        self.cfg, self.tp = cfg, tp
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.attn_norm = RMSNorm(cfg.hidden, cfg.eps)
         self.qkv_proj = nn.Linear(cfg.hidden, qkv_out, bias=False)
@@ -116,6 +138,8 @@ class LlamaLayer(nn.Module):
         self.decode_attn = DecodeAttention()
         self.prefill_attn = PrefillAttention()
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden, bias=False)
+        if tp > 1:
+            self.attn_allreduce = AllReduce()
         self.mlp_norm = RMSNorm(cfg.hidden, cfg.eps)
 
     def attention(self, x, k_cache, v_cache, decode_pos, prefill_pos):
@@ -124,11 +148,17 @@ class LlamaLayer(nn.Module):
         d = decode_pos.shape[0]
         attn_d = self.decode_attn(q[:d], k[:d], v[:d], k_cache, v_cache, decode_pos)
         attn_p = self.prefill_attn(q[d:], k[d:], v[d:], prefill_pos)
-        return x + self.o_proj(torch.cat([attn_d, attn_p]))
+        o = self.o_proj(torch.cat([attn_d, attn_p]))
+        if self.tp > 1:
+            o = self.attn_allreduce(o)
+        return x + o
 
     def forward(self, x, k_cache, v_cache, decode_pos, prefill_pos):
         h = self.attention(x, k_cache, v_cache, decode_pos, prefill_pos)
-        return h + self.down_proj(self.act(self.gate_up_proj(self.mlp_norm(h))))
+        m = self.down_proj(self.act(self.gate_up_proj(self.mlp_norm(h))))
+        if self.tp > 1:
+            m = self.mlp_allreduce(m)
+        return h + m
 
 
 def init_weights(model: nn.Module, seed: int) -> nn.Module:
@@ -141,3 +171,36 @@ def init_weights(model: nn.Module, seed: int) -> nn.Module:
             elif "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
     return model
+
+
+def init_shard(shard: nn.Module, full: nn.Module, seed: int, *, tp: int, rank: int) -> nn.Module:
+    """The weights `init_weights(full, seed)` gives, each sliced to rank `rank`'s share of `shard`
+    (tensor parallelism `tp`). `full` may live on the meta device: each full weight is made once,
+    sliced, and dropped, so the unsharded layer is never held whole."""
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(shard.named_parameters())
+    cfg = full.cfg
+    with torch.no_grad():
+        for name, p in full.named_parameters():
+            if p.dim() == 2:
+                value = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
+            elif "norm" in name:
+                value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+            else:
+                continue
+            params[name].copy_(_slice(name, value, cfg, tp, rank))
+    return shard
+
+
+def _slice(name: str, full: torch.Tensor, cfg: LlamaConfig, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s part of a full weight: column-parallel rows, row-parallel columns, else all."""
+    module = name.split(".")[-2]
+    if module == "qkv_proj":  # [q | k | v] rows, each cut by heads
+        parts = full.split([cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                            cfg.num_kv_heads * cfg.head_dim])
+        return torch.cat([part.chunk(tp)[rank] for part in parts])
+    if module == "gate_up_proj":  # [gate | up] rows
+        return torch.cat([part.chunk(tp)[rank] for part in full.chunk(2)])
+    if module in ("o_proj", "down_proj"):
+        return full.chunk(tp, dim=1)[rank]
+    return full

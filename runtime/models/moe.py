@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..parallel import AllReduce
 from .llama import LlamaConfig, LlamaLayer, SiluAndMul
 
 
@@ -45,11 +46,16 @@ class Expert(nn.Module):
 
 
 class MixtralLayer(LlamaLayer):
-    def __init__(self, cfg: MoEConfig) -> None:
+    """At tensor parallelism `tp` each expert is sharded like the dense MLP (the router is replicated,
+    so every rank routes alike) and one all-reduce sums the experts' partial outputs."""
+
+    def __init__(self, cfg: MoEConfig, tp: int = 1) -> None:
         nn.Module.__init__(self)
-        self._init_attention(cfg)
+        self._init_attention(cfg, tp)
         self.router = nn.Linear(cfg.hidden, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(cfg.hidden, cfg.intermediate) for _ in range(cfg.num_experts))
+        if tp > 1:
+            self.mlp_allreduce = AllReduce()
 
     def forward(self, x, k_cache, v_cache, decode_pos, prefill_pos):
         h = self.attention(x, k_cache, v_cache, decode_pos, prefill_pos)
@@ -61,4 +67,6 @@ class MixtralLayer(LlamaLayer):
         out = torch.zeros_like(hn)
         for e, expert in enumerate(self.experts):
             out = out.addcmul_(expert(hn), combine[:, e, None])
+        if self.tp > 1:
+            out = self.mlp_allreduce(out)
         return h + out
