@@ -112,6 +112,9 @@ class TrialOutcome(str, Enum):
     SKIPPED = "skipped"  # not measured: other processes sharing the study had spent its budget
 
 
+COLLECTIVE_TIMEOUT_S = 60.0
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MeasureConfig:
     warmup: int = 3
@@ -120,7 +123,7 @@ class MeasureConfig:
     remeasure_peaks: bool = False  # measure the peaks again and renew the cache
     rtol: float | None = None  # replaces the derived tolerance's rtol (see Tolerance)
     atol: float | None = None  # replaces the derived tolerance's atol
-    collective_timeout_s: float = 60.0  # a tensor-parallel collective not done by then raises (a hung rank)
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S  # a tensor-parallel collective not done by then raises (a hung rank)
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.repeats < 1:

@@ -12,7 +12,7 @@ import pytest
 RUNTIME = Path(__file__).parents[1] / "runtime"
 CORE = {"batch", "validate", "files", "counters", "telemetry", "graph", "schedule", "case", "plan", "backends",
         "backends.base", "backends.cpu", "backends.cuda", "backends.green_ctx", "executor", "measure", "timeline",
-        "hardware", "models", "models.llama", "models.moe"}
+        "hardware", "models", "models.llama", "models.moe", "parallel"}
 ABOVE_CORE = {"workload", "store", "shapes", "loading", "serving", "probe"}
 LAYERS = [CORE, ABOVE_CORE]  # then runtime.hf (every hf.* module), runtime.vllm, then the package facade (__init__)
 

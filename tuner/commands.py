@@ -10,6 +10,7 @@ from dynaflow.runtime import PRESETS, MeasureConfig, Schedule, TrialOutcome
 
 from dynaflow.runtime import detect, validate
 from dynaflow.runtime.hardware import live_device
+from dynaflow.runtime.measure import COLLECTIVE_TIMEOUT_S
 from dynaflow.runtime.store import check_hardware
 from dynaflow.runtime.store import StoreConfig, read_record
 
@@ -145,7 +146,7 @@ def _tune_flags(t: argparse.ArgumentParser) -> None:
 
 def measure_config(args) -> MeasureConfig:
     # a hung tensor-parallel collective fails its trial within the trial's own time limit
-    collective = getattr(args, "trial_timeout_s", None) or MeasureConfig.collective_timeout_s
+    collective = getattr(args, "trial_timeout_s", None) or COLLECTIVE_TIMEOUT_S
     return MeasureConfig(warmup=args.warmup, repeats=args.repeats, rtol=args.rtol, atol=args.atol,
                          peaks_dir=StoreConfig(root=args.store).peaks_dir, remeasure_peaks=args.remeasure_peaks,
                          collective_timeout_s=collective)
@@ -189,6 +190,12 @@ def cmd_ops(args) -> int:
     print(f"{w.key} on {target.hardware.key}: machine balance {peaks.balance:.1f} FLOP/byte "
           f"({peaks.flops_per_s / 1e9:,.0f} GFLOP/s, {peaks.bytes_per_s / 1e9:,.1f} GB/s, measured once and cached "
           f"under {args.store / 'peaks'}; --remeasure-peaks renews it)")
+    if peaks.bus_bytes_per_s:
+        network = [op for op in target.graph.ops if op.resource == "network"]
+        print(f"all-reduce bus bandwidth {peaks.bus_bytes_per_s / 1e9:,.2f} GB/s over {peaks.world_size} ranks "
+              f"(measured as the group started); network ops' MB are the bytes each rank moves over its link, "
+              f"bound {sum(op.bytes for op in network) / peaks.bus_bytes_per_s * 1e3:.3f} ms for all "
+              f"{len(network)} of them")
     print(target.graph.describe())
     return 0
 
