@@ -1,8 +1,11 @@
 """How many trials TPE, random and grid search need to come within 2% (and 0.5%, and all the way)
 of the exhaustive optimum, on a deterministic landscape: the nanoflow space (on a finite grid of
 its parameters) at llama3-8b dimensions, each schedule's latency from benchmarks/costmodel.py.
+With `--tp N` the landscape is one rank's TP-N shard with its all-reduces over NVLink (the cost
+model's network term), and the grid adds the network stream.
 
     python benchmarks/search_efficiency.py [--workload d256x2048+p512] [--seeds 5] [--budget 200]
+    python benchmarks/search_efficiency.py --model llama3-70b --tp 8
 
 A trial counts as the tuner counts it: a distinct schedule (a re-proposed one is told its known
 value and not counted; after two in a row the next proposal is drawn at random, as in
@@ -36,7 +39,8 @@ import optuna
 sys.path.insert(0, str(Path(__file__).parent))
 from costmodel import op_cost, simulate  # noqa: E402
 
-from dynaflow.runtime import BatchLayout, Executor, Hardware, Op, OpGraph, Workload  # noqa: E402
+from dynaflow.runtime import PRESETS, BatchLayout, Executor, Hardware, Op, OpGraph, Workload, trace  # noqa: E402
+from dynaflow.runtime.models.llama import LlamaLayer  # noqa: E402
 from dynaflow.search_spaces import SpaceContext, get_space  # noqa: E402
 from dynaflow.tuner.workloads import parse_workload  # noqa: E402
 
@@ -48,25 +52,35 @@ GRID = {"num_nano": [1, 2, 3], "weight_0": [1, 2, 3], "weight_1": [1, 2, 3], "we
 
 
 class OnGrid:
-    """Restricts a trial's suggestions to GRID's values, so every sampler searches the same finite space."""
+    """Restricts a trial's suggestions to the grid's values, so every sampler searches the same finite space."""
 
-    def __init__(self, trial) -> None:
-        self.trial = trial
+    def __init__(self, trial, values: dict) -> None:
+        self.trial, self.values = trial, values
 
     def suggest_int(self, name, low, high):
-        return self.trial.suggest_categorical(name, GRID[name])
+        return self.trial.suggest_categorical(name, self.values[name])
 
     def suggest_categorical(self, name, choices):
-        return self.trial.suggest_categorical(name, GRID[name])
+        return self.trial.suggest_categorical(name, self.values[name])
+
+
+def grid(tp: int) -> dict:
+    """GRID, and with tensor parallelism whether collectives get a stream of their own (a fourth
+    stream's SM share with it)."""
+    return {**GRID, "network_stream": [False, True], "sm_steps_3": [4, 8]} if tp > 1 else GRID
 
 
 def context(w: Workload) -> SpaceContext:
-    """Op names and dependencies traced from the tiny preset; resources and costs at full size."""
-    tiny = Executor(Workload(model="llama-tiny", num_decode=2, context_len=4, prefill_tokens=4).build()).graph
+    """Op names and dependencies traced from the tiny preset (its TP-2 shard's, with the all-reduces,
+    when w.tp > 1: tracing runs no collective); resources and costs at full size, on one rank."""
+    if w.tp > 1:
+        tiny = trace(LlamaLayer(PRESETS["llama-tiny"].shard(2), tp=2))
+    else:
+        tiny = Executor(Workload(model="llama-tiny", num_decode=2, context_len=4, prefill_tokens=4).build()).graph
     ops = []
     for op in tiny.ops:
-        cost = op_cost(op.name, w.model, w.num_decode, w.context_len, w.num_prefill, w.chunk)
-        resource = "copy" if cost.flops == 0 and cost.bytes == 0 else cost.resource
+        cost = op_cost(op.name, w.model, w.num_decode, w.context_len, w.num_prefill, w.chunk, w.tp)
+        resource = "copy" if cost.flops == 0 and cost.bytes == 0 and not cost.network else cost.resource
         ops.append(Op(name=op.name, deps=op.deps, flops=cost.flops, bytes=cost.bytes, resource=resource))
     layout = BatchLayout(request_tokens=(1,) * w.num_decode + (w.chunk,) * w.num_prefill,
                          request_kinds=("decode",) * w.num_decode + ("prefill",) * w.num_prefill,
@@ -77,17 +91,17 @@ def context(w: Workload) -> SpaceContext:
 
 class Landscape:
     def __init__(self, w: Workload) -> None:
-        self.w, self.ctx, self.space = w, context(w), get_space("nanoflow")
+        self.w, self.ctx, self.space, self.grid = w, context(w), get_space("nanoflow"), grid(w.tp)
         self.deps = {op.name: op.deps for op in self.ctx.graph.ops}
         self.cache: dict[str, float] = {}
 
     def key(self, trial) -> str:
         """The trial's schedule (as the tuner keys it: without its label), its latency cached."""
-        schedule = self.space(OnGrid(trial), self.ctx)
+        schedule = self.space(OnGrid(trial, self.grid), self.ctx)
         key = schedule.key()
         if key not in self.cache:
             self.cache[key] = simulate(schedule, self.ctx.graph.names, self.deps, self.ctx.layout,
-                                       self.w.model, self.w.context_len)
+                                       self.w.model, self.w.context_len, self.w.tp)
         return key
 
     def latency(self, trial) -> float:
@@ -96,12 +110,13 @@ class Landscape:
 
 def exhaustive(land: Landscape) -> tuple[float, float, list[str]]:
     """The optimum, the sequential latency, and the schedule key of every grid point."""
-    names = list(GRID)
-    points = list(itertools.product(*GRID.values()))
+    names = list(land.grid)
+    points = list(itertools.product(*land.grid.values()))
     keys = [land.key(optuna.trial.FixedTrial(dict(zip(names, p)))) for p in points]
     lat = [land.cache[k] for k in keys]
     sequential = land.latency(optuna.trial.FixedTrial({"num_nano": 1, "weight_0": 1, "streams": "one", "stagger": 0,
-                                                       "prioritise_memory": False, "cuda_graph": False}))
+                                                       "prioritise_memory": False, "cuda_graph": False,
+                                                       "network_stream": False}))
     return min(lat), sequential, keys
 
 
@@ -152,11 +167,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3-8b")
     p.add_argument("--workload", default="d256x2048+p512")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism: one rank's shard, its all-reduces over "
+                   "NVLink (e.g. --model llama3-70b --tp 8)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--budget", type=int, default=200, help="distinct schedules the random baseline is estimated over (the score's cutoff is within it)")
     args = p.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    w = parse_workload(args.workload, model=args.model, dtype="bfloat16", device="cpu")
+    w = parse_workload(args.workload, model=args.model, dtype="bfloat16", device="cpu", tp=args.tp)
     land = Landscape(w)
     t0 = time.perf_counter()
     best, sequential, keys = exhaustive(land)
@@ -166,7 +183,7 @@ def main() -> None:
     print(f"sequential {sequential * 1e3:.3f} ms, optimum {best * 1e3:.3f} ms ({sequential / best:.3f}x)")
     samplers = {"tpe": lambda s: optuna.samplers.TPESampler(seed=s),
                 "random": lambda s: optuna.samplers.RandomSampler(seed=s),
-                "grid": lambda s: optuna.samplers.GridSampler(GRID, seed=s)}
+                "grid": lambda s: optuna.samplers.GridSampler(land.grid, seed=s)}
     limit = size // 20  # the target: 5% of the grid; a sampler that needs more is reported at the cap
     curves = {name: [search_curve(land, make(s), best, limit, s) for s in range(args.seeds)]
               for name, make in samplers.items()}

@@ -48,6 +48,43 @@ class AllReduce(Collective):
         return x
 
 
+class ReduceScatter(Collective):
+    """Sequence parallelism: the sum over ranks of each rank's partial result, each rank keeping its
+    share of the rows (the rows padded with zeros to a multiple of the group's size first)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = getattr(_local, "group", None)
+        x = _padded(x, dist.get_world_size(group)).contiguous()
+        out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
+        _REDUCE_SCATTER(out, x, group=group, async_op=True).wait()
+        return out
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of `x`'s rows, as forward leaves it (a glue op, not a collective)."""
+        world = dist.get_world_size()
+        return _padded(x, world).chunk(world)[dist.get_rank()]
+
+
+class AllGather(Collective):
+    """Sequence parallelism: every rank's rows, in rank order (what ReduceScatter split)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = getattr(_local, "group", None)
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
+        _ALL_GATHER(out, x, group=group, async_op=True).wait()
+        return out
+
+
+def _padded(x: torch.Tensor, world: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, (-x.shape[0]) % world))
+
+
+# torch 2.13 renamed them (the old names warn); torch 2.11 has the old ones only
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @contextlib.contextmanager
 def _on(group):
     before = getattr(_local, "group", None)
@@ -85,6 +122,11 @@ class Parallel:
         if first_request not in self._groups:
             self._groups[first_request] = dist.new_group(timeout=self.timeout)
         return self._groups[first_request]
+
+    @staticmethod
+    def collectives(model: nn.Module) -> frozenset[str]:
+        """The names of a layer's collective ops (its Collective children)."""
+        return frozenset(name for name, child in model.named_children() if isinstance(child, Collective))
 
     def around(self, collectives: frozenset[str]) -> Callable:
         """A Case.around: collective op tasks run on their nano-batch's group, the rest bare."""

@@ -42,7 +42,8 @@ class Workload:
     """model: a preset name or "module:callable" (callable(workload) -> Case).
     prefill_tokens are cut into requests of prefill_chunk tokens (default: one request).
     tp: tensor parallelism; > 1 builds this rank's shard of a preset (runtime/parallel.py), in a
-    process of a torch.distributed group of `tp` ranks."""
+    process of a torch.distributed group of `tp` ranks; sequence_parallel: its all-reduces become
+    reduce-scatters and all-gathers (runtime/models/llama.py)."""
 
     model: str
     num_decode: int = 0
@@ -53,6 +54,7 @@ class Workload:
     device: str = "cpu"
     seed: int = 0
     tp: int = 1
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("model", "dtype", "device"):
@@ -65,6 +67,10 @@ class Workload:
                              f"{validate.short(self.model)}; tensor parallelism of other models is not built.")
         if self.tp > 1:
             PRESETS[self.model].shard(self.tp)  # heads and sizes it must divide: one error naming tp
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(f"sequence_parallel must be true or false, but got {validate.short(self.sequence_parallel)}.")
+        if self.sequence_parallel and self.tp < 2:
+            raise ValueError(f"sequence_parallel needs tp > 1 (it splits a TP group's token rows), but tp={self.tp}.")
         for name in ("prefill_chunk", "seed"):
             value = getattr(self, name)
             if not (value is None and name == "prefill_chunk") and (not isinstance(value, int) or isinstance(value, bool)
@@ -126,7 +132,7 @@ class Workload:
             parts.append(f"c{self.prefill_chunk}")
         parts.append(DTYPE_SHORT[self.dtype])
         if self.tp > 1:
-            parts.append(f"tp{self.tp}")
+            parts.append(f"tp{self.tp}" + ("sp" if self.sequence_parallel else ""))
         return "_".join(parts)
 
     @property
@@ -216,7 +222,8 @@ def build_preset(w: Workload) -> Case:
         parallel = _parallel(w)
         with torch.device("meta"):
             full = layer_cls(cfg)
-        model = init_shard(layer_cls(cfg.shard(w.tp), tp=w.tp), full, w.seed, tp=w.tp, rank=parallel.rank)
+        model = init_shard(layer_cls(cfg.shard(w.tp), tp=w.tp, sequence_parallel=w.sequence_parallel), full, w.seed,
+                           tp=w.tp, rank=parallel.rank)
     model = model.to(device=w.device, dtype=w.torch_dtype).eval()
     gen = torch.Generator().manual_seed(w.seed + 1)
     kv_shape = (w.num_decode, w.context_len + 1, cfg.num_kv_heads, cfg.head_dim)
@@ -232,7 +239,7 @@ def build_preset(w: Workload) -> Case:
         torch.full((w.num_decode,), w.context_len, dtype=torch.long, device=w.device),
         torch.arange(w.chunk, device=w.device).repeat(w.num_prefill, 1),
     )
-    around = parallel.around(frozenset({"attn_allreduce", "mlp_allreduce"})) if parallel else None
+    around = parallel.around(parallel.collectives(model)) if parallel else None
     return Case(model=model, inputs=inputs, layout=w.build_layout(), name=w.model, around=around, parallel=parallel)
 
 

@@ -27,24 +27,32 @@ TESTS = Path(__file__).parent
 BATCH = dict(num_decode=8, context_len=12, prefill_tokens=16, prefill_chunk=4)
 
 
+SEQUENCE_PARALLEL = ["attn_reduce_scatter", "mlp_all_gather", "mlp_reduce_scatter", "out_all_gather"]
+
+
 def test_random_schedules_of_tp2_layers_equal_their_sequential_run_and_the_unsharded_layer(tmp_path):
-    """60 random split schedules (nanoflow, dbo) of llama-tiny and mixtral-tiny at TP-2, each run on
-    2 gloo ranks: every output within the derived tolerance of the sequential TP run and of the
-    unsharded layer (same seed); collectives are network ops, some on a stream of their own."""
+    """60 random split schedules (nanoflow, dbo) of llama-tiny and mixtral-tiny at TP-2, with
+    all-reduces and sequence-parallel (reduce-scatter, all-gather), each run on 2 gloo ranks: every
+    output within the derived tolerance of the sequential TP run and of the unsharded layer (same
+    seed); collectives are network ops, some on a stream of their own. 23 tokens: the sequence-
+    parallel rows are padded to a multiple of 2, as are a split's odd nano-batches."""
     out = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, str(TESTS / "tp_ranks.py"), str(r), "2", str(tmp_path / "rv"),
-                               str(out), "30", "llama-tiny,mixtral-tiny"], env=env,
+                               str(out), "15", "llama-tiny,mixtral-tiny,llama-tiny+sp,mixtral-tiny+sp"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     report = json.loads(out.read_text())
+    assert sorted(report) == ["llama-tiny", "llama-tiny+sp", "mixtral-tiny", "mixtral-tiny+sp"]
     total = 0
     for model, r in report.items():
         network = [name for name, resource, nbytes in r["ops"] if resource == "network"]
-        assert network == (["attn_allreduce", "mlp_allreduce"]), (model, r["ops"])
-        # each all-reduce moves 2(n-1)/n = 1 times its tensor per rank: 24 tokens x 64 x 4 bytes
-        assert {nbytes for name, _, nbytes in r["ops"] if name in network} == {24 * 64 * 4}
+        sp = model.endswith("+sp")
+        assert network == (SEQUENCE_PARALLEL if sp else ["attn_allreduce", "mlp_allreduce"]), (model, r["ops"])
+        # bytes each rank moves: an all-reduce 2(n-1)/n = 1 of its 23 x 64 float32 tensor; a reduce-scatter
+        # or all-gather (n-1)/n = 1/2 of the whole (padded to 24 rows)
+        assert {nbytes for name, _, nbytes in r["ops"] if name in network} == {24 * 64 * 4 / 2 if sp else 23 * 64 * 4}
         assert r["sequential_vs_unsharded"] <= 1
         for s in r["schedules"]:
             assert s["nano"] > 1

@@ -1,5 +1,6 @@
 """A rank of a 2-rank gloo group for tests/test_tp.py: runs random schedules of a tensor-parallel
-preset and checks each against the sequential TP run and the unsharded layer."""
+preset (with or without sequence parallelism) and checks each against the sequential TP run and
+the unsharded layer."""
 from __future__ import annotations
 
 import datetime
@@ -22,9 +23,11 @@ def run(rank: int, world: int, rendezvous: str, out: str, models: list[str], sch
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     report = {}
-    for model in models:
-        batch = dict(model=model, num_decode=8, context_len=12, prefill_tokens=16, prefill_chunk=4)
-        ex = Executor(Workload(**batch, tp=world).build())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in models:  # "<preset>" or "<preset>+sp" (sequence parallel)
+        model, _, sp = name.partition("+")
+        batch = dict(model=model, num_decode=7, context_len=12, prefill_tokens=16, prefill_chunk=4)
+        ex = Executor(Workload(**batch, tp=world, sequence_parallel=sp == "sp").build())
         reference = ex.reference().clone()
         flat = Executor(Workload(**batch).build())  # the unsharded layer, same seed
         unsharded = flat.reference()
@@ -44,7 +47,7 @@ def run(rank: int, world: int, rendezvous: str, out: str, models: list[str], sch
                            "network_streams": sorted({st.stream for st in s.order
                                                       if ex.graph.op(st.op).resource == "network"})})
             compiled.close()
-        report[model] = {"sequential_vs_unsharded": tol.error(reference, unsharded), "schedules": errors,
+        report[name] = {"sequential_vs_unsharded": tol.error(reference, unsharded), "schedules": errors,
                          "ops": [(op.name, str(op.resource), op.bytes) for op in ex.graph.ops]}
     if rank == 0:
         with open(out, "w") as f:

@@ -56,14 +56,15 @@ def coverage(log: ShapeLog, buckets: list[Bucket], max_ratio: float = NEAREST_RA
     return Coverage(total_calls=log.total_calls, by_rule=by_rule, by_bucket=by_bucket)
 
 
-def workload_of(bucket: Bucket, *, model: str, dtype: str, device: str, tp: int = 1) -> Workload:
+def workload_of(bucket: Bucket, *, model: str, dtype: str, device: str, tp: int = 1,
+                sequence_parallel: bool = False) -> Workload:
     """The workload that tunes a bucket: its decode requests at its context, its prefill tokens
     in its number of requests (equal chunks)."""
     chunk = bucket.prefill_tokens // bucket.num_prefill if bucket.num_prefill else None
     return Workload(model=model, num_decode=bucket.num_decode,
                     context_len=max(bucket.context_len, 1) if bucket.num_decode else 0,
                     prefill_tokens=chunk * bucket.num_prefill if chunk else 0, prefill_chunk=chunk,
-                    dtype=dtype, device=device, tp=tp)
+                    dtype=dtype, device=device, tp=tp, sequence_parallel=sequence_parallel)
 
 
 def coverage_text(log: ShapeLog, buckets: list[Bucket], workloads: list[Workload], source: str,

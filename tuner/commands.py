@@ -100,6 +100,8 @@ def _model_flags(p: argparse.ArgumentParser, *, shapes: bool = False) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--tp", type=int, default=1, help="tensor parallelism of a preset: each trial runs on this many "
                    "rank processes (gloo on cpu, NCCL on cuda: cuda:0..N-1), their collectives scheduled as ops")
+    p.add_argument("--sequence-parallel", action="store_true", help="with --tp: reduce-scatters and all-gathers "
+                   "instead of all-reduces, the norms and residual adds on each rank's share of the tokens")
     p.add_argument("--store", type=Path, default=Path("results"),
                    help="root of the schedule store; its peaks/ folder caches the device peaks")
 
@@ -154,7 +156,7 @@ def measure_config(args) -> MeasureConfig:
 
 def _workload(args, spec: str):
     return parse_workload(spec, model=args.model or DEFAULT_MODEL, dtype=default_dtype(args.dtype, args.device),
-                          device=args.device, tp=args.tp)
+                          device=args.device, tp=args.tp, sequence_parallel=args.sequence_parallel)
 
 
 def cmd_measure(args) -> int:
@@ -230,8 +232,8 @@ def _shape_workloads(args) -> tuple:
     args.model = args.model or log.model
     buckets = choose_buckets(log, 4 if args.buckets is None else args.buckets)
     dtype = default_dtype(args.dtype, args.device)
-    workloads = [workload_of(b, model=args.model or DEFAULT_MODEL, dtype=dtype, device=args.device, tp=args.tp)
-                 for b in buckets]
+    workloads = [workload_of(b, model=args.model or DEFAULT_MODEL, dtype=dtype, device=args.device, tp=args.tp,
+                             sequence_parallel=args.sequence_parallel) for b in buckets]
     print(coverage_text(log, buckets, workloads, str(args.shapes)), flush=True)
     return tuple(workloads)
 

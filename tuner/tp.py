@@ -34,9 +34,10 @@ RESTARTS = {TrialOutcome.CRASHED, TrialOutcome.TIMEOUT, TrialOutcome.OOM}  # the
 class GroupFailed(RuntimeError):
     """The group cannot answer: a rank died or hung (the measurement says which)."""
 
-    def __init__(self, measurement: Measurement) -> None:
+    def __init__(self, measurement: Measurement, answers: dict | None = None) -> None:
         super().__init__(measurement.message)
         self.measurement = measurement
+        self.answers = answers or {}  # what the other ranks answered before it failed
 
 
 def _rank_main(rank: int, world: int, rendezvous: str, workload: Workload, config: MeasureConfig, conn) -> None:
@@ -61,11 +62,19 @@ def _serve_rank(rank, world, rendezvous, workload, config, conn) -> None:
     else:
         warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     cuda = workload.device.startswith("cuda")
-    if not cuda:  # ranks share the machine's cores, as vLLM's CPU workers do
+    if cuda:  # rank r on cuda:r
+        if torch.cuda.device_count() < world:
+            conn.recv()
+            conn.send(("error", f"--tp {world} needs {world} CUDA devices (one per rank), but torch sees "
+                                f"{torch.cuda.device_count()}."))
+            return
+        torch.cuda.set_device(rank)
+    else:  # ranks share the machine's cores, as vLLM's CPU workers do
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
     telemetry.count_as_own(conn.recv())  # the other ranks' pids: their work is not contention
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{rendezvous}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=config.collective_timeout_s))
+                            world_size=world, timeout=datetime.timedelta(seconds=config.collective_timeout_s),
+                            **({"device_id": torch.device(f"cuda:{rank}")} if cuda else {}))
     parallel.current(timeout_s=config.collective_timeout_s)
     w = dataclasses.replace(workload, device=f"cuda:{rank}" if cuda else workload.device)
     try:
@@ -184,6 +193,9 @@ class TPTarget:
                                     what="building the shards")
         except GroupFailed as e:
             self.close()
+            errors = [a for a in e.answers.values() if isinstance(a, str)]
+            if errors:  # a rank could not build its shard (and left the others waiting): its reason
+                raise ValueError(errors[0]) from None
             raise RuntimeError(f"the tp={world} group did not start: {e}") from None
         errors = [a for a in answers if isinstance(a, str)]
         if errors:
@@ -213,13 +225,14 @@ class TPTarget:
                 hung = sorted(waiting)
                 raise GroupFailed(Measurement(
                     outcome=TrialOutcome.TIMEOUT, killed_worker=True,
-                    message=f"rank(s) {hung} did not answer {what} in time (a hung collective?); group replaced"))
+                    message=f"rank(s) {hung} did not answer {what} in time (a hung collective?); group replaced"),
+                    answers)
             for rank, conn in waiting.items():
                 if conn in ready or self.ranks[rank].sentinel in ready:
                     try:
                         kind, payload = conn.recv()
                     except (EOFError, OSError):
-                        raise GroupFailed(self._died(rank)) from None
+                        raise GroupFailed(self._died(rank), answers) from None
                     answers[rank] = payload if kind in ("ok", "ready") else str(payload)
                     failed = isinstance(payload, Measurement) and not payload.ok or kind == "error"
                     if failed and (deadline is None or deadline > time.monotonic() + after_failure_s):

@@ -9,13 +9,15 @@ _SPEC = re.compile(r"(?:d(?P<d>[0-9]+)x(?P<c>[0-9]+))?(?:\+?p(?P<p>[0-9]+)(?:c(?
 FORMAT = "d<decode requests>x<context>[+p<prefill tokens>[c<chunk>]], e.g. d256x2048+p512 or p512c128"
 
 
-def parse_workload(spec: str, *, model: str, dtype: str, device: str, tp: int = 1) -> Workload:
+def parse_workload(spec: str, *, model: str, dtype: str, device: str, tp: int = 1,
+                   sequence_parallel: bool = False) -> Workload:
     m = _SPEC.fullmatch(spec.strip())
     if not spec.strip() or m is None or not any(m.groupdict().values()):
         raise ValueError(f"workload {spec!r} must look like {FORMAT}.")
     g = {k: int(v) if v else 0 for k, v in m.groupdict().items()}
     return Workload(model=model, num_decode=g["d"], context_len=g["c"], prefill_tokens=g["p"],
-                    prefill_chunk=g["chunk"] or None, dtype=dtype, device=device, tp=tp)
+                    prefill_chunk=g["chunk"] or None, dtype=dtype, device=device, tp=tp,
+                    sequence_parallel=sequence_parallel)
 
 
 def default_dtype(dtype: str | None, device: str) -> str:

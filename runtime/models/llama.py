@@ -13,6 +13,10 @@ and gate_up_proj are column-parallel (the rank's heads, its slice of the interme
 o_proj and down_proj row-parallel, each followed by an all-reduce op (`attn_allreduce`,
 `mlp_allreduce`) that sums the ranks' partial results; the norms are replicated. `init_shard`
 slices the rank's weights out of the ones `init_weights` gives the unsharded layer.
+Sequence parallelism (`sequence_parallel`, with tp > 1): each all-reduce becomes a reduce-scatter
+(`attn_reduce_scatter`, `mlp_reduce_scatter`: each rank keeps its share of the token rows), the
+residual adds and the MLP norm run on that share only, and all-gathers (`mlp_all_gather` before
+the MLP, `out_all_gather` at the end) give the rows back; the layer's input and output stay whole.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel import AllReduce
+from ..parallel import AllGather, AllReduce, ReduceScatter
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -120,17 +124,18 @@ class SiluAndMul(nn.Module):
 class LlamaLayer(nn.Module):
     """`cfg`: the layer's own dimensions (a shard's, `full.shard(tp)`, at tensor parallelism `tp`)."""
 
-    def __init__(self, cfg: LlamaConfig, tp: int = 1) -> None:
+    def __init__(self, cfg: LlamaConfig, tp: int = 1, sequence_parallel: bool = False) -> None:
         super().__init__()
-        self._init_attention(cfg, tp)
+        self._init_attention(cfg, tp, sequence_parallel)
         self.gate_up_proj = nn.Linear(cfg.hidden, 2 * cfg.intermediate, bias=False)
         self.act = SiluAndMul()
         self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
-        if tp > 1:
-            self.mlp_allreduce = AllReduce()
+        self._init_mlp_collectives()
 
-    def _init_attention(self, cfg: LlamaConfig, tp: int) -> None:
-        self.cfg, self.tp = cfg, tp
+    def _init_attention(self, cfg: LlamaConfig, tp: int, sequence_parallel: bool) -> None:
+        if sequence_parallel and tp < 2:
+            raise ValueError(f"sequence parallelism needs tp > 1, but got tp={tp}.")
+        self.cfg, self.tp, self.sp = cfg, tp, sequence_parallel
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.attn_norm = RMSNorm(cfg.hidden, cfg.eps)
         self.qkv_proj = nn.Linear(cfg.hidden, qkv_out, bias=False)
@@ -138,9 +143,17 @@ class LlamaLayer(nn.Module):
         self.decode_attn = DecodeAttention()
         self.prefill_attn = PrefillAttention()
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden, bias=False)
-        if tp > 1:
+        if sequence_parallel:
+            self.attn_reduce_scatter = ReduceScatter()
+        elif tp > 1:
             self.attn_allreduce = AllReduce()
         self.mlp_norm = RMSNorm(cfg.hidden, cfg.eps)
+
+    def _init_mlp_collectives(self) -> None:
+        if self.sp:
+            self.mlp_all_gather, self.mlp_reduce_scatter, self.out_all_gather = AllGather(), ReduceScatter(), AllGather()
+        elif self.tp > 1:
+            self.mlp_allreduce = AllReduce()
 
     def attention(self, x, k_cache, v_cache, decode_pos, prefill_pos):
         """Residual stream after attention: x + o_proj(attn(x))."""
@@ -149,12 +162,18 @@ class LlamaLayer(nn.Module):
         attn_d = self.decode_attn(q[:d], k[:d], v[:d], k_cache, v_cache, decode_pos)
         attn_p = self.prefill_attn(q[d:], k[d:], v[d:], prefill_pos)
         o = self.o_proj(torch.cat([attn_d, attn_p]))
+        if self.sp:  # this rank's rows of the residual stream
+            return self.attn_reduce_scatter.rows(x) + self.attn_reduce_scatter(o)
         if self.tp > 1:
             o = self.attn_allreduce(o)
         return x + o
 
     def forward(self, x, k_cache, v_cache, decode_pos, prefill_pos):
         h = self.attention(x, k_cache, v_cache, decode_pos, prefill_pos)
+        if self.sp:
+            hn = self.mlp_all_gather(self.mlp_norm(h))
+            h = h + self.mlp_reduce_scatter(self.down_proj(self.act(self.gate_up_proj(hn))))
+            return self.out_all_gather(h)[:x.shape[0]]
         m = self.down_proj(self.act(self.gate_up_proj(self.mlp_norm(h))))
         if self.tp > 1:
             m = self.mlp_allreduce(m)

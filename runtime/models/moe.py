@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..parallel import AllReduce
 from .llama import LlamaConfig, LlamaLayer, SiluAndMul
 
 
@@ -47,19 +46,19 @@ class Expert(nn.Module):
 
 class MixtralLayer(LlamaLayer):
     """At tensor parallelism `tp` each expert is sharded like the dense MLP (the router is replicated,
-    so every rank routes alike) and one all-reduce sums the experts' partial outputs."""
+    so every rank routes alike) and one all-reduce sums the experts' partial outputs; with sequence
+    parallelism a reduce-scatter does, and the router and experts read the all-gathered rows."""
 
-    def __init__(self, cfg: MoEConfig, tp: int = 1) -> None:
+    def __init__(self, cfg: MoEConfig, tp: int = 1, sequence_parallel: bool = False) -> None:
         nn.Module.__init__(self)
-        self._init_attention(cfg, tp)
+        self._init_attention(cfg, tp, sequence_parallel)
         self.router = nn.Linear(cfg.hidden, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(cfg.hidden, cfg.intermediate) for _ in range(cfg.num_experts))
-        if tp > 1:
-            self.mlp_allreduce = AllReduce()
+        self._init_mlp_collectives()
 
     def forward(self, x, k_cache, v_cache, decode_pos, prefill_pos):
         h = self.attention(x, k_cache, v_cache, decode_pos, prefill_pos)
-        hn = self.mlp_norm(h)
+        hn = self.mlp_all_gather(self.mlp_norm(h)) if self.sp else self.mlp_norm(h)
         probs = self.router(hn).float().softmax(-1)
         weights, chosen = torch.topk(probs, self.cfg.top_k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(hn.dtype)
@@ -67,6 +66,8 @@ class MixtralLayer(LlamaLayer):
         out = torch.zeros_like(hn)
         for e, expert in enumerate(self.experts):
             out = out.addcmul_(expert(hn), combine[:, e, None])
+        if self.sp:
+            return self.out_all_gather(h + self.mlp_reduce_scatter(out))[:x.shape[0]]
         if self.tp > 1:
             out = self.mlp_allreduce(out)
         return h + out
