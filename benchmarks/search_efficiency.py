@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import statistics
 import sys
@@ -39,7 +40,7 @@ import optuna
 sys.path.insert(0, str(Path(__file__).parent))
 from costmodel import op_cost, simulate  # noqa: E402
 
-from dynaflow.runtime import PRESETS, BatchLayout, Executor, Hardware, Op, OpGraph, Workload, trace  # noqa: E402
+from dynaflow.runtime import PRESETS, BatchLayout, Executor, Hardware, Op, OpGraph, Schedule, Workload, trace  # noqa: E402
 from dynaflow.runtime.models.llama import LlamaLayer  # noqa: E402
 from dynaflow.search_spaces import SpaceContext, get_space  # noqa: E402
 from dynaflow.tuner.workloads import parse_workload  # noqa: E402
@@ -120,6 +121,17 @@ def exhaustive(land: Landscape) -> tuple[float, float, list[str]]:
     return min(lat), sequential, keys
 
 
+def describe(land: Landscape, key: str) -> str:
+    """What a schedule (by its key) does: nano-batches, streams, and where the collectives run."""
+    s = Schedule.from_dict(json.loads(key))
+    network = {step.stream for step in s.order if land.ctx.graph.op(step.op).resource == "network"}
+    others = {step.stream for step in s.order} - network
+    where = ("; collectives on a stream of their own" if network and not network & others
+             else "; collectives share a stream" if network else "")
+    return (f"{s.num_nano} nano-batch(es) {list(s.split_sizes) or ''}, {len(s.streams)} stream(s), SM shares "
+            f"{[x.sm_share for x in s.streams]}{where}")
+
+
 TARGETS = {"within 2%": 0.02, "within 0.5%": 0.005, "to the optimum": 0.0}
 
 
@@ -180,7 +192,8 @@ def main() -> None:
     size = len(keys)
     print(f"{w.key}: grid of {size:,} points ({len(land.cache):,} distinct schedules), exhaustive in "
           f"{time.perf_counter() - t0:.0f} s")
-    print(f"sequential {sequential * 1e3:.3f} ms, optimum {best * 1e3:.3f} ms ({sequential / best:.3f}x)")
+    print(f"sequential {sequential * 1e3:.3f} ms, optimum {best * 1e3:.3f} ms ({sequential / best:.3f}x): "
+          f"{describe(land, min(land.cache, key=land.cache.get))}")
     samplers = {"tpe": lambda s: optuna.samplers.TPESampler(seed=s),
                 "random": lambda s: optuna.samplers.RandomSampler(seed=s),
                 "grid": lambda s: optuna.samplers.GridSampler(land.grid, seed=s)}

@@ -82,8 +82,10 @@ class ScheduleMap:
 
     @classmethod
     def load(cls, store: str | Path, *, model: str, dtype: str = "bfloat16", hardware: Hardware | None = None,
-             device: str | None = None, on_error: str = "raise", max_ratio: float = NEAREST_RATIO) -> "ScheduleMap":
-        """Every record for this hardware, model and dtype under `store`. The hardware is the live
+             device: str | None = None, on_error: str = "raise", max_ratio: float = NEAREST_RATIO, tp: int = 1,
+             sequence_parallel: bool = False) -> "ScheduleMap":
+        """Every record for this hardware, model, dtype and tensor parallelism (a TP rank's server
+        gives its `tp`: a shard's ops are not the whole layer's) under `store`. The hardware is the live
         device's (`device`: default cuda where torch sees one, else cpu). on_error: "raise" (a
         corrupt, truncated or newer-schema file is an error naming it) or "warn" (skip it). A map
         that finds nothing says why in one WARNING naming the path, and answers sequential."""
@@ -94,12 +96,14 @@ class ScheduleMap:
         pairs = read_records(store_obj, live, on_error)
         raw = [r for r, _ in pairs]
         mine = [(r, rec) for r, rec in pairs if model_name(rec.workload.model) == model_name(model)
-                and rec.workload.dtype == dtype]
+                and rec.workload.dtype == dtype and rec.workload.tp == tp
+                and rec.workload.sequence_parallel == sequence_parallel]
         if mine:
             log.info("loaded %d schedule(s) for %s %s on %s from %s", len(mine), model, dtype, live.key, store)
         else:
             log.warning("no stored schedules for %s %s on %s: %s; every batch runs sequential", model, dtype, live.key,
-                        _why_empty(store_obj, live, raw, model, dtype))
+                        _why_empty(store_obj, live, raw, model, dtype,
+                                   _parallelism({"tp": tp, "sequence_parallel": sequence_parallel})))
         return cls([r for r, _ in mine], parsed=[rec for _, rec in mine], source=str(store), model=model,
                    max_ratio=max_ratio)
 
@@ -160,15 +164,22 @@ class ScheduleMap:
             log.info("schedule lookup: %s", message)
 
 
-def _why_empty(store: ScheduleStore, live: Hardware, raw: list[dict], model: str, dtype: str) -> str:
+def _parallelism(w: dict) -> str:
+    """" at tp=N" (" with sequence parallelism") for a tensor-parallel workload's dict, else ""."""
+    tp = w.get("tp", 1)
+    return f" at tp={tp}" + (" with sequence parallelism" if w.get("sequence_parallel") else "") if tp > 1 else ""
+
+
+def _why_empty(store: ScheduleStore, live: Hardware, raw: list[dict], model: str, dtype: str,
+               parallelism: str = "") -> str:
     if not store.base.exists():
         return f"the store {store.base} does not exist"
     if not (store.root / hardware_folder(store, live)).is_dir():
         others = sorted(p.name for p in store.root.glob("*") if p.is_dir()) if store.root.is_dir() else []
         return (f"{store.root} holds no records for this hardware"
                 + (f" (only for {', '.join(others)})" if others else ""))
-    found = sorted({f"{r['workload']['model']} {r['workload']['dtype']}" for r in raw})
-    return (f"{store.root / hardware_folder(store, live)} holds no records for {model} {dtype}"
+    found = sorted({f"{r['workload']['model']} {r['workload']['dtype']}{_parallelism(r['workload'])}" for r in raw})
+    return (f"{store.root / hardware_folder(store, live)} holds no records for {model} {dtype}{parallelism}"
             + (f" (only for {', '.join(found)})" if found else ""))
 
 
@@ -182,5 +193,6 @@ def load_schedule(store: str | Path, workload: Workload, *, hardware: Hardware |
         rec = read_record(path)
         check_hardware(rec, live, str(path))
         return rec.schedule
-    smap = ScheduleMap.load(path, model=workload.model, dtype=workload.dtype, hardware=live, on_error=on_error)
+    smap = ScheduleMap.load(path, model=workload.model, dtype=workload.dtype, hardware=live, on_error=on_error,
+                            tp=workload.tp, sequence_parallel=workload.sequence_parallel)
     return smap.pick(workload.build_layout(), workload.context_len)

@@ -24,6 +24,8 @@ from .backends import Backend, Runner, get_backend
 from .executor import join_nano_outputs
 from .batch import BatchLayout
 from .graph import trace
+from . import parallel
+from .parallel import Parallel
 from .plan import Plan, build_plan
 from .schedule import Schedule
 from .shapes import Bucket, ShapeLog
@@ -103,6 +105,8 @@ class ScheduledModule(nn.Module):
         self.shapes, self.plans = self.calls.shapes, self.calls.plans
         self.graph = trace(module)
         self.last_schedule: Schedule | None = None
+        collectives = Parallel.collectives(module)  # a tensor-parallel rank's layer: each nano-batch's own group
+        self.around = parallel.current().around(collectives) if collectives else None
 
     def forward(self, *inputs: torch.Tensor):
         layout = self.layout_of(inputs)
@@ -113,7 +117,7 @@ class ScheduledModule(nn.Module):
         # tuple) stays in each nano-batch's env and is joined by rows after the run.
         out = torch.empty_like(inputs[0]) if self.graph.writes_output else None
         shape = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs) + (layout.request_tokens, layout.request_kinds)
-        case = Case(model=self.module, inputs=tuple(inputs), layout=layout)
+        case = Case(model=self.module, inputs=tuple(inputs), layout=layout, around=self.around)
         joined = self.calls.run(schedule, shape, inputs[0].device, lambda: build_plan(self.graph, case, schedule, out),
                                 inputs, out, finish=None if out is not None else
                                 lambda plan, _: join_nano_outputs(plan, layout))

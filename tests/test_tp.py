@@ -35,7 +35,8 @@ def test_random_schedules_of_tp2_layers_equal_their_sequential_run_and_the_unsha
     all-reduces and sequence-parallel (reduce-scatter, all-gather), each run on 2 gloo ranks: every
     output within the derived tolerance of the sequential TP run and of the unsharded layer (same
     seed); collectives are network ops, some on a stream of their own. 23 tokens: the sequence-
-    parallel rows are padded to a multiple of 2, as are a split's odd nano-batches."""
+    parallel rows are padded to a multiple of 2, as are a split's odd nano-batches. The serving path
+    (ScheduledModule on each rank) runs five of them too."""
     out = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, str(TESTS / "tp_ranks.py"), str(r), "2", str(tmp_path / "rv"),
@@ -54,6 +55,7 @@ def test_random_schedules_of_tp2_layers_equal_their_sequential_run_and_the_unsha
         # or all-gather (n-1)/n = 1/2 of the whole (padded to 24 rows)
         assert {nbytes for name, _, nbytes in r["ops"] if name in network} == {24 * 64 * 4 / 2 if sp else 23 * 64 * 4}
         assert r["sequential_vs_unsharded"] <= 1
+        assert len(r["served"]) == 5 and max(r["served"]) <= 1  # ScheduledModule on a rank: each nano-batch's group
         for s in r["schedules"]:
             assert s["nano"] > 1
             assert s["vs_sequential"] <= 1 and s["vs_unsharded"] <= 1, (model, s)
@@ -156,6 +158,9 @@ def test_a_hung_collective_times_out_and_fails_its_trial(quick_group):
 
 def test_tune_tp2_stores_a_verdict_and_ops_prints_the_collectives(tmp_path, capsys):
     args = ["--model", "llama-tiny", "--tp", "2", "--store", str(tmp_path)]
+    assert main(["measure", *args, "--device", "cuda", "--workload", "d8x12"]) == 2  # a rank's error, in one line
+    err = capsys.readouterr().err
+    assert "--tp 2 needs 2 CUDA devices (one per rank), but torch sees 0." in err and "Traceback" not in err
     assert main(["ops", *args, "--workload", "d8x12+p16c4"]) == 0
     out = capsys.readouterr().out
     assert "llama-tiny_d8x12_p16_c4_fp32_tp2 on cpu-" in out
@@ -170,3 +175,25 @@ def test_tune_tp2_stores_a_verdict_and_ops_prints_the_collectives(tmp_path, caps
     record = ScheduleStore(StoreConfig(root=tmp_path)).read(path)
     assert record.workload.tp == 2 and record.verdict in ("winner", "sequential_best", "inconclusive")
     assert "4 distinct schedule(s) measured" in out
+
+
+def test_a_tp_ranks_map_loads_the_records_of_its_degree_only(tmp_path, caplog):
+    """A shard's ops are not the whole layer's: a server at tp=2 gets the tp=2 records, and a map
+    that finds none says which parallelism the store holds."""
+    import logging
+
+    from dynaflow.runtime import ScheduleMap, detect
+    from test_shapes import save
+
+    cpu = detect("cpu")
+    batch = dict(model="llama-tiny", num_decode=8, context_len=16, device="cpu", dtype="float32")
+    save(tmp_path, Workload(**batch), (4, 4), hardware=cpu)
+    save(tmp_path, Workload(**batch, tp=2), (2, 6), hardware=cpu)
+    pick = dict(num_decode=8, num_prefill=0, chunk=0, context_len=16)
+    assert ScheduleMap.load(tmp_path, model="llama-tiny", dtype="float32").pick_counts(**pick).split_sizes == (4, 4)
+    assert ScheduleMap.load(tmp_path, model="llama-tiny", dtype="float32", tp=2).pick_counts(**pick).split_sizes == (2, 6)
+    with caplog.at_level(logging.WARNING, logger="dynaflow"):
+        empty = ScheduleMap.load(tmp_path, model="llama-tiny", dtype="float32", tp=4)
+    [said] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "no records for llama-tiny float32 at tp=4 (only for llama-tiny float32, llama-tiny float32 at tp=2)" in said
+    assert empty.pick_counts(**pick).is_sequential

@@ -11,7 +11,7 @@ import optuna
 import torch
 import torch.distributed as dist
 
-from dynaflow.runtime import Executor, Schedule, Workload
+from dynaflow.runtime import Executor, Schedule, ScheduledModule, Workload
 from dynaflow.runtime.counters import count
 from dynaflow.runtime.measure import Tolerance
 from dynaflow.search_spaces import SpaceContext, get_space
@@ -47,7 +47,13 @@ def run(rank: int, world: int, rendezvous: str, out: str, models: list[str], sch
                            "network_streams": sorted({st.stream for st in s.order
                                                       if ex.graph.op(st.op).resource == "network"})})
             compiled.close()
+        served = []  # the serving path (ScheduledModule, as a TP rank's server runs it) under the same schedules
+        for d in box[0][:5]:
+            layer = ScheduledModule(ex.case.model, lambda layout, s=Schedule.from_dict(d): s)
+            with torch.no_grad():
+                served.append(tol.error(layer(*ex.case.inputs), reference))
         report[name] = {"sequential_vs_unsharded": tol.error(reference, unsharded), "schedules": errors,
+                        "served": served,
                          "ops": [(op.name, str(op.resource), op.bytes) for op in ex.graph.ops]}
     if rank == 0:
         with open(out, "w") as f:

@@ -17,13 +17,13 @@ from .commands import build_parser
 from .config import TuneError
 
 
-def _one_line(message, category, filename, lineno, line=None) -> str:
+def one_line(message, category, filename, lineno, line=None) -> str:
     """A warning as one line naming the tool, not the source file and line that raised it."""
     return f"dynaflow-tune: warning: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.formatwarning = _one_line
+    warnings.formatwarning = one_line
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

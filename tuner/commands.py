@@ -162,10 +162,13 @@ def _workload(args, spec: str):
 def cmd_measure(args) -> int:
     w = _workload(args, args.workload)
     schedule = load_schedule_file(args.schedule, hardware=detect(w.device)) if args.schedule else Schedule()
-    from .targets import target_for
+    from .targets import close_target, target_for
 
     target = target_for(w, measure_config(args))
-    m = target.measure(schedule)
+    try:
+        m = target.measure(schedule)
+    finally:
+        close_target(target)
     if args.json:
         print(json.dumps({"workload": w.key, "hardware": target.hardware.key, "schedule": schedule.to_dict(),
                           "measurement": m.to_dict()}, indent=2))
@@ -184,10 +187,11 @@ def cmd_measure(args) -> int:
 
 def cmd_ops(args) -> int:
     w = _workload(args, args.workload)
-    from .targets import target_for
+    from .targets import close_target, target_for
 
     target = target_for(w, MeasureConfig(warmup=0, repeats=1, peaks_dir=StoreConfig(root=args.store).peaks_dir,
                                          remeasure_peaks=args.remeasure_peaks))
+    close_target(target)  # what ops prints came back with the target
     peaks = target.peaks
     print(f"{w.key} on {target.hardware.key}: machine balance {peaks.balance:.1f} FLOP/byte "
           f"({peaks.flops_per_s / 1e9:,.0f} GFLOP/s, {peaks.bytes_per_s / 1e9:,.1f} GB/s, measured once and cached "

@@ -111,3 +111,10 @@ def target_for(workload: Workload, config: MeasureConfig) -> Target:
         from .tp import TPTarget
         return TPTarget(workload, config)
     return LocalTarget(workload, config)
+
+
+def close_target(target) -> None:
+    """Stop what a target started for its workload (a TP group's rank processes); most hold nothing."""
+    close = getattr(target, "close", None)
+    if close is not None:
+        close()

@@ -60,7 +60,9 @@ def _serve_rank(rank, world, rendezvous, workload, config, conn) -> None:
     if rank > 0:
         warnings.simplefilter("ignore")  # rank 0 says it once
     else:
-        warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+        from .cli import one_line
+
+        warnings.formatwarning = one_line
     cuda = workload.device.startswith("cuda")
     if cuda:  # rank r on cuda:r
         if torch.cuda.device_count() < world:

@@ -24,7 +24,7 @@ from .pool import InlinePool, Pool
 from .search import Lane, run_search
 from .session import WorkloadResult, finish, start
 from .storage import check_storage
-from .targets import Target, reserve, target_for
+from .targets import Target, close_target, reserve, target_for
 
 
 def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[WorkloadResult]:
@@ -50,10 +50,16 @@ def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[
     with stop_on_ctrl_c() as stop, _places(make_target, pool, log) as place:
         results: list[WorkloadResult] = []
         for workload in config.workloads:
-            results += tune_workload(workload, place(workload), config, log=log, stop=stop)
+            places = place(workload)
+            try:
+                results += tune_workload(workload, places, config, log=log, stop=stop)
+            finally:
+                for target, _ in places:
+                    close_target(target)
             if any(r.interrupted for r in results):
                 break
         return results
+
 
 
 @contextlib.contextmanager
