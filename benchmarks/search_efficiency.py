@@ -66,9 +66,8 @@ class OnGrid:
 
 
 def grid(tp: int) -> dict:
-    """GRID, and with tensor parallelism whether collectives get a stream of their own (a fourth
-    stream's SM share with it)."""
-    return {**GRID, "network_stream": [False, True], "sm_steps_3": [4, 8]} if tp > 1 else GRID
+    """GRID, and with tensor parallelism whether collectives get a stream of their own."""
+    return {**GRID, "network_stream": [False, True]} if tp > 1 else GRID
 
 
 def context(w: Workload) -> SpaceContext:

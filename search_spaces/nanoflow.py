@@ -8,7 +8,7 @@ compute), each stream's SM share in partition steps (or no partition), the stagg
 nano-batches (which orders the collectives among the other ops), stream priorities, and CUDA-graph
 capture.
 """
-from dynaflow.runtime import Schedule
+from dynaflow.runtime import Schedule, StreamSpec
 from dynaflow.runtime.graph import Resource
 
 from .base import SpaceContext, Trial, sm_shares, splits_from_weights, staggered_order
@@ -32,14 +32,17 @@ def suggest(trial: Trial, ctx: SpaceContext) -> Schedule:
     route = network_stream(trial, ctx, MAPPINGS[mapping], num_nano)
     num_streams = max(route(op.resource, b) for op in ctx.graph.ops for b in range(num_nano)) + 1
     stagger = trial.suggest_int("stagger", 0, 4)
-    streams = sm_shares(trial, ctx, num_streams)
+    own_network = route is not MAPPINGS[mapping]
+    # the network stream holds no SMs of its own: its tasks only wait for a collective, which NCCL
+    # runs on its own stream (an SM share there would reserve SMs nothing uses)
+    streams = sm_shares(trial, ctx, num_streams - own_network) + ((StreamSpec(),) if own_network else ())
     if trial.suggest_categorical("prioritise_memory", [False, True]) and num_streams > 1:
         streams = tuple(type(s)(sm_share=s.sm_share, priority=-1 if i > 0 else 0) for i, s in enumerate(streams))
     graph = ctx.hardware.kind == "cuda" and trial.suggest_categorical("cuda_graph", [False, True])
     if num_nano == 1 and num_streams == 1:  # one nano-batch on one stream is the baseline, however ordered
         return Schedule(label="nanoflow:sequential")
     order = staggered_order(ctx, num_nano, stagger, lambda op, b: route(ctx.graph.op(op).resource, b))
-    net = "+network" if route is not MAPPINGS[mapping] else ""
+    net = "+network" if own_network else ""
     return Schedule(split_sizes=sizes, streams=streams, order=order, cuda_graph=graph,
                     label=f"nanoflow:{num_nano}x:{mapping}{net}:stagger{stagger}")
 

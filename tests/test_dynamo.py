@@ -3,6 +3,7 @@ op-level schedules (splits, streams, orders) equal the unscheduled model for pre
 static-cache decode steps; one graph per step kind, whatever the batch size; a graph break falls
 back to layer granularity with one warning naming why."""
 import logging
+import os
 import random
 
 import pytest
@@ -19,7 +20,9 @@ from test_hf import ARCHS as HF_ARCHS, COMMON, PROMPT, ROWS, STEPS, build, gener
 from cli_output import error_lines
 
 ARCHS = {a: HF_ARCHS[a] for a in ("llama", "qwen2", "mixtral", "mistral")}  # mistral: a window shorter than the prompt
-SCHEDULES = 100
+# 100 random schedules per architecture in the main run; under another transformers release (an
+# overlay of scripts/test.sh) what can break is whether the graph is cut and runs at all: 25
+SCHEDULES = 25 if os.environ.get("DYNAFLOW_EXPECT_TRANSFORMERS") else 100
 
 
 @pytest.fixture(autouse=True)
