@@ -31,7 +31,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-small")
     p.add_argument("--tp", type=int, default=2)
-    p.add_argument("--tokens", default="16,64,256", help="batch sizes (decode requests), comma-separated")
+    p.add_argument("--tokens", default="16,64,256,1024", help="batch sizes (decode requests), comma-separated")
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=5)

@@ -166,6 +166,10 @@ def test_tune_tp2_stores_a_verdict_and_ops_prints_the_collectives(tmp_path, caps
     record = ScheduleStore(StoreConfig(root=tmp_path)).read(path)
     assert record.workload.tp == 2 and record.verdict in ("winner", "sequential_best", "inconclusive")
     assert "4 distinct schedule(s) measured" in out
+    assert main(["report", "--storage", f"sqlite:///{tmp_path}/s.db", "--store", str(tmp_path),
+                 "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "runs on 2 ranks: the report does not start a TP group for timelines" in report
 
 
 def test_a_tp_ranks_map_loads_the_records_of_its_degree_only(tmp_path, caplog):

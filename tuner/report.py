@@ -37,6 +37,8 @@ def timelines_for(study, store_root: Path) -> tuple[list, str | None]:
         return [], f"no stored record for {workload_key} under {store_root}: timelines need its workload"
     if detect(workload.device).key != hardware:
         return [], f"this machine is not {hardware}: timelines are recorded on the study's hardware"
+    if workload.tp > 1:  # the winner's overlap is in its record (explain ran on the group's rank 0)
+        return [], f"{workload_key} runs on {workload.tp} ranks: the report does not start a TP group for timelines"
     bench = Bench(workload, config=MeasureConfig(warmup=1, repeats=1, peaks_dir=StoreConfig(root=store_root).peaks_dir))
     return bench.timelines([Schedule(), best_schedule(study)], runs=TIMELINE_RUNS), None
 
