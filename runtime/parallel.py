@@ -34,9 +34,8 @@ _local = threading.local()  # the process group this thread's collective task ru
 
 
 class Collective(nn.Module):
-    """Base of the collective ops: torch.fx keeps their calls whole (graph.trace's tracer)."""
-
-    resource = "network"
+    """Base of the collective ops: torch.fx keeps their calls whole (graph.trace's tracer), and the
+    op they make is classed network by the bytes its c10d call moves (Executor.profile_ops)."""
 
 
 class AllReduce(Collective):

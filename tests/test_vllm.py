@@ -233,8 +233,13 @@ def test_the_loop_closes_in_vllm(models, plain, randomly, tmp_path):
     assert steps.total_calls == sum(answered.values())
     buckets = [Bucket(num_decode=r.workload.num_decode, prefill_tokens=r.workload.prefill_tokens,
                       context_len=r.workload.context_len) for r in records]
+    recorded = ShapeLog.load(randomly["llama"]["shapes"])  # what the printed coverage was computed on
+    assert abs(100 * sum(n for b, n in recorded.calls.items() if candidates(buckets, b)) / recorded.total_calls
+               - coverage) < 0.1, coverage
     hit = {b: n for b, n in steps.calls.items() if candidates(buckets, b)}
-    assert abs(100 * sum(hit.values()) / steps.total_calls - coverage) < 5, (hit, coverage)
+    # the same prompts, but vLLM need not form the very same steps twice (one CI run: 2 of 31 steps
+    # differed): within 3 steps of the coverage printed
+    assert abs(100 * sum(hit.values()) / steps.total_calls - coverage) <= 100 * 3 / steps.total_calls, (hit, coverage)
     splittable = sum(n for b, n in hit.items() if b.num_decode + b.num_prefill >= 2)
     assert share > 50 and abs(share - 100 * splittable / steps.total_calls) < 0.01, (share, coverage, answered)
     assert report["steps_split"] > 0 and report["hardware"] == live

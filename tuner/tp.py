@@ -119,11 +119,8 @@ class TPTarget:
     def measure(self, schedule: Schedule, *, on_sample=None, time_limit_s=None) -> Measurement:
         """`on_sample` is not forwarded: pruning needs the driver's study (trials time fully)."""
         try:
-            if not self.ranks:
-                self._start()
-            answers = self._ask(("measure", schedule, time_limit_s), time_limit_s)
+            answers = self._run(("measure", schedule, time_limit_s), time_limit_s)
         except GroupFailed as e:
-            self.close()
             return e.measurement
         failed = [(r, m) for r, m in enumerate(answers) if not (isinstance(m, Measurement) and m.ok)]
         if not failed:
@@ -138,11 +135,8 @@ class TPTarget:
 
     def explain(self, schedule: Schedule) -> dict | None:
         try:
-            if not self.ranks:
-                self._start()
-            answers = self._ask(("explain", schedule, None), None)
+            answers = self._run(("explain", schedule, None), None)
         except GroupFailed as e:
-            self.close()
             raise RuntimeError(e.measurement.message) from None
         if not isinstance(answers[0], dict):
             raise RuntimeError(str(answers[0]))
@@ -204,6 +198,17 @@ class TPTarget:
             self.close()
             raise ValueError(errors[0])
         return answers[0]
+
+    def _run(self, command: tuple, time_limit_s: float | None) -> list:
+        """Every rank's answer to `command`, on the group (started again if it was replaced); a
+        group that fails is closed, and GroupFailed says how."""
+        try:
+            if not self.ranks:
+                self._start()
+            return self._ask(command, time_limit_s)
+        except GroupFailed:
+            self.close()
+            raise
 
     def _ask(self, command: tuple, time_limit_s: float | None) -> list:
         for rank, conn in enumerate(self.conns):
