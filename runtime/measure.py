@@ -295,7 +295,7 @@ class Bench:
             samples.append((time.perf_counter() - t0) * 1e3)
             over = time_limit_s is not None and time.perf_counter() - start > time_limit_s
             stop = 2 if over else 1 if on_sample is not None and on_sample(samples) else 0
-            stop = self._agree(stop) if self.case.parallel is not None else stop  # every rank stops at once
+            stop = self._agree(stop)  # a TP group's ranks stop at once
             if stop == 2:
                 return samples, (TrialOutcome.TIMEOUT, f"timing exceeded the {time_limit_s:g} s limit")
             if stop == 1:

@@ -182,32 +182,32 @@ class LlamaLayer(nn.Module):
 
 def init_weights(model: nn.Module, seed: int) -> nn.Module:
     """Random weights scaled so activations stay O(1) through the layer (no checkpoint needed)."""
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+        for name, p, value in _initial_values(model, seed):
+            p.copy_(value)
     return model
+
+
+def _initial_values(model: nn.Module, seed: int):
+    """(name, parameter, its initial value) in parameter order, from one generator: matrices
+    randn / sqrt(fan-in), norms 1 + 0.1 randn, the rest left as they are. The one place the values
+    are drawn, so a shard (init_shard) holds exactly the unsharded layer's."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            yield name, p, torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
+        elif "norm" in name:
+            yield name, p, 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
 
 
 def init_shard(shard: nn.Module, full: nn.Module, seed: int, *, tp: int, rank: int) -> nn.Module:
     """The weights `init_weights(full, seed)` gives, each sliced to rank `rank`'s share of `shard`
     (tensor parallelism `tp`). `full` may live on the meta device: each full weight is made once,
     sliced, and dropped, so the unsharded layer is never held whole."""
-    gen = torch.Generator().manual_seed(seed)
     params = dict(shard.named_parameters())
-    cfg = full.cfg
     with torch.no_grad():
-        for name, p in full.named_parameters():
-            if p.dim() == 2:
-                value = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
-            elif "norm" in name:
-                value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
-            else:
-                continue
-            params[name].copy_(_slice(name, value, cfg, tp, rank))
+        for name, _, value in _initial_values(full, seed):
+            params[name].copy_(_slice(name, value, full.cfg, tp, rank))
     return shard
 
 
