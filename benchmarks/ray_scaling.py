@@ -57,7 +57,7 @@ def main() -> None:
             [group] = pool.groups(w).values()
             study = open_study(f"scaling-{n}", cfg)
             t0 = time.perf_counter()
-            progress = Progress(total=None, desc="", baseline_tokens_per_s=1, enabled=False)
+            progress = Progress(total=None, desc="", enabled=False)
             [result] = run_search([Lane(study=study, pool=GroupPool(pool, group), context=group.context,
                                         progress=progress)], cfg)
             wall = time.perf_counter() - t0

@@ -145,6 +145,8 @@ class Measurement:
     latency_p10_ms: float | None = None
     latency_p90_ms: float | None = None
     samples_ms: tuple[float, ...] = ()
+    # the sequential schedule's samples, timed right beside these (a paired round); () when not paired
+    baseline_samples_ms: tuple[float, ...] = ()
     tokens_per_s: float | None = None
     peak_bytes: int | None = None
     flops: float | None = None

@@ -25,13 +25,14 @@ from .workload import Workload
 
 log = logging.getLogger("dynaflow")
 
-RECORD_SCHEMA = 3  # 2 added `verdict` and `speedup_interval`, 3 `busy`, `contended`, `overlap`; older ones load
+RECORD_SCHEMA = 4  # 2 added `verdict` and `speedup_interval`, 3 `busy`, `contended`, `overlap`, 4 the paired
+# rounds' `candidate_speedup`, `confidence`, `rounds`, `busy_rounds`, `no_overlap`; older ones load
 
 
 class Verdict(str, Enum):
     """What the confirmation concluded (tuner/confirm.py). Members are their strings (JSON)."""
 
-    WINNER = "winner"  # a candidate's 95% interval lies above 1: the record holds it
+    WINNER = "winner"  # a candidate's interval over paired rounds lies above 1: the record holds it
     SEQUENTIAL_BEST = "sequential_best"  # no candidate can be faster by the minimum effect
     INCONCLUSIVE = "inconclusive"  # too noisy to tell: the sequential schedule is kept
 
@@ -53,7 +54,7 @@ class StoredSchedule:
     speedup_spread: float  # relative noise the speedup had to exceed
     efficiency: float | None
     space: str
-    speedup_interval: tuple[float, float] | None = None  # 95% interval of the best candidate's speedup
+    speedup_interval: tuple[float, float] | None = None  # interval of the best candidate's speedup (`confidence`)
     params: dict[str, Any] = field(default_factory=dict)  # the trial's params, for warm starts
     study: str = ""
     storage: str = ""
@@ -62,6 +63,11 @@ class StoredSchedule:
     busy: dict[str, Any] = field(default_factory=dict)  # how busy the machine was over the confirmation
     contended: str | None = None  # why the confirmation counts as measured under contention, or None
     overlap: dict[str, Any] | None = None  # a winner's why: what ran at the same time (timeline.overlap)
+    candidate_speedup: float | None = None  # the best candidate's speedup (the winner's, or the one not chosen)
+    confidence: float | None = None  # the level of speedup_interval (corrected for candidates and looks)
+    rounds: int | None = None  # the paired rounds behind the best candidate's interval
+    busy_rounds: int = 0  # paired rounds left out of the evidence: the machine was busy
+    no_overlap: str | None = None  # a winner that won without overlap: what differs from sequential
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -134,7 +140,12 @@ class StoredSchedule:
                    trial=validate.integer(d, "trial", r, lo=0, optional=True),
                    created_at=validate.string(d, "created_at", r, default=""), busy=_busy(d.get("busy", {})),
                    contended=validate.string(d, "contended", r, optional=True),
-                   overlap=_overlap(d.get("overlap")))
+                   overlap=_overlap(d.get("overlap")),
+                   candidate_speedup=validate.number(d, "candidate_speedup", r, optional=True),
+                   confidence=validate.number(d, "confidence", r, optional=True),
+                   rounds=validate.integer(d, "rounds", r, lo=0, optional=True),
+                   busy_rounds=validate.integer(d, "busy_rounds", r, lo=0, optional=True) or 0,
+                   no_overlap=validate.string(d, "no_overlap", r, optional=True))
 
 
 def _busy(value: Any) -> dict[str, Any]:
@@ -199,6 +210,9 @@ def kept_over(old: StoredSchedule | None, new: StoredSchedule) -> str | None:
         return None
     if new.verdict == "inconclusive" and old.verdict != "inconclusive":
         return f"kept the stored {old.verdict.replace('_', ' ')} record: it is conclusive, the new one is not"
+    if new.contended and old.verdict != "inconclusive" and not old.contended:
+        return (f"kept the stored {old.verdict.replace('_', ' ')} record measured quiet: the new one was measured "
+                "under contention (--accept-contention)")
     if old.space != new.space and old.speedup > new.speedup:
         return f"kept the {old.space} space's stored winner: it is better"
     return None

@@ -18,13 +18,17 @@ def tiny_context(hardware: Hardware = H100, **batch) -> SpaceContext:
 
 
 class FakeTarget:
-    """latency_ms = landscape(schedule); `failures` maps the n-th real measure call to an outcome
-    (or to an exception class, which the measurer raises)."""
+    """latency_ms = landscape(schedule); `failures` maps the n-th real measure call (of any
+    schedule, or with `fail_candidates` of a non-sequential one: the search pairs each candidate
+    with a sequential run) to an outcome (or to an exception class, which the measurer raises)."""
 
-    def __init__(self, ctx: SpaceContext, landscape, failures=None, samples: int = 6) -> None:
+    def __init__(self, ctx: SpaceContext, landscape, failures=None, samples: int = 6,
+                 fail_candidates: bool = False) -> None:
         self.ctx, self.landscape, self.failures = ctx, landscape, dict(failures or {})
         self.hardware = ctx.hardware
         self.calls = 0
+        self.candidate_calls = 0
+        self.fail_candidates = fail_candidates
         self.samples = samples
 
     def space_context(self) -> SpaceContext:
@@ -32,11 +36,13 @@ class FakeTarget:
 
     def measure(self, schedule, *, on_sample=None, time_limit_s=None) -> Measurement:
         self.calls += 1
-        failure = self.failures.get(self.calls)
+        self.candidate_calls += not schedule.is_sequential
+        n = self.candidate_calls if self.fail_candidates else self.calls
+        failure = None if self.fail_candidates and schedule.is_sequential else self.failures.get(n)
         if isinstance(failure, type) and issubclass(failure, BaseException):
-            raise failure(f"injected at call {self.calls}")
+            raise failure(f"injected at call {n}")
         if failure is not None:
-            return Measurement(outcome=failure, message=f"injected {failure.value} at call {self.calls}")
+            return Measurement(outcome=failure, message=f"injected {failure.value} at call {n}")
         latency = self.landscape(schedule)
         samples = []
         for i in range(self.samples):

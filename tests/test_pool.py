@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from dynaflow import search_spaces
 from dynaflow.runtime import Measurement, TrialOutcome
 from dynaflow.tuner.config import TuneConfig
-from dynaflow.tuner.pool import Done, InlinePool, Job, measure_one
+from dynaflow.tuner.pool import Done, InlinePool, Job, measure_one, run_job
 from dynaflow.tuner.tune import tune_workload
 from fakes import FakeTarget, split_landscape, tiny_context
 from test_tuner import W
@@ -61,7 +61,7 @@ class FakePool:
             self.down.append(self.down_for)
             m = Measurement(outcome=TrialOutcome.CRASHED, message="worker died", killed_worker=True)
         else:
-            m = self.target.measure(job.schedule, time_limit_s=job.time_limit_s)
+            m = run_job(self.target, job)
         return [Done(job=job, measurement=m, worker=f"w{job.id % self.workers}")]
 
 

@@ -27,7 +27,7 @@ def dbo_landscape(schedule: Schedule) -> float:
 
 def config(tmp_path, **kw) -> TuneConfig:
     base = dict(workloads=(W,), space="dbo", trials=40, storage=f"sqlite:///{tmp_path}/s.db",
-                store_root=tmp_path, progress=False, confirm_rounds=2, seed=0)
+                store_root=tmp_path, progress=False, seed=0)
     return TuneConfig(**{**base, **kw})
 
 
@@ -59,15 +59,17 @@ def test_a_budget_larger_than_the_space_ends_when_the_search_converges(tmp_path)
     target = FakeTarget(tiny_context(), dbo_landscape)
     [result] = tune(config(tmp_path, trials=60), make_target=lambda w: target, log=lambda *a: None)
     assert result.exhausted and 20 <= result.distinct <= 30
-    confirmation = 2 * (1 + len(result.verdict.candidates))  # 2 rounds of the baseline and each candidate
-    assert target.calls == result.distinct + 2 + confirmation  # each schedule timed once; the baseline twice
+    # a deterministic landscape decides every candidate at the first look: 5 paired rounds each
+    confirmation = 2 * 5 * len(result.verdict.candidates)
+    # each schedule timed once, beside a sequential run of its own; the warm baseline twice
+    assert target.calls == 2 * result.distinct + 2 + confirmation
 
 
 def test_every_failure_type_is_recorded_and_the_study_goes_on(tmp_path):
     failures = {4: TrialOutcome.INCORRECT, 5: TrialOutcome.OOM, 6: TrialOutcome.TIMEOUT,
                 7: TrialOutcome.CRASHED, 8: TrialOutcome.INVALID, 9: RuntimeError}
     cfg = config(tmp_path, trials=20)
-    measurer = FakeTarget(tiny_context(), dbo_landscape, failures=failures)
+    measurer = FakeTarget(tiny_context(), dbo_landscape, failures=failures, fail_candidates=True)
     [result] = tune(cfg, make_target=lambda w: measurer, log=lambda *a: None)
     study = _study(cfg, measurer)
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL
@@ -80,26 +82,29 @@ def test_every_failure_type_is_recorded_and_the_study_goes_on(tmp_path):
 
 
 def test_no_false_winner_when_nothing_beats_the_noise(tmp_path):
-    """Candidates 1% faster than a baseline with 5% noise: the store says sequential is best."""
+    """Candidates as fast as the baseline, each measurement off by up to 5% as a whole (the
+    machine's state per measurement): the record holds the sequential schedule."""
+    import random
+
     def flat(schedule):
-        return 10.0 if schedule.is_sequential else 9.9
+        return 10.0
 
     measurer = FakeTarget(tiny_context(), flat)
     measurer.samples = 10
-    base_measure = measurer.measure
+    base_measure, rng = measurer.measure, random.Random(0)
 
     def noisy(schedule, **kw):
         m = base_measure(schedule, **kw)
-        if m.ok:  # widen the spread to 5%
-            object.__setattr__(m, "latency_p10_ms", m.latency_ms * 0.97)
-            object.__setattr__(m, "latency_p90_ms", m.latency_ms * 1.03)
-            object.__setattr__(m, "samples_ms", tuple(m.latency_ms * (0.97 + 0.06 * i / 9) for i in range(10)))
+        if m.ok:  # one factor per measurement: its samples share the machine's state
+            factor = 1 + 0.1 * (rng.random() - 0.5)
+            object.__setattr__(m, "samples_ms", tuple(s * factor for s in m.samples_ms))
         return m
 
     measurer.measure = noisy
     [result] = tune(config(tmp_path, trials=6), make_target=lambda w: measurer, log=lambda *a: None)
     assert result.record.sequential_best and result.record.schedule == Schedule()
-    assert result.record.speedup == 1.0 and result.record.speedup_spread > 0.05
+    assert result.record.verdict in ("sequential_best", "inconclusive")
+    assert result.record.speedup == 1.0 and result.record.speedup_spread > 0.02
     saved = json.loads((tmp_path / "schedules" / H100_KEY / f"{W.key}.json").read_text())
     assert saved["sequential_best"] is True and saved["trial"] is None
 

@@ -135,8 +135,15 @@ def _tune_flags(t: argparse.ArgumentParser) -> None:
                    help="sampler seed (default: the run's baseline trial number: 0 in a new study, and a different "
                         "one for each tuner sharing a study)")
     t.add_argument("--no-prune", action="store_true", help="time every trial fully (no Wilcoxon pruning)")
-    t.add_argument("--confirm-top", type=int, default=3, help="candidates re-measured against the baseline")
-    t.add_argument("--confirm-rounds", type=int, default=3, help="interleaved re-measurement rounds")
+    t.add_argument("--confirm-top", type=int, default=3, help="candidates re-measured against the baseline "
+                   "(pruned trials included, by their partial result)")
+    t.add_argument("--confirm-rounds", type=int, default=12, help="paired rounds per candidate at most (baseline "
+                   "and candidate back to back, order alternating): the confirmation's round budget")
+    t.add_argument("--confirm-min-rounds", type=int, default=5, help="quiet paired rounds a candidate needs "
+                   "before any verdict on it")
+    t.add_argument("--accept-contention", action="store_true", help="count rounds measured while other processes "
+                   "were busy as evidence (tuning on a shared machine on purpose): the record says so and never "
+                   "replaces one measured quiet")
     t.add_argument("--min-effect", type=float, default=0.03, help="the smallest speedup the confirmation must "
                    "resolve: 'sequential is best' means no candidate can be this much faster")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -258,6 +265,7 @@ def cmd_tune(args) -> int:
                         storage=StorageConfig(url=args.storage, heartbeat_s=args.heartbeat_s),
                         sampler=args.sampler, seed=args.seed, measure=measure_config(args),
                         prune=not args.no_prune, confirm_top=args.confirm_top, confirm_rounds=args.confirm_rounds,
+                        confirm_min_rounds=args.confirm_min_rounds, accept_contention=args.accept_contention,
                         min_effect=args.min_effect, progress=not args.no_progress)
     get_space(config.space)  # an unknown space is a usage error before anything runs
     results = tune(config, pool=pool_config(args))
@@ -272,10 +280,11 @@ def result_lines(r) -> str:
     rec = r.record
     fails = ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()) if k != "ok") or "none"
     converged = "; the search converged (proposals kept repeating measured schedules)" if r.exhausted else ""
-    return (f"{r.workload.key}: {verdict_text(r.verdict.attrs())}\n"
+    return (f"{r.workload.key}: {verdict_text(r.verdict)}\n"
             f"  {_tried(r.tally)} in the study, {r.duplicates} duplicate proposal(s) "
             f"answered from it this run{converged}; failed/pruned this run: {fails}\n"
             f"  stored {r.path}: {rec.verdict.replace('_', ' ')}, {rec.tokens_per_s:,.0f} tokens/s"
+            + (f" (sequential {rec.baseline_tokens_per_s:,.0f})" if rec.verdict == "winner" else "")
             + (f" ({r.kept})" if r.kept else "") + f"\n  schedule {rec.schedule}")
 
 

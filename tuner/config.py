@@ -29,7 +29,9 @@ class TuneConfig:
     measure: MeasureConfig = MeasureConfig(warmup=2, repeats=10)
     prune: bool = True
     confirm_top: int = 3
-    confirm_rounds: int = 3
+    confirm_rounds: int = 12  # paired rounds per candidate at most: the confirmation's round budget
+    confirm_min_rounds: int = 5  # quiet paired rounds a candidate needs before any verdict on it
+    accept_contention: bool = False  # busy rounds count as evidence (the record says so; never replaces a quiet one)
     min_effect: float = 0.03  # the smallest speedup the confirmation is asked to resolve
     max_duplicates: int = 25  # proposals in a row of schedules already measured: the search converged
     progress: bool = True
@@ -52,5 +54,8 @@ class TuneConfig:
         if self.confirm_top < 1 or self.confirm_rounds < 1:
             raise ValueError(f"--confirm-top and --confirm-rounds must be >= 1, but got "
                              f"{self.confirm_top} and {self.confirm_rounds}.")
+        if self.confirm_min_rounds < 2:
+            raise ValueError(f"--confirm-min-rounds must be >= 2 (an interval needs two rounds), but got "
+                             f"{self.confirm_min_rounds}.")
         if not 0 < self.min_effect < 1:
             raise ValueError(f"--min-effect must be in (0, 1), e.g. 0.03 for 3%, but got {self.min_effect}.")

@@ -1,17 +1,20 @@
-"""No false winners: re-measure the top candidates interleaved with the baseline, then store.
+"""No false winners: the best candidates re-measured in paired rounds against the sequential
+schedule (tuner/paired.py), then one verdict, stored.
 
-Three verdicts, from a 95% bootstrap interval of each candidate's speedup (baseline median over
-candidate median, on the pooled samples of every confirmation round):
-- `winner`: the best candidate whose interval lies above 1: a speedup beyond the noise;
-- `sequential_best`: every candidate's interval ends below 1 + min_effect: none can be faster
-  by more than the smallest effect this confirmation is asked to resolve (also when no
-  candidate completed);
-- `inconclusive`: otherwise: the noise is too large to tell, or the run was interrupted
-  before any candidate was measured. The sequential schedule is stored, marked as such, and
-  never replaces a conclusive record.
+    candidates = top_candidates(study, k)         # completed AND pruned trials, by their paired speedup
+    c = confirm(study, target, config)             # rounds until each candidate is decided, or the budget
+    store_verdict(c, study, target, workload, config)
 
-How busy the machine was over the confirmation's runs is kept with the verdict; a verdict
-reached while other processes used a large share of the machine says so (`contended`).
+Each round measures the baseline and one candidate back to back, the order alternating round by
+round; the round's ratio is one observation. A candidate is decided at fixed looks (`Plan`):
+FASTER when its interval lies above 1, EXCLUDED when it ends below 1 + min_effect. Three verdicts:
+- `winner`: the fastest FASTER candidate, on quiet rounds (or on busy ones the user accepted);
+- `sequential_best`: every candidate re-measured and excluded (or failing when re-run);
+- `inconclusive`: anything else: nothing to compare (no candidate ran correctly), the machine was
+  busy through the rounds, the budget ran out undecided, the run was interrupted. The sequential
+  schedule is stored, marked as such, and never replaces a conclusive record.
+A winner whose timeline shows (almost) no overlap is said to be one (`no_overlap`), and is
+stored only on quiet rounds.
 """
 from __future__ import annotations
 
@@ -19,182 +22,336 @@ import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from dynaflow.runtime import Schedule, Workload, telemetry
 from dynaflow.runtime.measure import relative_spread, tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
-from dynaflow.runtime.store import Verdict as Kind  # the stored verdict; `Verdict` here is the confirmation
+from dynaflow.runtime.store import Verdict as Kind  # the stored verdict's kind
 
 from .config import TuneConfig, TuneError
+from .paired import (ESTIMATOR, BusySummary, Comparison, Decision, Interval, Plan, Round, interval)
 from .study import BASELINE, result_of
-from .targets import Target, explain
+from .targets import Target, explain, measure_pair
 
-CONFIDENCE = 0.95
-RESAMPLES = 2000
+NO_OVERLAP = 0.05  # a winner's timeline with two streams busy for less than this share of it: won without overlap
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Candidate:
-    trial: optuna.trial.FrozenTrial
+    """One re-measured candidate: its rounds against the baseline and what they decided."""
+
+    trial: int | None
     schedule: Schedule
-    samples_ms: tuple[float, ...]
-    speedup: float
-    low: float  # the speedup's confidence interval
-    high: float
-    noise: float  # the larger relative p10-p90 spread of candidate and baseline
+    comparison: Comparison
+    interval: Interval
+    search_speedup: float | None = None  # what its search trial measured (one round; a pruned one's partial)
+    pruned: bool = False
+
+    @property
+    def speedup(self) -> float:
+        return self.interval.speedup
+
+    def to_dict(self) -> dict:
+        iv = self.interval
+        return {"trial": self.trial, "schedule": self.schedule.to_json(), "label": self.schedule.label,
+                "speedup": iv.speedup, "low": iv.low, "high": iv.high, "rounds": iv.rounds,
+                "confidence": iv.confidence, "search_speedup": self.search_speedup, "pruned": self.pruned,
+                "comparison": self.comparison.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        iv = Interval(speedup=d["speedup"], low=d["low"], high=d["high"], rounds=d.get("rounds", 0),
+                      confidence=d.get("confidence", 0.0))
+        return cls(trial=d.get("trial"), schedule=Schedule.from_json(d["schedule"]),
+                   comparison=Comparison.from_dict(d.get("comparison") or {}), interval=iv,
+                   search_speedup=d.get("search_speedup"), pruned=bool(d.get("pruned")))
 
 
 @dataclass(frozen=True, kw_only=True)
-class Verdict:
-    kind: Kind
-    best: Candidate | None  # the winner, or the fastest candidate when there is none
-    baseline_samples_ms: tuple[float, ...]
-    bound_ms: float | None
-    min_effect: float
-    candidates: tuple[Candidate, ...] = field(default=())
-    busy: dict = field(default_factory=dict)  # how busy the machine was over the confirmation (telemetry.busy_since)
-    interrupted_early: bool = False  # stopped before any candidate was measured
+class Confirmation:
+    """The verdict of one study: what the study keeps (`to_dict`) and the record is made from."""
 
-    @property
-    def contended(self) -> str | None:
-        """Why the confirmation ran under contention, in words; None when it did not."""
-        return telemetry.contention(self.busy)
+    kind: Kind
+    reason: str  # in words: why this kind (what `verdict_text` says after the kind)
+    candidates: tuple[Candidate, ...] = ()
+    best: int | None = None  # index in candidates of the winner, or of the fastest candidate
+    min_effect: float = 0.03
+    family_confidence: float = 0.98
+    looks: tuple[int, ...] = ()
+    max_rounds: int = 0
+    accept_contention: bool = False
+    busy: dict = field(default_factory=dict)  # telemetry over every round (busy ones included)
+    busy_rounds: int = 0  # rounds left out of the evidence: the machine was busy
+    contended: str | None = None  # the evidence itself ran under contention (accepted), in words
+    no_overlap: str | None = None  # a winner that won without overlap: what differs from sequential
+    bound_ms: float | None = None
 
     @property
     def wins(self) -> bool:
         return self.kind is Kind.WINNER
 
     @property
-    def baseline_ms(self) -> float:
-        return statistics.median(self.baseline_samples_ms)
+    def winner(self) -> Candidate | None:
+        return self.candidates[self.best] if self.wins else None
 
     @property
-    def median_ms(self) -> float:
-        return statistics.median(self.best.samples_ms) if self.wins else self.baseline_ms
+    def best_candidate(self) -> Candidate | None:
+        return self.candidates[self.best] if self.best is not None else None
 
     @property
     def schedule(self) -> Schedule:
-        return self.best.schedule if self.wins else Schedule()
+        return self.winner.schedule if self.wins else Schedule()
+
+    @property
+    def baseline_ms(self) -> float | None:
+        """The sequential figure: the median baseline figure over the evidence rounds of the best
+        candidate (of every candidate when there is none)."""
+        pool = [self.best_candidate] if self.best_candidate else self.candidates
+        rounds = [r for c in pool for r in c.comparison.evidence(self.accept_contention)] or \
+            [r for c in self.candidates for r in c.comparison.rounds]
+        return statistics.median(r.baseline_ms for r in rounds) if rounds else None
+
+    @property
+    def speedup(self) -> float:
+        return self.winner.speedup if self.wins else 1.0
 
     @property
     def noise(self) -> float:
-        return self.best.noise if self.best else relative_spread(list(self.baseline_samples_ms))
+        """The relative p10-p90 spread of the best candidate's per-round ratios."""
+        best = self.best_candidate
+        return relative_spread([r.ratio for r in best.comparison.rounds]) if best else 0.0
 
-    def attrs(self) -> dict:
-        """What the study keeps of the confirmation: the report and the notebook read it."""
-        return {"verdict": self.kind.value, "winner_trial": self.best.trial.number if self.wins else None,
-                "speedup": self.best.speedup if self.best else 1.0, "low": self.best.low if self.best else None,
-                "high": self.best.high if self.best else None, "noise": self.noise, "min_effect": self.min_effect,
-                "sequential_best": not self.wins, "baseline_samples_ms": list(self.baseline_samples_ms),
-                "best_samples_ms": list(self.best.samples_ms) if self.best else [],
-                "best_trial": self.best.trial.number if self.best else None,
-                "busy": self.busy, "contended": self.contended, "interrupted_early": self.interrupted_early}
+    def to_dict(self) -> dict:
+        best = self.best_candidate
+        return {"verdict": self.kind.value, "reason": self.reason, "estimator": ESTIMATOR,
+                "winner_trial": self.winner.trial if self.wins else None,
+                "best_trial": best.trial if best else None, "speedup": self.speedup,
+                "best_speedup": best.speedup if best else None,
+                "low": best.interval.low if best else None, "high": best.interval.high if best else None,
+                "confidence": best.interval.confidence if best else None, "rounds": best.interval.rounds if best else 0,
+                "baseline_ms": self.baseline_ms, "noise": self.noise, "min_effect": self.min_effect,
+                "family_confidence": self.family_confidence, "looks": list(self.looks), "max_rounds": self.max_rounds,
+                "accept_contention": self.accept_contention, "busy": self.busy, "busy_rounds": self.busy_rounds,
+                "contended": self.contended, "no_overlap": self.no_overlap, "bound_ms": self.bound_ms,
+                "best": self.best, "candidates": [c.to_dict() for c in self.candidates],
+                "sequential_best": not self.wins}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Confirmation":
+        return cls(kind=Kind(d["verdict"]), reason=d.get("reason", ""),
+                   candidates=tuple(Candidate.from_dict(c) for c in d.get("candidates") or ()), best=d.get("best"),
+                   min_effect=d.get("min_effect", 0.03), family_confidence=d.get("family_confidence", 0.98),
+                   looks=tuple(d.get("looks") or ()), max_rounds=d.get("max_rounds", 0),
+                   accept_contention=bool(d.get("accept_contention")), busy=d.get("busy") or {},
+                   busy_rounds=d.get("busy_rounds", 0), contended=d.get("contended"), no_overlap=d.get("no_overlap"),
+                   bound_ms=d.get("bound_ms"))
 
 
-def top_candidates(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The k best distinct schedules among completed search trials."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if not t.user_attrs.get(BASELINE) and t.value is not None and not result_of(t).get("duplicate")]
+# --- which candidates --------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Entry:
+    """A search trial offered to the confirmation."""
+
+    trial: int
+    schedule: Schedule
+    speedup: float  # its paired speedup in the search (a pruned trial's from its partial samples)
+    pruned: bool
+
+
+def search_entries(study: optuna.Study) -> list[Entry]:
+    """Every measured search trial with a paired speedup, completed or pruned, duplicates left out."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        r = result_of(t)
+        if t.user_attrs.get(BASELINE) or r.get("duplicate") or r.get("speedup") is None or not r.get("schedule"):
+            continue
+        out.append(Entry(trial=t.number, schedule=Schedule.from_json(r["schedule"]), speedup=r["speedup"],
+                         pruned=t.state == TrialState.PRUNED))
+    return out
+
+
+def top_candidates(study: optuna.Study, k: int) -> list[Entry]:
+    """The k best distinct non-sequential schedules, pruned trials included by their partial result."""
     best, seen = [], set()
-    for t in sorted(done, key=lambda t: -t.value):
-        schedule = Schedule.from_json(result_of(t)["schedule"])
-        if schedule.key() not in seen and not schedule.is_sequential:
-            seen.add(schedule.key())
-            best.append(t)
+    for e in sorted(search_entries(study), key=lambda e: -e.speedup):
+        if e.schedule.key() not in seen and not e.schedule.is_sequential:
+            seen.add(e.schedule.key())
+            best.append(e)
     return best[:k]
 
 
-def confirm(study: optuna.Study, target: Target, config: TuneConfig, *, rounds: int | None = None,
-            interrupted: bool = False) -> Verdict:
-    """`interrupted`: the search was stopped; with no candidate measured, nothing is concluded."""
-    trials = top_candidates(study, config.confirm_top)
-    schedules = [Schedule()] + [Schedule.from_json(result_of(t)["schedule"]) for t in trials]
-    pooled: list[list[float]] = [[] for _ in schedules]
-    bound, busy = None, []
-    for _ in range(rounds or config.confirm_rounds):
-        for i, s in enumerate(schedules):
-            m = target.measure(s, time_limit_s=config.trial_timeout_s)
-            busy.append(m.telemetry.get("busy") or {})
-            if m.ok:
-                pooled[i].extend(m.samples_ms)
-                bound = m.bound_ms
-    if not pooled[0]:
-        pooled[0] = list(result_of(_baseline(study)).get("samples_ms") or [float("nan")])
-    candidates = tuple(_candidate(t, s, pooled[i + 1], pooled[0])
-                       for i, (t, s) in enumerate(zip(trials, schedules[1:])) if pooled[i + 1])
-    early = interrupted and not candidates
-    verdict = judge(candidates, tuple(pooled[0]), bound, config.min_effect, undecided=early)
-    return dataclasses.replace(verdict, busy=telemetry.merge_busy(busy), interrupted_early=early)
+# --- the rounds ---------------------------------------------------------------------------------
+
+def confirm(study: optuna.Study, target: Target, config: TuneConfig, *, interrupted: bool = False) -> Confirmation:
+    """Re-measure the study's best candidates in paired rounds and judge them; `interrupted`: the
+    search was stopped, so nothing is measured and nothing concluded."""
+    if interrupted:
+        return Confirmation(kind=Kind.INCONCLUSIVE, reason="interrupted before the confirmation; sequential kept, "
+                            "nothing concluded (run tune again to go on)", min_effect=config.min_effect)
+    entries = top_candidates(study, config.confirm_top)
+    if not entries:
+        return Confirmation(kind=Kind.INCONCLUSIVE, reason=nothing_to_compare(study), min_effect=config.min_effect)
+    return compare(target, entries, plan_for(config, len(entries)), time_limit_s=config.trial_timeout_s)
 
 
-def judge(candidates: tuple[Candidate, ...], baseline: tuple[float, ...], bound_ms: float | None,
-          min_effect: float, *, undecided: bool = False) -> Verdict:
-    """`undecided`: nothing may be concluded (an interrupted run with no candidate): inconclusive."""
-    winners = [c for c in candidates if c.low > 1.0]
-    if winners:
-        kind, best = Kind.WINNER, max(winners, key=lambda c: c.speedup)
-    else:
-        best = max(candidates, key=lambda c: c.speedup, default=None)
-        kind = Kind.SEQUENTIAL_BEST if all(c.high < 1.0 + min_effect for c in candidates) else Kind.INCONCLUSIVE
-    if undecided:
-        kind = Kind.INCONCLUSIVE
-    return Verdict(kind=kind, best=best, baseline_samples_ms=baseline, bound_ms=bound_ms, min_effect=min_effect,
-                   candidates=candidates)
+def plan_for(config: TuneConfig, candidates: int) -> Plan:
+    return Plan(min_rounds=config.confirm_min_rounds, max_rounds=config.confirm_rounds, candidates=candidates,
+                min_effect=config.min_effect, accept_contention=config.accept_contention)
 
 
-def _candidate(trial, schedule: Schedule, samples: list[float], base: list[float]) -> Candidate:
-    low, high = speedup_interval(base, samples)
-    return Candidate(trial=trial, schedule=schedule, samples_ms=tuple(samples),
-                     speedup=statistics.median(base) / statistics.median(samples), low=low, high=high,
-                     noise=max(relative_spread(samples), relative_spread(base)))
+def compare(target: Target, entries: list[Entry], plan: Plan, *, time_limit_s: float | None = None) -> Confirmation:
+    """Paired rounds of each entry against the baseline until each is decided or has spent
+    `plan.max_rounds`; then the verdict (`judge`). Optuna-free: the statistics' tests drive it."""
+    comparisons = [Comparison() for _ in entries]
+    readings, bound = [], None
+    for _ in range(plan.max_rounds):
+        active = [i for i, c in enumerate(comparisons) if c.decision is Decision.UNDECIDED]
+        if not active:
+            break
+        for i in active:
+            c = comparisons[i]
+            first = "baseline" if len(c.rounds) % 2 == 0 else "candidate"  # A B, B A, A B, ...
+            m = measure_pair(target, entries[i].schedule, first=first, time_limit_s=time_limit_s)
+            readings.append(m.telemetry.get("busy") or {})
+            if m.ok and m.baseline_samples_ms:
+                bound = m.bound_ms if m.bound_ms is not None else bound
+                r = Round.of(m.baseline_samples_ms, m.samples_ms, first=first,
+                             busy=telemetry.contention(m.telemetry.get("busy")))
+                c = dataclasses.replace(c, rounds=c.rounds + (r,))
+            else:
+                c = dataclasses.replace(c, failed=f"{m.outcome.value}: {m.message}")
+            last = len(c.rounds) >= plan.max_rounds
+            comparisons[i] = dataclasses.replace(c, decision=plan.decide(c, last=last))
+    candidates = tuple(Candidate(trial=e.trial, schedule=e.schedule, comparison=c, interval=plan.final(c),
+                                 search_speedup=e.speedup, pruned=e.pruned) for e, c in zip(entries, comparisons))
+    verdict = judge(candidates, plan)
+    return dataclasses.replace(verdict, busy=telemetry.merge_busy(readings), bound_ms=bound)
 
 
-def speedup_interval(base: list[float], cand: list[float]) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of median(base) / median(cand) (scipy, seeded)."""
-    from scipy import stats
-
-    if len(base) < 2 or len(cand) < 2:
-        ratio = statistics.median(base) / statistics.median(cand)
-        return 0.0, float("inf") if ratio > 0 else 0.0  # one sample each: nothing can be concluded
-
-    def ratio(b, c, axis):
-        return np.median(b, axis=axis) / np.median(c, axis=axis)
-
-    kwargs = dict(vectorized=True, n_resamples=RESAMPLES, method="percentile", confidence_level=CONFIDENCE)
-    data = (np.asarray(base, dtype=float), np.asarray(cand, dtype=float))
-    try:
-        ci = stats.bootstrap(data, ratio, rng=0, **kwargs).confidence_interval
-    except TypeError:  # scipy < 1.15 names the seed random_state
-        ci = stats.bootstrap(data, ratio, random_state=0, **kwargs).confidence_interval
-    return float(ci.low), float(ci.high)
-
-
-def _baseline(study: optuna.Study):
-    return next(t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE))
+def judge(candidates: tuple[Candidate, ...], plan: Plan) -> Confirmation:
+    """The verdict from the candidates' decisions."""
+    common = dict(candidates=candidates, min_effect=plan.min_effect, family_confidence=plan.family_confidence,
+                  looks=plan.looks, max_rounds=plan.max_rounds, accept_contention=plan.accept_contention,
+                  busy_rounds=0 if plan.accept_contention else sum(len(c.comparison.busy_rounds) for c in candidates))
+    decided = {c.comparison.decision for c in candidates}
+    faster = [i for i, c in enumerate(candidates) if c.comparison.decision is Decision.FASTER]
+    measured = [i for i, c in enumerate(candidates) if c.interval.rounds]
+    fastest = max(measured, key=lambda i: candidates[i].speedup, default=None)
+    if faster:
+        best = max(faster, key=lambda i: candidates[i].speedup)
+        busy = candidates[best].comparison.busy_rounds if plan.accept_contention else ()
+        contended = BusySummary.of([candidates[best].comparison]).text() if busy else None
+        return Confirmation(kind=Kind.WINNER, reason="", best=best, contended=contended, **common)
+    if decided <= {Decision.EXCLUDED, Decision.FAILED} and Decision.EXCLUDED in decided:
+        return Confirmation(kind=Kind.SEQUENTIAL_BEST, reason="", best=fastest, **common)
+    return Confirmation(kind=Kind.INCONCLUSIVE, reason=undecided_reason(candidates, plan), best=fastest, **common)
 
 
-def store_verdict(verdict: Verdict, study: optuna.Study, target: Target, workload: Workload,
-                  config: TuneConfig) -> tuple[StoredSchedule, str, str | None]:
-    """Store the verdict; returns the record in the store, its path, and why an older record was
-    kept instead (None when this verdict was stored)."""
+def undecided_reason(candidates: tuple[Candidate, ...], plan: Plan) -> str:
+    if all(c.comparison.decision is Decision.FAILED for c in candidates):
+        return "every candidate failed when re-measured (" + "; ".join(
+            f"trial {c.trial}: {c.comparison.failed}" for c in candidates)[:300] + "); sequential kept"
+    short = [c for c in candidates if c.comparison.decision is Decision.UNDECIDED
+             and len(c.comparison.evidence(plan.accept_contention)) < plan.min_rounds]
+    if short and not plan.accept_contention:
+        busy = BusySummary.of([c.comparison for c in candidates])
+        if busy.busy:
+            return (f"the machine was busy ({busy.text()}); a verdict needs {plan.min_rounds} quiet rounds per "
+                    f"candidate within {plan.max_rounds}. Sequential kept, and any stored conclusive record stays. "
+                    "Tune on a quiet machine, or accept contention on purpose (--accept-contention: such a record "
+                    "says so and never replaces one measured quiet)")
+    if plan.max_rounds < plan.min_rounds:
+        return (f"--confirm-rounds {plan.max_rounds} is below the {plan.min_rounds} rounds a verdict needs; "
+                "sequential kept")
+    best = max((c for c in candidates if c.interval.rounds), key=lambda c: c.speedup, default=None)
+    about = (f"best candidate {best.speedup:.3f}x ({interval_words(best.interval)}) could be "
+             f"{plan.min_effect:.0%} faster or not" if best else "no candidate completed a round")
+    return (f"{about} after {plan.max_rounds} paired rounds; sequential kept. To decide: more rounds "
+            f"(--confirm-rounds {2 * plan.max_rounds}), pinned threads (taskset, OMP_NUM_THREADS), or a quieter machine")
+
+
+def nothing_to_compare(study: optuna.Study) -> str:
+    """Why no candidate reached the confirmation, with the outcomes of the search trials."""
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        r = result_of(t)
+        if t.user_attrs.get(BASELINE) or r.get("duplicate") or not r:
+            continue
+        counts[r.get("outcome", "?")] = counts.get(r.get("outcome", "?"), 0) + 1
+    said = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no search trial"
+    return (f"nothing to compare: no candidate ran correctly ({said}); sequential kept, nothing concluded")
+
+
+def interval_words(iv: Interval) -> str:
+    return f"{iv.confidence:.1%} interval {iv.low:.2f}-{iv.high:.2f}x over {iv.rounds} paired round(s)"
+
+
+# --- the explanation and the record -------------------------------------------------------------
+
+def differences(schedule: Schedule, hardware) -> str:
+    """What a schedule changes against sequential, in words (for a winner that did not overlap)."""
+    unit = "SMs" if hardware.kind == "cuda" else "cores"
+    said = []
+    if len(schedule.split_sizes) > 1:
+        said.append(f"{len(schedule.split_sizes)} nano-batches {list(schedule.split_sizes)}")
+    caps = [f"stream {i} capped at {st.sm_share} of {hardware.num_sms} {unit}" for i, st in enumerate(schedule.streams)
+            if st.sm_share is not None]
+    said += caps
+    if len(schedule.streams) > 1:
+        said.append(f"{len(schedule.streams)} streams")
+    if schedule.cuda_graph:
+        said.append("a CUDA graph")
+    return ", ".join(said) or "nothing visible in the schedule"
+
+
+def explained(confirmation: Confirmation, target: Target) -> tuple[Confirmation, dict | None]:
+    """A winner with its timeline's overlap; one that won without overlap says so, and is kept
+    a winner only on quiet rounds."""
+    if not confirmation.wins:
+        return confirmation, None
+    schedule = confirmation.schedule
+    overlap = explain(target, schedule)
+    if overlap is None or not overlap.get("makespan_ms"):
+        return confirmation, overlap
+    share = overlap.get("overlapped_ms", 0.0) / overlap["makespan_ms"]
+    if share >= NO_OVERLAP:
+        return confirmation, overlap
+    said = (f"won without overlap: {overlap.get('overlapped_ms', 0.0):.2f} of {overlap['makespan_ms']:.2f} ms with two "
+            f"or more streams busy; it differs from sequential in {differences(schedule, target.hardware)}")
+    if confirmation.contended:
+        return dataclasses.replace(confirmation, kind=Kind.INCONCLUSIVE, no_overlap=said, reason=(
+            f"{said}, and its rounds ran under contention: such a winner is stored only on quiet rounds; sequential "
+            "kept")), overlap
+    return dataclasses.replace(confirmation, no_overlap=said), overlap
+
+
+def store_verdict(confirmation: Confirmation, study: optuna.Study, target: Target, workload: Workload,
+                  config: TuneConfig) -> tuple[StoredSchedule, str, str | None, Confirmation]:
+    """Store the verdict; returns the record in the store, its path, why an older record was kept
+    instead (None when this one was stored), and the confirmation as stored (with its why)."""
+    confirmation, overlap = explained(confirmation, target)
     tokens = workload.num_tokens if workload.num_tokens else target.space_context().layout.num_tokens
-    best = verdict.best
+    best, base_ms = confirmation.best_candidate, confirmation.baseline_ms
+    median_ms = base_ms / confirmation.speedup if base_ms else None
     record = StoredSchedule(
-        hardware=target.hardware, workload=workload, schedule=verdict.schedule, verdict=verdict.kind,
-        tokens_per_s=tokens_per_s(tokens, verdict.median_ms),
-        baseline_tokens_per_s=tokens_per_s(tokens, verdict.baseline_ms),
-        speedup=best.speedup if verdict.wins else 1.0, speedup_spread=verdict.noise,
-        speedup_interval=(best.low, best.high) if best else None,
-        efficiency=verdict.bound_ms / verdict.median_ms if verdict.bound_ms else None,
-        space=config.space, params=dict(best.trial.params) if verdict.wins else {},
-        study=study.study_name, storage=config.storage.url, trial=best.trial.number if verdict.wins else None,
-        busy=verdict.busy, contended=verdict.contended,
-        overlap=explain(target, verdict.schedule) if verdict.wins else None,
+        hardware=target.hardware, workload=workload, schedule=confirmation.schedule, verdict=confirmation.kind,
+        tokens_per_s=tokens_per_s(tokens, median_ms) if median_ms else 1.0,
+        baseline_tokens_per_s=tokens_per_s(tokens, base_ms) if base_ms else 1.0,
+        speedup=confirmation.speedup, speedup_spread=confirmation.noise,
+        speedup_interval=(best.interval.low, best.interval.high) if best and best.interval.rounds >= 2 else None,
+        candidate_speedup=best.speedup if best and best.interval.rounds else None,
+        confidence=best.interval.confidence if best and best.interval.rounds >= 2 else None,
+        rounds=best.interval.rounds if best else None, busy_rounds=confirmation.busy_rounds,
+        efficiency=confirmation.bound_ms / median_ms if confirmation.bound_ms and median_ms else None,
+        space=config.space, params=_params(study, confirmation.winner) if confirmation.wins else {},
+        study=study.study_name, storage=config.storage.url, trial=confirmation.winner.trial if confirmation.wins else None,
+        busy=confirmation.busy, contended=confirmation.contended, overlap=overlap if confirmation.wins else None,
+        no_overlap=confirmation.no_overlap,
     )
-    study.set_user_attr("confirmation", verdict.attrs())
+    study.set_user_attr("confirmation", confirmation.to_dict())
     store = ScheduleStore(StoreConfig(root=config.store_root))
     try:
         kept, path, why = store.save_unless_kept(record)
@@ -203,34 +360,47 @@ def store_verdict(verdict: Verdict, study: optuna.Study, target: Target, workloa
         raise TuneError(f"cannot write the record {where}: {e.strerror or e}; nothing was half-written (any older "
                         f"record there is unchanged) and study {study.study_name} in {config.storage.url} keeps every "
                         "trial and the verdict: free space and run tune again to store it") from None
-    return kept, str(path), why
+    return kept, str(path), why, confirmation
 
 
-def verdict_text(v: dict | None) -> str:
-    """A confirmation (a study's "confirmation" attribute, Verdict.attrs()) in words, with what to
-    do when it is inconclusive, and whether it ran under contention."""
+def _params(study: optuna.Study, winner: Candidate) -> dict:
+    return dict(study.get_trials(deepcopy=False)[winner.trial].params) if winner.trial is not None else {}
+
+
+# --- in words -----------------------------------------------------------------------------------
+
+def verdict_text(v: dict | Confirmation | None) -> str:
+    """A confirmation (a study's "confirmation" attribute, or the Confirmation) in words, with what
+    to do when it is inconclusive, and whether its evidence ran under contention."""
     if not v:
         return "not run yet"
-    text = _verdict_words(v)
+    if isinstance(v, Confirmation):
+        v = v.to_dict()
+    if "reason" not in v:
+        return _legacy_words(v)
+    text = _words(v)
+    if v.get("no_overlap") and v["verdict"] == "winner":
+        text += f"; {v['no_overlap']}"
     if v.get("contended"):
-        text += f"; measured under contention: {v['contended']}"
+        text += f"; measured under contention (accepted): {v['contended']}"
     return text
 
 
-def _verdict_words(v: dict) -> str:
-    kind = v.get("verdict") or ("sequential_best" if v.get("sequential_best") else "winner")
-    interval = f"95% interval {v['low']:.2f}-{v['high']:.2f}x" if v.get("low") is not None else "no interval"
-    if kind == "winner":
-        return f"{v['speedup']:.3f}x over sequential, confirmed ({interval}; trial {v['winner_trial']})"
+def _words(v: dict) -> str:
+    kind = v["verdict"]
     effect = v.get("min_effect") or 0.03
-    if v.get("interrupted_early"):
-        return ("inconclusive: interrupted before any candidate was measured; sequential kept, nothing concluded "
-                "(run tune again to search)")
+    iv = (f"{v['confidence']:.1%} interval {v['low']:.2f}-{v['high']:.2f}x over {v['rounds']} paired rounds"
+          if v.get("low") is not None and v.get("confidence") and v.get("rounds", 0) >= 2 else "no interval")
+    if kind == "winner":
+        return f"{v['speedup']:.3f}x over sequential, confirmed ({iv}; trial {v['winner_trial']})"
     if kind == "sequential_best":
-        if v.get("best_trial") is None:
-            return "sequential is best: no candidate completed (every trial was pruned or failed)"
         return (f"sequential is best: no candidate can be faster by {effect:.0%} or more "
-                f"(best candidate {v['speedup']:.3f}x, {interval})")
-    return (f"inconclusive: best candidate {v['speedup']:.3f}x ({interval}, noise {v['noise']:.0%}) could be "
-            f"{effect:.0%} faster or not; sequential kept. To decide: more rounds (--confirm-rounds 9), "
-            "pinned threads (taskset -c 0-1, OMP_NUM_THREADS), or a quieter machine")
+                f"(best candidate {v['best_speedup']:.3f}x, {iv})")
+    return f"inconclusive: {v['reason']}"
+
+
+def _legacy_words(v: dict) -> str:
+    """A confirmation stored by an older dynaflow-tune (pooled samples, before paired rounds)."""
+    kind = v.get("verdict") or ("sequential_best" if v.get("sequential_best") else "winner")
+    return f"{kind.replace('_', ' ')} (confirmed by an older dynaflow-tune from pooled samples; re-tune to confirm " \
+           "in paired rounds)"

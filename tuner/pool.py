@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dynaflow.runtime import Measurement, Schedule, TrialOutcome
-from dynaflow.runtime.measure import OnSample
 
-from .targets import Target
+from .targets import OnPairedSample, Target, measure_pair
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -26,7 +25,8 @@ class Job:
     id: int  # the trial's number: unique in its study
     schedule: Schedule
     time_limit_s: float | None = None
-    on_sample: OnSample | None = None  # pruning and Ctrl-C; pools in another process time fully
+    on_sample: OnPairedSample | None = None  # pruning and Ctrl-C; pools in another process time fully
+    paired: bool = False  # a search trial: the sequential schedule is measured right before it (measure_pair)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,13 +70,20 @@ class InlinePool:
         if job is None:
             return []
         try:
-            m = self.target.measure(job.schedule, on_sample=job.on_sample, time_limit_s=job.time_limit_s)
+            m = run_job(self.target, job)
         except KeyboardInterrupt:
             self.job = job  # still in flight: the loop marks it interrupted
             raise
         except Exception as e:  # a bug in a target costs one trial, not the study
             m = crashed(e)
         return [Done(job=job, measurement=m)]
+
+
+def run_job(target: Target, job: Job) -> Measurement:
+    """What every pool runs for a job, in whichever process holds the target."""
+    if job.paired:
+        return measure_pair(target, job.schedule, on_sample=job.on_sample, time_limit_s=job.time_limit_s)
+    return target.measure(job.schedule, time_limit_s=job.time_limit_s)
 
 
 def measure_one(pool: Pool, schedule: Schedule, *, time_limit_s: float | None = None,

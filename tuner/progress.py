@@ -1,18 +1,19 @@
-"""Progress of a study on stderr: distinct schedules measured, the best so far and its speedup
-(single measurements, marked unconfirmed: the confirmation re-measures before anything is
-stored), failures by outcome, duplicates answered from the study."""
+"""Progress of a study on stderr: distinct schedules measured, the best paired speedup so far
+(each trial against the sequential run measured right before it: one round, marked unconfirmed,
+since only the confirmation's rounds decide), failures by outcome, duplicates answered from the study."""
 from __future__ import annotations
 
 import sys
 
 from dynaflow.runtime import Measurement
 
+from .targets import paired_speedup
+
 
 class Progress:
-    def __init__(self, *, total: int | None, desc: str, baseline_tokens_per_s: float, enabled: bool = True,
-                 done: int = 0, position: int = 0) -> None:
-        self.baseline = baseline_tokens_per_s
-        self.best = baseline_tokens_per_s
+    def __init__(self, *, total: int | None, desc: str, enabled: bool = True, done: int = 0,
+                 position: int = 0) -> None:
+        self.best: float | None = None  # the best paired speedup of a completed trial
         self.failures: dict[str, int] = {}
         self.duplicates = 0
         self.bar = None
@@ -24,15 +25,16 @@ class Progress:
                             dynamic_ncols=True, position=position)
 
     def update(self, m: Measurement, *, counted: bool = True, workers: dict[str, dict[str, int]] | None = None) -> None:
-        if m.ok:
-            self.best = max(self.best, m.tokens_per_s)
+        speedup = paired_speedup(m) if m.ok else None
+        if speedup is not None:
+            self.best = speedup if self.best is None else max(self.best, speedup)
         if not counted:
             self.duplicates += 1
         elif not m.ok:
             self.failures[m.outcome.value] = self.failures.get(m.outcome.value, 0) + 1
         if self.bar is None:
             return
-        postfix = {"unconfirmed best": f"{self.best:,.0f} tok/s ({self.best / self.baseline:.2f}x this run's baseline)"}
+        postfix = {"best, one paired round": "none yet" if self.best is None else f"{self.best:.2f}x (unconfirmed)"}
         postfix.update(self.failures)
         if self.duplicates:
             postfix["duplicates"] = self.duplicates

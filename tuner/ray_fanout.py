@@ -10,6 +10,7 @@ worker count the cluster cannot hold is refused at once instead of leaving actor
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterator
 from dynaflow.runtime import Hardware, Measurement, OpGraph, Schedule, TrialOutcome, Workload
 from dynaflow.search_spaces import SpaceContext, get_space
 
-from .pool import Done, Job, crashed, measure_one
+from .pool import Done, Job, crashed, measure_one, run_job
 from .targets import Target, explain
 
 GRACE_S = 5.0  # beyond a trial's own time limit, before the driver gives up on its worker
@@ -53,9 +54,9 @@ class MeasureWorker:
         light = OpGraph(ops=ctx.graph.ops, module=None, writes_output=ctx.graph.writes_output)  # no weights
         return self.target.hardware, SpaceContext(hardware=ctx.hardware, graph=light, layout=ctx.layout)
 
-    def measure(self, schedule: Schedule, time_limit_s: float | None) -> Measurement:
+    def measure(self, job: Job) -> Measurement:
         try:
-            return self.target.measure(schedule, time_limit_s=time_limit_s)
+            return run_job(self.target, job)
         except Exception as e:  # raised, not died: the worker lives on
             return crashed(e)
 
@@ -162,7 +163,7 @@ class GroupPool:
 
     def submit(self, job: Job) -> None:
         actor = self.idle.pop()
-        self.running[actor.measure.remote(job.schedule, job.time_limit_s)] = _Running(
+        self.running[actor.measure.remote(dataclasses.replace(job, on_sample=None))] = _Running(
             job=job, actor=actor, started=time.monotonic())
 
     def wait(self, timeout_s: float) -> list[Done]:

@@ -22,7 +22,6 @@ from typing import Sequence
 import optuna
 
 from dynaflow.runtime import Measurement, Schedule, TrialOutcome
-from dynaflow.runtime.measure import tokens_per_s
 from dynaflow.search_spaces import SpaceContext, get_space
 
 from .config import TuneConfig, TuneError
@@ -95,7 +94,7 @@ class _Search:
                 continue
             self.inflight[p.trial.number] = p
             self.lane.pool.submit(Job(id=p.trial.number, schedule=p.schedule, time_limit_s=self.config.trial_timeout_s,
-                                      on_sample=self._on_sample(p.trial)))
+                                      on_sample=self._on_sample(p.trial), paired=True))
         self.result.stats.driver_s += time.perf_counter() - t0
 
     def needs_room(self) -> bool:
@@ -117,8 +116,8 @@ class _Search:
         self.result.interrupted = True
 
     def _on_sample(self, trial: optuna.Trial):
-        prune = pruning_hook(trial, self.lane.context.layout.num_tokens)
-        return lambda samples_ms: bool(self.stop) or prune(samples_ms)
+        prune = pruning_hook(trial)
+        return lambda samples_ms, baseline_ms: bool(self.stop) or prune(samples_ms, baseline_ms)
 
     def _record(self, p: Proposal, m: Measurement, worker: str | None) -> None:
         t0 = time.perf_counter()
@@ -217,9 +216,12 @@ class Budget:
         return self.repeats >= self.config.max_duplicates
 
 
-def pruning_hook(trial: optuna.Trial, num_tokens: int):
-    def on_sample(samples_ms: list[float]) -> bool:
-        trial.report(tokens_per_s(num_tokens, samples_ms[-1]), step=len(samples_ms) - 1)
+def pruning_hook(trial: optuna.Trial):
+    """Each sample reported as its speedup over the baseline measured right before it (the trial's
+    own round), so the pruner compares trials on one scale whatever the machine did between them.
+    A pruned trial stays a candidate for the confirmation, by its partial result."""
+    def on_sample(samples_ms: list[float], baseline_ms: float) -> bool:
+        trial.report(baseline_ms / samples_ms[-1], step=len(samples_ms) - 1)
         return trial.should_prune()
 
     return on_sample

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import optuna
 
 from dynaflow.runtime import Workload
+from dynaflow.runtime.measure import tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 
 from .config import TuneConfig
-from .confirm import Verdict, confirm, store_verdict
+from .confirm import Confirmation, confirm, store_verdict
+from .paired import round_ms
 from .progress import Progress
 from .study import (StudyResult, enqueue_warm_starts, ensure_baseline, make_sampler, open_study, search_trials,
                     study_name, tally)
@@ -28,7 +30,7 @@ class WorkloadResult:
     record: StoredSchedule
     path: str
     kept: str | None  # why the stored record is an older one, or None
-    verdict: Verdict
+    verdict: Confirmation
     outcomes: dict[str, int]
     distinct: int  # distinct schedules tried in the study, across runs (what the budget counts)
     tally: dict[str, int]  # of them: measured, crashed, interrupted, running (study.tally)
@@ -56,12 +58,13 @@ def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, 
         study.sampler = make_sampler(config.sampler, seed)
     warm = enqueue_warm_starts(study, config, target.hardware.key, workload)
     done = len(search_trials(study))
-    log(f"study {name}: {done} schedule(s) measured so far, baseline {baseline.tokens_per_s:,.0f} tokens/s "
+    tokens = target.space_context().layout.num_tokens
+    log(f"study {name}: {done} schedule(s) measured so far, baseline {tokens_per_s(tokens, round_ms(baseline.samples_ms)):,.0f} tokens/s "
         f"(trial {baseline_trial}, warm after {study.get_trials(deepcopy=False)[baseline_trial].user_attrs['warm_runs']} "
         f"run(s)), sampler seed {seed}"
         + (f", {warm} warm start(s) enqueued" if warm else ""))
     progress = Progress(total=config.trials, desc=f"{target.hardware.key[:24]} {workload.key}" if position else
-                        workload.key, baseline_tokens_per_s=baseline.tokens_per_s, enabled=config.progress,
+                        workload.key, enabled=config.progress,
                         done=done, position=position)
     return Session(workload=workload, target=target, study=study, progress=progress, baseline_trial=baseline_trial)
 
@@ -69,12 +72,11 @@ def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, 
 def finish(session: Session, result: StudyResult, config: TuneConfig) -> WorkloadResult:
     """Confirm the best candidates against the baseline and store the verdict."""
     try:
-        verdict = confirm(session.study, session.target, config, rounds=1 if result.interrupted else None,
-                          interrupted=result.interrupted)
+        verdict = confirm(session.study, session.target, config, interrupted=result.interrupted)
     except KeyboardInterrupt:
         print("interrupted again: nothing stored for this workload", file=sys.stderr)
         raise
-    record, path, kept = store_verdict(verdict, session.study, session.target, session.workload, config)
+    record, path, kept, verdict = store_verdict(verdict, session.study, session.target, session.workload, config)
     return WorkloadResult(workload=session.workload, study=session.study.study_name, record=record, path=path,
                           kept=kept, verdict=verdict, outcomes=result.outcomes,
                           distinct=len(search_trials(session.study)), tally=tally(session.study),

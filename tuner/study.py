@@ -14,16 +14,17 @@ import optuna
 from optuna.trial import TrialState
 
 from dynaflow.runtime import Measurement, Schedule, TrialOutcome, Workload
-from dynaflow.runtime.measure import tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig
 from dynaflow.runtime.workload import model_name
 
 from .config import TuneConfig, TuneError
+from .paired import round_ms
 from .storage import fail_stale_trials, open_storage
-from .targets import Target
+from .targets import Target, paired_speedup
 
 BASELINE = "baseline"
 RESULT = "result"
+OBJECTIVE = "paired_speedup"  # a trial's value: its speedup over the sequential run measured right before it
 SCHEDULE_KEY = "schedule_key"  # a running trial's schedule, written as soon as it is built
 STALE = "the tuning process stopped sending heartbeats during this trial (killed or crashed)"
 ASKED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
@@ -90,6 +91,13 @@ def open_study(name: str, config: TuneConfig) -> optuna.Study:
             else optuna.pruners.NopPruner()
     study = optuna.create_study(storage=open_storage(config.storage), study_name=name, direction="maximize",
                                 sampler=sampler, pruner=pruner, load_if_exists=True)
+    objective = study.user_attrs.get("objective")
+    if objective is None and study.get_trials(deepcopy=False):
+        raise TuneError(f"study {name} in {config.storage.url} was made by an older dynaflow-tune: its trial values "
+                        f"are tokens/s, this one's are paired speedups ({OBJECTIVE}), and one study cannot mix "
+                        "them; tune into another --storage (or delete that study's database)")
+    if objective is None:
+        study.set_user_attr("objective", OBJECTIVE)
     fail_stale_trials(study)
     return study
 
@@ -144,18 +152,19 @@ def ensure_baseline(study: optuna.Study, target: Target, config: TuneConfig, *, 
                   if m.outcome is TrialOutcome.INCORRECT else "check the model and the device")
         raise TuneError(f"the sequential baseline failed ({m.outcome.value}: {m.message}); {advice}.")
     if drift is not None:
-        log(f"baseline still drifting after {runs} runs (the last two medians differ by {drift:.0%}): the machine "
-            "is busy or warming; speedups shown against it are uncertain until the confirmation")
+        log(f"baseline still drifting after {runs} runs (the last two figures differ by {drift:.0%}): the machine "
+            "is busy or warming; every trial is paired with a baseline run of its own, and only the confirmation's "
+            "paired rounds decide")
     study.add_trial(optuna.trial.create_trial(
-        value=m.tokens_per_s, intermediate_values=per_sample(m, target),
+        value=1.0, intermediate_values=per_sample(m),
         user_attrs={BASELINE: True, "warm_runs": runs, RESULT: trial_record(Schedule(), m, worker=None)}))
     number = max(t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE))
     return m, number
 
 
 def warm_baseline(target: Target, config: TuneConfig) -> tuple[Measurement, int, float | None]:
-    """Measure the sequential schedule until two medians in a row agree within STABLE (or their
-    own p10-p90 spread), at most WARM_RUNS times: the first runs in a process pay one-off costs
+    """Measure the sequential schedule until two figures (paired.round_ms) in a row agree within
+    STABLE (or their own p10-p90 spread), at most WARM_RUNS times: the first runs in a process pay one-off costs
     (allocations, caches, a cold CPU clock). Returns (the last measurement, runs, the drift
     between the last two when they never agreed, else None)."""
     previous, drift = None, None
@@ -164,7 +173,7 @@ def warm_baseline(target: Target, config: TuneConfig) -> tuple[Measurement, int,
         if not m.ok:
             return m, run, None
         if previous is not None:
-            drift = abs(m.latency_ms / previous.latency_ms - 1)
+            drift = abs(round_ms(m.samples_ms) / round_ms(previous.samples_ms) - 1)
             if drift <= max(STABLE, m.spread or 0.0):
                 return m, run, None
         previous = m
@@ -235,6 +244,7 @@ class Known:
         if m is None:
             return None
         return Measurement(outcome=m.outcome, tokens_per_s=m.tokens_per_s, samples_ms=m.samples_ms, duplicate=True,
+                           baseline_samples_ms=m.baseline_samples_ms,
                            message=f"duplicate schedule: {m.outcome.value} result reused")
 
 
@@ -248,8 +258,9 @@ def _key(record: dict) -> str:
 
 
 def _reusable(t: optuna.trial.FrozenTrial, r: dict) -> Measurement:
-    return Measurement(outcome=TrialOutcome(r["outcome"]), tokens_per_s=t.value if t.state == TrialState.COMPLETE
-                       else None, samples_ms=tuple(r.get("samples_ms") or ()))
+    return Measurement(outcome=TrialOutcome(r["outcome"]), tokens_per_s=r.get("tokens_per_s"),
+                       samples_ms=tuple(r.get("samples_ms") or ()),
+                       baseline_samples_ms=tuple(r.get("baseline_samples_ms") or ()))
 
 
 def record_trial(study: optuna.Study, trial, schedule: Schedule, m: Measurement, *, known: Known,
@@ -266,8 +277,11 @@ def record_trial(study: optuna.Study, trial, schedule: Schedule, m: Measurement,
 def finish_trial(study: optuna.Study, trial: optuna.Trial, schedule: Schedule, m: Measurement, *,
                  worker: str | None = None, baseline: int | None = None) -> None:
     trial.set_user_attr(RESULT, trial_record(schedule, m, worker, baseline))
-    if m.ok:
-        study.tell(trial, m.tokens_per_s)
+    speedup = paired_speedup(m)
+    if m.ok and speedup is not None:
+        study.tell(trial, speedup)
+    elif m.ok:  # measured without its baseline round (cannot happen in the search loop): not comparable
+        study.tell(trial, state=TrialState.FAIL)
     else:
         study.tell(trial, state=TrialState.PRUNED if m.outcome is TrialOutcome.PRUNED else TrialState.FAIL)
 
@@ -277,7 +291,8 @@ def trial_record(schedule: Schedule, m: Measurement, worker: str | None, baselin
     record = {"outcome": m.outcome.value, "message": m.message, "schedule": schedule.to_json(),
               "label": schedule.label, "latency_ms": m.latency_ms, "spread": m.spread,
               "efficiency": m.efficiency, "peak_bytes": m.peak_bytes, "samples_ms": list(m.samples_ms),
-              "worker": worker, "baseline_trial": baseline}
+              "baseline_samples_ms": list(m.baseline_samples_ms), "speedup": paired_speedup(m),
+              "tokens_per_s": m.tokens_per_s, "worker": worker, "baseline_trial": baseline}
     record["killed_worker"] = m.killed_worker  # always written: a record without it is from before the field
     if m.duplicate:
         record["duplicate"] = True
@@ -290,9 +305,10 @@ def trial_record(schedule: Schedule, m: Measurement, worker: str | None, baselin
     return record
 
 
-def per_sample(m: Measurement, target: Target) -> dict[int, float]:
-    tokens = target.space_context().layout.num_tokens
-    return {i: tokens_per_s(tokens, s) for i, s in enumerate(m.samples_ms)}
+def per_sample(m: Measurement) -> dict[int, float]:
+    """The baseline's samples on the pruner's scale: each as a speedup over the baseline's own figure."""
+    figure = round_ms(m.samples_ms)
+    return {i: figure / s for i, s in enumerate(m.samples_ms)}
 
 
 def skipped() -> Measurement:

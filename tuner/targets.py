@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from dynaflow.runtime import Bench, Hardware, MeasureConfig, Measurement, Schedule, Workload
+import dataclasses
+from typing import Callable
+
+from dynaflow.runtime import Bench, Hardware, MeasureConfig, Measurement, Schedule, TrialOutcome, Workload, telemetry
 from dynaflow.runtime.measure import OnSample
 from dynaflow.search_spaces import SpaceContext
+
+from .paired import round_ms
+
+# on_sample of a paired measurement: (the candidate's samples so far, the baseline's figure in ms) -> stop?
+OnPairedSample = Callable[[list[float], float], bool]
 
 
 class Target(Protocol):
@@ -93,6 +101,45 @@ class VllmTarget:
 
     def explain(self, schedule: Schedule) -> dict | None:
         return self.engine.rpc("dynaflow_explain", schedule)
+
+
+def measure_pair(target: Target, schedule: Schedule, *, first: str = "baseline",
+                 on_sample: OnPairedSample | None = None, time_limit_s: float | None = None) -> Measurement:
+    """One paired round: the sequential schedule and `schedule` measured back to back on the same
+    target (`first` says which runs first). Returns the candidate's measurement carrying the
+    baseline's samples (`baseline_samples_ms`) and the busy reading of both. `on_sample` sees the
+    candidate's samples with the baseline's figure (only when the baseline ran first)."""
+    if first not in ("baseline", "candidate"):
+        raise ValueError(f"first must be 'baseline' or 'candidate', but got {first!r}.")
+    base = None
+    if first == "baseline":
+        base = target.measure(Schedule(), time_limit_s=time_limit_s)
+        if not base.ok:
+            return _baseline_failed(base)
+    figure = round_ms(base.samples_ms) if base is not None else None
+    hook = None if on_sample is None or figure is None else (lambda samples: on_sample(samples, figure))
+    m = target.measure(schedule, on_sample=hook, time_limit_s=time_limit_s)
+    if base is None and m.outcome in (TrialOutcome.OK, TrialOutcome.PRUNED):
+        base = target.measure(Schedule(), time_limit_s=time_limit_s)
+        if not base.ok:
+            return _baseline_failed(base)
+    if base is None:  # the candidate ran first and failed: nothing to pair
+        return m
+    busy = telemetry.merge_busy([base.telemetry.get("busy") or {}, m.telemetry.get("busy") or {}])
+    return dataclasses.replace(m, baseline_samples_ms=tuple(base.samples_ms), telemetry={**m.telemetry, "busy": busy})
+
+
+def _baseline_failed(base: Measurement) -> Measurement:
+    """The sequential run beside a candidate failed: the round is lost (a crash, not the candidate's verdict)."""
+    return Measurement(outcome=TrialOutcome.CRASHED, message=f"the sequential run beside it failed "
+                                                            f"({base.outcome.value}: {base.message})")
+
+
+def paired_speedup(m: Measurement) -> float | None:
+    """A paired measurement's speedup over its baseline (a pruned one's from its partial samples)."""
+    if not m.samples_ms or not m.baseline_samples_ms:
+        return None
+    return round_ms(m.baseline_samples_ms) / round_ms(m.samples_ms)
 
 
 def reserve(workloads) -> None:
