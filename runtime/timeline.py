@@ -63,8 +63,9 @@ def record_timeline(compiled: Compiled, resources: dict[str, str] | None = None,
 def record_timelines(compiled: list[Compiled], resources: dict[str, str] | None = None, *,
                      runs: int = 5, warmup: int = 2) -> list[Timeline]:
     """Timelines of several schedules of one model, recorded so that they compare: each warmed
-    up `warmup` times first, then their runs interleaved (a, b, a, b, ...), medians kept, so a
-    slow first run or a burst of load lands on all of them alike."""
+    up `warmup` times first, then their runs interleaved with the order alternating (a b, b a,
+    a b, ...), medians kept, so a slow first run or a burst of load lands on all of them alike
+    and each run's makespans pair up as one round (tuner/paired.py)."""
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, but got {runs} and {warmup}.")
     recorders = [_Recorder(c, resources or {}) for c in compiled]
@@ -72,8 +73,8 @@ def record_timelines(compiled: list[Compiled], resources: dict[str, str] | None 
         for _ in range(warmup):  # first-run costs are not the schedule's
             for r in recorders:
                 r.run(keep=False)
-        for _ in range(runs):
-            for r in recorders:
+        for run in range(runs):
+            for r in recorders if run % 2 == 0 else recorders[::-1]:
                 r.run(keep=True)
     finally:
         for r in recorders:
@@ -161,39 +162,43 @@ class _Recorder:
 
 def overlap(tl: Timeline, *, top: int = 5) -> dict:
     """Why a schedule is fast, from its timeline: how long ops on different streams ran at the
-    same time, in all (`overlapped_ms`: time with two or more streams busy) and per pair of
-    resource classes (`by_resources`, e.g. "compute+memory"), and the `top` pairs of (op/nano-batch)
-    that overlapped longest."""
+    same time, in all (`overlapped_ms`: time with two or more streams busy) and by what was busy
+    together (`by_resources`, e.g. "compute+memory", or "compute+compute+memory" with three
+    streams busy: each instant counted once, so these add up to `overlapped_ms`), and the `top`
+    pairs of (op/nano-batch) that overlapped longest."""
     spans = tl.spans
-    by_resources: dict[str, float] = {}
     pairs = []
     for i, a in enumerate(spans):
         for b in spans[i + 1:]:
             if b.start_ms >= a.end_ms:
                 break  # sorted by start: nothing later overlaps a
             ms = min(a.end_ms, b.end_ms) - b.start_ms
-            if a.stream == b.stream or ms <= 0:
-                continue
-            key = "+".join(sorted((str(a.resource), str(b.resource))))
-            by_resources[key] = by_resources.get(key, 0.0) + ms
-            pairs.append((ms, f"{a.op}/{a.nano}", f"{b.op}/{b.nano}"))
+            if a.stream != b.stream and ms > 0:
+                pairs.append((ms, f"{a.op}/{a.nano}", f"{b.op}/{b.nano}"))
     pairs.sort(key=lambda p: -p[0])
-    return {"makespan_ms": round(tl.makespan_ms, 4), "overlapped_ms": round(_time_with_two_busy(spans), 4),
+    by_resources = _busy_together(spans)
+    return {"makespan_ms": round(tl.makespan_ms, 4), "overlapped_ms": round(sum(by_resources.values()), 4),
             "by_resources": {k: round(v, 4) for k, v in sorted(by_resources.items(), key=lambda kv: -kv[1])},
             "top": [{"ops": [a, b], "ms": round(ms, 4)} for ms, a, b in pairs[:top]]}
 
 
-def _time_with_two_busy(spans) -> float:
-    """Wall time during which two or more streams were busy (a sweep over span edges)."""
-    edges = sorted([(s.start_ms, 1, s.stream) for s in spans] + [(s.end_ms, -1, s.stream) for s in spans])
-    busy: dict[int, int] = {}
-    total, last = 0.0, None
-    for t, delta, stream in edges:
-        if last is not None and sum(1 for n in busy.values() if n > 0) >= 2:
-            total += t - last
-        busy[stream] = busy.get(stream, 0) + delta
+def _busy_together(spans) -> dict[str, float]:
+    """Wall time with two or more streams busy, by the resource classes busy then (a sweep over
+    span edges: each instant counted once, whatever the number of streams)."""
+    edges = sorted([(s.start_ms, 1, i) for i, s in enumerate(spans)] + [(s.end_ms, -1, i) for i, s in enumerate(spans)])
+    active: set[int] = set()
+    out: dict[str, float] = {}
+    last = None
+    for t, delta, i in edges:
+        if last is not None and t > last and len({spans[j].stream for j in active}) >= 2:
+            key = "+".join(sorted(str(spans[j].resource) for j in active))
+            out[key] = out.get(key, 0.0) + t - last
+        if delta > 0:
+            active.add(i)
+        else:
+            active.discard(i)
         last = t
-    return total
+    return out
 
 
 def overlap_text(o: dict | None) -> str:

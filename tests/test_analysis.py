@@ -39,7 +39,8 @@ def test_notebook_runs_top_to_bottom(tuned, tmp_path, monkeypatch):
     assert (root / "report" / "trace_best.json").exists()  # beside the report's, not in the notebook's folder
     assert not (tmp_path / "trace_best.json").exists()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "timelines: sequential" in text and "the stored verdict:" in text  # the ratio beside the verdict
+    assert "timelines: sequential" in text and "98% interval" in text  # the timelines' speedup, by the estimator
+    assert "the confirmation measured it at" in text  # beside the confirmation's figure for the same schedule
     assert "machine    " in text  # each stored record of the study, with how busy the machine was
 
 
@@ -54,24 +55,36 @@ def test_report_writes_decodable_pngs(tuned, tmp_path):
         assert p.read_bytes()[:8] == PNG_MAGIC
         assert matplotlib.image.imread(p).shape[0] > 100  # decodes to a real image
     md = (tmp_path / "report.md").read_text()
-    assert "sequential baseline" in md and "![history](history.png)" in md
+    assert "- sequential: " in md and "tokens/s" in md and "![history](history.png)" in md
     verdict = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage) \
         .user_attrs["confirmation"]
     assert f"- confirmation: {verdict_text(verdict)}" in md and "{" not in md  # the verdict in words, not a dict
 
 
 def test_the_verdict_reads_in_words():
+    from dynaflow.tuner.confirm import Candidate, judge
+    from dynaflow.tuner.paired import Comparison, Decision, Plan, Round
+
     assert verdict_text(None) == "not run yet"
-    base = {"speedup": 0.97, "low": 0.93, "high": 1.01, "noise": 0.2, "min_effect": 0.03, "best_trial": 4}
-    assert verdict_text({**base, "verdict": "sequential_best", "winner_trial": None}) == \
-        "sequential is best: no candidate can be faster by 3% or more (best candidate 0.970x, 95% interval 0.93-1.01x)"
-    assert verdict_text({**base, "verdict": "sequential_best", "best_trial": None}) == \
-        "sequential is best: no candidate completed (every trial was pruned or failed)"
-    assert verdict_text({**base, "verdict": "winner", "speedup": 1.31, "low": 1.2, "high": 1.4, "winner_trial": 7}) == \
-        "1.310x over sequential, confirmed (95% interval 1.20-1.40x; trial 7)"
-    said = verdict_text({**base, "verdict": "inconclusive", "speedup": 1.02, "low": 0.9, "high": 1.2})
-    assert said.startswith("inconclusive: best candidate 1.020x (95% interval 0.90-1.20x, noise 20%)")
-    assert "--confirm-rounds" in said and "quieter machine" in said  # what to do
+    plan = Plan(candidates=1)
+
+    def confirmation(ratios, decision):
+        c = Comparison(rounds=tuple(Round(baseline_ms=10.0, candidate_ms=10.0 / r) for r in ratios), decision=decision)
+        return judge((Candidate(trial=4, schedule=Schedule(split_sizes=(1, 1)), comparison=c, interval=plan.final(c)),),
+                     plan)
+
+    slower = confirmation([0.96, 0.97, 0.98, 0.97, 0.96], Decision.EXCLUDED)
+    assert verdict_text(slower) == ("sequential is best: no candidate can be faster by 3% or more (best candidate "
+                                    "0.968x, 99.3% interval 0.95-0.99x over 5 paired rounds)")
+    assert verdict_text(slower.to_dict()) == verdict_text(slower)  # as the study keeps it
+    faster = confirmation([1.3, 1.32, 1.31, 1.29, 1.3], Decision.FASTER)
+    assert verdict_text(faster) == "1.304x over sequential, confirmed (99.3% interval 1.28-1.33x over 5 paired " \
+                                   "rounds; trial 4)"
+    said = verdict_text(confirmation([0.9, 1.2, 1.0, 1.1, 0.95], Decision.UNDECIDED))
+    assert said.startswith("inconclusive: best candidate 1.024x (99.3% interval 0.78-1.34x over 5 paired rounds)")
+    assert "--confirm-rounds 24" in said and "quieter machine" in said  # what to do
+    old = {"verdict": "winner", "speedup": 1.31, "low": 1.2, "high": 1.4, "winner_trial": 7}  # before paired rounds
+    assert verdict_text(old).startswith("winner (confirmed by an older dynaflow-tune from pooled samples")
 
 
 def test_an_empty_study_draws_sentences_not_empty_axes(tmp_path):

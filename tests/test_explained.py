@@ -61,7 +61,7 @@ def faulty_space(monkeypatch, tmp_path):
 
 def config(tmp_path, **kw):
     base = dict(workloads=(W,), space="faulty", trials=6, prune=False, storage=f"sqlite:///{tmp_path}/s.db", store_root=tmp_path,
-                progress=False, confirm_rounds=2, trial_timeout_s=5.0, seed=0)
+                progress=False, trial_timeout_s=5.0, seed=0)
     return TuneConfig(**{**base, **kw})
 
 
@@ -77,7 +77,8 @@ def test_the_baseline_is_warmed_until_two_medians_agree(tmp_path):
     m, number = ensure_baseline(study, target, cfg, log=lambda *a: None)
     assert m.latency_ms == pytest.approx(10.0, rel=0.01) and target.sequential_runs == 4
     trial = study.get_trials(deepcopy=False)[number]
-    assert trial.user_attrs["warm_runs"] == 4 and trial.value == pytest.approx(m.tokens_per_s)
+    assert trial.user_attrs["warm_runs"] == 4 and trial.value == 1.0  # the paired scale: sequential is 1
+    assert min(trial.intermediate_values.values()) == pytest.approx(1.0, abs=0.01)  # samples over its own figure
 
 
 def test_a_baseline_that_never_settles_is_said_to_drift(tmp_path):
@@ -85,7 +86,7 @@ def test_a_baseline_that_never_settles_is_said_to_drift(tmp_path):
     target = Telemetered(drift=True)  # 20% faster every run
     ensure_baseline(open_study("s", cfg), target, cfg, log=lines.append)
     assert target.sequential_runs == WARM_RUNS
-    assert any(line.startswith(f"baseline still drifting after {WARM_RUNS} runs (the last two medians differ by 20%)")
+    assert any(line.startswith(f"baseline still drifting after {WARM_RUNS} runs (the last two figures differ by 20%)")
                for line in lines)
 
 
@@ -111,18 +112,26 @@ def test_ctrl_c_before_the_first_trial_concludes_nothing(tmp_path):
     assert result.interrupted and result.verdict.kind is Verdict.INCONCLUSIVE
     assert result.record.verdict is Verdict.INCONCLUSIVE and result.record.schedule.is_sequential
     text = result_lines(result)
-    assert "inconclusive: interrupted before any candidate was measured" in text
+    assert "inconclusive: interrupted before the confirmation; sequential kept, nothing concluded" in text
     assert "no candidate completed" not in text
 
 
-def test_a_verdict_confirmed_under_contention_says_so_everywhere(tmp_path):
-    cfg = config(tmp_path)
+def test_a_busy_machine_concludes_nothing_unless_contention_is_accepted_and_then_says_so(tmp_path):
+    result = run(Telemetered(busy=BUSY), config(tmp_path))
+    assert result.record.verdict is Verdict.INCONCLUSIVE
+    said = result_lines(result)
+    assert "inconclusive: the machine was busy (36 of 36 paired rounds ran while the machine was busy: other " \
+           "processes used 60% of the 2 CPU(s) (load average 6))" in said
+    cfg = config(tmp_path, accept_contention=True, storage=f"sqlite:///{tmp_path}/t.db")
     result = run(Telemetered(busy=BUSY), cfg)
     rec = ScheduleStore(StoreConfig(root=tmp_path)).read(result.path)
-    assert rec.contended == "other processes used 60% of the 2 CPU(s) (load average 6)"
-    assert rec.busy["wall_s"] == pytest.approx(2.0 * 2 * (1 + cfg.confirm_top))  # 2 rounds: baseline + top ones
-    assert f"measured under contention: {rec.contended}" in result_lines(result)
-    assert f"machine    under contention: {rec.contended}" in describe(rec)
+    assert rec.verdict is Verdict.WINNER
+    assert rec.contended == "5 of 5 paired rounds ran while the machine was busy: other processes used 60% of the " \
+                            "2 CPU(s) (load average 6)"
+    # every measurement read 2 s; 5 rounds of 2 measurements for each of the 3 candidates
+    assert rec.busy["wall_s"] == pytest.approx(2.0 * 2 * 5 * cfg.confirm_top)
+    assert f"measured under contention (accepted): {rec.contended}" in result_lines(result)
+    assert f"machine    under contention (accepted): {rec.contended}" in describe(rec)
 
 
 def test_a_quiet_confirmation_is_said_to_be_quiet(tmp_path):
@@ -169,6 +178,18 @@ def test_overlap_adds_up_what_ran_at_the_same_time_per_pair_of_resource_classes(
     assert overlap(Timeline(label="seq", spans=spans[:1] + spans[2:3]))["overlapped_ms"] == 0.0
 
 
+def test_with_more_than_two_streams_each_instant_counts_once():
+    """Three streams busy at once: the time is one "compute+compute+memory" span, never three
+    pairs, so the figures add up to the time with two or more streams busy, within the wall time."""
+    spans = (Span(op="a", nano=0, stream=0, start_ms=0.0, end_ms=4.0, resource="compute"),
+             Span(op="b", nano=1, stream=1, start_ms=0.0, end_ms=4.0, resource="compute"),
+             Span(op="c", nano=2, stream=2, start_ms=1.0, end_ms=3.0, resource="memory"),
+             Span(op="d", nano=3, stream=3, start_ms=3.5, end_ms=5.0, resource="copy"))
+    o = overlap(Timeline(label="x", spans=spans))
+    assert o["by_resources"] == {"compute+compute": 1.5, "compute+compute+memory": 2.0, "compute+compute+copy": 0.5}
+    assert sum(o["by_resources"].values()) == o["overlapped_ms"] == 4.0 <= o["makespan_ms"]
+
+
 def test_a_real_two_stream_schedule_overlaps_and_sequential_does_not():
     bench = Bench(Workload(model="user_models:paced_block", num_decode=8), config=MeasureConfig(warmup=1, repeats=2))
     names = bench.executor.graph.names
@@ -204,7 +225,7 @@ def test_timelines_are_warmed_and_their_runs_interleaved():
     a = Logged(ex.compile(Schedule()), "a", log)
     b = Logged(ex.compile(Schedule(split_sizes=(2, 2), label="split")), "b", log)
     seq, split = record_timelines([a, b], runs=3, warmup=2)
-    assert log == ["a", "b"] * 5  # two warm-ups each, then three recorded runs, alternating
+    assert log == ["a", "b"] * 2 + ["a", "b", "b", "a", "a", "b"]  # two warm-ups each, then 3 runs, order alternating
     assert len(seq.makespans_ms) == len(split.makespans_ms) == 3
     assert seq.label == "sequential" and split.label == "split"
 
@@ -216,18 +237,27 @@ def _tl(makespans):
 
 def test_the_timeline_ratio_is_set_beside_the_verdict_and_disagreement_said():
     seq, best = _tl([20.0, 20.0, 21.0, 20.5]), _tl([10.0, 10.0, 10.5, 10.2])
-    agree = timeline_ratio([seq, best], {"verdict": "winner", "speedup": 2.0})
-    assert "2.0" in agree and "the stored verdict: 2.000x (winner)" in agree and "disagree" not in agree
-    differ = timeline_ratio([seq, best], {"verdict": "sequential_best", "speedup": 1.01})
-    assert "the stored verdict: 1.000x (sequential best): they disagree beyond the timelines' spread" in differ
+    agree = timeline_ratio([seq, best], {"verdict": "winner", "speedup": 2.0, "best_speedup": 2.0, "low": 1.9,
+                                         "high": 2.1})
+    assert "2.0" in agree and "the confirmation measured it at 2.000x (1.900-2.100x) (winner)" in agree
+    assert "98% interval" in agree and "over 4 paired runs" in agree and "disagree" not in agree
+    differ = timeline_ratio([seq, best], {"verdict": "sequential_best", "speedup": 1.0, "best_speedup": 1.01,
+                                          "low": 0.95, "high": 1.02})
+    assert "1.010x (0.950-1.020x) (sequential best): they disagree beyond both intervals" in differ
+    # a slower best candidate agrees with "sequential best": the same schedule, the same figure
+    slower = _tl([9.0, 9.1, 8.9, 9.0])
+    said = timeline_ratio([slower, best], {"verdict": "sequential_best", "speedup": 1.0, "best_speedup": 0.88,
+                                           "low": 0.85, "high": 0.9})
+    assert "disagree" not in said
 
 
 def test_the_report_says_why_the_winner_won_and_how_busy_the_machine_was(tmp_path):
     from dynaflow.tuner.report import write_report
 
-    cfg = config(tmp_path)
+    cfg = config(tmp_path, accept_contention=True)
     run(Telemetered(why=WHY, busy=BUSY), cfg)
     text = write_report(cfg.storage.url, tmp_path / "report", store_root=tmp_path, timelines=False).read_text()
     assert "- why the winner won: 3.00 of 8.00 ms with two or more streams busy (compute+memory 2.50 ms" in text
-    assert "- machine during the confirmation: under contention: other processes used 60% of the 2 CPU(s)" in text
-    assert "x the baseline measured in its run; unconfirmed" in text
+    assert "- machine during the confirmation: under contention (accepted): 5 of 5 paired rounds ran while the " \
+           "machine was busy: other processes used 60% of the 2 CPU(s)" in text
+    assert "x over the sequential run beside it (trial" in text and "one paired round, unconfirmed" in text

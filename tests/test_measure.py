@@ -104,3 +104,34 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["measure", "--workload", "d4x16", "--schedule", str(bad)]) == 2
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_multi_stream_run_leaves_no_stream_threads_behind():
+    """Threads that ran torch ops keep an OpenMP team each, which slows the next (sequential)
+    measurement in the process: a runner's stream threads end when it is closed (Bench.measure
+    closes every schedule it compiled), and when it is dropped unclosed."""
+    import gc
+    import threading
+
+    from dynaflow.runtime import Executor, StreamSpec
+
+    def streams() -> int:
+        return sum(t.name.startswith("dynaflow-stream") for t in threading.enumerate())
+
+    ex = Executor(Workload(model="llama-tiny", num_decode=6, context_len=8).build())
+    three = Schedule(split_sizes=(2, 2, 2), streams=(StreamSpec(), StreamSpec(), StreamSpec()), label="three")
+    before = streams()
+    compiled = ex.compile(three)
+    compiled()
+    assert streams() > before
+    compiled.close()
+    assert streams() == before
+    dropped = ex.compile(three)
+    dropped()
+    del dropped
+    gc.collect()
+    for _ in range(100):  # the finalizer shuts the pool down without waiting
+        if streams() == before:
+            break
+        threading.Event().wait(0.01)
+    assert streams() == before

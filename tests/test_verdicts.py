@@ -1,14 +1,16 @@
-"""Three verdicts from the confirmation's bootstrap interval, each stored as such; an
-inconclusive run never replaces a conclusive record; a failing baseline is one line."""
+"""Three verdicts from paired rounds, each stored as such; busy rounds are no evidence; nothing is
+concluded from nothing; an inconclusive or contended run never replaces a conclusive quiet
+record; a failing baseline is one line."""
 import json
 import random
 
 import pytest
 
-from dynaflow.runtime import Schedule, Workload
+from dynaflow.runtime import Measurement, Schedule, TrialOutcome, Workload
 from dynaflow.tuner.cli import main
-from dynaflow.tuner.confirm import Candidate, judge, speedup_interval
+from dynaflow.tuner.confirm import Candidate, judge
 from dynaflow.tuner.config import TuneConfig
+from dynaflow.tuner.paired import Comparison, Decision, Plan, Round
 from dynaflow.tuner.tune import tune
 from fakes import FakeTarget, tiny_context
 from cli_output import error_lines
@@ -16,48 +18,106 @@ from cli_output import error_lines
 W = Workload(model="llama-tiny", num_decode=32, context_len=16, prefill_tokens=32, prefill_chunk=16)
 
 
-def samples(median: float, noise: float, n: int = 30, seed: int = 0) -> list[float]:
+def comparison(ratios, plan: Plan, busy=()) -> Comparison:
+    """Rounds with these speedups (baseline 10 ms), decided the way `compare` decides them."""
+    c = Comparison()
+    for i, r in enumerate(ratios):
+        c = Comparison(rounds=c.rounds + (Round(baseline_ms=10.0, candidate_ms=10.0 / r,
+                                                busy="others used 60%" if i in busy else None),))
+        decision = plan.decide(c, last=len(c.rounds) == plan.max_rounds)
+        c = Comparison(rounds=c.rounds, decision=decision)
+        if decision is not Decision.UNDECIDED:
+            break
+    return c
+
+
+def candidate(c: Comparison, plan: Plan, trial: int = 1) -> Candidate:
+    return Candidate(trial=trial, schedule=Schedule(split_sizes=(1, 1)), comparison=c, interval=plan.final(c))
+
+
+def noisy(mean: float, noise: float, n: int = 12, seed: int = 0) -> list[float]:
     rng = random.Random(seed)
-    return [median * (1 + noise * (rng.random() - 0.5)) for _ in range(n)]
+    return [mean * (1 + noise * (rng.random() - 0.5)) for _ in range(n)]
 
 
-def candidate(base: list[float], cand: list[float]) -> Candidate:
-    low, high = speedup_interval(base, cand)
-    return Candidate(trial=None, schedule=Schedule(split_sizes=(1, 1)), samples_ms=tuple(cand),
-                     speedup=sorted(base)[len(base) // 2] / sorted(cand)[len(cand) // 2], low=low, high=high, noise=0.0)
-
-
-@pytest.mark.parametrize("cand_ms, noise, verdict", [
-    (8.0, 0.05, "winner"),  # 25% faster, 5% noise: the interval lies above 1
-    (12.0, 0.05, "sequential_best"),  # 17% slower: it cannot be 3% faster
-    (10.0, 0.05, "sequential_best"),  # equal, little noise: the interval ends below 1.03
-    (9.7, 0.8, "inconclusive"),  # maybe 3% faster, 80% noise: the interval spans 1 and 1.03
+@pytest.mark.parametrize("mean, noise, verdict", [
+    (1.25, 0.05, "winner"),  # 25% faster, 5% noise per round: the interval lies above 1
+    (0.85, 0.05, "sequential_best"),  # 15% slower: it cannot be 3% faster
+    (1.0, 0.01, "sequential_best"),  # equal, little noise: the interval ends below 1.03
+    (1.02, 0.6, "inconclusive"),  # maybe 3% faster, 60% noise: the interval spans 1 and 1.03
 ])
-def test_three_verdicts_from_the_interval(cand_ms, noise, verdict):
-    base = samples(10.0, noise, seed=1)
-    v = judge((candidate(base, samples(cand_ms, noise, seed=2)),), tuple(base), None, min_effect=0.03)
-    assert v.kind == verdict, (v.best.low, v.best.high)
+def test_three_verdicts_from_the_rounds(mean, noise, verdict):
+    plan = Plan(candidates=1)
+    c = comparison(noisy(mean, noise), plan)
+    v = judge((candidate(c, plan),), plan)
+    assert v.kind == verdict, (v.best_candidate.interval, c.decision)
     assert v.schedule.is_sequential == (verdict != "winner")
+    assert len(c.rounds) >= plan.min_rounds  # never decided on fewer rounds than the minimum
 
 
-def test_no_candidate_is_sequential_best():
-    assert judge((), (10.0, 10.1), None, 0.03).kind == "sequential_best"
+def test_the_interval_comes_from_the_rounds_not_from_pooled_samples():
+    """Three rounds of a schedule that won each by a hair give no verdict, however many samples
+    each round held: three observations."""
+    plan = Plan(candidates=1, max_rounds=3, min_rounds=3)
+    c = comparison([1.2, 1.9, 1.05], plan)
+    iv = plan.final(c)
+    assert iv.rounds == 3 and iv.low < 1.0  # a t-interval over 3 rounds is wide
+    assert judge((candidate(c, plan),), plan).kind == "inconclusive"
+
+
+def test_busy_rounds_are_no_evidence_for_a_winner():
+    plan = Plan(candidates=1)
+    always_busy = comparison([1.4] * 12, plan, busy=range(12))
+    v = judge((candidate(always_busy, plan),), plan)
+    assert v.kind == "inconclusive" and "the machine was busy (12 of 12 paired rounds" in v.reason
+    assert "--accept-contention" in v.reason and v.busy_rounds == 12
+    some_busy = comparison([1.4] * 12, plan, busy=(0, 2, 4))
+    v = judge((candidate(some_busy, plan),), plan)
+    assert v.kind == "winner" and len(some_busy.evidence()) == plan.min_rounds and not v.contended
+    accepted = Plan(candidates=1, accept_contention=True)
+    v = judge((candidate(comparison([1.4] * 12, accepted, busy=range(12)), accepted),), accepted)
+    assert v.kind == "winner" and "5 of 5 paired rounds ran while the machine was busy" in v.contended
+
+
+def test_sequential_best_needs_every_candidate_excluded():
+    plan = Plan(candidates=2)
+    slow, undecided = comparison([0.8] * 12, plan), comparison(noisy(1.02, 0.6, seed=3), plan)
+    assert judge((candidate(slow, plan), candidate(undecided, plan, 2)), plan).kind == "inconclusive"
+    assert judge((candidate(slow, plan), candidate(slow, plan, 2)), plan).kind == "sequential_best"
+    failed = Comparison(failed="incorrect: output differs", decision=Decision.FAILED)
+    assert judge((candidate(slow, plan), candidate(failed, plan, 2)), plan).kind == "sequential_best"
+    v = judge((candidate(failed, plan),), Plan(candidates=1))
+    assert v.kind == "inconclusive" and "every candidate failed when re-measured" in v.reason
 
 
 def _config(tmp_path, **kw):
     return TuneConfig(**{**dict(workloads=(W,), space="dbo", trials=8, storage=f"sqlite:///{tmp_path}/s.db",
-                                store_root=tmp_path, progress=False, confirm_rounds=2, seed=0), **kw})
+                                store_root=tmp_path, progress=False, seed=0), **kw})
 
 
 class Noisy(FakeTarget):
-    """Every sample anywhere between 0.3x and 1.7x of the landscape's latency."""
+    """Every measurement anywhere between 0.3x and 1.7x of the landscape's latency, as a whole."""
 
     def measure(self, schedule, **kw):
         m = super().measure(schedule, **kw)
         if m.ok:
-            rng = random.Random(self.calls)
-            object.__setattr__(m, "samples_ms", tuple(m.latency_ms * (0.3 + 1.4 * rng.random()) for _ in range(6)))
+            factor = 0.3 + 1.4 * random.Random(self.calls).random()
+            object.__setattr__(m, "samples_ms", tuple(s * factor for s in m.samples_ms))
         return m
+
+
+class Busy(FakeTarget):
+    """Every measurement taken while other processes held 60% of 2 CPUs; candidates win there."""
+
+    def measure(self, schedule, **kw):
+        m = super().measure(schedule, **kw)
+        if m.ok:
+            object.__setattr__(m, "telemetry", {"busy": {"wall_s": 1.0, "others_cpu_s": 1.2, "cpus": 2}})
+        return m
+
+
+def _record(tmp_path, result):
+    return json.loads((tmp_path / "schedules" / result.record.hardware.key / f"{W.key}.json").read_text())
 
 
 def test_an_inconclusive_run_never_replaces_a_conclusive_record(tmp_path):
@@ -66,21 +126,75 @@ def test_an_inconclusive_run_never_replaces_a_conclusive_record(tmp_path):
 
     [first] = tune(_config(tmp_path), make_target=lambda w: FakeTarget(tiny_context(), landscape), log=lambda *a: None)
     assert first.record.verdict == "winner" and first.kept is None
-    path = tmp_path / "schedules" / first.record.hardware.key / f"{W.key}.json"
-    stored = json.loads(path.read_text())
-    assert stored["verdict"] == "winner" and stored["speedup_interval"][0] > 1
+    stored = _record(tmp_path, first)
+    assert stored["verdict"] == "winner" and stored["speedup_interval"][0] > 1 and stored["rounds"] == 5
 
     flat = Noisy(tiny_context(), lambda s: 10.0 if s.is_sequential else 9.9)
     [second] = tune(_config(tmp_path, trials=10, prune=False), make_target=lambda w: flat, log=lambda *a: None)
     assert second.verdict.kind == "inconclusive"
     assert second.record.verdict == "winner" and "conclusive" in second.kept  # the old record stays
-    assert json.loads(path.read_text()) == stored
+    assert _record(tmp_path, second) == stored
+
+
+def test_a_busy_machine_stores_no_winner_and_keeps_the_stored_verdict(tmp_path):
+    def landscape(s):
+        return 10.0 if s.is_sequential else 6.0  # what thread caps do under load
+
+    [first] = tune(_config(tmp_path), make_target=lambda w: FakeTarget(tiny_context(), lambda s: 10.0 if s.is_sequential
+                                                                        else 12.0), log=lambda *a: None)
+    assert first.record.verdict == "sequential_best"
+    stored = _record(tmp_path, first)
+    [busy] = tune(_config(tmp_path), make_target=lambda w: Busy(tiny_context(), landscape), log=lambda *a: None)
+    assert busy.verdict.kind == "inconclusive" and "the machine was busy" in busy.verdict.reason
+    assert busy.record.verdict == "sequential_best" and _record(tmp_path, busy) == stored  # kept
+    # accepted on purpose: a winner that says so, and still not in place of the quiet record
+    [accepted] = tune(_config(tmp_path, accept_contention=True), make_target=lambda w: Busy(tiny_context(), landscape),
+                      log=lambda *a: None)
+    assert accepted.verdict.kind == "winner" and accepted.verdict.contended
+    assert "measured quiet" in accepted.kept and _record(tmp_path, accepted) == stored
+
+
+def test_a_contended_record_gives_way_to_a_quiet_one(tmp_path):
+    def landscape(s):
+        return 10.0 if s.is_sequential else 8.0
+
+    [accepted] = tune(_config(tmp_path, accept_contention=True), make_target=lambda w: Busy(tiny_context(), landscape),
+                      log=lambda *a: None)
+    assert accepted.kept is None and _record(tmp_path, accepted)["contended"]
+    [quiet] = tune(_config(tmp_path), make_target=lambda w: FakeTarget(tiny_context(), landscape), log=lambda *a: None)
+    assert quiet.kept is None and quiet.record.verdict == "winner" and _record(tmp_path, quiet)["contended"] is None
 
 
 def test_an_inconclusive_verdict_is_stored_as_such_when_nothing_was(tmp_path):
     flat = Noisy(tiny_context(), lambda s: 10.0 if s.is_sequential else 9.9)
     [r] = tune(_config(tmp_path, prune=False), make_target=lambda w: flat, log=lambda *a: None)
     assert r.record.verdict == "inconclusive" and r.record.schedule.is_sequential and r.kept is None
+
+
+def test_nothing_is_concluded_from_nothing(tmp_path):
+    """Every candidate incorrect: no candidate to re-measure is inconclusive, never 'sequential
+    is best', and a later run's conclusive verdict replaces it."""
+    broken = FakeTarget(tiny_context(), lambda s: 10.0, failures={n: TrialOutcome.INCORRECT for n in range(1, 99)},
+                        fail_candidates=True)
+    [r] = tune(_config(tmp_path), make_target=lambda w: broken, log=lambda *a: None)
+    assert r.record.verdict == "inconclusive" and "nothing to compare: no candidate ran correctly (incorrect" \
+        in r.verdict.reason
+    slow = FakeTarget(tiny_context(), lambda s: 10.0 if s.is_sequential else 12.0)
+    [again] = tune(_config(tmp_path, storage=f"sqlite:///{tmp_path}/t.db"), make_target=lambda w: slow,
+                   log=lambda *a: None)
+    assert again.record.verdict == "sequential_best" and again.kept is None
+
+
+def test_pruned_trials_are_candidates_by_their_partial_results(tmp_path):
+    """Every trial pruned (clearly slower): the best of them are still re-measured in paired
+    rounds, and only then is sequential best."""
+    slow = FakeTarget(tiny_context(), lambda s: 10.0 if s.is_sequential else 20.0, samples=12)
+    [r] = tune(_config(tmp_path, trials=6), make_target=lambda w: slow, log=lambda *a: None)
+    assert r.outcomes.get("pruned", 0) >= 5 and r.outcomes.get("ok", 0) <= 1
+    assert r.record.verdict == "sequential_best"
+    assert any(c.pruned for c in r.verdict.candidates)
+    assert all(c.comparison.decision is Decision.EXCLUDED and len(c.comparison.rounds) == 5
+               for c in r.verdict.candidates)
 
 
 def test_a_baseline_that_fails_verification_is_one_line_saying_what_to_do(tmp_path, capsys):
@@ -90,3 +204,29 @@ def test_a_baseline_that_fails_verification_is_one_line_saying_what_to_do(tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(error_lines(err)) == 1 and "Traceback" not in err
     assert "the sequential baseline failed (incorrect" in err and "--rtol/--atol" in err
+
+
+def test_a_study_from_before_paired_rounds_is_refused_in_one_line(tmp_path, capsys):
+    import optuna
+
+    from dynaflow.tuner.study import study_name
+
+    storage = f"sqlite:///{tmp_path}/old.db"
+    name = study_name(tiny_context().hardware.key, W, "dbo")
+    old = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+    old.add_trial(optuna.trial.create_trial(value=2400.0))  # tokens/s, as older releases stored
+    with pytest.raises(Exception, match="made by an older dynaflow-tune: its trial values are tokens/s"):
+        tune(_config(tmp_path, storage=storage), make_target=lambda w: FakeTarget(tiny_context(), lambda s: 10.0),
+             log=lambda *a: None)
+
+
+def test_a_measurement_beside_a_failing_baseline_is_a_lost_round():
+    from dynaflow.tuner.targets import measure_pair
+
+    target = FakeTarget(tiny_context(), lambda s: 10.0, failures={1: TrialOutcome.CRASHED})
+    m = measure_pair(target, Schedule(split_sizes=(16, 16), label="x"))
+    assert m.outcome is TrialOutcome.CRASHED and "the sequential run beside it failed (crashed" in m.message
+    m = measure_pair(target, Schedule(split_sizes=(16, 16), label="x"), first="candidate")
+    assert m.ok and len(m.baseline_samples_ms) == len(m.samples_ms) and isinstance(m, Measurement)
+    with pytest.raises(ValueError, match="first must be 'baseline' or 'candidate'"):
+        measure_pair(target, Schedule(), first="both")

@@ -19,7 +19,8 @@ from .storage import open_storage  # noqa: E402
 from .study import BASELINE, RESULT, counts_toward_budget, result_of  # noqa: E402
 
 COLOURS = {"compute": "tab:blue", "memory": "tab:orange", "copy": "tab:green", "network": "tab:purple"}
-MARKERS = {"PRUNED": ("v", "tab:orange", "pruned (last sample)"), "FAIL": ("x", "tab:red", "failed")}
+MARKERS = {"PRUNED": ("v", "tab:orange", "pruned (partial result)"), "FAIL": ("x", "tab:red", "failed")}
+MIN_TRIALS_FOR_IMPORTANCES = 10  # below this many completed trials with parameters, importances are noise
 
 
 def studies_table(storage: str) -> pd.DataFrame:
@@ -55,45 +56,33 @@ def load_study(storage: str, study_name: str | None = None) -> optuna.Study:
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, tokens/s, params_*, the trial record's fields, and the
-    speedup over the baseline (a pruned trial's from its last sample)."""
+    """One row per trial: number, state, params_*, the trial record's fields, and `speedup`: the
+    trial's paired speedup (over the sequential run measured right before it; a pruned trial's
+    from its partial samples), the same figure the pruner and the confirmation's choice use."""
     trials = study.get_trials(deepcopy=False)
     df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params", "user_attrs"))
     if df.empty:
         return pd.DataFrame({"number": pd.Series(dtype=int), "state": pd.Series(dtype=str),
-                             "tokens_per_s": pd.Series(dtype=float), "outcome": pd.Series(dtype=str),
+                             "speedup": pd.Series(dtype=float), "outcome": pd.Series(dtype=str),
                              "baseline": pd.Series(dtype=bool), "duplicate": pd.Series(dtype=bool),
-                             "speedup": pd.Series(dtype=float), "label": pd.Series(dtype=str)})
-    records = pd.json_normalize([result_of(t) for t in trials]).drop(columns=["samples_ms"], errors="ignore")
-    df = pd.concat([df.drop(columns=[c for c in df if c.startswith("user_attrs_")]), records], axis=1)
+                             "label": pd.Series(dtype=str)})
+    records = pd.json_normalize([result_of(t) for t in trials]).drop(
+        columns=["samples_ms", "baseline_samples_ms", "speedup"], errors="ignore")
+    df = pd.concat([df.drop(columns=[c for c in df if c.startswith("user_attrs_")] + ["value"]), records], axis=1)
     df["baseline"] = [bool(t.user_attrs.get(BASELINE)) for t in trials]
     df["duplicate"] = [bool(result_of(t).get("duplicate")) for t in trials]
-    df = df.rename(columns={"value": "tokens_per_s"})
-    df["last_sample_tokens_per_s"] = [t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values
-                                      else None for t in trials]
-    df["baseline_tokens_per_s"] = _baseline_of_each(trials)
-    df["speedup"] = df.tokens_per_s / df.baseline_tokens_per_s
+    df["speedup"] = [1.0 if t.user_attrs.get(BASELINE) else result_of(t).get("speedup") for t in trials]
+    df["speedup"] = df.speedup.astype(float)
     return df
 
 
-def _baseline_of_each(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
-    """Each trial's baseline: the one measured in its own run (its record names it), else the
-    latest measured before it (studies from before runs named theirs); a baseline is its own."""
-    values = {t.number: t.value for t in trials if t.user_attrs.get(BASELINE) and t.value}
-    out, latest = [], None
-    for t in trials:
-        if t.number in values:
-            latest = values[t.number]
-        named = result_of(t).get("baseline_trial")
-        out.append(values.get(named, latest) if named is not None else latest)
-    return [float("nan") if v is None else v for v in out]
-
-
 def best_search_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The fastest completed search trial (the baseline and duplicates left out)."""
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-            and t.user_attrs.get(RESULT) and not t.user_attrs.get(BASELINE) and not result_of(t).get("duplicate")]
-    return max(done, key=lambda t: t.value, default=None)
+    """The search trial with the best paired speedup, pruned ones included by their partial
+    result (the baseline and duplicates left out)."""
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            and not t.user_attrs.get(BASELINE) and result_of(t).get("speedup") is not None
+            and not result_of(t).get("duplicate")]
+    return max(done, key=lambda t: result_of(t)["speedup"], default=None)
 
 
 def say(ax, text: str) -> None:
@@ -103,29 +92,28 @@ def say(ax, text: str) -> None:
 
 
 def plot_history(study: optuna.Study, df: pd.DataFrame, ax) -> None:
-    """Every search trial's speedup over the baseline measured in its own run (warmed before the
-    run's first trial): completed (dots, with the best so far), pruned (at their last sample)
-    and failed (at the bottom), each marked; the confirmed speedup, when there is one, as a line."""
+    """Every search trial's paired speedup (over the sequential run measured right before it):
+    completed (dots, with the best so far), pruned (at their partial result) and failed (at the
+    bottom), each marked; the confirmed speedup, when there is one, as a line."""
     search = df[~df.baseline] if len(df) else df
-    base = df.loc[df.baseline, "tokens_per_s"] if len(df) else []
-    if not len(search) or not len(base):
-        say(ax, "no search trials yet" if len(base) else "no baseline measured yet: nothing to compare")
+    if not len(search):
+        say(ax, "no search trials yet")
         return
     ok = search[search.state == "COMPLETE"]
     ax.scatter(ok.number, ok.speedup, s=14, label="completed")
     if len(ok):
-        ax.plot(ok.number, ok.speedup.cummax(), color="black", linewidth=1, label="best so far (unconfirmed)")
-    low = min([1.0, *ok.speedup.dropna()]) * 0.95
+        ax.plot(ok.number, ok.speedup.cummax(), color="black", linewidth=1, label="best so far (one round each)")
+    low = min([1.0, *search.speedup.dropna()]) * 0.95
     for state, (marker, colour, label) in MARKERS.items():
         rows = search[search.state == state]
         if len(rows):
-            y = rows.last_sample_tokens_per_s / rows.baseline_tokens_per_s if state == "PRUNED" else [low] * len(rows)
+            y = rows.speedup if state == "PRUNED" else [low] * len(rows)
             ax.scatter(rows.number, y, marker=marker, color=colour, s=22, label=label)
-    ax.axhline(1.0, color="red", linestyle="--", label="sequential baseline (each run's own)")
+    ax.axhline(1.0, color="red", linestyle="--", label="sequential (each trial's own run beside it)")
     confirmed = study.user_attrs.get("confirmation") or {}
     if confirmed.get("verdict") == "winner":
         ax.axhline(confirmed["speedup"], color="green", linestyle=":", label=f"confirmed {confirmed['speedup']:.3f}x")
-    ax.set(xlabel="trial", ylabel="speedup over its run's baseline", title="optimization history")
+    ax.set(xlabel="trial", ylabel="paired speedup over sequential", title="optimization history")
     ax.legend(loc="best", fontsize=7)
 
 
@@ -140,7 +128,14 @@ def plot_outcomes(df: pd.DataFrame, ax) -> None:
 
 
 def plot_importances(study: optuna.Study, ax) -> str | None:
-    """Parameter importances (Optuna's default evaluator); returns why not, when it cannot."""
+    """Parameter importances (Optuna's default evaluator); returns why not, when it cannot or
+    when too few trials completed for them to mean anything."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.params]
+    if len(done) < MIN_TRIALS_FOR_IMPORTANCES:
+        why = (f"no parameter importances: {len(done)} completed trial(s) with parameters, and below "
+               f"{MIN_TRIALS_FOR_IMPORTANCES} they would show noise, not what matters")
+        say(ax, why)
+        return why
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -164,18 +159,32 @@ def pareto_note(study: optuna.Study) -> str | None:
 
 
 def plot_winner_spread(study: optuna.Study, ax) -> None:
-    """The confirmation's pooled samples: the baseline's beside the best candidate's, the same
-    samples the verdict was computed from."""
+    """The confirmation's per-round speedups of each re-measured candidate: the observations the
+    verdict was computed from (busy rounds drawn apart, grey)."""
     v = study.user_attrs.get("confirmation") or {}
-    base, best = v.get("baseline_samples_ms") or [], v.get("best_samples_ms") or []
-    if not base:
-        say(ax, "no confirmation yet: the spread is drawn from the confirmation rounds")
+    candidates = v.get("candidates")
+    if candidates is None:
+        say(ax, "no confirmation in paired rounds yet" if not v else "confirmed by an older dynaflow-tune "
+            "(pooled samples): re-tune to see its paired rounds")
         return
-    if not best:
-        say(ax, "no candidate reached the confirmation (every trial was pruned or failed)")
+    if not candidates:
+        say(ax, "no candidate reached the confirmation: nothing concluded")
         return
-    ax.boxplot([base, best], tick_labels=["sequential", f"trial {v.get('best_trial')}"])
-    ax.set(ylabel="latency (ms)", title=f"confirmation: {v.get('verdict', '').replace('_', ' ')}")
+    for i, c in enumerate(candidates):
+        rounds = c["comparison"]["rounds"]
+        quiet = [r["baseline_ms"] / r["candidate_ms"] for r in rounds if not r.get("busy")]
+        busy = [r["baseline_ms"] / r["candidate_ms"] for r in rounds if r.get("busy")]
+        ax.scatter([i] * len(quiet), quiet, s=14, color="tab:blue", label="quiet round" if i == 0 else None)
+        ax.scatter([i + 0.15] * len(busy), busy, s=14, color="grey",
+                   label="busy round (no evidence)" if i == 0 and busy else None)
+        if c.get("rounds", 0) >= 2:
+            ax.errorbar([i - 0.15], [c["speedup"]], yerr=[[c["speedup"] - c["low"]], [c["high"] - c["speedup"]]],
+                        fmt="o", color="black", capsize=3, label="speedup and interval" if i == 0 else None)
+    ax.axhline(1.0, color="red", linestyle="--", linewidth=0.8)
+    ax.axhline(1.0 + (v.get("min_effect") or 0.03), color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xticks(range(len(candidates)), [f"trial {c['trial']}" for c in candidates], fontsize=7)
+    ax.set(ylabel="speedup per paired round", title=f"confirmation: {v.get('verdict', '').replace('_', ' ')}")
+    ax.legend(fontsize=6, loc="best")
 
 
 def plot_buckets(records: pd.DataFrame, ax) -> None:
@@ -194,17 +203,20 @@ def plot_buckets(records: pd.DataFrame, ax) -> None:
 
 def plot_timelines(timelines: list[Timeline], axes, *, caption: str | None = None) -> None:
     """Gantt charts, one per schedule, on a shared time axis: where the overlap is; `caption`
-    (report.timeline_ratio) says how their ratio compares with the stored verdict."""
-    end = max(t.makespan_ms for t in timelines)
+    (report.timeline_ratio) says how their ratio compares with the stored verdict. A label is
+    written inside its bar, clipped to what fits, never rotated across the rows of other streams."""
+    end = max(t.makespan_ms for t in timelines) or 1.0
     for tl, ax in zip(timelines, axes):
         for s in tl.spans:
             ax.broken_barh([(s.start_ms, s.end_ms - s.start_ms)], (s.stream - 0.4, 0.8),
                            facecolors=COLOURS.get(s.resource, "grey"), edgecolor="white", linewidth=0.3)
-            if s.end_ms - s.start_ms > end * 0.03:  # a label where it fits
-                ax.text((s.start_ms + s.end_ms) / 2, s.stream, f"{s.op}/{s.nano}", ha="center", va="center",
-                        fontsize=5, rotation=90 if s.end_ms - s.start_ms < end * 0.08 else 0)
-        ax.set(xlim=(0, end * 1.02), yticks=sorted({s.stream for s in tl.spans}), ylabel="stream",
-               title=f"{tl.label}: {tl.makespan_ms:.2f} ms")
+            fits, label = int((s.end_ms - s.start_ms) / end * LABEL_CHARS), f"{s.op}/{s.nano}"
+            if fits >= 3:
+                ax.text((s.start_ms + s.end_ms) / 2, s.stream, label if len(label) <= fits else label[:fits - 1] + "~",
+                        ha="center", va="center", fontsize=6, clip_on=True)
+        streams = sorted({s.stream for s in tl.spans})
+        ax.set(xlim=(0, end * 1.02), ylim=(min(streams, default=0) - 0.6, max(streams, default=0) + 0.6),
+               yticks=streams, ylabel="stream", title=f"{tl.label}: {tl.makespan_ms:.2f} ms")
     axes[-1].set_xlabel("ms")
     if caption:
         import textwrap
@@ -214,6 +226,9 @@ def plot_timelines(timelines: list[Timeline], axes, *, caption: str | None = Non
     axes[0].legend(handles=handles, fontsize=7, loc="upper right")
 
 
+LABEL_CHARS = 150  # characters of 6-point text across the figure's width
+
+
 def study_workload(study: optuna.Study) -> tuple[str, str]:
     """(hardware key, workload key) from a study name `<hardware>/<workload>/<space>`."""
     hardware, workload, _ = study.study_name.split("/")
@@ -221,10 +236,13 @@ def study_workload(study: optuna.Study) -> tuple[str, str]:
 
 
 def best_schedule(study: optuna.Study) -> Schedule:
-    """The confirmed winner's schedule, else the fastest search trial's (unconfirmed)."""
-    winner = (study.user_attrs.get("confirmation") or {}).get("winner_trial")
-    if winner is not None:
-        return Schedule.from_json(result_of(study.get_trials(deepcopy=False)[winner])["schedule"])
+    """The confirmation's best candidate (the winner, or the one it measured fastest: the one
+    whose interval the record keeps), else the best search trial's (unconfirmed)."""
+    v = study.user_attrs.get("confirmation") or {}
+    if v.get("candidates") and v.get("best") is not None:
+        return Schedule.from_json(v["candidates"][v["best"]]["schedule"])
+    if v.get("winner_trial") is not None:  # a confirmation by an older dynaflow-tune
+        return Schedule.from_json(result_of(study.get_trials(deepcopy=False)[v["winner_trial"]])["schedule"])
     best = best_search_trial(study)
     return Schedule() if best is None else Schedule.from_json(best.user_attrs[RESULT]["schedule"])
 

@@ -286,7 +286,7 @@ def nothing_to_compare(study: optuna.Study) -> str:
 
 
 def interval_words(iv: Interval) -> str:
-    return f"{iv.confidence:.1%} interval {iv.low:.2f}-{iv.high:.2f}x over {iv.rounds} paired round(s)"
+    return f"{iv.confidence:.1%} interval {iv.low:.2f}-{iv.high:.2f}x over {iv.rounds} paired rounds"
 
 
 # --- the explanation and the record -------------------------------------------------------------

@@ -25,8 +25,9 @@ def stored_table(root: Path) -> pd.DataFrame:
 
 
 def timelines_for(study, store_root: Path) -> tuple[list, str | None]:
-    """Timelines of the sequential and the best schedule, re-run here when this machine is the
-    study's hardware (warmed, interleaved, medians: Bench.timelines); else ([], why)."""
+    """Timelines of the sequential schedule and the confirmation's best candidate, re-run here when
+    this machine is the study's hardware (warmed, runs interleaved in alternating order:
+    Bench.timelines); else ([], why)."""
     from dynaflow.runtime import Bench, MeasureConfig, Schedule, detect
 
     from .analysis import best_schedule, study_workload, workload_from_record
@@ -47,25 +48,32 @@ TIMELINE_RUNS = 9
 
 
 def timeline_ratio(timelines: list, confirmation: dict | None) -> str:
-    """The timelines' own ratio (median makespans, sequential over best, with the spread of the
-    per-run ratios) beside the stored verdict's speedup, saying so when they disagree."""
-    import statistics
+    """The timelines' own speedup, by the verdicts' estimator (tuner/paired.py: each run of the
+    two schedules one paired round, order alternating), beside the stored figure for the same
+    schedule; "they disagree" only when the two intervals do not meet."""
+    from .paired import FAMILY_CONFIDENCE, interval
 
     seq, best = timelines
-    ratios = sorted(a / b for a, b in zip(seq.makespans_ms, best.makespans_ms) if b > 0)
+    ratios = [a / b for a, b in zip(seq.makespans_ms, best.makespans_ms) if a > 0 and b > 0]
     if not ratios:
         return "the timelines recorded no runs"
-    ratio = statistics.median(seq.makespans_ms) / statistics.median(best.makespans_ms)
-    low, high = ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]
-    text = f"timelines: sequential {seq.makespan_ms:.2f} ms, best {best.makespan_ms:.2f} ms: {ratio:.3f}x " \
-           f"(per-run ratios {low:.3f}-{high:.3f}x; timing every task adds a little to each)"
+    iv = interval(ratios, 1 - FAMILY_CONFIDENCE)
+    text = (f"timelines: sequential {seq.makespan_ms:.2f} ms, {best.label} {best.makespan_ms:.2f} ms: {iv.speedup:.3f}x "
+            f"({iv.confidence:.0%} interval {iv.low:.3f}-{iv.high:.3f}x over {iv.rounds} paired runs; timing every "
+            "task adds a little to each)")
     if not confirmation:
         return text + "; no stored verdict to compare"
-    verdict = confirmation.get("speedup", 1.0) if confirmation.get("verdict") == "winner" else 1.0
-    text += f"; the stored verdict: {verdict:.3f}x ({confirmation.get('verdict', '?').replace('_', ' ')})"
-    if not (low <= verdict <= high):
-        text += ": they disagree beyond the timelines' spread (the machine's load changed, or the per-task " \
-                "timing weighs more on one schedule)"
+    kind = (confirmation.get("verdict") or "?").replace("_", " ")
+    figure = confirmation.get("best_speedup", confirmation.get("speedup"))
+    if figure is None or best.label == "sequential":
+        return text + f"; the stored verdict ({kind}) names no candidate to compare"
+    low, high = confirmation.get("low"), confirmation.get("high")
+    stored = f"{figure:.3f}x" + (f" ({low:.3f}-{high:.3f}x)" if low is not None else "")
+    text += f"; the confirmation measured it at {stored} ({kind})"
+    meets = (low <= iv.high and iv.low <= high) if low is not None else iv.low <= figure <= iv.high
+    if not meets:
+        text += (": they disagree beyond both intervals (the machine's load changed, or the per-task timing "
+                 "weighs more on one schedule)")
     return text
 
 
@@ -143,36 +151,40 @@ def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]
     from .show import machine_text
 
     search = df[~df.baseline] if len(df) else df
-    base = df.loc[df.baseline, "tokens_per_s"]
-    done = search[(search.state == "COMPLETE") & ~search.duplicate] if len(search) else search
-    distinct = search[~search.duplicate & (search.outcome != "skipped")] if len(search) else search
-    outcomes = ", ".join(f"{k} {v}" for k, v in distinct.outcome.value_counts().items()) if len(distinct) else "none"
+    measured = search[~search.duplicate & (search.outcome != "skipped")] if len(search) else search
+    outcomes = ", ".join(f"{k} {v}" for k, v in measured.outcome.value_counts().items()) if len(measured) else "none"
+    v = study.user_attrs.get("confirmation") or {}
     lines = [f"# {study.study_name}", "",
-             f"- trials: {len(search)}: {len(distinct)} distinct schedules ({outcomes}), "
-             f"{len(search) - len(distinct)} duplicates or skipped, answered from the study without measuring",
-             f"- sequential baseline: {base.iloc[-1]:,.0f} tokens/s (the latest run's, warmed until stable"
-             + (f"; {len(base)} runs, from {base.min():,.0f} to {base.max():,.0f}" if len(base) > 1 else "") + ")"
-             if len(base) else "- no baseline"]
-    if len(done) and len(base):
-        best = done.loc[done.tokens_per_s.idxmax()]
-        lines.append(f"- best search trial: {best.tokens_per_s:,.0f} tokens/s ({best.speedup:.3f}x the baseline "
-                     f"measured in its run; unconfirmed: the confirmation below re-measures it interleaved)")
-    elif not len(search):
-        lines.append("- best search trial: none (no search trial was measured)")
+             f"- trials: {len(search)}: {len(measured)} distinct schedules measured ({outcomes}), "
+             f"{len(search) - len(measured)} duplicates or skipped, answered from the study without measuring",
+             f"- sequential: {_tokens(study, v.get('baseline_ms'))} (the confirmation's paired rounds)"
+             if v.get("baseline_ms") else "- sequential: not confirmed yet"]
+    ranked = measured[measured.speedup.notna()] if len(measured) else measured
+    if len(ranked):
+        best = ranked.loc[ranked.speedup.idxmax()]
+        lines.append(f"- best search trial: {best.speedup:.3f}x over the sequential run beside it (trial "
+                     f"{best.number}, {best.outcome}; one paired round, unconfirmed: the confirmation below decides)")
     else:
-        lines.append("- best search trial: none completed (every trial was pruned or failed)")
-    lines += [f"- confirmation: {verdict_text(study.user_attrs.get('confirmation'))}"]
+        lines.append("- best search trial: none (no search trial ran correctly)")
+    lines += [f"- confirmation: {verdict_text(v)}"]
     if record is not None:
         if record.verdict == "winner":
             lines.append(f"- why the winner won: {overlap_text(record.overlap)}")
+            if record.no_overlap:
+                lines.append(f"- {record.no_overlap}")
         lines.append(f"- machine during the confirmation: {machine_text(record)}")
     lines.append("")
-    top = done.nlargest(5, "tokens_per_s")[["number", "tokens_per_s", "speedup", "label"]]
-    lines += ["## Best trials", "", _table(top) if len(top) else "none completed", ""]
+    top = ranked.nlargest(5, "speedup")[["number", "speedup", "outcome", "label"]] if len(ranked) else ranked
+    lines += ["## Best trials (paired speedup in the search)", "", _table(top) if len(top) else "none measured", ""]
     lines += [f"![{name}]({file})" for name, file in figures.items()]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _tokens(study, ms: float) -> str:
+    tokens = study.user_attrs.get("num_tokens")
+    return f"{tokens / ms * 1e3:,.0f} tokens/s ({ms:.3f} ms)" if tokens else f"{ms:.3f} ms"
 
 
 def _table(df: pd.DataFrame) -> str:

@@ -59,6 +59,7 @@ def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, 
     warm = enqueue_warm_starts(study, config, target.hardware.key, workload)
     done = len(search_trials(study))
     tokens = target.space_context().layout.num_tokens
+    study.set_user_attr("num_tokens", tokens)
     log(f"study {name}: {done} schedule(s) measured so far, baseline {tokens_per_s(tokens, round_ms(baseline.samples_ms)):,.0f} tokens/s "
         f"(trial {baseline_trial}, warm after {study.get_trials(deepcopy=False)[baseline_trial].user_attrs['warm_runs']} "
         f"run(s)), sampler seed {seed}"

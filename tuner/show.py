@@ -12,7 +12,6 @@ from dynaflow.runtime.timeline import overlap_text
 def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
     """A record, readable: what runs, why it was chosen, where it came from."""
     r, s = record, record.schedule
-    interval = f", 95% interval {r.speedup_interval[0]:.3f}-{r.speedup_interval[1]:.3f}" if r.speedup_interval else ""
     streams = ", ".join(f"stream {i}: {'all SMs' if st.sm_share is None else f'{st.sm_share} SMs'}, priority {st.priority}"
                         for i, st in enumerate(s.streams))
     per_stream = {}
@@ -24,7 +23,7 @@ def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
              "software   " + ", ".join(f"{k} {v}" for k, v in r.hardware.software.items() if v),
              f"workload   {r.workload.key}: {r.workload.num_decode} decode requests x {r.workload.context_len} context, "
              f"{r.workload.prefill_tokens} prefill tokens in {r.workload.num_prefill} request(s)",
-             f"verdict    {r.verdict.replace('_', ' ')}: speedup {r.speedup:.3f}x{interval} (noise {r.speedup_spread:.1%})",
+             f"verdict    {verdict_line(r)}",
              f"throughput {r.tokens_per_s:,.0f} tokens/s, sequential {r.baseline_tokens_per_s:,.0f} tokens/s"
              + (f", {r.efficiency:.1%} of roofline" if r.efficiency is not None else ""),
              f"schedule   {clip(s.label)}: split {s.split_unit} {list(s.split_sizes) or 'whole'}, "
@@ -34,10 +33,34 @@ def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
         ["order      default: nano-batch by nano-batch, ops in graph order"]
     if r.verdict == "winner":
         lines.append(f"why        {overlap_text(r.overlap)}")
+        if r.no_overlap:
+            lines.append(f"           {r.no_overlap}")
     lines.append(f"machine    {machine_text(r)}")
     lines.append(f"origin     {r.space} space, study {r.study or '?'} trial {r.trial if r.trial is not None else '-'}"
                  f" ({r.storage or 'storage unknown'}), {r.created_at}")
     return "\n".join(line for line in lines if line is not None)
+
+
+def verdict_line(r: StoredSchedule) -> str:
+    """The verdict with the interval of what it names: the winner's, or, for a record holding the
+    sequential schedule, the best candidate's as the candidate's."""
+    interval = _interval(r)
+    if r.verdict == "winner":
+        return f"winner: {r.speedup:.3f}x over sequential{interval} (noise {r.speedup_spread:.1%} between rounds)"
+    kind = "sequential best" if r.verdict == "sequential_best" else "inconclusive"
+    if r.candidate_speedup is not None:
+        return f"{kind}: runs the sequential schedule; the best candidate measured {r.candidate_speedup:.3f}x{interval}"
+    if r.speedup_interval:  # a record from before candidate_speedup was kept
+        return f"{kind}: runs the sequential schedule; the best candidate's{interval}"
+    return f"{kind}: runs the sequential schedule; no candidate was re-measured"
+
+
+def _interval(r: StoredSchedule) -> str:
+    if not r.speedup_interval:
+        return ""
+    level = f"{r.confidence:.1%}" if r.confidence else "95%"
+    rounds = f" over {r.rounds} paired rounds" if r.rounds else ""
+    return f" ({level} interval {r.speedup_interval[0]:.3f}-{r.speedup_interval[1]:.3f}x{rounds})"
 
 
 def machine_text(r: StoredSchedule) -> str:
@@ -45,7 +68,9 @@ def machine_text(r: StoredSchedule) -> str:
     if not r.busy:
         return "load not recorded (a record from before it was)"
     share = others_share(r.busy)
-    quiet = "under contention: " + r.contended if r.contended else "quiet enough"
+    quiet = "under contention (accepted): " + r.contended if r.contended else (
+        f"quiet enough for the evidence ({r.busy_rounds} busy round(s) left out of it)" if r.busy_rounds
+        else "quiet enough")
     parts = [f"other processes used {share:.0%} of the CPUs" if share is not None else None,
              f"load average {r.busy['load1']:g}" if r.busy.get("load1") is not None else None,
              f"{r.busy['gpu_other_processes']} other GPU process(es)" if r.busy.get("gpu_other_processes") else None]

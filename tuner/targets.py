@@ -104,23 +104,24 @@ class VllmTarget:
 
 
 def measure_pair(target: Target, schedule: Schedule, *, first: str = "baseline",
-                 on_sample: OnPairedSample | None = None, time_limit_s: float | None = None) -> Measurement:
-    """One paired round: the sequential schedule and `schedule` measured back to back on the same
-    target (`first` says which runs first). Returns the candidate's measurement carrying the
-    baseline's samples (`baseline_samples_ms`) and the busy reading of both. `on_sample` sees the
-    candidate's samples with the baseline's figure (only when the baseline ran first)."""
+                 on_sample: OnPairedSample | None = None, time_limit_s: float | None = None,
+                 baseline: Schedule = Schedule()) -> Measurement:
+    """One paired round: `baseline` (the sequential schedule) and `schedule` measured back to back
+    on the same target (`first` says which runs first). Returns the candidate's measurement
+    carrying the baseline's samples (`baseline_samples_ms`) and the busy reading of both.
+    `on_sample` sees the candidate's samples with the baseline's figure (when the baseline ran first)."""
     if first not in ("baseline", "candidate"):
         raise ValueError(f"first must be 'baseline' or 'candidate', but got {first!r}.")
     base = None
     if first == "baseline":
-        base = target.measure(Schedule(), time_limit_s=time_limit_s)
+        base = target.measure(baseline, time_limit_s=time_limit_s)
         if not base.ok:
             return _baseline_failed(base)
     figure = round_ms(base.samples_ms) if base is not None else None
     hook = None if on_sample is None or figure is None else (lambda samples: on_sample(samples, figure))
     m = target.measure(schedule, on_sample=hook, time_limit_s=time_limit_s)
     if base is None and m.outcome in (TrialOutcome.OK, TrialOutcome.PRUNED):
-        base = target.measure(Schedule(), time_limit_s=time_limit_s)
+        base = target.measure(baseline, time_limit_s=time_limit_s)
         if not base.ok:
             return _baseline_failed(base)
     if base is None:  # the candidate ran first and failed: nothing to pair
