@@ -135,3 +135,26 @@ def test_a_multi_stream_run_leaves_no_stream_threads_behind():
             break
         threading.Event().wait(0.01)
     assert streams() == before
+
+
+def test_measure_compares_two_schedules_in_paired_rounds(tmp_path, capsys):
+    """`measure --rounds N`: N rounds, order alternating, each one ratio; the result is the
+    verdicts' interval over the quiet rounds (or says there were too few)."""
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({"schema_version": 1, "split_sizes": [5, 4], "streams": [{}, {}], "label": "two"}))
+    args = ["measure", "--model", "llama-tiny", "--workload", "d8x32+p16", "--schedule", str(two), "--store",
+            str(tmp_path), "--warmup", "1", "--repeats", "3"]
+    assert main(args + ["--rounds", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rounds = [line for line in out if line.startswith("round")]
+    assert len(rounds) == 3 and "baseline first" in rounds[0] and "candidate first" in rounds[1]
+    assert [line for line in out if line.startswith("result")][0].startswith(("result    no interval", "result    "))
+    assert main(args + ["--rounds", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["comparison"]["rounds"]) == 2 and data["against"]["label"] == "sequential"
+    quiet = [r for r in data["comparison"]["rounds"] if r["busy"] is None]
+    assert data["rounds"] == len(quiet)
+    assert main(args + ["--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == ["dynaflow-tune measure: error: --rounds must be >= 2 (an interval needs two rounds), "
+                                "but got 1."]

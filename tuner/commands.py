@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
     m.add_argument("--schedule", type=Path, default=None,
                    help="schedule JSON file, or a stored schedule record (default: sequential)")
+    m.add_argument("--rounds", type=int, default=None, help="compare in this many paired rounds against --against "
+                   "(the schedule and the baseline back to back, order alternating) and print the speedup with its "
+                   "interval over the quiet rounds (default: one measurement, no comparison)")
+    m.add_argument("--against", type=Path, default=None, help="the baseline of --rounds: a schedule JSON file or a "
+                   "stored record (default: sequential); alone, it implies --rounds 5")
     m.add_argument("--json", action="store_true", help="print the measurement as JSON")
 
     o = command("ops", "print the model's op graph: ops, resource class, FLOPs, bytes, deps", cmd_ops)
@@ -167,12 +172,18 @@ def _workload(args, spec: str):
 
 
 def cmd_measure(args) -> int:
+    rounds = args.rounds if args.rounds is not None else 5 if args.against else None
+    if rounds is not None and rounds < 2:
+        raise ValueError(f"--rounds must be >= 2 (an interval needs two rounds), but got {rounds}.")
     w = _workload(args, args.workload)
     schedule = load_schedule_file(args.schedule, hardware=detect(w.device)) if args.schedule else Schedule()
     from .targets import close_target, target_for
 
+    baseline = load_schedule_file(args.against, hardware=detect(w.device)) if args.against else Schedule()
     target = target_for(w, measure_config(args))
     try:
+        if rounds is not None:
+            return _compare(target, w, schedule, baseline, rounds, as_json=args.json)
         m = target.measure(schedule)
     finally:
         close_target(target)
@@ -190,6 +201,51 @@ def cmd_measure(args) -> int:
     # a schedule breaking a rule is bad input (2) whether the file's checks or the plan found it;
     # a schedule that ran and failed (incorrect, crashed, timeout, oom) is a failed run (1)
     return 0 if m.ok else 2 if m.outcome is TrialOutcome.INVALID else 1
+
+
+def _compare(target, w, schedule: Schedule, baseline: Schedule, rounds: int, *, as_json: bool) -> int:
+    """`measure --rounds N`: the verdicts' rule on two schedules (tuner/paired.py)."""
+    from .paired import ESTIMATOR, Comparison, Plan, Round
+    from .targets import measure_pair
+    from dynaflow.runtime import telemetry
+
+    plan, comparison, failed = Plan(min_rounds=2, max_rounds=rounds, candidates=1), Comparison(), None
+    if not as_json:
+        print(f"workload  {w.key} ({w.num_tokens} tokens)\nhardware  {target.hardware.key}\nschedule  {schedule}\n"
+              f"against   {baseline}")
+    for i in range(rounds):
+        first = "baseline" if i % 2 == 0 else "candidate"
+        m = measure_pair(target, schedule, first=first, baseline=baseline)
+        if not (m.ok and m.baseline_samples_ms):
+            failed = f"round {i + 1}: {m.outcome.value}: {m.message}"
+            break
+        r = Round.of(m.baseline_samples_ms, m.samples_ms, first=first, busy=telemetry.contention(m.telemetry.get("busy")))
+        comparison = Comparison(rounds=comparison.rounds + (r,))
+        if not as_json:
+            print(f"round {i + 1:>3}  {first} first  against {r.baseline_ms:.3f} ms  schedule {r.candidate_ms:.3f} ms  "
+                  f"{r.ratio:.3f}x" + (f"  busy (no evidence): {r.busy}" if r.busy else ""))
+    iv = plan.final(comparison)
+    said = _compared(iv, comparison, failed)
+    if as_json:
+        print(json.dumps({"workload": w.key, "hardware": target.hardware.key, "schedule": schedule.to_dict(),
+                          "against": baseline.to_dict(), "comparison": comparison.to_dict(), "failed": failed,
+                          "speedup": iv.speedup, "low": iv.low, "high": iv.high, "confidence": iv.confidence,
+                          "rounds": iv.rounds, "estimator": ESTIMATOR, "result": said}, indent=2))
+    else:
+        print(f"result    {said}\nestimator {ESTIMATOR}")
+    return 1 if failed else 0
+
+
+def _compared(iv, comparison, failed: str | None) -> str:
+    busy = len(comparison.busy_rounds)
+    left_out = f"; {busy} busy round(s) left out" if busy else ""
+    if failed:
+        return f"no comparison: {failed}"
+    if iv.rounds < 2:
+        return f"no interval: {iv.rounds} quiet round(s) of {len(comparison.rounds)}{left_out}; run it on a quieter machine"
+    word = "faster" if iv.low > 1 else "slower" if iv.high < 1 else "no difference shown"
+    return (f"{iv.speedup:.3f}x: {word} ({iv.confidence:.0%} interval {iv.low:.3f}-{iv.high:.3f}x over {iv.rounds} "
+            f"quiet paired rounds{left_out})")
 
 
 def cmd_ops(args) -> int:
