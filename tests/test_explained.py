@@ -261,3 +261,64 @@ def test_the_report_says_why_the_winner_won_and_how_busy_the_machine_was(tmp_pat
     assert "- machine during the confirmation: under contention (accepted): 5 of 5 paired rounds ran while the " \
            "machine was busy: other processes used 60% of the 2 CPU(s)" in text
     assert "x over the sequential run beside it (trial" in text and "one paired round, unconfirmed" in text
+
+
+NO_OVERLAP = {"makespan_ms": 8.0, "overlapped_ms": 0.1, "by_resources": {"compute+compute": 0.1},
+              "top": [{"ops": ["mlp/0", "mlp/1"], "ms": 0.1}]}
+
+
+def test_a_winner_without_overlap_says_so_and_needs_quiet_rounds(tmp_path):
+    """A winner whose timeline shows (almost) no overlap is said to be one, with what differs
+    from sequential; on busy rounds accepted by the user it is not stored as a winner."""
+    result = run(Telemetered(why=NO_OVERLAP), config(tmp_path))
+    rec = ScheduleStore(StoreConfig(root=tmp_path)).read(result.path)
+    assert rec.verdict is Verdict.WINNER
+    assert rec.no_overlap.startswith("won without overlap: 0.10 of 8.00 ms with two or more streams busy; it differs "
+                                     "from sequential in 2 nano-batches [")
+    assert rec.no_overlap in describe(rec) and rec.no_overlap in result_lines(result)
+    busy = run(Telemetered(why=NO_OVERLAP, busy=BUSY),
+               config(tmp_path, accept_contention=True, storage=f"sqlite:///{tmp_path}/t.db"))
+    assert busy.verdict.kind is Verdict.INCONCLUSIVE and "stored only on quiet rounds" in busy.verdict.reason
+    assert busy.record.verdict is Verdict.WINNER and "conclusive" in busy.kept  # the quiet winner stays
+
+
+def test_one_estimator_from_the_start_line_to_the_record(tmp_path):
+    """The printed baseline, the progress bar's best, the study's trial values and the stored
+    figures all come from the same paired figures (the lower quartile of a measurement's samples)."""
+    from dynaflow.tuner.paired import round_ms
+    from dynaflow.tuner.progress import Progress
+    from dynaflow.tuner.session import start
+
+    cfg, lines = config(tmp_path), []
+    target = Telemetered()
+    session = start(W, target, cfg, log=lines.append)
+    base = round_ms(FakeTarget(tiny_context(), split_landscape).measure(Schedule()).samples_ms)
+    tokens = target.space_context().layout.num_tokens
+    assert f"baseline {tokens / base * 1e3:,.0f} tokens/s" in lines[0]
+    session.progress.close()
+    result = run(target, config(tmp_path, storage=f"sqlite:///{tmp_path}/t.db"))
+    rec, v = result.record, result.verdict
+    assert rec.baseline_tokens_per_s == pytest.approx(tokens / base * 1e3)  # a deterministic fake: the same figure
+    assert rec.tokens_per_s == pytest.approx(rec.baseline_tokens_per_s * rec.speedup)
+    assert rec.speedup == pytest.approx(v.winner.interval.speedup) and rec.speedup_interval[0] <= rec.speedup
+    study = optuna.load_study(study_name=result.study, storage=f"sqlite:///{tmp_path}/t.db")
+    winner = study.get_trials(deepcopy=False)[v.winner.trial]
+    assert winner.value == pytest.approx(v.winner.search_speedup)  # the trial's value is its paired speedup
+    bar = Progress(total=4, desc="x", enabled=False)
+    bar.update(dataclasses.replace(FakeTarget(tiny_context(), split_landscape).measure(Schedule(split_sizes=(3, 29))),
+                                   baseline_samples_ms=(10.0,) * 6))
+    assert bar.best == pytest.approx(10.0 / 8.0, rel=0.01)  # paired, not tokens/s over a run's baseline
+
+
+def test_the_reports_outcome_counts_add_up_to_what_it_says(tmp_path):
+    from dynaflow.tuner.report import write_report
+
+    cfg = config(tmp_path, trials=6)
+    run(Telemetered(), cfg)
+    text = write_report(cfg.storage.url, tmp_path / "report", store_root=tmp_path, timelines=False).read_text()
+    import re
+
+    line = next(x for x in text.splitlines() if x.startswith("- trials: "))
+    distinct = int(re.search(r"(\d+) distinct schedules measured \(([^)]*)\)", line).group(1))
+    counts = re.search(r"distinct schedules measured \(([^)]*)\)", line).group(1)
+    assert distinct == sum(int(part.split()[-1]) for part in counts.split(", ")) == 6

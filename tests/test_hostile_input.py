@@ -189,10 +189,10 @@ def test_measure_schedule_applies_the_loaders_checks(tmp_path, caplog):
     assert code == 2
     one_line(err, str(foreign), "was tuned on cuda-nvidia-a100", f"this is {detect('cpu').key}")
     newer = tmp_path / "newer.json"
-    newer.write_text(json.dumps({**record().to_dict(), "record_schema": 4}))
+    newer.write_text(json.dumps({**record().to_dict(), "record_schema": 5}))
     code, _, err = run_cli("measure", "--model", "llama-tiny", "--workload", "d4x16", "--schedule", newer)
     assert code == 2
-    one_line(err, str(newer), "record_schema must be 1 to 3, but got 4")
+    one_line(err, str(newer), "record_schema must be 1 to 4, but got 5")
     here = detect("cpu")
     drifted = tmp_path / "drifted.json"
     workload = Workload(model="llama-tiny", num_decode=4, context_len=16)

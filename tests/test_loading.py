@@ -89,7 +89,7 @@ def test_software_drift_warns(store, caplog):
 @pytest.mark.parametrize("damage, words", [
     (lambda text: text[: len(text) // 2], "is not valid JSON"),
     (lambda text: "", "is not valid JSON"),
-    (lambda text: text.replace('"record_schema": 3', '"record_schema": 4'), "record_schema must be 1 to 3, but got 4"),
+    (lambda text: text.replace('"record_schema": 4', '"record_schema": 5'), "record_schema must be 1 to 4, but got 5"),
     (lambda text: text.replace('"schema_version": 1', '"schema_version": 7'), "schedule schema_version must be 1"),
 ])
 def test_bad_files_are_errors_naming_the_file_or_warnings(store, caplog, damage, words):

@@ -36,7 +36,7 @@ def faulty_space(monkeypatch, tmp_path):
 
 def config(tmp_path, **kw):
     base = dict(workloads=(W,), space="faulty", trials=12, storage=f"sqlite:///{tmp_path}/s.db",
-                store_root=tmp_path, progress=False, confirm_rounds=1, trial_timeout_s=1.0)
+                store_root=tmp_path, progress=False, trial_timeout_s=1.0)
     return TuneConfig(**{**base, **kw})
 
 

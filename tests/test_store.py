@@ -1,4 +1,5 @@
 """The store writes atomically, reads back exactly, and names the file on any defect."""
+import dataclasses
 import json
 
 import pytest
@@ -36,7 +37,7 @@ def test_corrupt_and_foreign_files_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=f"schedule record {path} is not valid JSON"):
         store.read(path)
     path.write_text('{"record_schema": 9}')
-    with pytest.raises(ValueError, match="record_schema must be 1 to 3, but got 9"):
+    with pytest.raises(ValueError, match="record_schema must be 1 to 4, but got 9"):
         store.read(path)
 
 
@@ -58,14 +59,22 @@ def test_show_prints_a_record_readably(tmp_path, capsys):
     from dynaflow.tuner.cli import main
     rec = record(schedule=Schedule(split_sizes=(128, 129), streams=(StreamSpec(sm_share=96), StreamSpec(sm_share=32)),
                                    order=(Step(op="qkv", nano=0, stream=0), Step(op="qkv", nano=1, stream=1)), label="x"),
-                 verdict="winner", speedup_interval=(1.2, 1.3))
+                 verdict="winner", speedup_interval=(1.2, 1.3), confidence=0.998, rounds=5, candidate_speedup=1.25)
     path = ScheduleStore(StoreConfig(root=tmp_path)).save(rec)
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
-    for words in ("verdict    winner: speedup 1.250x, 95% interval 1.200-1.300", "stream 0: 96 SMs, priority 0",
+    for words in ("verdict    winner: 1.250x over sequential (99.8% interval 1.200-1.300x over 5 paired rounds)",
+                  "stream 0: 96 SMs, priority 0",
                   "order      stream 1: qkv/1", "throughput 100,000 tokens/s, sequential 80,000 tokens/s",
                   "origin     nanoflow space, study s trial 7"):
         assert words in out, (words, out)
+    # a record holding the sequential schedule shows the best candidate's interval as the candidate's
+    seq = dataclasses.replace(rec, schedule=Schedule(), verdict="sequential_best", speedup=1.0, candidate_speedup=0.877,
+                              speedup_interval=(0.78, 0.92), trial=None)
+    path = ScheduleStore(StoreConfig(root=tmp_path)).save(seq)
+    assert main(["show", str(path)]) == 0
+    assert ("verdict    sequential best: runs the sequential schedule; the best candidate measured 0.877x (99.8% "
+            "interval 0.780-0.920x over 5 paired rounds)") in capsys.readouterr().out
 
 
 def test_export_then_import_moves_every_record_to_a_machine_of_the_same_type(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from dynaflow.runtime import Bench, MeasureConfig, Workload
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.tuner.cli import main
+from dynaflow.tuner.paired import round_ms
 
 
 def _tune(tmp_path, model: str, workload: str, capsys) -> tuple[Path, StoredSchedule]:
@@ -27,11 +28,12 @@ def test_tune_on_a_built_in_preset_writes_a_valid_record_of_a_correct_schedule(t
     w = Workload(model="llama-small", num_decode=8, context_len=64, prefill_tokens=32)
     assert rec.workload == w and path.stem == w.key and path.parent.name == rec.hardware.key
     data = json.loads(path.read_text())
-    assert data["record_schema"] == 3 and data["schedule"]["schema_version"] == 1
+    assert data["record_schema"] == 4 and data["schedule"]["schema_version"] == 1
     assert data["hardware"]["software"]["torch"]
     # how busy the machine was over the confirmation, and whether that counts as contention
     assert data["busy"]["wall_s"] > 0 and data["busy"]["cpus"] >= 1 and "others_cpu_s" in data["busy"]
-    assert data["contended"] is None or data["contended"].startswith("other processes used")
+    assert data["contended"] is None  # busy rounds are no evidence unless --accept-contention
+    assert data["rounds"] >= 1 and data["busy_rounds"] >= 0
     assert (data["overlap"] is not None) == (rec.verdict == "winner")  # a winner says what overlapped
     # the record is one confirmation: its numbers agree with each other and with the study's verdict
     assert rec.tokens_per_s == pytest.approx(rec.baseline_tokens_per_s * rec.speedup)
@@ -44,9 +46,12 @@ def test_tune_on_a_built_in_preset_writes_a_valid_record_of_a_correct_schedule(t
     # no timing is compared across runs (a shared 2-core machine moves them by 5x); units are:
     # tokens/s is the workload's tokens over the median latency, in the fresh run and the record
     assert fresh.tokens_per_s == pytest.approx(w.num_tokens / fresh.latency_ms * 1e3)
-    confirmation = study.user_attrs["confirmation"]
-    assert rec.baseline_tokens_per_s == pytest.approx(
-        w.num_tokens / statistics.median(confirmation["baseline_samples_ms"]) * 1e3)
+    confirmation = study.user_attrs["confirmation"]  # one estimator: the record's sequential figure is the rounds'
+    assert rec.baseline_tokens_per_s == pytest.approx(w.num_tokens / confirmation["baseline_ms"] * 1e3)
+    best = confirmation["candidates"][confirmation["best"]]
+    baselines = [r["baseline_ms"] for r in best["comparison"]["rounds"] if not r["busy"]] or \
+        [r["baseline_ms"] for c in confirmation["candidates"] for r in c["comparison"]["rounds"]]
+    assert confirmation["baseline_ms"] == pytest.approx(statistics.median(baselines))
 
 
 def test_tuned_numbers_match_a_fresh_measurement_within_the_recorded_spread(tmp_path, capsys):
@@ -57,7 +62,7 @@ def test_tuned_numbers_match_a_fresh_measurement_within_the_recorded_spread(tmp_
     bench = Bench(w, config=MeasureConfig(warmup=2, repeats=15))
     fresh = [bench.measure(rec.schedule) for _ in range(3)]
     assert all(m.ok for m in fresh)
-    fresh_tps = statistics.median(m.tokens_per_s for m in fresh)
+    fresh_tps = statistics.median(w.num_tokens / round_ms(m.samples_ms) * 1e3 for m in fresh)  # the record's estimator
     fresh_spread = statistics.median(m.spread for m in fresh)
     assert abs(fresh_tps - rec.tokens_per_s) / rec.tokens_per_s <= rec.speedup_spread + fresh_spread, \
         (rec.schedule, rec.tokens_per_s, rec.speedup, rec.speedup_spread, [m.to_dict() for m in fresh])

@@ -278,11 +278,15 @@ def nothing_to_compare(study: optuna.Study) -> str:
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         r = result_of(t)
-        if t.user_attrs.get(BASELINE) or r.get("duplicate") or not r:
+        if t.user_attrs.get(BASELINE) or r.get("duplicate") or not r.get("schedule") \
+                or Schedule.from_json(r["schedule"]).is_sequential:
             continue
         counts[r.get("outcome", "?")] = counts.get(r.get("outcome", "?"), 0) + 1
-    said = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no search trial"
-    return (f"nothing to compare: no candidate ran correctly ({said}); sequential kept, nothing concluded")
+    if not counts:
+        return ("nothing to compare: the search proposed no schedule other than the sequential one; sequential "
+                "kept, nothing concluded")
+    said = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    return f"nothing to compare: no candidate ran correctly ({said}); sequential kept, nothing concluded"
 
 
 def interval_words(iv: Interval) -> str:
@@ -329,12 +333,14 @@ def explained(confirmation: Confirmation, target: Target) -> tuple[Confirmation,
 
 
 def store_verdict(confirmation: Confirmation, study: optuna.Study, target: Target, workload: Workload,
-                  config: TuneConfig) -> tuple[StoredSchedule, str, str | None, Confirmation]:
+                  config: TuneConfig, *, warm_baseline_ms: float | None = None
+                  ) -> tuple[StoredSchedule, str, str | None, Confirmation]:
     """Store the verdict; returns the record in the store, its path, why an older record was kept
-    instead (None when this one was stored), and the confirmation as stored (with its why)."""
+    instead (None when this one was stored), and the confirmation as stored (with its why).
+    `warm_baseline_ms`: the sequential figure when the confirmation measured no round."""
     confirmation, overlap = explained(confirmation, target)
     tokens = workload.num_tokens if workload.num_tokens else target.space_context().layout.num_tokens
-    best, base_ms = confirmation.best_candidate, confirmation.baseline_ms
+    best, base_ms = confirmation.best_candidate, confirmation.baseline_ms or warm_baseline_ms
     median_ms = base_ms / confirmation.speedup if base_ms else None
     record = StoredSchedule(
         hardware=target.hardware, workload=workload, schedule=confirmation.schedule, verdict=confirmation.kind,

@@ -46,6 +46,7 @@ class Session:
     study: optuna.Study
     progress: Progress
     baseline_trial: int  # this run's baseline: its trials are compared with it
+    baseline_ms: float  # its figure (paired.round_ms): the record's sequential figure when no round was measured
 
 
 def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, position: int = 0) -> Session:
@@ -67,7 +68,8 @@ def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, 
     progress = Progress(total=config.trials, desc=f"{target.hardware.key[:24]} {workload.key}" if position else
                         workload.key, enabled=config.progress,
                         done=done, position=position)
-    return Session(workload=workload, target=target, study=study, progress=progress, baseline_trial=baseline_trial)
+    return Session(workload=workload, target=target, study=study, progress=progress, baseline_trial=baseline_trial,
+                   baseline_ms=round_ms(baseline.samples_ms))
 
 
 def finish(session: Session, result: StudyResult, config: TuneConfig) -> WorkloadResult:
@@ -77,7 +79,8 @@ def finish(session: Session, result: StudyResult, config: TuneConfig) -> Workloa
     except KeyboardInterrupt:
         print("interrupted again: nothing stored for this workload", file=sys.stderr)
         raise
-    record, path, kept, verdict = store_verdict(verdict, session.study, session.target, session.workload, config)
+    record, path, kept, verdict = store_verdict(verdict, session.study, session.target, session.workload, config,
+                                                warm_baseline_ms=session.baseline_ms)
     return WorkloadResult(workload=session.workload, study=session.study.study_name, record=record, path=path,
                           kept=kept, verdict=verdict, outcomes=result.outcomes,
                           distinct=len(search_trials(session.study)), tally=tally(session.study),
