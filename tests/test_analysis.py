@@ -131,3 +131,29 @@ def test_timeline_records_every_step_on_its_stream(tmp_path):
     assert loaded == trace and len([e for e in loaded["traceEvents"] if e["ph"] == "X"]) == len(order)
     with pytest.raises(ValueError, match="compile it with cuda_graph=False"):
         record_timeline(ex.compile(Schedule(cuda_graph=True)))
+
+
+def test_timeline_labels_stay_inside_their_bars_with_four_streams():
+    """Each label fits its bar (clipped, never rotated across the rows of other streams)."""
+    import matplotlib.pyplot as plt
+
+    from dynaflow.runtime.timeline import Span, Timeline
+    from dynaflow.tuner.analysis import plot_timelines
+
+    spans = tuple(Span(op=f"gate_up_proj_{k}", nano=s, stream=s, start_ms=k * 1.0 + s * 0.3,
+                       end_ms=k * 1.0 + s * 0.3 + (0.9 if k % 2 else 0.4)) for s in range(4) for k in range(6))
+    fig, axes = plt.subplots(2, 1, figsize=(9, 7), squeeze=False)
+    seq = Timeline(label="sequential", spans=tuple(Span(op="all", nano=0, stream=0, start_ms=0.0, end_ms=7.0)
+                                                   for _ in range(1)))
+    plot_timelines([seq, Timeline(label="4 streams", spans=spans)], [a[0] for a in axes])
+    fig.canvas.draw()
+    ax = axes[1][0]
+    renderer = fig.canvas.get_renderer()
+    assert ax.texts  # the long bars are labelled
+    for text in ax.texts:
+        box = text.get_window_extent(renderer)
+        x, y = text.get_position()
+        [span] = [s for s in spans if s.stream == round(y) and s.start_ms <= x <= s.end_ms]
+        (x0, y0), (x1, y1) = ax.transData.transform([(span.start_ms, y - 0.4), (span.end_ms, y + 0.4)])
+        assert text.get_rotation() == 0 and x0 - 1 <= box.x0 and box.x1 <= x1 + 1 and y0 <= box.y0 and box.y1 <= y1
+    plt.close(fig)
