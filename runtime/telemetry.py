@@ -163,7 +163,25 @@ def busy_since(mark: BusyMark, device: str = "cpu") -> dict[str, Any]:
         out["load1"] = round(os.getloadavg()[0], 2)
     if device.startswith("cuda"):
         out["gpu_other_processes"] = _gpu_other_processes(device)
+        out["gpu_slowdown"] = _gpu_slowdown(device)
     return out
+
+
+SLOWDOWNS = ("HwSlowdown", "HwThermalSlowdown", "HwPowerBrakeSlowdown", "SwThermalSlowdown")  # not SwPowerCap:
+# a GPU at full load sits at its power cap routinely; these mean its clocks were cut by heat or hardware
+
+
+def _gpu_slowdown(device: str) -> int | None:
+    """1 when NVML reports a thermal or hardware slowdown of the clocks now, 0 when not, None unread."""
+    nv = _nvml()
+    if nv is None:
+        return None
+    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    handle = nvml_handle(nv, index)
+    if handle is None:
+        return None
+    reasons = _decode_reasons(nv, _query(lambda: nv.nvmlDeviceGetCurrentClocksEventReasons(handle)))
+    return None if reasons is None else int(any(r in SLOWDOWNS for r in reasons))
 
 
 def _gpu_other_processes(device: str) -> int | None:
@@ -186,7 +204,7 @@ def merge_busy(readings: Iterable[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"wall_s": round(sum(r.get("wall_s", 0.0) for r in readings), 4)}
     if all("others_cpu_s" in r for r in readings):
         out.update(others_cpu_s=round(sum(r["others_cpu_s"] for r in readings), 3), cpus=readings[0]["cpus"])
-    for key in ("load1", "gpu_other_processes"):
+    for key in ("load1", "gpu_other_processes", "gpu_slowdown"):
         values = [r[key] for r in readings if r.get(key) is not None]
         if values:
             out[key] = max(values)
@@ -211,4 +229,6 @@ def contention(busy: dict[str, Any] | None) -> str | None:
                    + (f" (load average {busy['load1']:g})" if busy.get("load1") is not None else ""))
     if busy.get("gpu_other_processes"):
         why.append(f"{busy['gpu_other_processes']} other process(es) ran on the GPU")
+    if busy.get("gpu_slowdown"):
+        why.append("the GPU's clocks were cut (a thermal or hardware slowdown)")
     return "; ".join(why) or None

@@ -119,3 +119,24 @@ def test_device_peaks_are_timed_with_events_over_repeated_launches(monkeypatch):
     seconds = hardware._best_time(launch, "cuda:0", repeats=3, launches=20)
     assert seconds == pytest.approx(2e-3)
     assert len(launches) == 1 + 3 * 20  # one warm-up, then 20 launches per timed repeat
+
+
+def test_a_round_on_a_gpu_whose_clocks_were_cut_is_busy(visible, monkeypatch):
+    """Another process on the GPU, or a thermal/hardware slowdown of its clocks, makes a reading
+    contended (a paired round measured then is no evidence); the routine power cap does not."""
+    nv = fake_pynvml()
+    nv.nvmlClocksEventReasonSwPowerCap, nv.nvmlClocksEventReasonHwThermalSlowdown = 0x4, 0x40
+    nv.nvmlDeviceGetComputeRunningProcesses = lambda h: []
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    nv.nvmlDeviceGetCurrentClocksEventReasons = lambda h: 0x4  # at the power cap: routine
+    quiet = telemetry.busy_since(telemetry.busy_mark(), "cuda:0")
+    assert quiet["gpu_slowdown"] == 0 and quiet["gpu_other_processes"] == 0
+    assert telemetry.contention({**quiet, "others_cpu_s": 0.0}) is None
+    nv.nvmlDeviceGetCurrentClocksEventReasons = lambda h: 0x44
+    hot = telemetry.busy_since(telemetry.busy_mark(), "cuda:0")
+    assert hot["gpu_slowdown"] == 1
+    assert "the GPU's clocks were cut (a thermal or hardware slowdown)" in telemetry.contention(hot)
+    assert telemetry.merge_busy([quiet, hot])["gpu_slowdown"] == 1
+    nv.nvmlDeviceGetComputeRunningProcesses = lambda h: [types.SimpleNamespace(pid=1)]
+    assert "1 other process(es) ran on the GPU" in telemetry.contention(
+        telemetry.busy_since(telemetry.busy_mark(), "cuda:0"))
