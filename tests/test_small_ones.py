@@ -2,6 +2,7 @@
 ASCII digits only, one exit status for a broken schedule, readers that create nothing, help and
 README that agree with the flags."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,19 @@ def test_a_key_twice_in_any_json_read_is_one_error_naming_it(tmp_path, what, tex
 def test_workloads_take_ascii_digits_only(spec):
     with pytest.raises(ValueError, match="must look like"):
         parse_workload(spec, model="llama-tiny", dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("d16x256p64", "a prefill part after the decode part needs '+' ('d16x256+p64')"),  # not read as d16x256+p64
+    ("d0x0", "holds no tokens"),
+    ("p0", "holds no tokens"),
+])
+def test_workloads_that_would_be_misread_or_empty_are_refused(spec, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        parse_workload(spec, model="user_models:paced_block", dtype="float32", device="cpu")
+    ok = parse_workload("d16x256+p64", model="llama-tiny", dtype="float32", device="cpu")
+    assert (ok.num_decode, ok.context_len, ok.prefill_tokens) == (16, 256, 64)
+    assert parse_workload("p512c128", model="llama-tiny", dtype="float32", device="cpu").prefill_chunk == 128
 
 
 @pytest.mark.parametrize("device", ["cuda:\u0661", "cuda:\uff10"])
@@ -116,3 +130,17 @@ def test_setup_refuses_an_unknown_option_before_installing_anything(tmp_path):
                          env={**os.environ, "PYTHON": str(fake)}, cwd=root)
     assert run.returncode == 2 and "unknown option --bogus (known: --dev, --vllm)" in run.stderr
     assert not calls.exists()  # the Python was never asked to do anything
+
+
+def test_what_the_tool_writes_by_default_stays_out_of_git():
+    root = Path(__file__).parent.parent
+    if subprocess.run(["git", "-C", str(root), "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    written = ["results/studies.db", "results/studies.db-journal", "results/peaks/cpu.json",
+               "results/schedules/cpu-x/llama-small_d16x256_p64_fp32.json", "results/schedules/cpu-x.pack.json",
+               "results/shapes/serve.json", "results/report/report.md", "results/report/history.png"]
+    ignored = subprocess.run(["git", "-C", str(root), "check-ignore", *written], capture_output=True, text=True)
+    assert sorted(ignored.stdout.split()) == sorted(written)
+    kept = subprocess.run(["git", "-C", str(root), "check-ignore", "results/benchmarks/x.txt", "results/gpu/x.txt"],
+                          capture_output=True, text=True)
+    assert kept.stdout == ""  # committed results are not ignored

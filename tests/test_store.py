@@ -1,6 +1,7 @@
 """The store writes atomically, reads back exactly, and names the file on any defect."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,20 @@ def test_table_lists_records_and_unreadable_files(tmp_path):
     assert len(table) == 2
     assert table.loc[table.workload == W.key, "speedup"].item() == 1.25
     assert table.loc[table.workload == "broken", "schedule"].item().startswith("UNREADABLE")
+
+
+def test_list_prints_whole_trial_numbers_and_a_short_line_for_an_unreadable_record(tmp_path, capsys):
+    from dynaflow.tuner.cli import main
+
+    store = ScheduleStore(StoreConfig(root=tmp_path))
+    store.save(record())
+    (tmp_path / "schedules" / H100.key / "broken.json").write_text('{"record_schema": 4, "hardware": {"kind": 7}}')
+    assert main(["list", "--store", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) < 200, out  # one unreadable record does not widen the table
+    assert "NaN" not in out and "7.0" not in out and " 7 " in lines[[i for i, x in enumerate(lines) if W.key in x][0]]
+    assert "UNREADABLE (`show` says why)" in out
 
 
 # --- show, export, import ------------------------------------------------------------------------------
@@ -130,6 +145,12 @@ def test_export_and_import_commands(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(error_lines(err)) == 1 and "nothing imported" in err
     assert main(["export", "--store", str(tmp_path / "empty"), "--device", "cpu", "--out", str(out)]) == 2
+    capsys.readouterr()
+    for where, words in ((tmp_path, f"--out names a folder, {tmp_path}; give a file path in it"),
+                         (Path("/proc/x.json"), "--out: its folder /proc is under /proc, a kernel interface")):
+        assert main(["export", "--store", str(tmp_path / "a"), "--device", "cpu", "--out", str(where)]) == 2
+        err = capsys.readouterr().err
+        assert error_lines(err) == [err.strip()] and words in err, err
 
 
 def test_one_replace_rule_for_tuning_and_importing(tmp_path):

@@ -164,8 +164,15 @@ def test_tune_without_vllm_says_how_to_install_it(tmp_path):
 def test_a_ray_pool_is_refused_for_vllm_models(tmp_path):
     code, _, err = run_cli("tune", "--model", f"vllm:{tmp_path}", "--workload", "d4x64", "--workers", "2",
                            "--store", tmp_path / "s", "--storage", "sqlite:///:memory:")
-    assert code != 0
+    assert code == 2 and "error: vllm: models are measured in the one vLLM engine" in err  # bad input
     one_line(err, "vllm: models are measured in the one vLLM engine", "--workers")
+
+
+def test_a_ray_pool_with_tp_is_bad_input(tmp_path):
+    code, _, err = run_cli("tune", "--model", "llama-tiny", "--tp", "2", "--workload", "d4x16", "--workers", "2",
+                           "--store", tmp_path / "s", "--storage", "sqlite:///:memory:")
+    assert code == 2 and "dynaflow-tune tune: error: --tp runs each trial on a group" in err
+    one_line(err, "does not place tensor-parallel groups yet", "--workers")
 
 
 def test_a_worker_failing_a_schedule_is_a_crashed_trial(monkeypatch):

@@ -394,9 +394,10 @@ def cmd_show(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from dynaflow.runtime.files import write_json_atomic
+    from dynaflow.runtime.files import check_file, write_json_atomic
     from dynaflow.runtime.store import ScheduleStore
 
+    check_file(args.out, "--out")  # a folder, a kernel interface, an unwritable place: one line, before anything
     key = args.hardware or detect(live_device(args.device)).key
     bundle = ScheduleStore(StoreConfig(root=args.store)).export(key)
     write_json_atomic(args.out, bundle, indent=1)
@@ -420,5 +421,6 @@ def cmd_list(args) -> int:
     from .report import stored_table
 
     table = stored_table(args.store)
-    print("no stored schedules under " + str(args.store / "schedules") if table.empty else table.to_string(index=False))
+    print("no stored schedules under " + str(args.store / "schedules") if table.empty
+          else table.to_string(index=False, na_rep=""))
     return 0

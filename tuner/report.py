@@ -12,16 +12,21 @@ from dynaflow.runtime.store import ScheduleStore, StoreConfig
 
 
 def stored_table(root: Path) -> pd.DataFrame:
+    """One row per record; an unreadable one says so in a few words (`dynaflow-tune show FILE`
+    prints why), so it does not widen the table; trial numbers are whole numbers or blank."""
     rows = []
     for path, rec in ScheduleStore(StoreConfig(root=root)).records():
         if isinstance(rec, ValueError):
-            rows.append({"hardware": path.parent.name, "workload": path.stem, "schedule": f"UNREADABLE: {rec}"})
+            rows.append({"hardware": path.parent.name, "workload": path.stem, "schedule": "UNREADABLE (`show` says why)"})
             continue
         rows.append({"hardware": rec.hardware.key, "workload": rec.workload.key, "schedule": rec.schedule.label,
                      "verdict": rec.verdict, "speedup": round(rec.speedup, 3), "noise": round(rec.speedup_spread, 3),
                      "tokens_per_s": round(rec.tokens_per_s), "efficiency": rec.efficiency and round(rec.efficiency, 3),
                      "space": rec.space, "trial": rec.trial, "created_at": rec.created_at})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if "trial" in table:
+        table["trial"] = table.trial.astype("Int64")  # 16, not 16.0; blank, not NaN
+    return table
 
 
 def timelines_for(study, store_root: Path) -> tuple[list, str | None]:

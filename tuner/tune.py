@@ -38,12 +38,12 @@ def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[
     measure = config.measure
     if measure.peaks_dir is None:  # one peaks file per hardware for every command (the store's)
         measure = dataclasses.replace(measure, peaks_dir=StoreConfig(root=config.store_root).peaks_dir)
-    if pool is not None and any(w.model.startswith("vllm:") for w in config.workloads):
-        raise TuneError("vllm: models are measured in the one vLLM engine this process drives; --workers (a Ray "
-                        "pool) is not supported for them.")
+    if pool is not None and any(w.model.startswith("vllm:") for w in config.workloads):  # bad input: exit 2
+        raise ValueError("vllm: models are measured in the one vLLM engine this process drives; --workers (a Ray "
+                         "pool) is not supported for them.")
     if pool is not None and any(w.tp > 1 for w in config.workloads):
-        raise TuneError("--tp runs each trial on a group of rank processes on this node; --workers (a Ray pool) "
-                        "does not place tensor-parallel groups yet: drop one of them.")
+        raise ValueError("--tp runs each trial on a group of rank processes on this node; --workers (a Ray pool) "
+                         "does not place tensor-parallel groups yet: drop one of them.")
     if make_target is None:
         reserve(config.workloads)
         make_target = functools.partial(target_for, config=measure)

@@ -15,6 +15,13 @@ def parse_workload(spec: str, *, model: str, dtype: str, device: str, tp: int = 
     if not spec.strip() or m is None or not any(m.groupdict().values()):
         raise ValueError(f"workload {spec!r} must look like {FORMAT}.")
     g = {k: int(v) if v else 0 for k, v in m.groupdict().items()}
+    if m.group("d") is not None and m.group("p") is not None and "+p" not in spec:
+        fixed = spec.strip().replace("p", "+p", 1)
+        raise ValueError(f"workload {spec!r}: a prefill part after the decode part needs '+' ({fixed!r}); "
+                         f"it must look like {FORMAT}.")
+    if g["d"] == 0 and g["p"] == 0:
+        raise ValueError(f"workload {spec!r} holds no tokens (no decode request, no prefill token); it must look "
+                         f"like {FORMAT} with at least one request or token.")
     return Workload(model=model, num_decode=g["d"], context_len=g["c"], prefill_tokens=g["p"],
                     prefill_chunk=g["chunk"] or None, dtype=dtype, device=device, tp=tp,
                     sequence_parallel=sequence_parallel)
