@@ -206,9 +206,9 @@ def compare(target: Target, entries: list[Entry], plan: Plan, *, time_limit_s: f
     """Paired rounds of each entry against the baseline until each is decided or has spent
     `plan.max_rounds`; then the verdict (`judge`). Optuna-free: the statistics' tests drive it."""
     comparisons = [Comparison() for _ in entries]
-    readings, bound = [], None
+    readings, bound, spent = [], None, set()  # spent: candidates whose budget cannot decide them any more
     for _ in range(plan.max_rounds):
-        active = [i for i, c in enumerate(comparisons) if c.decision is Decision.UNDECIDED]
+        active = [i for i, c in enumerate(comparisons) if c.decision is Decision.UNDECIDED and i not in spent]
         if not active:
             break
         for i in active:
@@ -223,8 +223,11 @@ def compare(target: Target, entries: list[Entry], plan: Plan, *, time_limit_s: f
                 c = dataclasses.replace(c, rounds=c.rounds + (r,))
             else:
                 c = dataclasses.replace(c, failed=f"{m.outcome.value}: {m.message}")
-            last = len(c.rounds) >= plan.max_rounds
+            left = plan.max_rounds - len(c.rounds)
+            last = left <= 0 or len(c.evidence(plan.accept_contention)) + left < plan.min_rounds
             comparisons[i] = dataclasses.replace(c, decision=plan.decide(c, last=last))
+            if last:  # a busy machine: the quiet rounds a verdict needs can no longer come within the budget
+                spent.add(i)
     candidates = tuple(Candidate(trial=e.trial, schedule=e.schedule, comparison=c, interval=plan.final(c),
                                  search_speedup=e.speedup, pruned=e.pruned) for e, c in zip(entries, comparisons))
     verdict = judge(candidates, plan)
