@@ -187,6 +187,8 @@ def cmd_measure(args) -> int:
         m = target.measure(schedule)
     finally:
         close_target(target)
+    if m.outcome is TrialOutcome.INVALID and not args.json:  # a schedule breaking a rule is bad input: one line
+        raise ValueError(f"{args.schedule}: {m.message}")
     if args.json:
         print(json.dumps({"workload": w.key, "hardware": target.hardware.key, "schedule": schedule.to_dict(),
                           "measurement": m.to_dict()}, indent=2))
