@@ -147,3 +147,15 @@ def test_what_the_tool_writes_by_default_stays_out_of_git():
     kept = subprocess.run(["git", "-C", str(root), "check-ignore", "results/benchmarks/x.txt", "results/gpu/x.txt"],
                           capture_output=True, text=True)
     assert kept.stdout == ""  # committed results are not ignored
+
+
+@pytest.mark.parametrize("command", ["ops", "measure", "tune"])
+def test_an_hf_model_without_transformers_names_the_install_command(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    args = [command, "--model", "hf:llama", "--workload", "d16x256", "--store", str(tmp_path)]
+    if command == "tune":
+        args += ["--trials", "1", "--no-progress", "--storage", f"sqlite:///{tmp_path}/s.db"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == [err.strip()] and "Traceback" not in err
+    assert "needs transformers, which is not installed: pip install \"dynaflow-tune[hf]\"" in err

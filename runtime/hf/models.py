@@ -53,12 +53,19 @@ def parse_hf(model: str) -> tuple[str, str, int]:
     return m.group(1), preset, layers
 
 
-def build_model(model: str, dtype: torch.dtype, device: str, seed: int = 0):
-    """(the HF model, its config) for an `hf:` spec, random weights from `seed`."""
+def _transformers(model: str):
+    """The transformers module, or one line saying how to install it (an `hf:` model needs it)."""
     try:
         import transformers
     except ImportError:
-        raise ValueError(f"model {model!r} needs transformers: pip install 'dynaflow-tune[hf]'") from None
+        raise ValueError(f"model {model!r} needs transformers, which is not installed: "
+                         "pip install \"dynaflow-tune[hf]\"") from None
+    return transformers
+
+
+def build_model(model: str, dtype: torch.dtype, device: str, seed: int = 0):
+    """(the HF model, its config) for an `hf:` spec, random weights from `seed`."""
+    transformers = _transformers(model)
     check_transformers()
     arch, preset, layers = parse_hf(model)
     config_cls, model_cls, extra = HF_ARCHS[arch]
@@ -85,8 +92,7 @@ class GraphCall(nn.Module):
 
 
 def build_hf_case(w: Workload) -> Case:
-    import transformers
-
+    transformers = _transformers(w.model)
     if w.num_decode and w.prefill_tokens:
         raise ValueError(f"workload {w.key}: an HF model runs decode and prefill in separate calls; "
                          "give a decode-only (d<N>x<context>) or a prefill-only (p<tokens>c<chunk>) workload.")
