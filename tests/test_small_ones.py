@@ -159,3 +159,21 @@ def test_an_hf_model_without_transformers_names_the_install_command(command, tmp
     err = capsys.readouterr().err
     assert error_lines(err) == [err.strip()] and "Traceback" not in err
     assert "needs transformers, which is not installed: pip install \"dynaflow-tune[hf]\"" in err
+
+
+def test_the_readmes_flag_table_and_the_parser_agree():
+    """Every flag the README's table names exists in the parser, and every flag of `tune` is in
+    the table (or in --help only, listed here with why)."""
+    from dynaflow.tuner.commands import build_parser
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("| flag | meaning (default) |"):]
+    table = table[:table.index("\n\n")]
+    named = set(re.findall(r"`(--[a-z-]+)", table))
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.dest == "command").choices
+    known = {opt for sub in subs.values() for a in sub._actions for opt in a.option_strings if opt.startswith("--")}
+    assert named - known == set(), named - known
+    tune = {opt for a in subs["tune"]._actions for opt in a.option_strings if opt.startswith("--")}
+    help_only = {"--help"}
+    assert tune - named - help_only == set(), tune - named - help_only
