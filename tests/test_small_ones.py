@@ -177,3 +177,9 @@ def test_the_readmes_flag_table_and_the_parser_agree():
     tune = {opt for a in subs["tune"]._actions for opt in a.option_strings if opt.startswith("--")}
     help_only = {"--help"}
     assert tune - named - help_only == set(), tune - named - help_only
+
+
+def test_qmc_is_not_offered_for_define_by_run_spaces(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["tune", "--sampler", "qmc", "--trials", "1"])
+    assert e.value.code == 2 and "argument --sampler: invalid choice: 'qmc' (choose from" in capsys.readouterr().err

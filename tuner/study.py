@@ -79,8 +79,7 @@ def study_name(hardware_key: str, workload: Workload, space: str) -> str:
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-            "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-            "qmc": lambda: optuna.samplers.QMCSampler(seed=seed)}[name]()
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[name]()
 
 
 def open_study(name: str, config: TuneConfig) -> optuna.Study:
