@@ -10,6 +10,8 @@ backends learn how SMs can be shared.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import os
 import platform
@@ -165,6 +167,7 @@ class Peaks:
     busy: dict = field(default_factory=dict)  # how busy the machine was while they were measured
     bus_bytes_per_s: float | None = None  # a group's all-reduce bus bandwidth; None: one device
     world_size: int = 1  # the group it was measured in
+    attempts: int = 0  # measurements under contention merged into these peaks (0: measured quiet)
 
     @property
     def balance(self) -> float:
@@ -172,6 +175,7 @@ class Peaks:
 
 
 RECHECK = 1.25  # a quick check this much above a cached peak: the cache was measured under load
+CONTENDED_ATTEMPTS = 3  # peaks measured under contention are measured again by later commands, this many in all
 
 
 _PEAKS: dict[tuple[str, str], Peaks] = {}
@@ -191,19 +195,24 @@ def measure_peaks(device: str, dtype: torch.dtype, *, hardware: Hardware, cache_
         warnings.warn(f"peaks cache {path} resolves outside the store {Path(cache_dir).parent} (a symbolic link?); "
                       "not read or written: the peaks are measured for this process only")
         path = None
+    cached, stale = None, None
     if path is not None and path.exists() and not remeasure:
         try:
             cached = _read_peaks(path)
-            if (why := _stale(cached, device, dtype)) is None:
+            if (stale := _stale(cached, device, dtype)) is None:
                 _PEAKS[key] = cached
                 return cached
-            warnings.warn(f"peaks cached in {path} {why}: measuring them again")
         except ValueError as e:
             warnings.warn(f"{e}; measuring the peaks again")
-    _PEAKS[key] = peaks = _run_peaks(device, dtype)
+    _PEAKS[key] = peaks = _merge(cached, _run_peaks(device, dtype))
+    said = f"peaks cached in {path} {stale}: measured again; " if stale else "the device peaks were measured "
     if (why := telemetry.contention(peaks.busy)) is not None:
-        warnings.warn(f"the device peaks were measured under contention ({why}); the op classes follow from "
-                      "them, and the next process re-measures them")
+        later = CONTENDED_ATTEMPTS - peaks.attempts
+        warnings.warn(f"{said}under contention ({why}); the op classes follow from the highest of each peak so far, "
+                      + (f"and the next {later} command(s) measure them again" if later > 0 else
+                         f"which are now kept (after {CONTENDED_ATTEMPTS} attempts) until --remeasure-peaks"))
+    elif stale:
+        warnings.warn(f"{said}this time quiet, and cached")
     if path is not None:
         try:
             write_json_atomic(path, asdict(peaks))
@@ -212,10 +221,24 @@ def measure_peaks(device: str, dtype: torch.dtype, *, hardware: Hardware, cache_
     return peaks
 
 
+def _merge(cached: Peaks | None, new: Peaks) -> Peaks:
+    """Peaks measured again: quiet ones replace the cache; under contention (which only lowers a
+    peak) the higher of each is kept and the attempt counted, so op classes settle, not flip."""
+    if telemetry.contention(new.busy) is None:
+        return new
+    if cached is None:
+        return dataclasses.replace(new, attempts=1)
+    return dataclasses.replace(new, flops_per_s=max(new.flops_per_s, cached.flops_per_s),
+                               bytes_per_s=max(new.bytes_per_s, cached.bytes_per_s), attempts=cached.attempts + 1)
+
+
 def _stale(cached: Peaks, device: str, dtype: torch.dtype) -> str | None:
-    """Why cached peaks are not to be trusted: measured under contention, or a quick check now
-    beats them by RECHECK (they were measured while something else ran); None if they stand."""
+    """Why cached peaks are not to be trusted: measured under contention (fewer than
+    CONTENDED_ATTEMPTS times), or a quick check now beats them by RECHECK (they were measured while
+    something else ran); None if they stand."""
     if (why := telemetry.contention(cached.busy)) is not None:
+        if cached.attempts >= CONTENDED_ATTEMPTS:
+            return None  # said when they were kept: measured again only with --remeasure-peaks
         return f"were measured under contention ({why})"
     quick = _run_peaks(device, dtype, repeats=3)
     for what, now, then in (("GEMM", quick.flops_per_s, cached.flops_per_s),
@@ -233,6 +256,8 @@ def _read_peaks(path: Path) -> Peaks:
         raise ValueError(f"peaks cache {path} needs the fields flops_per_s, bytes_per_s, dtype (and busy)") from None
     if not isinstance(peaks.busy, dict):
         raise ValueError(f"peaks cache {path}: busy must be a JSON object")
+    if not isinstance(peaks.attempts, int) or isinstance(peaks.attempts, bool) or peaks.attempts < 0:
+        raise ValueError(f"peaks cache {path}: attempts must be an integer >= 0")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
                for v in (peaks.flops_per_s, peaks.bytes_per_s)):
         raise ValueError(f"peaks cache {path} holds non-positive or non-finite peaks")
