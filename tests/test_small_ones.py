@@ -183,3 +183,13 @@ def test_qmc_is_not_offered_for_define_by_run_spaces(capsys):
     with pytest.raises(SystemExit) as e:
         main(["tune", "--sampler", "qmc", "--trials", "1"])
     assert e.value.code == 2 and "argument --sampler: invalid choice: 'qmc' (choose from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["ops", "measure"])
+def test_a_store_that_is_a_file_is_one_line_before_anything_is_measured(command, tmp_path, capsys):
+    store = tmp_path / "a_file"
+    store.write_text("")
+    assert main([command, "--model", "llama-tiny", "--workload", "d4x16", "--store", str(store)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and error_lines(err) == [err.strip()]
+    assert f"--store {store} is a file, not a folder" in err and "cache" not in err

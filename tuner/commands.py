@@ -9,6 +9,7 @@ from pathlib import Path
 from dynaflow.runtime import PRESETS, MeasureConfig, Schedule, TrialOutcome
 
 from dynaflow.runtime import detect, validate
+from dynaflow.runtime.files import check_folder
 from dynaflow.runtime.hardware import live_device
 from dynaflow.runtime.measure import COLLECTIVE_TIMEOUT_S
 from dynaflow.runtime.store import check_hardware
@@ -175,6 +176,7 @@ def cmd_measure(args) -> int:
     rounds = args.rounds if args.rounds is not None else 5 if args.against else None
     if rounds is not None and rounds < 2:
         raise ValueError(f"--rounds must be >= 2 (an interval needs two rounds), but got {rounds}.")
+    check_folder(args.store, "--store")
     w = _workload(args, args.workload)
     schedule = load_schedule_file(args.schedule, hardware=detect(w.device)) if args.schedule else Schedule()
     from .targets import close_target, target_for
@@ -251,6 +253,7 @@ def _compared(iv, comparison, failed: str | None) -> str:
 
 
 def cmd_ops(args) -> int:
+    check_folder(args.store, "--store")  # where the peaks are cached: a folder, before anything is measured
     w = _workload(args, args.workload)
     from .targets import close_target, target_for
 
