@@ -158,6 +158,12 @@ def test_ctrl_c_with_trials_in_flight_records_them_interrupted(tmp_path, faulty_
     rest = ", ".join(f"{outcomes.count(k)} {k}" for k in ("crashed", "interrupted") if outcomes.count(k))
     assert f"  {measured} distinct schedule(s) measured (and {rest}) in the study" in result_lines(result)
     assert f"interrupted {outcomes.count('interrupted')}" in result_lines(result)  # this run's tally too
+    # resumed, the run measures the whole budget: an interrupted trial is not a measured one
+    [again] = tune_workload(W, [(target, FakePool(target))], cfg, log=lambda *a: None)
+    trials = trials_of(cfg)
+    counted = [t for t in trials if t.user_attrs["result"]["outcome"] != "interrupted"
+               and not t.user_attrs["result"].get("duplicate")]
+    assert len(counted) == cfg.trials and again.distinct == cfg.trials
 
 
 def test_a_second_ctrl_c_inside_a_wait_leaves_no_trial_running(tmp_path, faulty_space):

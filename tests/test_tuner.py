@@ -190,3 +190,16 @@ def test_studies_written_before_the_typed_field_still_know_their_poison():
     study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={RESULT: {
         "outcome": "crashed", "message": "worker died: ActorDiedError", "schedule": old.to_json()}}))
     assert Known(study).poison == {old.key()}
+
+
+def test_a_search_stopped_by_its_time_budget_says_so(tmp_path):
+    from dynaflow.tuner.commands import result_lines
+    from fakes import make_sleeping_fake
+
+    target = make_sleeping_fake(W, sleep_s=0.05)
+    [result] = tune(config(tmp_path, trials=500, timeout_s=1.0), make_target=lambda w: target, log=lambda *a: None)
+    assert result.timed_out and result.distinct < 500
+    assert "; the search stopped at --timeout-s" in result_lines(result)
+    [full] = tune(config(tmp_path / "b", trials=3, storage=f"sqlite:///{tmp_path}/b.db"),
+                  make_target=lambda w: target, log=lambda *a: None)
+    assert not full.timed_out and "--timeout-s" not in result_lines(full)

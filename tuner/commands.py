@@ -340,7 +340,8 @@ def result_lines(r) -> str:
 
     rec = r.record
     fails = ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items()) if k != "ok") or "none"
-    converged = "; the search converged (proposals kept repeating measured schedules)" if r.exhausted else ""
+    converged = "; the search converged (proposals kept repeating measured schedules)" if r.exhausted else \
+        "; the search stopped at --timeout-s" if r.timed_out else ""
     return (f"{r.workload.key}: {verdict_text(r.verdict)}\n"
             f"  {_tried(r.tally)} in the study, {r.duplicates} duplicate proposal(s) "
             f"answered from it this run{converged}; failed/pruned this run: {fails}\n"

@@ -68,6 +68,7 @@ def run_search(lanes: Sequence[Lane], config: TuneConfig, stop=()) -> list[Study
     for s in searches:
         if stop or s.inflight:
             s.interrupt()
+        s.result.timed_out = s.budget.out_of_time() and s.budget.left_by_count(s.study)
     return [s.result for s in searches]
 
 
@@ -203,9 +204,14 @@ class Budget:
         return self.repeats >= 2
 
     def left(self, study: optuna.Study) -> bool:
+        return not self.out_of_time() and self.left_by_count(study) and self.repeats < self.config.max_duplicates
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    def left_by_count(self, study: optuna.Study) -> bool:
         trials = self.config.trials
-        return time.monotonic() < self.deadline and (trials is None or len(search_trials(study)) < trials) \
-            and self.repeats < self.config.max_duplicates
+        return trials is None or len(search_trials(study)) < trials
 
     @staticmethod
     def counts(m: Measurement) -> bool:

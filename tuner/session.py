@@ -37,6 +37,7 @@ class WorkloadResult:
     duplicates: int  # proposals this run answered from the study
     interrupted: bool
     exhausted: bool
+    timed_out: bool = False  # --timeout-s ended the search before --trials did
 
 
 @dataclass(kw_only=True)
@@ -85,4 +86,4 @@ def finish(session: Session, result: StudyResult, config: TuneConfig) -> Workloa
                           kept=kept, verdict=verdict, outcomes=result.outcomes,
                           distinct=len(search_trials(session.study)), tally=tally(session.study),
                           duplicates=result.duplicates,
-                          interrupted=result.interrupted, exhausted=result.exhausted)
+                          interrupted=result.interrupted, exhausted=result.exhausted, timed_out=result.timed_out)

@@ -68,6 +68,7 @@ class StudyResult:
     study: optuna.Study
     interrupted: bool = False
     exhausted: bool = False  # the space kept proposing schedules already measured
+    timed_out: bool = False  # --timeout-s ended the search before --trials did
     outcomes: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     stats: LoopStats = field(default_factory=LoopStats)
@@ -102,6 +103,13 @@ def open_study(name: str, config: TuneConfig) -> optuna.Study:
 
 
 def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:
+    """A search trial that measured (or tried to measure) a schedule of its own: not the baseline,
+    not a duplicate or skipped proposal, not one the user interrupted (its schedule is measured
+    again by a resumed run, so Ctrl-C costs no budget)."""
+    return is_search_trial(trial) and trial.user_attrs.get(RESULT, {}).get("outcome") != TrialOutcome.INTERRUPTED.value
+
+
+def is_search_trial(trial: optuna.trial.FrozenTrial) -> bool:
     record = trial.user_attrs.get(RESULT, {})
     return not (trial.user_attrs.get(BASELINE) or record.get("duplicate")
                 or record.get("outcome") == TrialOutcome.SKIPPED.value)
@@ -115,10 +123,12 @@ def search_trials(study: optuna.Study, before: int | None = None) -> list[optuna
 
 
 def tally(study: optuna.Study) -> dict[str, int]:
-    """The study's search trials that count toward the budget, by what became of them: measured
+    """The study's search trials (interrupted ones too, which the budget does not count), by what became of them: measured
     (a result: ok, pruned, incorrect, invalid, oom, timeout), crashed, interrupted, running."""
     out = {"measured": 0, "crashed": 0, "interrupted": 0, "running": 0}
-    for t in search_trials(study):
+    for t in study.get_trials(deepcopy=False, states=ASKED):
+        if not is_search_trial(t):
+            continue
         outcome = result_of(t).get("outcome")
         kind = ("running" if t.state == TrialState.RUNNING else outcome if outcome in ("crashed", "interrupted")
                 else "measured")
