@@ -102,8 +102,7 @@ def run(args) -> dict:
         generate(served(recording), cfg, ids, args.new_tokens, device)
         served.done()
         shapes = recording.shapes.save(store / "shapes" / f"{tuned.replace(':', '-')}_{args.dtype}.json")
-        print(f"1. served {recording.shapes.total_calls:,} {'layer' if args.granularity == 'layer' else 'model'} calls "
-              f"in {len(recording.shapes.calls)} shapes; "
+        print(f"1. served {recording.shapes.total_calls:,} {calls_of(args)} in {len(recording.shapes.calls)} shapes; "
               f"saved {shapes}")
         # 2. tune what was recorded
         print(f"2. dynaflow-tune tune --shapes {shapes} --buckets {args.buckets} --trials {args.trials}")
@@ -122,14 +121,15 @@ def run(args) -> dict:
     if scheduled is not None:
         generate(scheduled, cfg, ids, args.new_tokens, device)  # compiles (prefill, decode) outside the timing
         chooser.rule_counts.clear() if isinstance(chooser, ScheduleMap) else None
-    calls = "layer calls" if args.granularity == "layer" else "model calls (one graph each)"
+    calls = calls_of(args)
     for _ in range(args.rounds):  # interleaved, so machine noise hits both alike
         served.done()  # the plain model: no wrapper left on its layers
         rows["unscheduled"].append(generate(model, cfg, ids, args.new_tokens, device))
         rows["scheduled"].append(generate(scheduled or served(chooser), cfg, ids, args.new_tokens, device))
     served.done()
     print(f"3. served {args.requests} requests x {args.prompt} prompt tokens, {args.new_tokens} new tokens, "
-          f"{args.device}, policy {args.policy}, {args.granularity} granularity, {args.rounds} interleaved rounds")
+          f"{args.device}, policy {args.policy}, {args.granularity} granularity, {args.rounds} interleaved "
+          f"round{'' if args.rounds == 1 else 's'}")
     if isinstance(chooser, ScheduleMap):
         counts = dict(sorted(chooser.rule_counts.items()))
         stats.update(tuned_share=chooser.tuned_share(), rule_counts=counts)
@@ -140,6 +140,12 @@ def run(args) -> dict:
     print(f"   ratio        {ratio:10.3f}x")
     stats.update(rows=rows, ratio=ratio)
     return stats
+
+
+def calls_of(args) -> str:
+    """What one recorded shape counts, the same words in every line: a decoder layer's call, or
+    (op granularity) a call of the compiled graph of the whole model."""
+    return "layer calls" if args.granularity == "layer" else "model calls (one graph each)"
 
 
 def main() -> None:
