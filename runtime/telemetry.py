@@ -171,13 +171,19 @@ SLOWDOWNS = ("HwSlowdown", "HwThermalSlowdown", "HwPowerBrakeSlowdown", "SwTherm
 # a GPU at full load sits at its power cap routinely; these mean its clocks were cut by heat or hardware
 
 
-def _gpu_slowdown(device: str) -> int | None:
-    """1 when NVML reports a thermal or hardware slowdown of the clocks now, 0 when not, None unread."""
+def _nvml_device(device: str):
+    """(NVML, the handle of torch's `device`), or (None, None) where either cannot be had."""
     nv = _nvml()
     if nv is None:
-        return None
+        return None, None
     index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
     handle = nvml_handle(nv, index)
+    return (nv, handle) if handle is not None else (None, None)
+
+
+def _gpu_slowdown(device: str) -> int | None:
+    """1 when NVML reports a thermal or hardware slowdown of the clocks now, 0 when not, None unread."""
+    nv, handle = _nvml_device(device)
     if handle is None:
         return None
     reasons = _decode_reasons(nv, _query(lambda: nv.nvmlDeviceGetCurrentClocksEventReasons(handle)))
@@ -185,11 +191,7 @@ def _gpu_slowdown(device: str) -> int | None:
 
 
 def _gpu_other_processes(device: str) -> int | None:
-    nv = _nvml()
-    if nv is None:
-        return None
-    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
-    handle = nvml_handle(nv, index)
+    nv, handle = _nvml_device(device)
     if handle is None:
         return None
     procs = _query(lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle))
