@@ -40,7 +40,10 @@ def test_notebook_runs_top_to_bottom(tuned, tmp_path, monkeypatch):
     assert not (tmp_path / "trace_best.json").exists()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "timelines: sequential" in text and "98% interval" in text  # the timelines' speedup, by the estimator
-    assert "the confirmation measured it at" in text  # beside the confirmation's figure for the same schedule
+    confirmation = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage) \
+        .user_attrs["confirmation"]
+    if confirmation["best"] is not None:  # else no candidate had a quiet round (a busy machine)
+        assert "the confirmation measured it at" in text  # beside the confirmation's figure for the same schedule
     assert "machine    " in text  # each stored record of the study, with how busy the machine was
 
 
