@@ -108,3 +108,23 @@ def test_applying_again_replaces_the_chooser():
         model(input_ids=ids)
     assert not first and len(second) == cfg.num_hidden_layers
     assert all(not isinstance(layer.layer, ScheduledDecoderLayer) for layer in decoder_layers(model))
+
+
+def test_hf_mixtral_counts_and_its_op_level_schedules_equal_the_model():
+    """hf:mixtral's graph has pieces that return a parameter as it is; counting its FLOPs (torch's
+    module tracker asserted on such an output) and random schedules of it work, equal to the model."""
+    import optuna
+
+    from dynaflow.runtime import Bench, MeasureConfig, TrialOutcome, Workload
+    from dynaflow.search_spaces import SpaceContext, get_space
+
+    bench = Bench(Workload(model="hf:mixtral", num_decode=6, context_len=16), config=MeasureConfig(warmup=0, repeats=1))
+    assert bench.flops > 0 and any(op.resource == "compute" for op in bench.executor.graph.ops)
+    ctx = SpaceContext(hardware=bench.hardware, graph=bench.executor.graph, layout=bench.case.layout)
+    study, space, seen = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3)), get_space("nanoflow"), 0
+    for _ in range(6):
+        schedule = space(study.ask(), ctx)
+        m = bench.measure(schedule)
+        assert m.outcome in (TrialOutcome.OK, TrialOutcome.INVALID), (schedule.label, m.message)
+        seen += m.ok and not schedule.is_sequential
+    assert seen >= 2
