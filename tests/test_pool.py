@@ -246,21 +246,24 @@ def test_a_storage_that_fails_mid_run_is_one_line_and_the_trial_is_failed(tmp_pa
     assert states == {1: TrialState.COMPLETE, 2: TrialState.COMPLETE, 3: TrialState.FAIL}  # none left RUNNING
 
 
-def test_a_full_disk_at_the_record_write_is_one_line_and_nothing_half_written(tmp_path, faulty_space, monkeypatch):
+@pytest.mark.parametrize("code, said, fix", [("ENOSPC", "No space left on device", "free space"),
+                                             ("EACCES", "Permission denied", "make .* writable")])
+def test_a_full_disk_at_the_record_write_is_one_line_and_nothing_half_written(tmp_path, faulty_space, monkeypatch,
+                                                                              code, said, fix):
     import errno
     import os
 
     from dynaflow.runtime import files
     from dynaflow.tuner.config import TuneError
 
-    def no_space(src, dst):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def fails(src, dst):
+        raise OSError(getattr(errno, code), said)
 
-    monkeypatch.setattr(files.os, "replace", no_space)
+    monkeypatch.setattr(files.os, "replace", fails)
     cfg = config(tmp_path)
     target = FakeTarget(tiny_context(), split_landscape)
-    with pytest.raises(TuneError, match=r"cannot write the record .*\.json: No space left on device; nothing was "
-                                        r"half-written .* keeps every trial and the verdict"):
+    with pytest.raises(TuneError, match=rf"cannot write the record .*\.json: {said}; nothing was "
+                                        rf"half-written .* keeps every trial and the verdict: {fix} and run tune again"):
         tune_workload(W, [(target, InlinePool(target))], cfg, log=lambda *a: None)
     monkeypatch.setattr(files.os, "replace", os.replace)
     leftovers = [p for p in (tmp_path / "schedules").rglob("*") if p.is_file()]

@@ -19,6 +19,7 @@ stored only on quiet rounds.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import statistics
 from dataclasses import dataclass, field
 
@@ -366,9 +367,11 @@ def store_verdict(confirmation: Confirmation, study: optuna.Study, target: Targe
         kept, path, why = store.save_unless_kept(record)
     except OSError as e:  # a full disk, a folder made read-only mid-run: the write left nothing half-done
         where = store.path(record.hardware.key, record.workload.key)
+        fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            f"make {where.parent} writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "fix that"
         raise TuneError(f"cannot write the record {where}: {e.strerror or e}; nothing was half-written (any older "
                         f"record there is unchanged) and study {study.study_name} in {config.storage.url} keeps every "
-                        "trial and the verdict: free space and run tune again to store it") from None
+                        f"trial and the verdict: {fix} and run tune again to store it") from None
     return kept, str(path), why, confirmation
 
 
