@@ -224,3 +224,14 @@ def test_zero_trials_is_a_usage_error_not_a_strange_bar(tmp_path):
     code, _, err = run_cli("tune", "--trials", "0", "--store", tmp_path, "--storage", f"sqlite:///{tmp_path}/s.db")
     assert code == 2
     one_line(err, "--trials must be >= 1")
+
+
+def test_measure_refuses_a_record_in_the_store_symlinked_outside_it(store, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("elsewhere") / "secret.json"
+    outside.write_text(json.dumps(record().to_dict()))
+    link = record_path(store).with_name("linked.json")
+    link.symlink_to(outside)
+    code, _, err = run_cli("measure", "--workload", "d4x16", "--model", "llama-tiny", "--store", store,
+                           "--schedule", link)
+    assert code == 2
+    one_line(err, f"{link} resolves to {outside}, outside the store")

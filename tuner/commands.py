@@ -178,10 +178,12 @@ def cmd_measure(args) -> int:
         raise ValueError(f"--rounds must be >= 2 (an interval needs two rounds), but got {rounds}.")
     check_folder(args.store, "--store")
     w = _workload(args, args.workload)
-    schedule = load_schedule_file(args.schedule, hardware=detect(w.device)) if args.schedule else Schedule()
+    schedule = load_schedule_file(args.schedule, hardware=detect(w.device), store=args.store) if args.schedule \
+        else Schedule()
     from .targets import close_target, target_for
 
-    baseline = load_schedule_file(args.against, hardware=detect(w.device)) if args.against else Schedule()
+    baseline = load_schedule_file(args.against, hardware=detect(w.device), store=args.store) if args.against \
+        else Schedule()
     target = target_for(w, measure_config(args))
     try:
         if rounds is not None:
@@ -274,10 +276,15 @@ def cmd_ops(args) -> int:
     return 0
 
 
-def load_schedule_file(path: Path, *, hardware=None) -> Schedule:
+def load_schedule_file(path: Path, *, hardware=None, store: Path | None = None) -> Schedule:
     """A bare schedule JSON, or a store record holding one under "schedule". A record gets the
     loader's checks: validated whole (a newer record schema is refused), refused when tuned on
-    other hardware than `hardware`, a warning when the software drifted since."""
+    other hardware than `hardware`, a warning when the software drifted since; a path inside
+    `store` that resolves outside it (a symbolic link) is refused, as the server's loading does."""
+    from dynaflow.runtime.store import ScheduleStore
+
+    if store is not None and Path(path).absolute().is_relative_to(Path(store).absolute()):
+        ScheduleStore(StoreConfig(root=store)).inside(path)
     data = validate.read_json(path, "schedule file")
     if isinstance(data, dict) and ("schedule" in data or "record_schema" in data):
         record = read_record(path)
@@ -427,6 +434,11 @@ def cmd_list(args) -> int:
     from .report import stored_table
 
     table = stored_table(args.store)
-    print("no stored schedules under " + str(args.store / "schedules") if table.empty
-          else table.to_string(index=False, na_rep=""))
+    if table.empty:
+        print("no stored schedules under " + str(args.store / "schedules"))
+        return 0
+    errors = table.pop("error").dropna() if "error" in table else []
+    print(table.to_string(index=False, na_rep=""))
+    for error in errors:
+        print(f"unreadable: {error}")
     return 0

@@ -12,12 +12,14 @@ from dynaflow.runtime.store import ScheduleStore, StoreConfig
 
 
 def stored_table(root: Path) -> pd.DataFrame:
-    """One row per record; an unreadable one says so in a few words (`dynaflow-tune show FILE`
-    prints why), so it does not widen the table; trial numbers are whole numbers or blank."""
+    """One row per record; an unreadable one says so in a few words, its error in the `error`
+    column (printed below the table by `list`, so it does not widen it); trial numbers are whole
+    numbers or blank."""
     rows = []
     for path, rec in ScheduleStore(StoreConfig(root=root)).records():
         if isinstance(rec, ValueError):
-            rows.append({"hardware": path.parent.name, "workload": path.stem, "schedule": "UNREADABLE (`show` says why)"})
+            rows.append({"hardware": path.parent.name, "workload": path.stem, "schedule": "UNREADABLE (below)",
+                         "error": str(rec)})
             continue
         rows.append({"hardware": rec.hardware.key, "workload": rec.workload.key, "schedule": rec.schedule.label,
                      "verdict": rec.verdict, "speedup": round(rec.speedup, 3), "noise": round(rec.speedup_spread, 3),
