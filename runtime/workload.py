@@ -14,7 +14,6 @@ from pathlib import PurePath
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from . import validate
 from .batch import TOKENS, BatchLayout

@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
-from dynaflow.runtime import BatchLayout, Hardware, OpGraph, Schedule, Step, StreamSpec
+from dynaflow.runtime import BatchLayout, Hardware, OpGraph, Step, StreamSpec
 
 
 class Trial(Protocol):

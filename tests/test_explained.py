@@ -5,7 +5,7 @@ import dataclasses
 import optuna
 import pytest
 
-from dynaflow.runtime import Bench, Executor, MeasureConfig, Measurement, Schedule, StreamSpec, TrialOutcome, Workload
+from dynaflow.runtime import Bench, Executor, MeasureConfig, Schedule, StreamSpec, Workload
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, Verdict
 from dynaflow.runtime.timeline import Span, Timeline, overlap, record_timelines
 from dynaflow.tuner.analysis import trials_table

@@ -6,7 +6,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).parents[1]
 KIT = ROOT / "scripts" / "gpu_proof.sh"

@@ -32,7 +32,7 @@ from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.runtime.store import Verdict as Kind  # the stored verdict's kind
 
 from .config import TuneConfig, TuneError
-from .paired import (ESTIMATOR, BusySummary, Comparison, Decision, Interval, Plan, Round, interval)
+from .paired import (ESTIMATOR, BusySummary, Comparison, Decision, Interval, Plan, Round)
 from .study import BASELINE, result_of
 from .targets import Target, explain, measure_pair
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from dynaflow.runtime import Hardware, Measurement, OpGraph, Schedule, TrialOutcome, Workload
-from dynaflow.search_spaces import SpaceContext, get_space
+from dynaflow.search_spaces import SpaceContext
 
 from .pool import Done, Job, crashed, measure_one, run_job
 from .targets import Target, explain

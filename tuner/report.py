@@ -2,7 +2,6 @@
 Markdown summary, without Jupyter."""
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 

@@ -18,7 +18,7 @@ from dynaflow.runtime import Workload
 from dynaflow.runtime.files import check_folder
 from dynaflow.runtime.store import StoreConfig
 
-from .config import TuneConfig, TuneError
+from .config import TuneConfig
 from .interrupt import stop_on_ctrl_c
 from .pool import InlinePool, Pool
 from .search import Lane, run_search

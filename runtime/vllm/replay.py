@@ -34,7 +34,7 @@ from ..batch import BatchLayout
 from ..case import Case
 from ..schedule import Schedule
 from ..workload import Workload
-from . import ENV_POLICY, ENV_SCHEDULES, RUNNERS, hooks, wrap_backend
+from . import ENV_POLICY, ENV_SCHEDULES, RUNNERS, hooks
 
 MAX_STEPS = 4096  # steps fed to vLLM before a shape it would not form is given up
 
