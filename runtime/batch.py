@@ -53,6 +53,10 @@ class BatchLayout:
         for j, axis in enumerate((*self.input_axes, self.output_axis)):
             if axis is not None and axis not in axes:
                 raise ValueError(f"input_axes[{j}]={axis!r} is not one of {sorted(axes)} or None.")
+        if self.input_axes and all(a is None for a in self.input_axes) and self.output_axis is not None:
+            raise ValueError(f"input_axes={self.input_axes!r} declares every input whole, but the output is batched by "
+                             f"{self.output_axis!r}: each nano-batch would compute from the whole batch, so no split "
+                             "of the output could be right; batch the input(s) the rows come from (input_axes).")
 
     @property
     def num_requests(self) -> int:

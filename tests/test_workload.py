@@ -95,3 +95,15 @@ def test_copy_join_fallback_is_reported():
 def test_cuda_without_a_gpu_is_a_one_line_error():
     with pytest.raises(ValueError, match="device 'cuda' asked for, but torch .* sees no CUDA device"):
         Workload(model="llama-tiny", num_decode=2, context_len=4, device="cuda").build()
+
+
+def test_a_layout_with_every_input_whole_and_the_output_batched_is_refused():
+    """Each nano-batch would see the whole batch and write a whole-batch output into its slice
+    (torch's "output was resized" warning the only sign): refused by the runtime, not only by
+    the tuner's verification."""
+    from dynaflow.runtime import BatchLayout
+
+    with pytest.raises(ValueError, match=r"input_axes=\(None,\) declares every input whole, but the output is batched"):
+        BatchLayout(request_tokens=(1,) * 4, request_kinds=("requests",) * 4, input_axes=(None,), output_axis="requests")
+    BatchLayout(request_tokens=(1,) * 4, request_kinds=("requests",) * 4, input_axes=(None, "requests"),
+                output_axis="requests")  # one whole input beside a batched one is fine
