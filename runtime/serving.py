@@ -14,6 +14,7 @@ schedule for the live batch -> the backend for the tensors' device -> the plan c
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Protocol, runtime_checkable
 
@@ -31,6 +32,8 @@ from .schedule import Schedule
 from .shapes import Bucket, ShapeLog
 from .case import Case
 from .workload import preset_layout_of
+
+log = logging.getLogger("dynaflow")
 
 
 @runtime_checkable
@@ -105,13 +108,19 @@ class ScheduledModule(nn.Module):
         self.shapes, self.plans = self.calls.shapes, self.calls.plans
         self.graph = trace(module)
         self.last_schedule: Schedule | None = None
+        self.unfit: set[str] = set()  # schedules that do not fit this module's graph: run sequentially
         collectives = Parallel.collectives(module)  # a tensor-parallel rank's layer: each nano-batch's own group
         self.around = parallel.current().around(collectives) if collectives else None
 
     def forward(self, *inputs: torch.Tensor):
         layout = self.layout_of(inputs)
         schedule = self.last_schedule = self.calls.pick(layout, self.context_of(inputs))
-        if schedule.is_sequential:
+        if schedule.is_sequential or schedule.key() in self.unfit:
+            return self.module(*inputs)
+        if (unknown := sorted({s.op for s in schedule.order} - set(self.graph.names))):
+            self.unfit.add(schedule.key())
+            log.warning("schedule %s names op(s) %s, which this module's graph lacks (a record made for another "
+                        "model?): it runs sequentially", schedule.label, ", ".join(unknown[:3]))
             return self.module(*inputs)
         # The last op writes its residual add into `out` itself; any other output (another shape, a
         # tuple) stays in each nano-batch's env and is joined by rows after the run.

@@ -193,3 +193,21 @@ def test_another_sku_with_the_same_sms_is_refused(tmp_path):
     assert len(wrong) == 1 and wrong[0].startswith("memory_bytes:") and "more than 8% apart" in wrong[0]
     with pytest.raises(ValueError, match="memory_bytes"):
         load_schedule(path, wl(256), hardware=H100_SAME_SMS)  # one record file, checked whole
+
+
+def test_a_schedule_naming_ops_the_module_lacks_runs_sequentially_with_one_warning(caplog):
+    """A record made for another model (its order names ops this graph lacks) is said once and
+    run sequentially, equal to the module, instead of raising at every call that picks it."""
+    ex = Executor(Workload(model="llama-tiny", num_decode=8, context_len=16).build())
+    ref = ex.reference().clone()
+    foreign = Schedule(split_sizes=(4, 4), streams=(StreamSpec(), StreamSpec()),
+                       order=(Step(op="input_layernorm", nano=0, stream=0), Step(op="input_layernorm", nano=1, stream=1)),
+                       label="foreign")
+    layer = ScheduledModule(ex.case.model, lambda layout: foreign)
+    with caplog.at_level(logging.WARNING, logger="dynaflow"), torch.no_grad():
+        outs = [layer(*ex.case.inputs) for _ in range(3)]
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    said = [r.getMessage() for r in caplog.records if "which this module's graph lacks" in r.getMessage()]
+    assert said == ["schedule foreign names op(s) input_layernorm, which this module's graph lacks (a record made "
+                    "for another model?): it runs sequentially"] and layer.plans.built == 0
