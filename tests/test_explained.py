@@ -122,6 +122,10 @@ def test_a_busy_machine_concludes_nothing_unless_contention_is_accepted_and_then
     said = result_lines(result)
     # 8 busy rounds per candidate: after them 4 more could not bring the 5 quiet rounds a verdict needs
     assert all(len(c.comparison.rounds) == 8 for c in result.verdict.candidates)
+    shown = describe(ScheduleStore(StoreConfig(root=tmp_path)).read(result.path))
+    assert "verdict    inconclusive: runs the sequential schedule; the best candidates' 24 paired rounds all ran " \
+           "while the machine was busy (no evidence)" in shown
+    assert "machine    busy: all 24 paired rounds left out of the evidence" in shown
     assert "inconclusive: the machine was busy (24 of 24 paired rounds ran while the machine was busy: other " \
            "processes used 60% of the 2 CPU(s) (load average 6))" in said
     cfg = config(tmp_path, accept_contention=True, storage=f"sqlite:///{tmp_path}/t.db")

@@ -25,8 +25,8 @@ def stored_table(root: Path) -> pd.DataFrame:
                      "tokens_per_s": round(rec.tokens_per_s), "efficiency": rec.efficiency and round(rec.efficiency, 3),
                      "space": rec.space, "trial": rec.trial, "created_at": rec.created_at})
     table = pd.DataFrame(rows)
-    if "trial" in table:
-        table["trial"] = table.trial.astype("Int64")  # 16, not 16.0; blank, not NaN
+    if "trial" in table:  # 16, not 16.0; blank, not NaN
+        table["trial"] = ["" if pd.isna(t) else int(t) for t in table.trial]
     return table
 
 

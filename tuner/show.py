@@ -52,6 +52,9 @@ def verdict_line(r: StoredSchedule) -> str:
         return f"{kind}: runs the sequential schedule; the best candidate measured {r.candidate_speedup:.3f}x{interval}"
     if r.speedup_interval:  # a record from before candidate_speedup was kept
         return f"{kind}: runs the sequential schedule; the best candidate's{interval}"
+    if r.busy_rounds:
+        return (f"{kind}: runs the sequential schedule; the best candidates' {r.busy_rounds} paired rounds all ran "
+                "while the machine was busy (no evidence)")
     return f"{kind}: runs the sequential schedule; no candidate was re-measured"
 
 
@@ -68,9 +71,14 @@ def machine_text(r: StoredSchedule) -> str:
     if not r.busy:
         return "load not recorded (a record from before it was)"
     share = others_share(r.busy)
-    quiet = "under contention (accepted): " + r.contended if r.contended else (
-        f"quiet enough for the evidence ({r.busy_rounds} busy round(s) left out of it)" if r.busy_rounds
-        else "quiet enough")
+    if r.contended:
+        quiet = "under contention (accepted): " + r.contended
+    elif r.busy_rounds and not r.rounds:
+        quiet = f"busy: all {r.busy_rounds} paired rounds left out of the evidence"
+    elif r.busy_rounds:
+        quiet = f"quiet enough for the evidence ({r.rounds} quiet paired rounds; {r.busy_rounds} busy ones left out)"
+    else:
+        quiet = "quiet enough"
     parts = [f"other processes used {share:.0%} of the CPUs" if share is not None else None,
              f"load average {r.busy['load1']:g}" if r.busy.get("load1") is not None else None,
              f"{r.busy['gpu_other_processes']} other GPU process(es)" if r.busy.get("gpu_other_processes") else None]
