@@ -206,7 +206,7 @@ def test_the_loop_closes_in_vllm(models, plain, randomly, tmp_path):
                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])})
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     coverage = float(re.search(r"coverage: ([0-9.]+)% of recorded calls", run.stdout).group(1))
-    assert run.stdout.count("stored ") == 3 and "Traceback" not in run.stderr, run.stdout
+    assert run.stdout.count("\n  stored ") == 3 and "Traceback" not in run.stderr, run.stdout
     records = [rec for _, rec in ScheduleStore(StoreConfig(root=store)).records()]
     assert len(records) == 3 and {r.hardware.key for r in records} == {live}  # measured where vLLM serves
     assert {r.workload.model for r in records} == {f"vllm:{models['llama']}"}

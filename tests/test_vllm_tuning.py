@@ -4,6 +4,7 @@ serving makes), other libraries' ops counted like aten's, `vllm:` models known b
 name, and every way `dynaflow-tune` refuses a vLLM model it cannot tune, in one line. The whole
 loop inside vLLM is tests/test_vllm.py (run where vLLM is installed)."""
 import dataclasses
+import os
 import importlib.util
 import threading
 
@@ -187,6 +188,7 @@ def test_a_worker_failing_a_schedule_is_a_crashed_trial(monkeypatch):
     class Engine:
         def rpc(self, method, *args):
             if method == "dynaflow_bench":
+                assert args[-1] == os.getpid()  # the driver's pid: its CPU time while it waits is not contention
                 g = bench.executor.graph
                 return {"hardware": bench.hardware, "layout": case.layout, "context_len": 16,
                         "graph": dataclasses.replace(g, module=None), "peaks": bench.peaks, "tolerance": bench.tolerance}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import dataclasses
+import os
 from typing import Callable
 
 from dynaflow.runtime import Bench, Hardware, MeasureConfig, Measurement, Schedule, TrialOutcome, Workload, telemetry
@@ -82,7 +83,7 @@ class VllmTarget:
         from dynaflow.runtime.vllm import replay
 
         self.engine, self.step = replay.start(workload)
-        info = self.engine.rpc("dynaflow_bench", workload.model, config)
+        info = self.engine.rpc("dynaflow_bench", workload.model, config, os.getpid())  # the driver: not contention
         self.hardware: Hardware = info["hardware"]
         self.graph, self.peaks, self.tolerance = info["graph"], info["peaks"], info["tolerance"]
         self.context = SpaceContext(hardware=self.hardware, graph=self.graph, layout=info["layout"])

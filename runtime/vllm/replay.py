@@ -252,8 +252,14 @@ class TuningWorker:
         step = _WORKER.get("kept")
         return None if step is None else {"request_tokens": step.layout.request_tokens, "context_len": step.context_len}
 
-    def dynaflow_bench(self, name: str, config) -> dict:
-        """A Bench on the kept step (reference, counts, peaks, tolerance, in this process)."""
+    def dynaflow_bench(self, name: str, config, driver_pid: int | None = None) -> dict:
+        """A Bench on the kept step (reference, counts, peaks, tolerance, in this process).
+        `driver_pid`: the tuner driving vLLM's engine core, which spins while it waits on this
+        worker: its CPU time is the tuning's own work, not contention (telemetry.count_as_own)."""
+        if driver_pid is not None:
+            from .. import telemetry
+
+            telemetry.count_as_own([driver_pid])
         return _answer(lambda: _bench(name, config))
 
     def dynaflow_measure(self, schedule, time_limit_s):
