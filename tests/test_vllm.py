@@ -196,8 +196,9 @@ def test_the_loop_closes_in_vllm(models, plain, randomly, tmp_path):
     --shapes FILE`: in vLLM's worker, on steps vLLM's scheduler formed), answer the next serve's
     steps: the share answered is the coverage the tuner printed, records found by the model's
     folder name and the worker's hardware key. Their schedules are then made splits (as a GPU's
-    tuning would store), one with an op order from another graph, and a corrupt record put beside
-    them: steps split, tokens identical, the corrupt one a warning."""
+    tuning would store) with an op order from another graph, and a corrupt record put beside
+    them: steps split in the graph's order, tokens identical, the foreign order and the corrupt
+    record a warning each."""
     store, live = tmp_path / "store", randomly["llama"]["report"]["hardware"]
     run = subprocess.run([sys.executable, "-m", "dynaflow.tuner.cli", "tune", "--model", f"vllm:{models['llama']}",
                           "--shapes", str(randomly["llama"]["shapes"]), "--buckets", "3", "--trials", "3",
@@ -213,11 +214,14 @@ def test_the_loop_closes_in_vllm(models, plain, randomly, tmp_path):
 
     split = ScheduleStore(StoreConfig(root=store))
     foreign = tuple(Step(op=op, nano=b, stream=b) for op in ("input_layernorm", "mlp") for b in (0, 1))
-    for i, rec in enumerate(records):
+    # every splittable record gets the foreign order: whichever record a served step picks, a split
+    # step meets it (with it on records[0] alone, the warning never came when that bucket held one
+    # request or answered no split step: which buckets the tuner chose decided the test)
+    for rec in records:
         n = rec.workload.num_decode + rec.workload.num_prefill
         if n < 2:
             continue
-        schedule = Schedule(split_sizes=(1, n - 1), streams=(StreamSpec(), StreamSpec()), order=foreign if i == 0 else ())
+        schedule = Schedule(split_sizes=(1, n - 1), streams=(StreamSpec(), StreamSpec()), order=foreign)
         split.save(dataclasses.replace(rec, schedule=schedule, verdict="winner", speedup=1.2))
     (store / "schedules" / live / "vllm-llama_d64x64_p0_fp32.json").write_text('{"record_schema": 3, "hard')  # cut off
     live_shapes = tmp_path / "served.shapes.json"
