@@ -211,24 +211,21 @@ def cmd_measure(args) -> int:
 
 def _compare(target, w, schedule: Schedule, baseline: Schedule, rounds: int, *, as_json: bool) -> int:
     """`measure --rounds N`: the verdicts' rule on two schedules (tuner/paired.py)."""
-    from .paired import ESTIMATOR, Comparison, Plan, Round
-    from .targets import measure_pair
-    from dynaflow.runtime import telemetry
+    from .confirm import paired_round
+    from .paired import ESTIMATOR, Comparison, Plan
 
     plan, comparison, failed = Plan(min_rounds=2, max_rounds=rounds, candidates=1), Comparison(), None
     if not as_json:
         print(f"workload  {w.key} ({w.num_tokens} tokens)\nhardware  {target.hardware.key}\nschedule  {schedule}\n"
               f"against   {baseline}")
     for i in range(rounds):
-        first = "baseline" if i % 2 == 0 else "candidate"
-        m = measure_pair(target, schedule, first=first, baseline=baseline)
-        if not (m.ok and m.baseline_samples_ms):
+        r, m = paired_round(target, schedule, i, baseline=baseline)
+        if r is None:
             failed = f"round {i + 1}: {m.outcome.value}: {m.message}"
             break
-        r = Round.of(m.baseline_samples_ms, m.samples_ms, first=first, busy=telemetry.contention(m.telemetry.get("busy")))
         comparison = Comparison(rounds=comparison.rounds + (r,))
         if not as_json:
-            print(f"round {i + 1:>3}  {first} first  against {r.baseline_ms:.3f} ms  schedule {r.candidate_ms:.3f} ms  "
+            print(f"round {i + 1:>3}  {r.first} first  against {r.baseline_ms:.3f} ms  schedule {r.candidate_ms:.3f} ms  "
                   f"{r.ratio:.3f}x" + (f"  busy (no evidence): {r.busy}" if r.busy else ""))
     iv = plan.final(comparison)
     said = _compared(iv, comparison, failed)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from dynaflow.runtime import Schedule, Workload, telemetry
+from dynaflow.runtime import Measurement, Schedule, Workload, telemetry
 from dynaflow.runtime.measure import relative_spread, tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.runtime.store import Verdict as Kind  # the stored verdict's kind
@@ -214,13 +214,10 @@ def compare(target: Target, entries: list[Entry], plan: Plan, *, time_limit_s: f
             break
         for i in active:
             c = comparisons[i]
-            first = "baseline" if len(c.rounds) % 2 == 0 else "candidate"  # A B, B A, A B, ...
-            m = measure_pair(target, entries[i].schedule, first=first, time_limit_s=time_limit_s)
+            r, m = paired_round(target, entries[i].schedule, len(c.rounds), time_limit_s=time_limit_s)
             readings.append(m.telemetry.get("busy") or {})
-            if m.ok and m.baseline_samples_ms:
+            if r is not None:
                 bound = m.bound_ms if m.bound_ms is not None else bound
-                r = Round.of(m.baseline_samples_ms, m.samples_ms, first=first,
-                             busy=telemetry.contention(m.telemetry.get("busy")))
                 c = dataclasses.replace(c, rounds=c.rounds + (r,))
             else:
                 c = dataclasses.replace(c, failed=f"{m.outcome.value}: {m.message}")
@@ -233,6 +230,19 @@ def compare(target: Target, entries: list[Entry], plan: Plan, *, time_limit_s: f
                                  search_speedup=e.speedup, pruned=e.pruned) for e, c in zip(entries, comparisons))
     verdict = judge(candidates, plan)
     return dataclasses.replace(verdict, busy=telemetry.merge_busy(readings), bound_ms=bound)
+
+
+def paired_round(target: Target, schedule: Schedule, k: int, *, baseline: Schedule = Schedule(),
+                 time_limit_s: float | None = None) -> tuple[Round | None, Measurement]:
+    """Round `k` of `schedule` against `baseline`, the order alternating with k (A B, B A, ...):
+    the round (busy or quiet, by the pair's own reading), or None when it failed, and the
+    measurement it came from."""
+    first = "baseline" if k % 2 == 0 else "candidate"
+    m = measure_pair(target, schedule, first=first, baseline=baseline, time_limit_s=time_limit_s)
+    if not (m.ok and m.baseline_samples_ms):
+        return None, m
+    return Round.of(m.baseline_samples_ms, m.samples_ms, first=first,
+                    busy=telemetry.contention(m.telemetry.get("busy"))), m
 
 
 def judge(candidates: tuple[Candidate, ...], plan: Plan) -> Confirmation:

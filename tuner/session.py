@@ -60,9 +60,9 @@ def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, 
         study.sampler = make_sampler(config.sampler, seed)
     warm = enqueue_warm_starts(study, config, target.hardware.key, workload)
     done = len(search_trials(study))
-    tokens = target.space_context().layout.num_tokens
+    tokens, figure_ms = target.space_context().layout.num_tokens, round_ms(baseline.samples_ms)
     study.set_user_attr("num_tokens", tokens)
-    log(f"study {name}: {done} schedule(s) measured so far, baseline {tokens_per_s(tokens, round_ms(baseline.samples_ms)):,.0f} tokens/s "
+    log(f"study {name}: {done} schedule(s) measured so far, baseline {tokens_per_s(tokens, figure_ms):,.0f} tokens/s "
         f"(trial {baseline_trial}, warm after {study.get_trials(deepcopy=False)[baseline_trial].user_attrs['warm_runs']} "
         f"run(s)), sampler seed {seed}"
         + (f", {warm} warm start(s) enqueued" if warm else ""))
@@ -70,7 +70,7 @@ def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, 
                         workload.key, enabled=config.progress,
                         done=done, position=position)
     return Session(workload=workload, target=target, study=study, progress=progress, baseline_trial=baseline_trial,
-                   baseline_ms=round_ms(baseline.samples_ms))
+                   baseline_ms=figure_ms)
 
 
 def finish(session: Session, result: StudyResult, config: TuneConfig) -> WorkloadResult:

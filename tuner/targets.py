@@ -2,11 +2,9 @@
 actor's device, a fake with a known landscape in tests)."""
 from __future__ import annotations
 
-from typing import Protocol
-
 import dataclasses
 import os
-from typing import Callable
+from typing import Callable, Protocol
 
 from dynaflow.runtime import Bench, Hardware, MeasureConfig, Measurement, Schedule, TrialOutcome, Workload, telemetry
 from dynaflow.runtime.measure import OnSample
