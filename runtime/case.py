@@ -25,10 +25,11 @@ class Case:
     graph: Any = None
     nano_inputs: Callable[[tuple, int, int], tuple] | None = None
     gather: Callable[[Any], None] | None = None
-    # What each task runs inside: around(op, r0, r1) gives, for op `op` on requests [r0, r1), a
-    # factory of the context manager its task runs in (vLLM's attention ops read their nano-batch's
-    # metadata from a forward context), or None for a bare task. None: every task bare.
-    around: Callable[[str, int, int], Callable[[], AbstractContextManager] | None] | None = None
+    # What each task runs inside: around(op, nano, r0, r1) gives, for op `op` of the plan's
+    # nano-batch `nano` (its index: nano-batches of one plan never share one) on requests [r0, r1),
+    # a factory of the context manager its task runs in (vLLM's attention ops read their
+    # nano-batch's metadata from a forward context), or None for a bare task. None: every task bare.
+    around: Callable[[str, int, int, int], Callable[[], AbstractContextManager] | None] | None = None
     # What a sequential schedule runs instead of the op plan: the call serving makes for one
     # (vLLM's own compiled graph), so that candidates are timed against it. None: the op plan.
     sequential: Callable[..., Any] | None = None

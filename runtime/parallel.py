@@ -129,7 +129,7 @@ class Parallel:
 
     def around(self, collectives: frozenset[str]) -> Callable:
         """A Case.around: collective op tasks run on their nano-batch's group, the rest bare."""
-        def around(op: str, r0: int, r1: int):
+        def around(op: str, nano: int, r0: int, r1: int):
             if op not in collectives:
                 return None
             group = self.group_for(r0)

@@ -126,7 +126,7 @@ def build_plan(graph: OpGraph, case: Case, schedule: Schedule, out: torch.Tensor
         waits = tuple(sorted({index_of[(d, step.nano)] for d in graph.op(step.op).deps
                               if stream_of[(d, step.nano)] != step.stream}))
         fn = _task_fn(mod, node, env, consts, drops.get(i, ()), join)
-        enter = case.around(step.op, *r) if case.around is not None else None
+        enter = case.around(step.op, step.nano, *r) if case.around is not None else None
         tasks.append(Task(op=step.op, nano=step.nano, stream=step.stream, waits=waits,
                           fn=fn if enter is None else _inside(fn, enter)))
     plan = Plan(schedule=schedule, tasks=tasks, out=out, ranges=ranges, join_copies=not graph.writes_output,

@@ -81,7 +81,7 @@ def test_the_private_names_the_plugin_relies_on_exist_in_this_vllm():
 def test_a_vllm_that_changed_a_name_is_one_clear_message(monkeypatch):
     from dynaflow.runtime.vllm import hooks
     monkeypatch.setattr(hooks, "NAMES", hooks.NAMES + (("vllm.forward_context", "get_forward_context_v2"),))
-    with pytest.raises(RuntimeError, match=r"written for vLLM 0\.32 and does not know this vLLM \(.*\): it lacks "
+    with pytest.raises(RuntimeError, match=r"written for vLLM 0\.32-0\.33 and does not know this vLLM \(.*\): it lacks "
                                            r"vllm\.forward_context\.get_forward_context_v2"):
         hooks.check()
 

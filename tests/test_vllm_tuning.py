@@ -25,12 +25,12 @@ SCHEDULES = [Schedule(), Schedule(split_sizes=(2, 4)), Schedule(split_sizes=(1, 
 
 
 class Entered:
-    """A Case.around recording which (op, request range) each task ran inside, and on which thread."""
+    """A Case.around recording which (op, nano-batch index, request range) each task ran inside."""
 
     def __init__(self, ops=None) -> None:
         self.ops, self.seen, self.lock = ops, [], threading.Lock()
 
-    def __call__(self, op: str, r0: int, r1: int):
+    def __call__(self, op: str, nano: int, r0: int, r1: int):
         if self.ops is not None and op not in self.ops:
             return None
         import contextlib
@@ -38,7 +38,7 @@ class Entered:
         @contextlib.contextmanager
         def inside():
             with self.lock:
-                self.seen.append((op, r0, r1))
+                self.seen.append((op, nano, r0, r1))
             yield
         return inside
 
@@ -53,8 +53,8 @@ def test_every_task_runs_inside_its_nano_batchs_context(schedule):
     out = run()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     ranges = run.plan.ranges
-    want = sorted((op, *r) for op in ex.graph.names for r in ranges)
-    assert sorted(entered.seen) == want  # every (op, nano-batch) once, inside its own range's context
+    want = sorted((op, b, *r) for op in ex.graph.names for b, r in enumerate(ranges))
+    assert sorted(entered.seen) == want  # every (op, nano-batch) once, inside its own index's and range's context
     entered.seen.clear()
     run()
     assert sorted(entered.seen) == want
@@ -67,7 +67,7 @@ def test_around_may_leave_ops_bare():
     entered = Entered(ops={names[1]})
     run = Executor(dataclasses.replace(case, around=entered)).compile(Schedule(split_sizes=(2, 4)))
     run()
-    assert entered.seen == [(names[1], 0, 2), (names[1], 2, 6)]
+    assert entered.seen == [(names[1], 0, 0, 2), (names[1], 1, 2, 6)]
     run.close()
 
 

@@ -2,41 +2,69 @@
 
 vLLM's documented extension points (the `vllm.general_plugins` entry point, a compilation
 backend named in `compilation_config`) need no code here. What does: the forward context the
-attention ops read their per-step metadata from, the attention metadata of the backends whose
-nano-batches the plugin can cut, the custom ops that read that context, the one function
-patched so that an environment variable alone turns the plugin on, and the engine calls the
-tuner steps vLLM with to form a step of a bucket's shape (replay.py). `check()` says which of them
-the installed vLLM lacks, in one message, and a test runs it against the installed vLLM.
+attention ops read their per-step metadata from; the model runner's attention-metadata build,
+which the plugin watches to keep each step's `CommonAttentionMetadata` per attention group; vLLM's
+own micro-batch machinery (`UBatchSlice`, `split_attn_metadata`, an attention group's builders,
+as its dual-batch overlap uses them), which makes each nano-batch's metadata for whatever
+attention backend the group has; the custom ops that read the forward context; the one function
+patched so that an environment variable alone turns the plugin on; and the engine calls the tuner
+steps vLLM with (replay.py). `check()` says which of them the installed vLLM lacks, in one
+message; a test runs it against the installed vLLM and `scripts/check_vllm_names.py` against a
+vLLM wheel read as a zip (nothing installed).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
+import logging
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 
+log = logging.getLogger("vllm.dynaflow")
+
 # The custom ops that read the forward context (their layer's metadata, slot mapping, KV cache).
 CONTEXT_OPS = ("unified_attention_with_output", "unified_kv_cache_update")
-# (module, attribute) pairs the plugin uses; check() imports each.
+# (module, attribute) pairs the plugin uses; check() imports each, scripts/check_vllm_names.py
+# finds each in a wheel's source.
 NAMES = (
     ("vllm.forward_context", "get_forward_context"),
     ("vllm.forward_context", "override_forward_context"),
+    ("vllm.forward_context", "ForwardContext"),
     ("vllm.v1.engine.llm_engine", "LLMEngine.add_request"),
     ("vllm.v1.engine.llm_engine", "LLMEngine.step"),
     ("vllm.v1.engine.llm_engine", "LLMEngine.abort_request"),
     ("vllm.config.compilation", "CompilationConfig.init_backend"),
     ("vllm.config.compilation", "CompilationMode.DYNAMO_TRACE_ONCE"),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata"),
-    ("vllm._custom_ops", "cpu_attn_get_scheduler_metadata"),
-    ("vllm.envs", "VLLM_CPU_ATTN_SPLIT_KV"),
+    ("vllm.config.compilation", "CUDAGraphMode.NONE"),
+    ("vllm.config.compilation", "CompilationConfig.mode"),
+    ("vllm.config.compilation", "CompilationConfig.cudagraph_mode"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._build_attention_metadata"),
+    ("vllm.v1.worker.ubatch_utils", "UBatchSlice"),
+    ("vllm.v1.worker.ubatch_utils", "split_attn_metadata"),
+    ("vllm.v1.worker.utils", "AttentionGroup.create_metadata_builders"),
+    ("vllm.v1.worker.utils", "AttentionGroup.build_metadata"),
+    ("vllm.v1.attention.backend", "CommonAttentionMetadata"),
 )
 CONTEXT_FIELDS = ("attn_metadata", "slot_mapping", "no_compile_layers")
-CPU_FIELDS = ("num_actual_tokens", "max_query_len", "query_start_loc", "max_seq_len", "seq_lens", "block_table",
-              "slot_mapping", "scheduler_metadata", "causal", "dynamic_causal", "use_sdpa_prefill", "num_decode_tokens",
-              "sdpa_attn_masks", "sdpa_start_loc", "encoder_cache")
+# The arguments of GPUModelRunner._build_attention_metadata the plugin reads, and the attributes
+# of the runner and its attention groups it uses.
+BUILD_ARGS = ("ubatch_slices", "for_cudagraph_capture")
+GROUP_FIELDS = ("layer_names", "kernel_block_size", "metadata_builders")
+# CommonAttentionMetadata: what vLLM's split_attn_metadata carries into each micro-batch, what the
+# plugin carries itself (sliced by requests or tokens), and what it needs at its default (else the
+# step runs sequential, naming the field): vLLM's split drops those.
+SPLIT_KEEPS = ("query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs", "num_actual_tokens",
+               "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "seq_lens_cpu_upper_bound")
+CARRIED = {"positions": "tokens", "is_prefilling": "requests"}
+MUST_BE_DEFAULT = {"causal": True, **dict.fromkeys((
+    "logits_indices_padded", "num_logits_indices", "max_logits_per_req", "encoder_seq_lens", "encoder_seq_lens_cpu",
+    "dcp_local_seq_lens", "dcp_local_seq_lens_cpu_upper_bound", "req_idx", "mm_req_doc_ranges", "rswa_prefix_lens",
+    "replayssm_decode_base_cpu"))}
 # The forward context is one per process, and vLLM's CPU kernels (oneDNN GEMM handlers, rotary
 # embedding, attention scratchpads) are not safe to enter from two threads at once (two streams
 # running one projection corrupted the heap): on the CPU, tasks calling them take turns.
@@ -61,29 +89,62 @@ def check() -> None:
             missing.append(f"{module}.{dotted} ({type(e).__name__}: {e})")
     try:
         from vllm.forward_context import ForwardContext
-        fields = {f.name for f in dataclasses.fields(ForwardContext)}
-        missing += [f"ForwardContext.{f}" for f in CONTEXT_FIELDS if f not in fields]
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
-        cpu_fields = {f.name for f in dataclasses.fields(CPUAttentionMetadata)}
-        missing += [f"CPUAttentionMetadata.{f}" for f in CPU_FIELDS if f not in cpu_fields]
-        unknown = sorted(cpu_fields - set(CPU_FIELDS))
-        missing += [f"CPUAttentionMetadata has fields the plugin does not slice: {unknown}"] if unknown else []
-    except (ImportError, TypeError) as e:
-        missing.append(f"vllm's forward context or CPU attention metadata ({type(e).__name__}: {e})")
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+        from vllm.v1.worker.utils import AttentionGroup
+
+        for cls, wanted in ((ForwardContext, CONTEXT_FIELDS), (AttentionGroup, GROUP_FIELDS),
+                            (CommonAttentionMetadata, SPLIT_KEEPS + tuple(CARRIED) + tuple(MUST_BE_DEFAULT))):
+            fields = {f.name for f in dataclasses.fields(cls)}
+            missing += [f"{cls.__name__}.{f}" for f in wanted if f not in fields]
+        # a field vLLM added since: the plugin would neither carry it into a nano-batch nor refuse it
+        known = set(SPLIT_KEEPS) | set(CARRIED) | set(MUST_BE_DEFAULT)
+        unknown = sorted(f.name for f in dataclasses.fields(CommonAttentionMetadata)
+                         if f.name not in known and not f.name.startswith("_"))
+        missing += [f"CommonAttentionMetadata has fields the plugin does not know: {unknown}"] if unknown else []
+        params = inspect.signature(GPUModelRunner._build_attention_metadata).parameters
+        missing += [f"GPUModelRunner._build_attention_metadata({a}=...)" for a in BUILD_ARGS if a not in params]
+    except (ImportError, AttributeError, TypeError) as e:
+        missing.append(f"vllm's forward context, model runner or attention metadata ({type(e).__name__}: {e})")
     for op in CONTEXT_OPS:
         if not hasattr(getattr(torch.ops, "vllm"), op):
             missing.append(f"torch.ops.vllm.{op}")
     if missing:
         import vllm
-        raise RuntimeError(f"dynaflow's vLLM plugin was written for vLLM 0.32 and does not know this vLLM "
+        raise RuntimeError(f"dynaflow's vLLM plugin was written for vLLM 0.32-0.33 and does not know this vLLM "
                            f"({vllm.__version__}): it lacks {'; '.join(missing)}. Schedules cannot be applied; "
                            f"unset DYNAFLOW_VLLM_SCHEDULES or install a vLLM this plugin supports.")
 
 
+def uncovered(vllm_config) -> str | None:
+    """Why the plugin cannot schedule steps in the mode `vllm_config` runs in, or None. Covered:
+    one graph of the whole model (compilation mode DYNAMO_TRACE_ONCE, as vLLM's CPU build always
+    runs), steps run eagerly (CUDA graphs off: cudagraph_mode NONE, a graph would freeze one
+    schedule's launches for every batch of its size), and vLLM's V1 model runner (the one whose
+    attention-metadata build the plugin watches; V2 is the GPU default from vLLM 0.33 where it
+    supports the model)."""
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    if cc.mode != CompilationMode.DYNAMO_TRACE_ONCE:
+        return (f"compilation mode {getattr(cc.mode, 'name', cc.mode)} (the plugin cuts the one graph of "
+                "compilation mode DYNAMO_TRACE_ONCE: -cc.mode=DYNAMO_TRACE_ONCE)")
+    graphs = cc.cudagraph_mode
+    if graphs is not None and graphs != CUDAGraphMode.NONE:
+        return (f"cudagraph_mode {getattr(graphs, 'name', graphs)} (a CUDA graph replays one schedule's launches "
+                "for every batch of its size: -cc.cudagraph_mode=NONE)")
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        return ("vLLM's V2 model runner (the plugin reads each step's attention metadata from the V1 runner: "
+                "VLLM_USE_V2_MODEL_RUNNER=0)")
+    return None
+
+
 def install(wrap: Callable[[Any, Any], Any]) -> None:
-    """Route vLLM's compilation through `wrap(backend, vllm_config)`: vLLM resolves its own
-    backend (inductor, eager, a custom one) as always, and the plugin wraps it. Once per process."""
-    from vllm.config.compilation import CompilationConfig, CompilationMode
+    """Route vLLM's compilation through `wrap(backend, vllm_config)` in the modes the plugin
+    covers (`uncovered`): vLLM resolves its own backend (inductor, eager, a custom one) as always,
+    and the plugin wraps it. In any other mode, one WARNING naming the mode, and vLLM's backend
+    as it was. Once per process."""
+    from vllm.config.compilation import CompilationConfig
 
     original = CompilationConfig.init_backend
     if getattr(original, "_dynaflow", False):
@@ -91,12 +152,21 @@ def install(wrap: Callable[[Any, Any], Any]) -> None:
 
     def init_backend(self, vllm_config, *args, **kwargs):
         backend = original(self, vllm_config, *args, **kwargs)
-        if self.mode != CompilationMode.DYNAMO_TRACE_ONCE:  # piecewise (VLLM_COMPILE) graphs are not cut yet
+        why = uncovered(vllm_config)
+        if why is not None:
+            if why not in UNCOVERED:
+                UNCOVERED.append(why)
+                log.warning("dynaflow: vLLM runs with %s, a mode the plugin does not cover; it leaves vLLM "
+                            "untouched and every step runs as vLLM's own", why)
             return backend
+        watch_metadata()
         return wrap(backend, vllm_config)
 
     init_backend._dynaflow = True
     CompilationConfig.init_backend = init_backend
+
+
+UNCOVERED: list[str] = []  # the modes this process met that the plugin does not cover (each said once)
 
 
 def count_vllm_ops() -> None:
@@ -131,6 +201,171 @@ def step_metadata() -> tuple[dict | None, dict | None]:
                                                          else None)
 
 
+def watch_metadata() -> None:
+    """Keep each step's attention inputs as vLLM's model runner makes them (`StepAttention`):
+    `GPUModelRunner._build_attention_metadata` (the CPU runner's too: it subclasses it) runs as
+    always, then once more with its attention groups replaced by `_Keeper`s, which keep the
+    `CommonAttentionMetadata` each group's builder would be given and build nothing. Skipped for
+    the runner's own micro-batches and CUDA-graph captures. Once per process."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._build_attention_metadata
+    if getattr(original, "_dynaflow", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def build(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs).arguments
+        _STEP.clear()
+        if bound.get("ubatch_slices") is None and not bound.get("for_cudagraph_capture") \
+                and isinstance(out[0], dict) and out[0]:
+            groups = self.attn_groups
+            keepers = [[_Keeper(g, kv) for g in gs] for kv, gs in enumerate(groups)]
+            self.attn_groups = keepers
+            try:
+                original(self, *args, **kwargs)
+            finally:
+                self.attn_groups = groups
+            _STEP.append(StepAttention(runner=self, built=out[0],
+                                       groups=[(k.kv, k.layer_names, k.common) for ks in keepers for k in ks]))
+        return out
+
+    build._dynaflow = True
+    GPUModelRunner._build_attention_metadata = build
+
+
+_STEP: list = []  # the StepAttention of the step vLLM built metadata for last (this process's model runner)
+
+
+class _Keeper:
+    """Stands in for an attention group while vLLM assembles a step's metadata: keeps the
+    CommonAttentionMetadata its builder would be given (a builder that cannot update a cached
+    block table, so that every group's is asked for) and builds nothing."""
+
+    supports_update_block_table = False
+
+    def __init__(self, group, kv: int) -> None:
+        self.layer_names, self.kv = group.layer_names, kv
+        self.common = None
+
+    def get_metadata_builder(self, ubatch_idx: int = 0):
+        return self
+
+    def build_metadata(self, common_attn_metadata, ubatch_idx: int = 0, common_prefix_len: int = 0, **kwargs):
+        self.common = common_attn_metadata
+        return None
+
+
+@dataclasses.dataclass(kw_only=True)
+class StepAttention:
+    """One step's attention inputs, per attention group: the group's layers and the
+    CommonAttentionMetadata vLLM gave its builder. A nano-batch's metadata (`nano`) is vLLM's
+    `split_attn_metadata` of it through the group's own builder at the nano-batch's slot (a
+    builder per slot, as vLLM's micro-batches have: builders may keep per-build state)."""
+
+    runner: Any  # vLLM's model runner
+    built: dict  # what vLLM built for the whole step (its forward context's attn_metadata)
+    groups: list  # (kv_cache_group, layer names, CommonAttentionMetadata)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        cm = self.groups[0][2]
+        return tuple(int(x) for x in cm.query_start_loc_cpu[:cm.num_reqs + 1])
+
+    @property
+    def context_len(self) -> int:
+        return max(int(cm.max_seq_len) for _, _, cm in self.groups)
+
+    def why_not(self) -> str | None:
+        """Why the step cannot be cut into nano-batches here, or None."""
+        if not self.groups or any(cm is None for _, _, cm in self.groups):
+            return "vLLM gave some attention group of the step no metadata to build"
+        if getattr(self.runner, "speculative_config", None) is not None:
+            return "vLLM runs speculative decoding, whose draft steps the plugin does not split"
+        for _, names, cm in self.groups:
+            for f, default in MUST_BE_DEFAULT.items():
+                v = getattr(cm, f, default)
+                if isinstance(v, torch.Tensor) or v is not default:
+                    return (f"layer {names[0]}'s attention metadata sets {f}, which vLLM's micro-batch split "
+                            "(split_attn_metadata) does not carry")
+        if len({tuple(cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist()) for _, _, cm in self.groups}) != 1:
+            return "the attention groups disagree on the step's requests"
+        return None
+
+    def nano(self, slot: int, r0: int, r1: int) -> dict:
+        """Layer name -> attention metadata for requests [r0, r1) of the step, each group's built
+        by its builder `slot` (the nano-batch's index in its plan)."""
+        from vllm.v1.worker.ubatch_utils import UBatchSlice, split_attn_metadata
+
+        starts = self.starts
+        tokens, requests = slice(starts[r0], starts[r1]), slice(r0, r1)
+        spare = _spare_groups(self.runner, slot + 1)
+        out: dict = {}
+        with _LOCK:  # builders and vLLM's CPU kernels they call: one thread at a time
+            for i, (kv, names, cm) in enumerate(self.groups):
+                part = split_attn_metadata([UBatchSlice(requests, tokens)], cm)[0]
+                for f, by in CARRIED.items():
+                    v = getattr(cm, f, None)
+                    if v is not None:
+                        setattr(part, f, v[tokens if by == "tokens" else requests])
+                md = spare[i].build_metadata(part, slot)
+                out.update({name: md for name in names})
+        return out
+
+    def tokens(self, r0: int, r1: int) -> slice:
+        starts = self.starts
+        return slice(starts[r0], starts[r1])
+
+    def kept(self) -> "StepAttention":
+        """A copy whose metadata tensors are the step's values (vLLM refills its buffers at the
+        next step), to build nano-batches from after the step (tuning: replay.py)."""
+        return dataclasses.replace(self, built={}, groups=[(kv, names, _cloned(cm)) for kv, names, cm in self.groups])
+
+
+def _cloned(obj):
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    return dataclasses.replace(obj, **{f.name: getattr(obj, f.name).clone() for f in dataclasses.fields(obj)
+                                       if f.init and isinstance(getattr(obj, f.name), torch.Tensor)})
+
+
+def _spare_groups(runner, slots: int) -> list:
+    """The runner's attention groups again (flattened in vLLM's order), with `slots` builders each
+    of their own: made once per runner and grown when a schedule needs more, never sharing
+    vLLM's builders (whose state the whole step's metadata may hold)."""
+    have = getattr(runner, "_dynaflow_groups", None)
+    if have is None or len(have[0].metadata_builders) < slots:
+        made = []
+        for gs in runner.attn_groups:
+            for g in gs:
+                spare = dataclasses.replace(g, metadata_builders=[])
+                spare.create_metadata_builders(runner.vllm_config, runner.device, g.kernel_block_size,
+                                               num_metadata_builders=max(slots, 2))
+                made.append(spare)
+        runner._dynaflow_groups = have = made
+    return have
+
+
+def step_attention(metadata: dict) -> "StepAttention | str":
+    """The kept StepAttention of the step whose forward context holds `metadata`, or why none."""
+    step = _STEP[0] if _STEP else None
+    if step is None or step.built is not metadata:
+        return ("vLLM made this step's attention metadata outside GPUModelRunner._build_attention_metadata "
+                "(the plugin reads each step's from there)")
+    why = step.why_not()
+    return step if why is None else why
+
+
+def nano_slots(slots: dict | None, tokens: slice) -> dict | None:
+    """A nano-batch's slot mappings: each layer's sliced by the nano-batch's tokens (as vLLM's
+    `_get_slot_mappings` slices them per micro-batch)."""
+    if slots is None:
+        return None
+    return {name: s[tokens] if isinstance(s, torch.Tensor) else s for name, s in slots.items()}
+
+
 def reads_context(target) -> bool:
     """Whether an fx call target is one of vLLM's ops that read the forward context."""
     name = str(target)
@@ -162,67 +397,6 @@ def nano_context(metadata: dict, slots: dict | None) -> Iterator[None]:
             ctx.attn_metadata, ctx.slot_mapping = saved
 
 
-def read_step(metadata: dict) -> tuple[tuple[int, ...], int] | str:
-    """The step's (query_start_loc, longest sequence) from its attention metadata, or why it cannot
-    be cut into nano-batches. Layers sharing one metadata object (a KV-cache group) are read once."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
-
-    seen: dict[int, tuple[int, ...]] = {}
-    context = 0
-    for name, m in metadata.items():
-        if id(m) in seen:
-            continue
-        if not isinstance(m, CPUAttentionMetadata):
-            return f"layer {name}'s attention metadata is {type(m).__name__}; the plugin cuts CPUAttentionMetadata only"
-        if m.use_sdpa_prefill or m.sdpa_attn_masks is not None or m.encoder_cache is not None \
-                or m.dynamic_causal is not None:
-            return f"layer {name} uses SDPA prefill, an encoder cache or a dynamic causal mask, which the plugin does not cut"
-        seen[id(m)] = tuple(m.query_start_loc.tolist())
-        context = max(context, int(m.max_seq_len))
-    starts = set(seen.values())
-    if len(starts) != 1:
-        return "the layers' attention metadata disagree on the step's requests"
-    return starts.pop(), context
-
-
-def slice_metadata(metadata: dict, slots: dict | None, r0: int, r1: int, layers: dict,
-                   dtype: torch.dtype) -> tuple[dict, dict | None]:
-    """One nano-batch's (metadata, slot mappings): requests [r0, r1) of the step, sliced from each
-    layer's CPUAttentionMetadata, with the CPU kernel's scheduler metadata rebuilt for them (as
-    CPUAttentionMetadataBuilder.build makes it). Layers sharing metadata share the slice."""
-    from vllm import _custom_ops as ops
-    from vllm import envs
-
-    made: dict[int, Any] = {}
-    out = {}
-    for name, m in metadata.items():
-        if id(m) not in made:
-            qsl = m.query_start_loc
-            t0, t1 = int(qsl[r0]), int(qsl[r1])
-            nano_qsl = qsl[r0:r1 + 1] - qsl[r0]
-            seq_lens = m.seq_lens[r0:r1]
-            layer = layers[name]
-            window = getattr(layer.impl, "sliding_window", None)
-            scheduler = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=r1 - r0, num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads,
-                head_dim=layer.head_size, seq_lens=seq_lens, dtype=dtype, query_start_loc=nano_qsl,
-                causal=m.causal, sliding_window_size=-1 if window is None else window, isa=layer.isa,
-                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=layer.kv_cache_dtype)
-            decode = min(max(m.num_decode_tokens - t0, 0), t1 - t0)
-            made[id(m)] = dataclasses.replace(
-                m, num_actual_tokens=t1 - t0, max_query_len=int((nano_qsl[1:] - nano_qsl[:-1]).max()),
-                query_start_loc=nano_qsl, max_seq_len=int(seq_lens.max()), seq_lens=seq_lens,
-                block_table=m.block_table[r0:r1], slot_mapping=m.slot_mapping[t0:t1], scheduler_metadata=scheduler,
-                num_decode_tokens=decode)
-        out[name] = made[id(m)]
-    nano_slots = None
-    if slots is not None:
-        qsl = next(iter(metadata.values())).query_start_loc
-        t0, t1 = int(qsl[r0]), int(qsl[r1])
-        nano_slots = {name: s[t0:t1] if isinstance(s, torch.Tensor) else s for name, s in slots.items()}
-    return out, nano_slots
-
-
 def config_facts(vllm_config) -> dict:
     """What the plugin reads of vLLM's config: the model's folder or name, its dtype, the device
     type, and the inductor options vLLM compiles with."""
@@ -231,24 +405,15 @@ def config_facts(vllm_config) -> dict:
             "inductor_config": dict(getattr(vllm_config.compilation_config, "inductor_compile_config", {}) or {})}
 
 
-def attention_layers() -> dict:
-    """Layer name -> vLLM Attention module, from the forward context."""
-    return forward_context().no_compile_layers
-
-
 def kept_step(metadata: dict, slots: dict | None) -> tuple[Any, dict, dict | None]:
     """The forward context of the step in flight, with copies of its metadata and slot mappings
     (vLLM refills their buffers at the next step), so that it can be replayed after the step
     (replayed_context). Layers sharing one metadata object share its copy."""
     copies: dict[int, Any] = {}
-
-    def copy(m):
+    for m in metadata.values():
         if id(m) not in copies:
-            copies[id(m)] = dataclasses.replace(m, **{f.name: getattr(m, f.name).clone() for f in dataclasses.fields(m)
-                                                      if isinstance(getattr(m, f.name), torch.Tensor)})
-        return copies[id(m)]
-
-    kept_md = {name: copy(m) for name, m in metadata.items()}
+            copies[id(m)] = _cloned(m)
+    kept_md = {name: copies[id(m)] for name, m in metadata.items()}
     kept_slots = None if slots is None else {n: s.clone() if isinstance(s, torch.Tensor) else s for n, s in slots.items()}
     return forward_context(), kept_md, kept_slots
 

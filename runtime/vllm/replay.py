@@ -95,25 +95,28 @@ class KeptStep:
     layout: BatchLayout
     context_len: int
     ctx: Any  # vLLM's ForwardContext of the step
-    metadata: dict
+    metadata: dict  # what vLLM built for the whole step (copied)
     slots: dict | None
-    layers: dict
+    attention: hooks.StepAttention  # the step's CommonAttentionMetadata per group (copied): nano-batches' metadata
     output: torch.Tensor | None = None  # what vLLM's own graph returned for the step
 
     def whole(self):
         return hooks.replayed_context(self.ctx, self.metadata, self.slots)
 
     def case(self, name: str) -> Case:
-        sliced: dict[tuple[int, int], tuple] = {}
+        # per nano-batch slot: the request range its builder last built metadata for, and that
+        # metadata (a slot's builder may keep state of its last build: rebuilt when its range changes)
+        built: dict[int, tuple[tuple[int, int], tuple]] = {}
         whole_range = (0, self.layout.num_requests)
 
-        def nano_metadata(r0: int, r1: int):
+        def nano_metadata(nano: int, r0: int, r1: int):
             if (r0, r1) == whole_range:
                 return self.whole()
-            if (r0, r1) not in sliced:
-                sliced[(r0, r1)] = hooks.slice_metadata(self.metadata, self.slots, r0, r1, self.layers,
-                                                        self.runner.dtype)
-            return hooks.replayed_context(self.ctx, *sliced[(r0, r1)])
+            have = built.get(nano)
+            if have is None or have[0] != (r0, r1):
+                tokens = self.attention.tokens(r0, r1)
+                have = built[nano] = ((r0, r1), (self.attention.nano(nano, r0, r1), hooks.nano_slots(self.slots, tokens)))
+            return hooks.replayed_context(self.ctx, *have[1])
 
         case = self.runner.case(self.inputs, self.layout, nano_metadata, model=_Replayed(self.runner.gm, self.whole))
         case.name = name
@@ -224,22 +227,23 @@ class TuningWorker:
     model runs in, over vLLM's collective_rpc. A ValueError comes back as {"dynaflow_error": why}."""
 
     def dynaflow_ready(self) -> str | None:
-        return None if RUNNERS else ("vLLM compiled no graph the plugin could cut (its compilation mode is not "
-                                     "DYNAMO_TRACE_ONCE, as vLLM's CPU build runs)")
+        if RUNNERS:
+            return None
+        return f"vLLM runs with {hooks.UNCOVERED[0]}" if hooks.UNCOVERED else "vLLM compiled no graph the plugin could cut"
 
     def dynaflow_arm(self, want: list[int] | None) -> None:
         """Watch the steps (their requests' tokens: dynaflow_seen); keep the next one holding `want`."""
         runner = RUNNERS[-1]
         _WORKER.update(seen=None, kept=None, bench=None)
 
-        def capture(args, metadata, slots, layout, context):
+        def capture(args, attention, metadata, slots, layout, context):
             _WORKER["seen"] = layout.request_tokens
             if want is None or _WORKER["kept"] is not None or sorted(layout.request_tokens) != want:
                 return None
             ctx, md, sl = hooks.kept_step(metadata, slots)
             inputs = tuple(a.clone() if k == "rows" else a for a, k in zip(args, runner.kinds))
             step = _WORKER["kept"] = KeptStep(runner=runner, inputs=inputs, layout=layout, context_len=context,
-                                              ctx=ctx, metadata=md, slots=sl, layers=hooks.attention_layers())
+                                              ctx=ctx, metadata=md, slots=sl, attention=attention.kept())
             return lambda out: setattr(step, "output", out.clone() if isinstance(out, torch.Tensor) else None)
 
         runner.capture = capture

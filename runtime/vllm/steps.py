@@ -6,8 +6,11 @@ step's batch is read from the forward context (the attention metadata's `query_s
 request's tokens, a decode being one, a prefill chunk several). A nano-batch is a range of the
 step's requests: its token rows of every batched input, its own token count for the graph's
 size inputs, and, while each of its attention and KV-cache-update ops runs, the forward context
-showing that nano-batch's attention metadata and slot mappings (hooks.slice_metadata). The
-nano-batches' outputs are joined by rows. A sequential step runs vLLM's own compiled graph.
+showing that nano-batch's attention metadata and slot mappings. The metadata is vLLM's own: the
+step's CommonAttentionMetadata per attention group, split by vLLM's `split_attn_metadata` and
+built by the group's own builder at the nano-batch's slot (hooks.StepAttention), so any attention
+backend vLLM has is cut the same way. The nano-batches' outputs are joined by rows. A sequential
+step runs vLLM's own compiled graph.
 """
 from __future__ import annotations
 
@@ -79,7 +82,7 @@ class StepRunner:
         self._t0 = 0.0
         self._layouts: dict[tuple[int, ...], BatchLayout] = {}  # per query_start_loc: the step's layout
         self.device: torch.device | None = None  # the device of the steps seen
-        # capture(args, metadata, slots, layout, context) -> None, or keep(output) for a step kept to tune on
+        # capture(args, step, metadata, slots, layout, context) -> None, or keep(output) for a step kept to tune on
         self.capture: Callable[..., Callable[[Any], None] | None] | None = None
 
     def say_once(self, why: str, *, what: str = "a step runs sequential") -> None:
@@ -93,15 +96,15 @@ class StepRunner:
         if metadata is None:  # a profiling or warm-up run: no batch to schedule
             return self.sequential(*args)
         self.device = self.device or next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        step = hooks.read_step(metadata)
-        why = step if isinstance(step, str) else self._why_not(step[0], args)
+        step = hooks.step_attention(metadata)
+        why = step if isinstance(step, str) else self._why_not(step.starts, args)
         if why is not None:
             self.say_once(why)
             return self._sequential(args)
-        starts, context = step
-        layout = self.layout_of(starts)
+        context = step.context_len
+        layout = self.layout_of(step.starts)
         if self.capture is not None:  # tuning (replay.py): a step of the wanted shape is kept, and runs as vLLM's
-            keep = self.capture(args, metadata, slots, layout, context)
+            keep = self.capture(args, step, metadata, slots, layout, context)
             if keep is not None:
                 out = self._sequential(args)
                 keep(out)
@@ -109,10 +112,9 @@ class StepRunner:
         schedule = self.calls.pick(layout, context)
         if schedule.num_nano < 2 and len(schedule.streams) < 2:
             return self._sequential(args)
-        layers = hooks.attention_layers()
         try:
             out = self.calls.run(schedule, (layout.request_tokens,), self.device,
-                                 lambda: self._prepare(schedule, layout, args), args, metadata, slots, layers,
+                                 lambda: self._prepare(schedule, layout, args), args, step, slots,
                                  finish=_joiner(layout))
         except ValueError as e:  # the schedule breaks a rule of this batch (a cut inside a request, ...)
             self.say_once(f"schedule {validate.short(schedule.label)} does not fit this step ({e})")
@@ -149,13 +151,13 @@ class StepRunner:
                 input_axes=(), kinds=("decode", "prefill"))
         return layout
 
-    def case(self, args, layout: BatchLayout, nano_metadata: Callable[[int, int], tuple], *,
+    def case(self, args, layout: BatchLayout, nano_metadata: Callable[[int, int, int], Any], *,
              model: Callable | None = None) -> Case:
         """A step as the runtime's Case: each nano-batch's token rows of the batched inputs and its
         token count for the graph's sizes, its attention and KV-cache ops inside the forward
-        context `nano_metadata(r0, r1)` makes (hooks.nano_context or a replayed context), vLLM's
-        own CPU kernels entered one thread at a time. `model`: what runs the whole step (the tuner's
-        reference); the graph by default."""
+        context `nano_metadata(nano, r0, r1)` makes (hooks.nano_context or a replayed context) for
+        the plan's nano-batch `nano` on requests [r0, r1), vLLM's own CPU kernels entered one thread
+        at a time. `model`: what runs the whole step (the tuner's reference); the graph by default."""
         kinds = self.kinds
 
         def nano_inputs(inputs, r0: int, r1: int) -> tuple:
@@ -165,17 +167,17 @@ class StepRunner:
 
         on_cpu = self.device is None or self.device.type == "cpu"
 
-        def around(op: str, r0: int, r1: int):
+        def around(op: str, nano: int, r0: int, r1: int):
             if op in self.context_ops:
-                return lambda: nano_metadata(r0, r1)
+                return lambda: nano_metadata(nano, r0, r1)
             return hooks.kernels_in_turn if on_cpu and op in self.kernel_ops else None
 
         return Case(model=model or self.gm, inputs=tuple(args), layout=layout, name="vllm", graph=self.graph,
                     nano_inputs=nano_inputs, around=around)
 
     def _prepare(self, schedule: Schedule, layout: BatchLayout, args) -> Plan:
-        state: dict[tuple[int, int], tuple] = {}  # this step's metadata per request range, made at bind
-        case = self.case(args, layout, lambda r0, r1: hooks.nano_context(*state[(r0, r1)]))
+        state: dict[int, tuple] = {}  # this step's (metadata, slot mappings) per nano-batch, made at bind
+        case = self.case(args, layout, lambda nano, r0, r1: hooks.nano_context(*state[nano]))
         try:
             plan = build_plan(self.graph, case, schedule, None, nano_inputs=case.nano_inputs)
         except ValueError as e:  # an order made for another graph (a record tuned on the hf: model)
@@ -185,10 +187,11 @@ class StepRunner:
                           "its splits and streams run in the graph's own order", what="a schedule runs in part")
             plan = build_plan(self.graph, case, dataclasses.replace(schedule, order=()), None,
                               nano_inputs=case.nano_inputs)
-        bind_fx, dtype = plan.bind, self.dtype
+        bind_fx = plan.bind
 
-        def bind(inputs, metadata, slots, layers) -> None:
-            state.update({r: hooks.slice_metadata(metadata, slots, *r, layers, dtype) for r in plan.ranges})
+        def bind(inputs, step: hooks.StepAttention, slots) -> None:
+            state.update({b: (step.nano(b, r0, r1), hooks.nano_slots(slots, step.tokens(r0, r1)))
+                          for b, (r0, r1) in enumerate(plan.ranges)})
             bind_fx(inputs, None)
 
         def unbind() -> None:  # the cached plan keeps no values of this step alive
