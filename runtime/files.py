@@ -52,10 +52,17 @@ def check_folder(path: Path | str, flag: str) -> Path:
 
 
 def check_file(path: Path | str, flag: str) -> Path:
-    """A file results can be written to: not a folder, and its folder passes check_folder.
-    `flag` names what gave the path (e.g. "--storage 'sqlite:///x.db'")."""
+    """A file results can be written to: not a folder, and its folder passes check_folder; a
+    missing folder is created only inside one that exists (a mistyped path such as
+    /nonexistent/dir/x.db is refused, not made). `flag` names what gave the path (e.g.
+    "--storage 'sqlite:///x.db'")."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} names a folder, {path}; give a file path in it")
+    folder = path.parent
+    if not folder.exists() and not folder.parent.exists():
+        missing = next(p for p in reversed([folder, *folder.parents]) if not p.exists())
+        raise ValueError(f"{flag}: its folder {folder} does not exist, from {missing} on; create it first (only a "
+                         "missing last folder is created)")
     check_folder(path.parent, f"{flag}: its folder")
     return path

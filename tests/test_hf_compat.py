@@ -45,6 +45,16 @@ def test_the_installed_transformers_is_a_tested_one():
         assert transformers.__version__ == expected
 
 
+def test_the_installed_torch_is_in_the_declared_range():
+    """Run by scripts/test.sh with the torch setup.sh installs and again with the range's newest (an overlay)."""
+    from packaging.version import Version
+
+    assert Version(torch.__version__.split("+")[0]) in declared("torch").specifier, torch.__version__
+    expected = os.environ.get("DYNAFLOW_EXPECT_TORCH")
+    if expected:  # the overlay took effect: this run really is at the newest release
+        assert torch.__version__.split("+")[0] == expected
+
+
 def tiny_llama():
     cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1)

@@ -168,6 +168,7 @@ def test_bad_model_specs_are_one_line(model, words):
     ("sqlite:///", "names no file", "names no file"),
     ("postgresql://user@localhost/db", "needs a database driver", "needs a database driver"),
     ("journal:", "names no file", "names no file"),
+    ("sqlite:///{tmp}/no/such/dir/studies.db", "does not exist", "does not exist, from {tmp}/no on; create it first"),
 ])
 def test_storage_urls_that_cannot_be_opened_are_one_line(tmp_path, url, read_words, tune_words):
     (tmp_path / "afile").write_text("")
@@ -177,7 +178,8 @@ def test_storage_urls_that_cannot_be_opened_are_one_line(tmp_path, url, read_wor
                           "--store", tmp_path, "--storage", url], tune_words)):
         code, _, err = run_cli(*argv)
         assert code == 2
-        one_line(err, f"--storage {url!r}", words)
+        one_line(err, f"--storage {url!r}", words.format(tmp=tmp_path))
+    assert not (tmp_path / "no").exists()  # a mistyped path is refused, not made
 
 
 # --- the rest --------------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ that has vLLM (DYNAFLOW_EXPECT_VLLM=1 there: a missing vLLM fails instead of ski
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,166 @@ def test_a_vllm_that_changed_a_name_is_one_clear_message(monkeypatch):
     with pytest.raises(RuntimeError, match=r"written for vLLM 0\.32-0\.33 and does not know this vLLM \(.*\): it lacks "
                                            r"vllm\.forward_context\.get_forward_context_v2"):
         hooks.check()
+
+
+class _StatefulBuilder:
+    """A metadata builder that keeps state of its last build, as GPU backends' may (persistent
+    CUDA-graph buffers, FlashInfer's planned wrappers): metadata it built before its latest build
+    is stale. The rule vLLM's micro-batches follow, a builder per micro-batch, is what keeps
+    the nano-batches of one plan valid together."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.builds = name, 0
+
+    def build(self, common_prefix_len, cm):
+        self.builds += 1
+        return {"builder": self, "generation": self.builds, "requests": cm.num_reqs, "tokens": cm.num_actual_tokens,
+                "query_start_loc": cm.query_start_loc_cpu.tolist(), "seq_lens": cm.seq_lens.tolist(),
+                "positions": None if cm.positions is None else cm.positions.tolist()}
+
+
+@dataclasses.dataclass
+class _Group:
+    """vLLM's AttentionGroup as the plugin uses it: layers, builders made per slot, build_metadata."""
+
+    layer_names: list
+    kernel_block_size: int | None = None
+    metadata_builders: list = dataclasses.field(default_factory=list)
+    made: list = dataclasses.field(default_factory=list)
+
+    def create_metadata_builders(self, vllm_config, device, kernel_block_size=None, num_metadata_builders=1):
+        self.metadata_builders = [_StatefulBuilder(f"spare{i}") for i in range(num_metadata_builders)]
+        self.made.append(num_metadata_builders)
+
+    def get_metadata_builder(self, i=0):
+        return self.metadata_builders[i]
+
+    def build_metadata(self, cm, ubatch_idx=0, common_prefix_len=0, **kwargs):
+        return self.get_metadata_builder(ubatch_idx).build(common_prefix_len, cm)
+
+
+def _valid(md) -> bool:
+    return md["generation"] == md["builder"].builds
+
+
+def _step(requests=(1, 1, 5, 3)):
+    """A step's StepAttention over a fake runner: two layers in one attention group, requests of
+    `requests` tokens, vLLM's own builder for the whole step."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from dynaflow.runtime.vllm import hooks
+    qsl = torch.tensor([0, *itertools.accumulate(requests)], dtype=torch.int32)
+    n, t = len(requests), int(qsl[-1])
+    seq = torch.tensor([40 + 10 * i for i in range(n)], dtype=torch.int32)
+    cm = CommonAttentionMetadata(query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=n,
+                                 num_actual_tokens=t, max_query_len=max(requests), max_seq_len=int(seq.max()),
+                                 block_table_tensor=torch.arange(n * 4, dtype=torch.int32).view(n, 4),
+                                 slot_mapping=torch.arange(t, dtype=torch.int64), seq_lens_cpu_upper_bound=seq,
+                                 positions=torch.arange(100, 100 + t), is_prefilling=torch.tensor([False] * n))
+    group = _Group(layer_names=["layers.0.attn", "layers.1.attn"], metadata_builders=[_StatefulBuilder("vllm")])
+    runner = types.SimpleNamespace(attn_groups=[[group]], vllm_config=None, device="cpu", speculative_config=None)
+    whole = group.build_metadata(cm)
+    return hooks.StepAttention(runner=runner, built={"layers.0.attn": whole, "layers.1.attn": whole},
+                               groups=[(0, group.layer_names, cm)]), whole
+
+
+def test_each_nano_batch_is_built_by_its_own_slots_builder():
+    """Nano-batches on request boundaries, uneven, any number: each one's metadata is vLLM's split of
+    the step's (its requests, tokens, sequence lengths, positions) built by the builder of its slot,
+    never vLLM's own; all of one plan's stay valid together, and so does the whole step's."""
+    step, whole = _step()
+    for ranges in ([(0, 1), (1, 4)], [(0, 2), (2, 3), (3, 4)], [(0, 1), (1, 2), (2, 3), (3, 4)]):
+        built = [step.nano(b, r0, r1) for b, (r0, r1) in enumerate(ranges)]
+        for (r0, r1), md in zip(ranges, built):
+            m = md["layers.0.attn"]
+            assert md["layers.1.attn"] is m  # the group's layers share their metadata, as in vLLM
+            tokens = step.tokens(r0, r1)
+            assert m["requests"] == r1 - r0 and m["tokens"] == tokens.stop - tokens.start
+            assert m["seq_lens"] == [40 + 10 * i for i in range(r0, r1)]
+            assert m["positions"] == list(range(100 + tokens.start, 100 + tokens.stop))
+            assert m["query_start_loc"][0] == 0 and m["query_start_loc"][-1] == m["tokens"]
+        assert len({id(md["layers.0.attn"]["builder"]) for md in built}) == len(ranges)
+        assert all(md["layers.0.attn"]["builder"].name != "vllm" for md in built)
+        assert all(_valid(md["layers.0.attn"]) for md in built) and _valid(whole)
+
+
+def test_a_step_vllm_split_fields_would_drop_runs_sequential():
+    from dynaflow.runtime.vllm import hooks
+    step, _ = _step()
+    cm = step.groups[0][2]
+    assert step.why_not() is None
+    for field, value in (("encoder_seq_lens", torch.ones(4)), ("causal", False), ("dcp_local_seq_lens", torch.ones(4))):
+        bad = dataclasses.replace(step, groups=[(0, ["layers.0.attn"], dataclasses.replace(cm, **{field: value}))])
+        assert f"sets {field}, which vLLM's micro-batch split" in bad.why_not()
+    # metadata vLLM did not build through its model runner's _build_attention_metadata: said so
+    assert "outside GPUModelRunner._build_attention_metadata" in hooks.step_attention({"other": 1})
+
+
+def test_a_kept_step_rebuilds_a_slot_whose_range_changed(monkeypatch):
+    """Tuning replays a kept step under one schedule after another: a slot's builder rebuilds when
+    its nano-batch's range changes, so the metadata a plan runs with is always its builder's latest."""
+    from dynaflow.runtime.vllm.replay import KeptStep
+    step, _ = _step()
+    kept = step.kept()
+    assert kept.groups[0][2].query_start_loc_cpu is not step.groups[0][2].query_start_loc_cpu  # the step's values copied
+    seen = {}
+
+    class Runner:
+        gm = sequential = None
+
+        def case(self, inputs, layout, nano_metadata, model):
+            seen["nano_metadata"] = nano_metadata
+            return types.SimpleNamespace(name="", sequential=None)
+
+    from dynaflow.runtime.batch import BatchLayout
+    layout = BatchLayout(request_tokens=(1, 1, 5, 3), request_kinds=("decode", "decode", "prefill", "prefill"),
+                         input_axes=(), kinds=("decode", "prefill"))
+    ks = KeptStep(runner=Runner(), inputs=(), layout=layout, context_len=70, ctx=None, metadata={}, slots=None,
+                  attention=kept)
+    ks.case("t")
+    got = []
+    from dynaflow.runtime.vllm import hooks
+    monkeypatch.setattr(hooks, "replayed_context", lambda ctx, md, slots: got.append(md["layers.0.attn"]))
+    nano = seen["nano_metadata"]
+    for ranges in ([(0, 2), (2, 4)], [(0, 2), (2, 4)], [(0, 1), (1, 4)], [(0, 2), (2, 4)]):
+        got.clear()
+        for b, r in enumerate(ranges):
+            nano(b, *r)
+        assert all(_valid(m) for m in got) and [m["requests"] for m in got] == [r1 - r0 for r0, r1 in ranges]
+
+
+@pytest.mark.parametrize("mode, graphs, v2, named", [
+    ("VLLM_COMPILE", "NONE", False, "compilation mode VLLM_COMPILE"),
+    ("DYNAMO_TRACE_ONCE", "FULL", False, "cudagraph_mode FULL"),
+    ("DYNAMO_TRACE_ONCE", "NONE", True, "V2 model runner"),
+    ("DYNAMO_TRACE_ONCE", "NONE", False, None),
+])
+def test_a_mode_the_plugin_does_not_cover_is_one_warning_and_vllms_own_backend(monkeypatch, caplog, mode, graphs, v2,
+                                                                                named):
+    """On a GPU vLLM's defaults (piecewise compilation, CUDA graphs, the V2 model runner) are modes
+    the plugin does not cover: one WARNING naming the mode, vLLM's backend returned as it was, and
+    its model runner not watched. The covered mode gets the plugin's wrapper."""
+    import logging
+
+    from vllm.config.compilation import CompilationConfig, CompilationMode, CUDAGraphMode
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from dynaflow.runtime.vllm import hooks
+    monkeypatch.setattr(CompilationConfig, "init_backend", lambda self, vllm_config: "vllm's backend")
+    monkeypatch.setattr(GPUModelRunner, "_build_attention_metadata", GPUModelRunner._build_attention_metadata)
+    monkeypatch.setattr(hooks, "UNCOVERED", [])
+    hooks.install(lambda backend, vllm_config: ("wrapped", backend))
+    cc = types.SimpleNamespace(mode=CompilationMode[mode], cudagraph_mode=CUDAGraphMode[graphs])
+    config = types.SimpleNamespace(compilation_config=cc, use_v2_model_runner=v2)
+    with caplog.at_level(logging.WARNING, logger="vllm.dynaflow"):
+        got = [CompilationConfig.init_backend(cc, config) for _ in range(2)]
+    said = [r.getMessage() for r in caplog.records if r.name == "vllm.dynaflow"]
+    watched = getattr(GPUModelRunner._build_attention_metadata, "_dynaflow", False)
+    if named is None:
+        assert got == [("wrapped", "vllm's backend")] * 2 and said == [] and watched
+    else:
+        assert got == ["vllm's backend"] * 2 and not watched
+        assert len(said) == 1 and named in said[0] and "leaves vLLM untouched" in said[0], said
 
 
 @pytest.mark.parametrize("env, words", [
