@@ -15,11 +15,7 @@ import warnings
 
 from .commands import build_parser
 from .config import TuneError
-
-
-def one_line(message, category, filename, lineno, line=None) -> str:
-    """A warning as one line naming the tool, not the source file and line that raised it."""
-    return f"dynaflow-tune: warning: {message}\n"
+from .errors import one_line
 
 
 def main(argv: list[str] | None = None) -> int:

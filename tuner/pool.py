@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from dynaflow.runtime import Measurement, Schedule, TrialOutcome
+from dynaflow.runtime import Measurement, Schedule
 
-from .targets import OnPairedSample, Target, measure_pair
+from .targets import OnPairedSample, Target, crashed, measure_pair
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -42,12 +42,6 @@ class Pool(Protocol):
     def submit(self, job: Job) -> None: ...
 
     def wait(self, timeout_s: float) -> list[Done]: ...
-
-
-def crashed(e: BaseException, prefix: str = "") -> Measurement:
-    """A measure that raised: the trial is CRASHED, the worker lives on."""
-    first = (str(e).splitlines() or [""])[0]
-    return Measurement(outcome=TrialOutcome.CRASHED, message=f"{prefix}{type(e).__name__}: {first}")
 
 
 class InlinePool:

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator
 from dynaflow.runtime import Hardware, Measurement, OpGraph, Schedule, TrialOutcome, Workload
 from dynaflow.search_spaces import SpaceContext
 
-from .pool import Done, Job, crashed, measure_one, run_job
-from .targets import Target, explain
+from .pool import Done, Job, measure_one, run_job
+from .targets import Target, crashed, explain
 
 GRACE_S = 5.0  # beyond a trial's own time limit, before the driver gives up on its worker
 

@@ -95,11 +95,16 @@ class VllmTarget:
         try:
             return self.engine.rpc("dynaflow_measure", schedule, time_limit_s)
         except Exception as e:  # noqa: BLE001 - the worker failed this schedule; the search goes on
-            from .pool import crashed
             return crashed(e)
 
     def explain(self, schedule: Schedule) -> dict | None:
         return self.engine.rpc("dynaflow_explain", schedule)
+
+
+def crashed(e: BaseException, prefix: str = "") -> Measurement:
+    """A measure that raised: the trial is CRASHED, the worker lives on."""
+    first = (str(e).splitlines() or [""])[0]
+    return Measurement(outcome=TrialOutcome.CRASHED, message=f"{prefix}{type(e).__name__}: {first}")
 
 
 def measure_pair(target: Target, schedule: Schedule, *, first: str = "baseline",

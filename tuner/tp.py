@@ -60,7 +60,7 @@ def _serve_rank(rank, world, rendezvous, workload, config, conn) -> None:
     if rank > 0:
         warnings.simplefilter("ignore")  # rank 0 says it once
     else:
-        from .cli import one_line
+        from .errors import one_line
 
         warnings.formatwarning = one_line
     cuda = workload.device.startswith("cuda")
