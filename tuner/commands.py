@@ -3,6 +3,7 @@ imports optuna, pandas or matplotlib only when it runs."""
 from __future__ import annotations
 
 import argparse
+import os
 import json
 from pathlib import Path
 
@@ -369,7 +370,33 @@ def pool_config(args):
     from .ray_fanout import PoolConfig
 
     workers = args.workers if args.workers == "all" else _count(args.workers)
-    return PoolConfig(workers=workers, address=args.ray_address, use_gpus=args.device.startswith("cuda"))
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    return PoolConfig(workers=workers, address=args.ray_address, use_gpus=args.device.startswith("cuda"),
+                      ship=_model_files(args.model) if address else ())
+
+
+def _model_files(model: str | None) -> tuple[str, ...]:
+    """The local file of a `module:function` model (its top-level module's .py file, or its package's
+    folder) that a joined Ray cluster's workers need: none when it is installed (a site-packages
+    path: the nodes install it as they install dynaflow-tune) or not a module spec."""
+    import importlib.util
+    import sysconfig
+
+    if not model or ":" not in model or model.split(":", 1)[0] in ("hf", "vllm"):
+        return ()
+    top = model.split(":", 1)[0].split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return ()
+    if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+        return ()
+    origin = Path(spec.origin)
+    path = origin.parent if spec.submodule_search_locations else origin
+    installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    if any(path.resolve().is_relative_to(p) for p in installed):
+        return ()
+    return (str(path),)
 
 
 def _count(text: str) -> int:

@@ -11,6 +11,7 @@ worker count the cluster cannot hold is refused at once instead of leaving actor
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -30,6 +31,9 @@ GRACE_S = 5.0  # beyond a trial's own time limit, before the driver gives up on 
 class PoolConfig:
     workers: int | str = "all"  # a count, or "all": one per GPU (or CPU slot) in the cluster
     address: str | None = None  # join this Ray cluster; None: RAY_ADDRESS, else start a local one
+    # local files of the user's model (a module's .py file or a package's folder) shipped to a
+    # joined cluster's workers (Ray's runtime_env py_modules): a node needs only dynaflow-tune installed
+    ship: tuple[str, ...] = ()
     use_gpus: bool = False  # one GPU per actor; False: one CPU slot per actor
     prepare_timeout_s: float = 900.0
     grace_s: float = GRACE_S  # beyond a trial's time limit before its worker is declared hung
@@ -47,6 +51,12 @@ class MeasureWorker:
     def __init__(self, make_target: Callable[[Workload], Target]) -> None:
         self.make_target = make_target
         self.target: Target | None = None
+
+    def node(self) -> str:
+        """The Ray node this worker runs on (its id, as `ray status` and the dashboard show it)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def prepare(self, workload: Workload) -> tuple[Hardware, SpaceContext]:
         self.target = self.make_target(workload)
@@ -81,16 +91,21 @@ class RayPool:
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             address = config.address or os.environ.get("RAY_ADDRESS")
-            if address:  # a cluster's own runtime_env decides what its workers can import
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            if address:  # the user's model files travel with the job; everything else the nodes have installed
+                env = {"py_modules": list(config.ship)} if config.ship else None
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env=env,
+                         logging_level=logging.WARNING)
             else:  # local workers import what the driver can (e.g. --model mymodule:make_case)
                 path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-                ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+                ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
+                         logging_level=logging.WARNING)
         self.num_workers = self._check_capacity()
         options = {"num_gpus": 1, "num_cpus": 0} if config.use_gpus else {"num_cpus": 1}
         self.actor_cls = ray.remote(max_restarts=0, **options)(MeasureWorker)
         self.actors = [self.actor_cls.remote(self.make_target) for _ in range(self.num_workers)]
         self.names = {_key(a): f"w{i}" for i, a in enumerate(self.actors)}
+        self.nodes: dict[str, str] = {}  # actor -> its node's id, named with the worker when the cluster has several
+        self.many_nodes = len([n for n in ray.nodes() if n.get("Alive")]) > 1
         self.workload: Workload | None = None
 
     def _check_capacity(self) -> int:
@@ -103,11 +118,25 @@ class RayPool:
         return wanted
 
     def name(self, actor) -> str:
-        return self.names.setdefault(_key(actor), f"w{len(self.names)}")
+        """The worker's name in trial records and summaries: w0, w1, ... (a replacement w0'), with its
+        node (`w0@1a2b3c`: the node id's first 6 hex digits) when the cluster has several nodes."""
+        base = self.names.setdefault(_key(actor), f"w{len(self.names)}")
+        node = self.nodes.get(_key(actor))
+        return f"{base}@{node[:6]}" if node and self.many_nodes else base
+
+    def where(self) -> str:
+        """Which workers run on which node, one clause per node."""
+        by_node: dict[str, list[str]] = {}
+        for a in self.actors:
+            by_node.setdefault(self.nodes.get(_key(a), "?")[:6], []).append(self.names[_key(a)])
+        return "; ".join(f"node {n}: {', '.join(ws)}" for n, ws in sorted(by_node.items()))
 
     def groups(self, workload: Workload) -> dict[str, Group]:
         """Prepare every actor for `workload` and group them by the hardware each one detected."""
         self.workload = workload
+        missing = [a for a in self.actors if _key(a) not in self.nodes]
+        for a, node in zip(missing, self.ray.get([a.node.remote() for a in missing], timeout=self.config.prepare_timeout_s)):
+            self.nodes[_key(a)] = node
         refs = [a.prepare.remote(workload) for a in self.actors]
         groups: dict[str, Group] = {}
         for actor, (hardware, ctx) in zip(self.actors, self.ray.get(refs, timeout=self.config.prepare_timeout_s)):
@@ -125,8 +154,10 @@ class RayPool:
         group.actors[group.actors.index(dead)] = fresh
         return fresh, fresh.prepare.remote(self.workload)
 
-    def check_replacement(self, group: Group, prepared_ref) -> None:
+    def check_replacement(self, group: Group, prepared_ref, actor=None) -> None:
         hardware, _ = self.ray.get(prepared_ref, timeout=self.config.prepare_timeout_s)
+        if actor is not None and _key(actor) not in self.nodes:
+            self.nodes[_key(actor)] = self.ray.get(actor.node.remote(), timeout=self.config.prepare_timeout_s)
         if hardware.key != group.hardware.key:
             raise RuntimeError(f"a replacement worker landed on {hardware.key}, not {group.hardware.key}; "
                                "pin workers to one GPU type per node or use a homogeneous cluster")
@@ -180,7 +211,7 @@ class GroupPool:
         from ray.exceptions import RayActorError, RayError
 
         if ref in self.starting:
-            self.pool.check_replacement(self.group, ref)
+            self.pool.check_replacement(self.group, ref, self.starting[ref])
             self.idle.append(self.starting.pop(ref))
             return None
         run = self.running.pop(ref)
@@ -230,8 +261,8 @@ class ActorTarget:
         """`on_sample` is not forwarded: pruning needs the driver's study, so pooled trials time fully."""
         one = GroupPool(self.pool, self.group, actors=self.group.actors[:1])
         m = measure_one(one, schedule, time_limit_s=time_limit_s)
-        for ref in one.starting:  # a replacement must be ready before the next call reaches it
-            one.pool.check_replacement(self.group, ref)
+        for ref, actor in one.starting.items():  # a replacement must be ready before the next call reaches it
+            one.pool.check_replacement(self.group, ref, actor)
         return m
 
     def explain(self, schedule: Schedule) -> dict | None:
@@ -244,9 +275,14 @@ def ray_places(config: PoolConfig, make_target: Callable[[Workload], Target], *,
     (the target runs the baseline and the confirmation on that type's first worker)."""
     pool = RayPool(config, make_target)
     log(f"ray pool: {pool.num_workers} worker(s)")
+    first = [True]
 
     def place(workload: Workload) -> list[tuple[Target, GroupPool]]:
-        return [(ActorTarget(pool, g), GroupPool(pool, g)) for g in pool.groups(workload).values()]
+        groups = pool.groups(workload)
+        if first[0] and pool.many_nodes:
+            log(f"ray pool: {pool.where()}")
+        first[0] = False
+        return [(ActorTarget(pool, g), GroupPool(pool, g)) for g in groups.values()]
 
     try:
         yield place

@@ -60,7 +60,8 @@ class LoopStats:
                         for w, c in sorted(self.per_worker.items()))
         answered = self.trials - sum(sum(c.values()) for c in self.per_worker.values())
         return (f"{hardware_key}: {self.trials} trial(s) by worker: {per or 'none'}"
-                + (f"; {answered} answered by the driver (duplicates, skipped)" if answered else ""))
+                + (f"; {answered} answered by the driver (duplicates, skipped)" if answered else "")
+                + (f"; driver {1000 * self.driver_s / self.trials:.0f} ms per trial" if self.trials else ""))
 
 
 @dataclass(kw_only=True)
