@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -31,6 +32,41 @@ def make_case(w: Workload) -> Case:
     rows = w.num_decode or 8
     model = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32)).eval()
     return Case(model=model, inputs=(torch.randn(rows, 32),), layout=BatchLayout.uniform(rows, 1), name="cluster_mlp")
+'''
+
+
+PACED = '''
+import time
+
+import torch
+import torch.fx
+from torch import nn
+
+from dynaflow.runtime import BatchLayout, Case, Workload
+
+
+def pace(x):
+    """A 'kernel' that sleeps 2 ms per row: trials long enough to lose a node during."""
+    time.sleep(0.002 * x.shape[0])
+    return x
+
+
+torch.fx.wrap("pace")
+
+
+class Paced(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + pace(self.down(torch.relu(pace(self.up(x)))))
+
+
+def make_case(w: Workload) -> Case:
+    torch.manual_seed(w.seed)
+    rows = w.num_decode or 8
+    return Case(model=Paced().eval(), inputs=(torch.randn(rows, 16),), layout=BatchLayout.uniform(rows, 1), name="paced")
 '''
 
 
@@ -87,3 +123,59 @@ def test_a_tune_joins_the_cluster_and_measures_on_both_nodes(cluster, tmp_path):
     summary = next(line for line in out.splitlines() if "trial(s) by worker" in line)
     assert all(f"@{n}: ok" in summary for n in nodes) and re.search(r"driver \d+ ms per trial", summary), summary
     assert "Connecting to existing Ray cluster" not in out  # Ray's INFO lines stay out of the tool's output
+
+
+def _search_trials(storage: str) -> list:
+    names = optuna.get_all_study_names(storage)
+    if not names:
+        return []
+    return [t for t in optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False)
+            if not t.user_attrs.get("baseline")]
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_tune_costs_only_its_trials_and_a_joining_node_is_used(cluster, tmp_path):
+    """A node's raylet killed mid-tune: its in-flight trial is crashed (killed worker) and never
+    measured again, the other nodes carry on, the study and the store lose nothing; the lost
+    worker's replacement waits for room and runs on a node that joins later."""
+    lost = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    lost_id = lost.node_id[:6]
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "paced_model.py").write_text(PACED)
+    storage = f"sqlite:///{tmp_path}/s.db"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    tune = subprocess.Popen([sys.executable, "-m", "dynaflow.tuner.cli", "tune", "--model", "paced_model:make_case",
+                             "--workload", "d8x16", "--workers", "3", "--ray-address", cluster.address, "--trials", "70",
+                             "--confirm-rounds", "1", "--store", str(tmp_path / "store"), "--storage", storage,
+                             "--no-progress"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    joined = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and tune.poll() is None:  # until the node has measured a trial
+            if any(f"@{lost_id}" in (t.user_attrs.get("result") or {}).get("worker", "") for t in _search_trials(storage)):
+                break
+            time.sleep(0.5)
+        assert tune.poll() is None, tune.communicate()[0][-3000:]
+        cluster.remove_node(lost, allow_graceful=False)  # its raylet killed: the node is gone
+        joined = cluster.add_node(num_cpus=1)  # and another joins
+        out, _ = tune.communicate(timeout=540)
+    finally:
+        if tune.poll() is None:
+            tune.kill()
+            tune.communicate()
+    assert tune.returncode == 0 and "Traceback" not in out, out[-4000:]
+    trials = _search_trials(storage)
+    results = [t.user_attrs.get("result") or {} for t in trials]
+    measured = [r for r in results if r.get("worker")]  # the rest the driver answered (duplicates, the budget)
+    died = [r for r in measured if r.get("outcome") == "crashed"]
+    assert died and all(r["killed_worker"] and f"@{lost_id}" in r["worker"] for r in died), (died, out[-3000:])
+    assert {r.get("outcome") for r in measured} <= {"ok", "pruned", "crashed"}, {r.get("outcome") for r in measured}
+    for r in died:  # never measured again: proposed again, it is answered by the driver, not run
+        assert sum(1 for x in measured if x.get("schedule") == r["schedule"]) == 1
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    workers = {r.get("worker") or "" for r in results}
+    assert any(w.endswith(f"@{joined.node_id[:6]}") for w in workers), (workers, joined.node_id[:6])  # the joined node worked
+    assert len(list((tmp_path / "store" / "schedules").rglob("*.json"))) == 1  # stored

@@ -105,6 +105,7 @@ class RayPool:
         self.actors = [self.actor_cls.remote(self.make_target) for _ in range(self.num_workers)]
         self.names = {_key(a): f"w{i}" for i, a in enumerate(self.actors)}
         self.nodes: dict[str, str] = {}  # actor -> its node's id, named with the worker when the cluster has several
+        self.pending: dict[Any, tuple[Group, Any]] = {}  # a replacement's preparation ref -> (its group, the actor)
         self.many_nodes = len([n for n in ray.nodes() if n.get("Alive")]) > 1
         self.workload: Workload | None = None
 
@@ -123,6 +124,16 @@ class RayPool:
         base = self.names.setdefault(_key(actor), f"w{len(self.names)}")
         node = self.nodes.get(_key(actor))
         return f"{base}@{node[:6]}" if node and self.many_nodes else base
+
+    def ready_actor(self, group: Group):
+        """The group's first worker that is prepared (a replacement still waiting for room on a
+        node, e.g. after its node was lost, is passed over), for the baseline and the confirmation."""
+        if self.pending:
+            ready, _ = self.ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+            for ref in ready:
+                g, actor = self.pending.pop(ref)
+                self.check_replacement(g, ref, actor)
+        return next((a for a in group.actors if _key(a) in self.nodes), group.actors[0])
 
     def where(self) -> str:
         """Which workers run on which node, one clause per node."""
@@ -259,14 +270,15 @@ class ActorTarget:
 
     def measure(self, schedule: Schedule, *, on_sample=None, time_limit_s=None) -> Measurement:
         """`on_sample` is not forwarded: pruning needs the driver's study, so pooled trials time fully."""
-        one = GroupPool(self.pool, self.group, actors=self.group.actors[:1])
+        one = GroupPool(self.pool, self.group, actors=[self.pool.ready_actor(self.group)])
         m = measure_one(one, schedule, time_limit_s=time_limit_s)
-        for ref, actor in one.starting.items():  # a replacement must be ready before the next call reaches it
-            one.pool.check_replacement(self.group, ref, actor)
+        for ref, actor in one.starting.items():  # used once prepared (ready_actor), never waited on here
+            self.pool.pending[ref] = (self.group, actor)
         return m
 
     def explain(self, schedule: Schedule) -> dict | None:
-        return self.pool.ray.get(self.group.actors[0].explain.remote(schedule), timeout=self.pool.config.prepare_timeout_s)
+        actor = self.pool.ready_actor(self.group)
+        return self.pool.ray.get(actor.explain.remote(schedule), timeout=self.pool.config.prepare_timeout_s)
 
 
 @contextmanager
