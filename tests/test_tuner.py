@@ -203,3 +203,16 @@ def test_a_search_stopped_by_its_time_budget_says_so(tmp_path):
     [full] = tune(config(tmp_path / "b", trials=3, storage=f"sqlite:///{tmp_path}/b.db"),
                   make_target=lambda w: target, log=lambda *a: None)
     assert not full.timed_out and "--timeout-s" not in result_lines(full)
+
+
+def test_one_set_of_measure_defaults_wherever_the_tuner_is_called_from():
+    """The API's TuneConfig and every CLI command that measures start from MeasureConfig's defaults."""
+    from dynaflow.runtime import MeasureConfig
+    from dynaflow.tuner.commands import build_parser
+
+    default = MeasureConfig()
+    assert TuneConfig(workloads=(W,)).measure == default
+    parser = build_parser()
+    for command in ("tune", "measure"):
+        args = parser.parse_args([command, "--workload", "d4x16"] if command == "measure" else [command])
+        assert (args.warmup, args.repeats) == (default.warmup, default.repeats), command

@@ -114,8 +114,8 @@ def _model_flags(p: argparse.ArgumentParser, *, shapes: bool = False) -> None:
 
 
 def _measure_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
-    p.add_argument("--repeats", type=int, default=15, help="timed runs; the median is reported")
+    p.add_argument("--warmup", type=int, default=MeasureConfig().warmup, help="untimed runs before timing")
+    p.add_argument("--repeats", type=int, default=MeasureConfig().repeats, help="timed runs; the median is reported")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance of the output check "
                    "(default: derived from the dtype and the longest reduction; see README)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance of the output check (default: derived)")

@@ -29,7 +29,7 @@ class TuneConfig:
     store_root: Path = Path("results")
     sampler: str = "tpe"
     seed: int | None = None  # None: each run seeds its sampler with its baseline trial's number (0 in a new study)
-    measure: MeasureConfig = MeasureConfig(warmup=2, repeats=10)
+    measure: MeasureConfig = MeasureConfig()  # the one set of measure defaults: the CLI's flags default to it too
     prune: bool = True
     confirm_top: int = 3
     confirm_rounds: int = 12  # paired rounds per candidate at most: the confirmation's round budget
