@@ -129,8 +129,7 @@ def check(wheel: Wheel) -> list[tuple[str, bool, str]]:
         out.append((f"{module}.{dotted}", node is not None, detail))
     classes = {"ForwardContext": ("vllm.forward_context", hooks.CONTEXT_FIELDS),
                "AttentionGroup": ("vllm.v1.worker.utils", hooks.GROUP_FIELDS),
-               "CommonAttentionMetadata": ("vllm.v1.attention.backend",
-                                           hooks.SPLIT_KEEPS + tuple(hooks.CARRIED) + tuple(hooks.MUST_BE_DEFAULT))}
+               "CommonAttentionMetadata": ("vllm.v1.attention.backend", hooks.COMMON_FIELDS)}
     for cls_name, (module, wanted) in classes.items():
         node, detail = resolve(wheel, module, cls_name)
         have = fields(node) if isinstance(node, ast.ClassDef) else []

@@ -146,7 +146,7 @@ def _step(requests=(1, 1, 5, 3)):
     runner = types.SimpleNamespace(attn_groups=[[group]], vllm_config=None, device="cpu", speculative_config=None)
     whole = group.build_metadata(cm)
     return hooks.StepAttention(runner=runner, built={"layers.0.attn": whole, "layers.1.attn": whole},
-                               groups=[(0, group.layer_names, cm)]), whole
+                               groups=[(group.layer_names, cm)]), whole
 
 
 def test_each_nano_batch_is_built_by_its_own_slots_builder():
@@ -172,10 +172,10 @@ def test_each_nano_batch_is_built_by_its_own_slots_builder():
 def test_a_step_vllm_split_fields_would_drop_runs_sequential():
     from dynaflow.runtime.vllm import hooks
     step, _ = _step()
-    cm = step.groups[0][2]
+    cm = step.groups[0][1]
     assert step.why_not() is None
     for field, value in (("encoder_seq_lens", torch.ones(4)), ("causal", False), ("dcp_local_seq_lens", torch.ones(4))):
-        bad = dataclasses.replace(step, groups=[(0, ["layers.0.attn"], dataclasses.replace(cm, **{field: value}))])
+        bad = dataclasses.replace(step, groups=[(["layers.0.attn"], dataclasses.replace(cm, **{field: value}))])
         assert f"sets {field}, which vLLM's micro-batch split" in bad.why_not()
     # metadata vLLM did not build through its model runner's _build_attention_metadata: said so
     assert "outside GPUModelRunner._build_attention_metadata" in hooks.step_attention({"other": 1})
@@ -187,7 +187,7 @@ def test_a_kept_step_rebuilds_a_slot_whose_range_changed(monkeypatch):
     from dynaflow.runtime.vllm.replay import KeptStep
     step, _ = _step()
     kept = step.kept()
-    assert kept.groups[0][2].query_start_loc_cpu is not step.groups[0][2].query_start_loc_cpu  # the step's values copied
+    assert kept.groups[0][1].query_start_loc_cpu is not step.groups[0][1].query_start_loc_cpu  # the step's values copied
     seen = {}
 
     class Runner:

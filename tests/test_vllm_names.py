@@ -25,7 +25,7 @@ def _fields(names) -> str:
 
 def sources(drop: str | None = None, extra_field: str | None = None) -> dict[str, str]:
     """A vLLM-shaped source tree holding every name hooks relies on; `drop`: one line left out."""
-    common = hooks.SPLIT_KEEPS + tuple(hooks.CARRIED) + tuple(hooks.MUST_BE_DEFAULT) + ((extra_field,) if extra_field else ())
+    common = hooks.COMMON_FIELDS + ((extra_field,) if extra_field else ())
     files = {
         "vllm/__init__.py": "",
         "vllm/forward_context.py": "def get_forward_context(): ...\ndef override_forward_context(ctx): ...\n"

@@ -3,7 +3,6 @@ imports optuna, pandas or matplotlib only when it runs."""
 from __future__ import annotations
 
 import argparse
-import os
 import json
 from pathlib import Path
 
@@ -114,8 +113,9 @@ def _model_flags(p: argparse.ArgumentParser, *, shapes: bool = False) -> None:
 
 
 def _measure_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--warmup", type=int, default=MeasureConfig().warmup, help="untimed runs before timing")
-    p.add_argument("--repeats", type=int, default=MeasureConfig().repeats, help="timed runs; the median is reported")
+    defaults = MeasureConfig()
+    p.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed runs before timing")
+    p.add_argument("--repeats", type=int, default=defaults.repeats, help="timed runs; the median is reported")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance of the output check "
                    "(default: derived from the dtype and the longest reduction; see README)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance of the output check (default: derived)")
@@ -370,9 +370,8 @@ def pool_config(args):
     from .ray_fanout import PoolConfig
 
     workers = args.workers if args.workers == "all" else _count(args.workers)
-    address = args.ray_address or os.environ.get("RAY_ADDRESS")
     return PoolConfig(workers=workers, address=args.ray_address, use_gpus=args.device.startswith("cuda"),
-                      ship=_model_files(args.model) if address else ())
+                      ship=_model_files(args.model))
 
 
 def _model_files(model: str | None) -> tuple[str, ...]:

@@ -32,7 +32,8 @@ class PoolConfig:
     workers: int | str = "all"  # a count, or "all": one per GPU (or CPU slot) in the cluster
     address: str | None = None  # join this Ray cluster; None: RAY_ADDRESS, else start a local one
     # local files of the user's model (a module's .py file or a package's folder) shipped to a
-    # joined cluster's workers (Ray's runtime_env py_modules): a node needs only dynaflow-tune installed
+    # joined cluster's workers (Ray's runtime_env py_modules): a node needs only dynaflow-tune
+    # installed. Unused by a local cluster, whose workers see the driver's PYTHONPATH
     ship: tuple[str, ...] = ()
     use_gpus: bool = False  # one GPU per actor; False: one CPU slot per actor
     prepare_timeout_s: float = 900.0
@@ -104,7 +105,10 @@ class RayPool:
         self.actor_cls = ray.remote(max_restarts=0, **options)(MeasureWorker)
         self.actors = [self.actor_cls.remote(self.make_target) for _ in range(self.num_workers)]
         self.names = {_key(a): f"w{i}" for i, a in enumerate(self.actors)}
-        self.nodes: dict[str, str] = {}  # actor -> its node's id, named with the worker when the cluster has several
+        # actor -> its node's id (a replacement's is added once it is prepared), named with the
+        # worker when the cluster has several nodes
+        nodes = ray.get([a.node.remote() for a in self.actors], timeout=config.prepare_timeout_s)
+        self.nodes: dict[str, str] = {_key(a): node for a, node in zip(self.actors, nodes)}
         self.pending: dict[Any, tuple[Group, Any]] = {}  # a replacement's preparation ref -> (its group, the actor)
         self.many_nodes = len([n for n in ray.nodes() if n.get("Alive")]) > 1
         self.workload: Workload | None = None
@@ -145,9 +149,6 @@ class RayPool:
     def groups(self, workload: Workload) -> dict[str, Group]:
         """Prepare every actor for `workload` and group them by the hardware each one detected."""
         self.workload = workload
-        missing = [a for a in self.actors if _key(a) not in self.nodes]
-        for a, node in zip(missing, self.ray.get([a.node.remote() for a in missing], timeout=self.config.prepare_timeout_s)):
-            self.nodes[_key(a)] = node
         refs = [a.prepare.remote(workload) for a in self.actors]
         groups: dict[str, Group] = {}
         for actor, (hardware, ctx) in zip(self.actors, self.ray.get(refs, timeout=self.config.prepare_timeout_s)):
@@ -287,14 +288,11 @@ def ray_places(config: PoolConfig, make_target: Callable[[Workload], Target], *,
     (the target runs the baseline and the confirmation on that type's first worker)."""
     pool = RayPool(config, make_target)
     log(f"ray pool: {pool.num_workers} worker(s)")
-    first = [True]
+    if pool.many_nodes:
+        log(f"ray pool: {pool.where()}")
 
     def place(workload: Workload) -> list[tuple[Target, GroupPool]]:
-        groups = pool.groups(workload)
-        if first[0] and pool.many_nodes:
-            log(f"ray pool: {pool.where()}")
-        first[0] = False
-        return [(ActorTarget(pool, g), GroupPool(pool, g)) for g in groups.values()]
+        return [(ActorTarget(pool, g), GroupPool(pool, g)) for g in pool.groups(workload).values()]
 
     try:
         yield place

@@ -65,6 +65,7 @@ MUST_BE_DEFAULT = {"causal": True, **dict.fromkeys((
     "logits_indices_padded", "num_logits_indices", "max_logits_per_req", "encoder_seq_lens", "encoder_seq_lens_cpu",
     "dcp_local_seq_lens", "dcp_local_seq_lens_cpu_upper_bound", "req_idx", "mm_req_doc_ranges", "rswa_prefix_lens",
     "replayssm_decode_base_cpu"))}
+COMMON_FIELDS = SPLIT_KEEPS + tuple(CARRIED) + tuple(MUST_BE_DEFAULT)  # every field the plugin knows
 # The forward context is one per process, and vLLM's CPU kernels (oneDNN GEMM handlers, rotary
 # embedding, attention scratchpads) are not safe to enter from two threads at once (two streams
 # running one projection corrupted the heap): on the CPU, tasks calling them take turns.
@@ -94,13 +95,12 @@ def check() -> None:
         from vllm.v1.worker.utils import AttentionGroup
 
         for cls, wanted in ((ForwardContext, CONTEXT_FIELDS), (AttentionGroup, GROUP_FIELDS),
-                            (CommonAttentionMetadata, SPLIT_KEEPS + tuple(CARRIED) + tuple(MUST_BE_DEFAULT))):
+                            (CommonAttentionMetadata, COMMON_FIELDS)):
             fields = {f.name for f in dataclasses.fields(cls)}
             missing += [f"{cls.__name__}.{f}" for f in wanted if f not in fields]
         # a field vLLM added since: the plugin would neither carry it into a nano-batch nor refuse it
-        known = set(SPLIT_KEEPS) | set(CARRIED) | set(MUST_BE_DEFAULT)
         unknown = sorted(f.name for f in dataclasses.fields(CommonAttentionMetadata)
-                         if f.name not in known and not f.name.startswith("_"))
+                         if f.name not in COMMON_FIELDS and not f.name.startswith("_"))
         missing += [f"CommonAttentionMetadata has fields the plugin does not know: {unknown}"] if unknown else []
         params = inspect.signature(GPUModelRunner._build_attention_metadata).parameters
         missing += [f"GPUModelRunner._build_attention_metadata({a}=...)" for a in BUILD_ARGS if a not in params]
@@ -222,14 +222,14 @@ def watch_metadata() -> None:
         if bound.get("ubatch_slices") is None and not bound.get("for_cudagraph_capture") \
                 and isinstance(out[0], dict) and out[0]:
             groups = self.attn_groups
-            keepers = [[_Keeper(g, kv) for g in gs] for kv, gs in enumerate(groups)]
+            keepers = [[_Keeper(g) for g in gs] for gs in groups]
             self.attn_groups = keepers
             try:
                 original(self, *args, **kwargs)
             finally:
                 self.attn_groups = groups
             _STEP.append(StepAttention(runner=self, built=out[0],
-                                       groups=[(k.kv, k.layer_names, k.common) for ks in keepers for k in ks]))
+                                       groups=[(k.layer_names, k.common) for ks in keepers for k in ks]))
         return out
 
     build._dynaflow = True
@@ -246,9 +246,8 @@ class _Keeper:
 
     supports_update_block_table = False
 
-    def __init__(self, group, kv: int) -> None:
-        self.layer_names, self.kv = group.layer_names, kv
-        self.common = None
+    def __init__(self, group) -> None:
+        self.layer_names, self.common = group.layer_names, None
 
     def get_metadata_builder(self, ubatch_idx: int = 0):
         return self
@@ -267,30 +266,31 @@ class StepAttention:
 
     runner: Any  # vLLM's model runner
     built: dict  # what vLLM built for the whole step (its forward context's attn_metadata)
-    groups: list  # (kv_cache_group, layer names, CommonAttentionMetadata)
+    groups: list  # (layer names, CommonAttentionMetadata), in the runner's order of attention groups
 
-    @property
+    @functools.cached_property
     def starts(self) -> tuple[int, ...]:
-        cm = self.groups[0][2]
-        return tuple(int(x) for x in cm.query_start_loc_cpu[:cm.num_reqs + 1])
+        """The step's query_start_loc: read once per step (every nano-batch's slices use it)."""
+        cm = self.groups[0][1]
+        return tuple(cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist())
 
     @property
     def context_len(self) -> int:
-        return max(int(cm.max_seq_len) for _, _, cm in self.groups)
+        return max(int(cm.max_seq_len) for _, cm in self.groups)
 
     def why_not(self) -> str | None:
         """Why the step cannot be cut into nano-batches here, or None."""
-        if not self.groups or any(cm is None for _, _, cm in self.groups):
+        if not self.groups or any(cm is None for _, cm in self.groups):
             return "vLLM gave some attention group of the step no metadata to build"
         if getattr(self.runner, "speculative_config", None) is not None:
             return "vLLM runs speculative decoding, whose draft steps the plugin does not split"
-        for _, names, cm in self.groups:
+        for names, cm in self.groups:
             for f, default in MUST_BE_DEFAULT.items():
                 v = getattr(cm, f, default)
                 if isinstance(v, torch.Tensor) or v is not default:
                     return (f"layer {names[0]}'s attention metadata sets {f}, which vLLM's micro-batch split "
                             "(split_attn_metadata) does not carry")
-        if len({tuple(cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist()) for _, _, cm in self.groups}) != 1:
+        if any(tuple(cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist()) != self.starts for _, cm in self.groups[1:]):
             return "the attention groups disagree on the step's requests"
         return None
 
@@ -299,12 +299,11 @@ class StepAttention:
         by its builder `slot` (the nano-batch's index in its plan)."""
         from vllm.v1.worker.ubatch_utils import UBatchSlice, split_attn_metadata
 
-        starts = self.starts
-        tokens, requests = slice(starts[r0], starts[r1]), slice(r0, r1)
+        tokens, requests = self.tokens(r0, r1), slice(r0, r1)
         spare = _spare_groups(self.runner, slot + 1)
         out: dict = {}
         with _LOCK:  # builders and vLLM's CPU kernels they call: one thread at a time
-            for i, (kv, names, cm) in enumerate(self.groups):
+            for i, (names, cm) in enumerate(self.groups):
                 part = split_attn_metadata([UBatchSlice(requests, tokens)], cm)[0]
                 for f, by in CARRIED.items():
                     v = getattr(cm, f, None)
@@ -321,7 +320,7 @@ class StepAttention:
     def kept(self) -> "StepAttention":
         """A copy whose metadata tensors are the step's values (vLLM refills its buffers at the
         next step), to build nano-batches from after the step (tuning: replay.py)."""
-        return dataclasses.replace(self, built={}, groups=[(kv, names, _cloned(cm)) for kv, names, cm in self.groups])
+        return dataclasses.replace(self, built={}, groups=[(names, _cloned(cm)) for names, cm in self.groups])
 
 
 def _cloned(obj):
