@@ -237,3 +237,37 @@ def test_measure_refuses_a_record_in_the_store_symlinked_outside_it(store, tmp_p
                            "--schedule", link)
     assert code == 2
     one_line(err, f"{link} resolves to {outside}, outside the store")
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:  # bound, never listening: a connection to it is refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, words", [
+    ("HEAD_IP:6379", ["--ray-address 'HEAD_IP:6379': no Ray cluster answers there", "ray start --head"]),
+    ("nonsense", ["--ray-address 'nonsense' is not HOST:PORT"]),
+    ("refused", ["no Ray cluster answers there (connection refused)"]),
+])
+def test_a_ray_address_nothing_answers_at_is_one_line_at_once(address, words, tmp_path, monkeypatch):
+    """Ray would retry an unreachable head for minutes, a warning every few seconds; the tuner
+    refuses the address before Ray is imported."""
+    if address == "refused":
+        address = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing Ray would fail: it is never reached
+    code, out, err = run_cli("tune", "--workers", "2", "--ray-address", address, "--trials", "1", "--no-progress",
+                             "--store", tmp_path, "--storage", f"sqlite:///{tmp_path}/s.db")
+    assert code == 2 and out == ""
+    one_line(err, *words)
+    assert not (tmp_path / "s.db").exists()  # refused before the study opens
+
+
+def test_the_ray_address_variable_is_checked_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
+    code, _, err = run_cli("tune", "--workers", "2", "--trials", "1", "--no-progress", "--store", tmp_path,
+                           "--storage", f"sqlite:///{tmp_path}/s.db")
+    assert code == 2
+    one_line(err, "RAY_ADDRESS '127.0.0.1:", "no Ray cluster answers there")

@@ -161,12 +161,13 @@ def test_an_hf_model_without_transformers_names_the_install_command(command, tmp
     assert "needs transformers, which is not installed: pip install \"dynaflow-tune[hf]\"" in err
 
 
-def test_the_readmes_flag_table_and_the_parser_agree():
-    """Every flag the README's table names exists in the parser, and every flag of `tune` is in
-    the table (or in --help only, listed here with why)."""
+@pytest.mark.parametrize("doc", ["README.md", "docs/tuning.md"])
+def test_the_flag_tables_and_the_parser_agree(doc):
+    """Every flag the README's table (and the one in docs/tuning.md) names exists in the parser,
+    and every flag of `tune` is in each table (or in --help only, listed here with why)."""
     from dynaflow.tuner.commands import build_parser
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / doc).read_text()
     table = text[text.index("| flag | meaning (default) |"):]
     table = table[:table.index("\n\n")]
     named = set(re.findall(r"`(--[a-z-]+)", table))

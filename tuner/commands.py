@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from dynaflow.runtime import PRESETS, MeasureConfig, Schedule, TrialOutcome
@@ -367,8 +368,12 @@ def pool_config(args):
         if args.ray_address:
             raise ValueError("--ray-address needs --workers N (or all).")
         return None
-    from .ray_fanout import PoolConfig
+    from .ray_fanout import PoolConfig, check_address
 
+    for address, given_as in ((args.ray_address, "--ray-address"), (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")):
+        if address:
+            check_address(address, given_as)
+            break
     workers = args.workers if args.workers == "all" else _count(args.workers)
     return PoolConfig(workers=workers, address=args.ray_address, use_gpus=args.device.startswith("cuda"),
                       ship=_model_files(args.model))

@@ -25,6 +25,28 @@ from .pool import Done, Job, measure_one, run_job
 from .targets import Target, crashed, explain
 
 GRACE_S = 5.0  # beyond a trial's own time limit, before the driver gives up on its worker
+CONNECT_S = 5.0  # for a cluster's head to accept a connection, before its address is refused
+
+
+def check_address(address: str, given_as: str, timeout_s: float = CONNECT_S) -> None:
+    """Refuse a cluster address nothing answers at, in one line naming where it came from
+    (`ray.init` would retry an unreachable GCS for minutes, printing a warning every few seconds).
+    "auto" and "local" are Ray's own lookups of a cluster on this machine, left to it."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    where = address.removeprefix("ray://")
+    host, sep, port = where.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{given_as} {address!r} is not HOST:PORT (or ray://HOST:PORT): the head's address, "
+                         f"as `ray start --head` prints it.")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        why = f"no answer within {timeout_s:g} s" if isinstance(e, TimeoutError) else (e.strerror or str(e)).lower()
+        raise ValueError(f"{given_as} {address!r}: no Ray cluster answers there ({why}); "
+                         f"start one with `ray start --head`, or give the head's address.") from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -1,0 +1,122 @@
+"""Every command line the README shows in its shell blocks, run as a user would, in the README's
+order, in one scratch folder (so `list` and `show` find what the README's `tune` stored): none
+may print a traceback, and each must exit 0 unless the README predicts otherwise on that line
+(`exit N` in its comment), or, for `--device cuda` on a machine without a GPU, the one line and
+exit 2 the README's rule for bad input promises.
+
+What is not run here is listed with why and where it is tested instead: installs, servers and
+daemons, and the vLLM loop. The commands of the "Measured numbers" table are measurements (minutes
+each), not run. Tuning commands run with a smaller budget appended (`BUDGET`, last flag wins), so
+the whole README takes about two minutes."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_output import error_lines
+
+ROOT = Path(__file__).parents[1]
+BUDGET = ["--trials", "2", "--confirm-top", "1", "--confirm-rounds", "5", "--repeats", "3", "--warmup", "1",
+          "--no-progress"]
+NOT_RUN = {  # a command's first word -> why this test does not run it, and what does
+    "sh": "scripts/setup.sh installs; .ci/run runs the README's two set-up commands in a fresh venv",
+    "pip": "installs from the network",
+    "jupyter": "an interactive server: tests/test_analysis.py executes the notebook top to bottom",
+    "optuna-dashboard": "Optuna's own server, not installed by the set-up",
+    "ray": "starts Ray's daemons: tests/test_ray_cluster.py starts a head and a joined node",
+    "vllm": "serves with vLLM: tests/test_vllm.py, in the overlay with vLLM's CPU build",
+}
+VLLM_MODEL = "tuning on vLLM's model needs vLLM and a model folder: tests/test_vllm_tuning.py runs it on one"
+
+
+def shell_lines(text: str) -> list[tuple[str, str]]:
+    """(command, its comment) for each line of the README's ```sh blocks, continuations joined."""
+    lines, block, pending = [], False, ""
+    for raw in text.splitlines():
+        if raw.startswith("```"):
+            block = raw.strip() == "```sh"
+            continue
+        if not block or not raw.strip():
+            continue
+        pending += raw.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        command, _, comment = pending.partition("  #")
+        if pending.lstrip().startswith("#"):
+            command, comment = "", pending
+        if command.strip():
+            lines.append((command.strip(), comment.strip()))
+        pending = ""
+    return lines
+
+
+def parts(command: str) -> list[tuple[dict, list[str]]]:
+    """Each `&&`-joined part as (environment assignments, argv)."""
+    out = []
+    for part in command.split("&&"):
+        words = shlex.split(part)
+        env = {}
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+            key, _, value = words.pop(0).partition("=")
+            env[key] = value
+        out.append((env, words))
+    return out
+
+
+def why_not_run(argv: list[str]) -> str | None:
+    if argv[0] in NOT_RUN:
+        return NOT_RUN[argv[0]]
+    if any(a.startswith("vllm:") for a in argv):
+        return VLLM_MODEL
+    if argv[0] != "dynaflow-tune":
+        return f"{argv[0]}: a command this test does not know; run it here or say why not"
+    return None
+
+
+README = (ROOT / "README.md").read_text()
+LINES = shell_lines(README)
+
+
+def test_the_readme_shows_command_lines_and_every_kind_is_known():
+    ran = [argv for command, _ in LINES for _, argv in parts(command) if why_not_run(argv) is None]
+    unknown = [" ".join(argv) for command, _ in LINES for _, argv in parts(command)
+               if (why_not_run(argv) or "").endswith("say why not")]
+    assert unknown == []
+    assert len(ran) >= 10 and ["dynaflow-tune", "tune"] in ran  # the main job is among them
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "dynaflow-tune").exists(),
+                    reason="dynaflow-tune is not installed beside this Python (pip install -e .)")
+def test_every_command_line_the_readme_shows_runs_as_it_says(tmp_path):
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    ran = []
+    for command, comment in LINES:
+        for env, argv in parts(command):
+            if why_not_run(argv) is not None:
+                continue
+            if argv[1:2] == ["tune"]:
+                argv = argv + BUDGET
+            predicted = re.search(r"\bexit (\d+)", comment)
+            expected = int(predicted.group(1)) if predicted else 0
+            cuda = any(a == "cuda" or a.startswith("cuda:") for a in argv)
+            if cuda and not torch.cuda.is_available():
+                expected = 2
+            elif cuda:
+                continue  # a GPU command's time is the GPU kit's, not this test's
+            # through a shell, as typed: the README's globs (results/schedules/*/...) expand
+            done = subprocess.run(" ".join(shlex.quote(a) if "*" not in a else a for a in argv), shell=True,
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "PATH": path, **env})
+            said = done.stdout + done.stderr
+            assert "Traceback" not in said, (command, said[-3000:])
+            assert done.returncode == expected, (command, done.returncode, said[-3000:])
+            if expected == 2:
+                assert len(error_lines(done.stderr)) == 1, (command, done.stderr)
+            ran.append(argv[1])
+    assert "tune" in ran and "show" in ran and "measure" in ran
