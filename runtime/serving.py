@@ -109,18 +109,26 @@ class ScheduledModule(nn.Module):
         self.graph = trace(module)
         self.last_schedule: Schedule | None = None
         self.unfit: set[str] = set()  # schedules that do not fit this module's graph: run sequentially
+        for record in getattr(chooser, "records", None) or ():  # a ScheduleMap's
+            self.fits(record.schedule, f"record {record.workload.key}: ")  # a map's misfits said at start-up
         collectives = Parallel.collectives(module)  # a tensor-parallel rank's layer: each nano-batch's own group
         self.around = parallel.current().around(collectives) if collectives else None
+
+    def fits(self, schedule: Schedule, where: str = "") -> bool:
+        """Whether the schedule's order names only ops of this module's graph; one that names
+        others (a record made for another model) is said once and runs sequentially."""
+        if not (unknown := sorted({s.op for s in schedule.order} - set(self.graph.names))):
+            return True
+        if schedule.key() not in self.unfit:
+            self.unfit.add(schedule.key())
+            log.warning("%sschedule %s names op(s) %s, which this module's graph lacks (a record made for another "
+                        "model?): it runs sequentially", where, schedule.label, ", ".join(unknown[:3]))
+        return False
 
     def forward(self, *inputs: torch.Tensor):
         layout = self.layout_of(inputs)
         schedule = self.last_schedule = self.calls.pick(layout, self.context_of(inputs))
-        if schedule.is_sequential or schedule.key() in self.unfit:
-            return self.module(*inputs)
-        if (unknown := sorted({s.op for s in schedule.order} - set(self.graph.names))):
-            self.unfit.add(schedule.key())
-            log.warning("schedule %s names op(s) %s, which this module's graph lacks (a record made for another "
-                        "model?): it runs sequentially", schedule.label, ", ".join(unknown[:3]))
+        if schedule.is_sequential or schedule.key() in self.unfit or not self.fits(schedule):
             return self.module(*inputs)
         # The last op writes its residual add into `out` itself; any other output (another shape, a
         # tuple) stays in each nano-batch's env and is joined by rows after the run.

@@ -195,6 +195,33 @@ def test_another_sku_with_the_same_sms_is_refused(tmp_path):
         load_schedule(path, wl(256), hardware=H100_SAME_SMS)  # one record file, checked whole
 
 
+def test_a_stored_record_naming_ops_the_module_lacks_is_said_at_start_up(tmp_path, caplog):
+    """Wrapping a layer under a map checks every record's order against the layer's graph before
+    any call: the one made for another model is named (its workload) at start-up, once, and its
+    batches run sequentially; the record that fits runs scheduled."""
+    ex = Executor(Workload(model="llama-tiny", num_decode=8, context_len=16).build())
+    ref = ex.reference().clone()
+    foreign = Schedule(split_sizes=(4, 4), streams=(StreamSpec(), StreamSpec()),
+                       order=(Step(op="input_layernorm", nano=0, stream=0), Step(op="input_layernorm", nano=1, stream=1)),
+                       label="foreign")
+    w = lambda d: Workload(model="llama-tiny", num_decode=d, context_len=16, dtype="bfloat16", device="cuda")
+    s = ScheduleStore(StoreConfig(root=tmp_path))
+    s.save(record(w(8), foreign))
+    s.save(record(w(64), split(32, 32)))
+    smap = ScheduleMap.load(tmp_path, model="llama-tiny", hardware=H100)
+    with caplog.at_level(logging.WARNING, logger="dynaflow"):
+        layer = ScheduledModule(ex.case.model, smap)
+    said = [r.getMessage() for r in caplog.records if "graph lacks" in r.getMessage()]
+    assert said == ["record llama-tiny_d8x16_p0_bf16: schedule foreign names op(s) input_layernorm, which this "
+                    "module's graph lacks (a record made for another model?): it runs sequentially"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dynaflow"), torch.no_grad():
+        out = layer(*ex.case.inputs)  # the 8-request batch: the foreign record's bucket
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert layer.last_schedule.label == "foreign" and layer.plans.built == 0
+    assert not [r for r in caplog.records if "graph lacks" in r.getMessage()]  # said once, at start-up
+
+
 def test_a_schedule_naming_ops_the_module_lacks_runs_sequentially_with_one_warning(caplog):
     """A record made for another model (its order names ops this graph lacks) is said once and
     run sequentially, equal to the module, instead of raising at every call that picks it."""
