@@ -130,3 +130,36 @@ def test_a_node_lost_mid_tune_costs_only_its_trials_and_a_joining_node_is_used(c
     workers = {r.get("worker") or "" for r in results}
     assert any(w.endswith(f"@{joined.node_id[:6]}") for w in workers), (workers, joined.node_id[:6])  # the joined node worked
     assert len(list((tmp_path / "store" / "schedules").rglob("*.json"))) == 1  # stored
+
+
+@pytest.mark.slow
+def test_tensor_parallel_groups_are_placed_one_per_node_and_a_node_too_small_is_counted_out(cluster, tmp_path):
+    """`--tp 2 --workers K`: each worker is a group of 2 rank processes (gloo) on one node, its CPU
+    slots reserved there by a placement group; two nodes of 2 CPUs hold one group each, the
+    1-CPU nodes none. Asking for more groups than the nodes hold is refused with each node's
+    numbers before any trial; `all` runs one group per big node, trials measured on both."""
+    big = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ids = {n.node_id[:6] for n in big}
+    storage = f"sqlite:///{tmp_path}/s.db"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = [sys.executable, "-m", "dynaflow.tuner.cli", "tune", "--model", "llama-tiny", "--tp", "2", "--workload",
+            "d4x16", "--ray-address", cluster.address, "--trials", "6", "--confirm-rounds", "1", "--store",
+            str(tmp_path / "store"), "--storage", storage, "--no-progress"]
+    refused = subprocess.run([*argv, "--workers", "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    line = [x for x in refused.stderr.splitlines() if x.startswith("dynaflow-tune tune: error:")]
+    assert len(line) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "--workers 3 with --tp 2 needs 3 group(s) of 2 CPUs, each group on one node, but the Ray cluster's " \
+           "nodes hold 2 (" in line[0] and "ask for at most 2." in line[0], line
+    assert all(f"node {n}: 2 CPU(s), 1 group(s)" in line[0] for n in ids) and "1 CPU(s), 0 group(s)" in line[0], line
+    assert optuna.get_all_study_names(storage) == []  # refused before any study or trial
+    run = subprocess.run([*argv, "--workers", "all"], env=env, capture_output=True, text=True, timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0 and "Traceback" not in out, out[-4000:]
+    assert "ray pool: 2 worker(s)" in out, out[-3000:]
+    names = optuna.get_all_study_names(storage)
+    assert len(names) == 1 and names[0].endswith("_tp2/nanoflow"), names
+    workers = {r["worker"] for t in _search_trials(storage) if (r := t.user_attrs.get("result") or {}).get("worker")}
+    assert {w.split("@")[1] for w in workers if "@" in w} == ids, (workers, ids)  # a group on each big node
+    assert len(list((tmp_path / "store" / "schedules").rglob("*_tp2.json"))) == 1

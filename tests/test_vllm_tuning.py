@@ -169,11 +169,19 @@ def test_a_ray_pool_is_refused_for_vllm_models(tmp_path):
     one_line(err, "vllm: models are measured in the one vLLM engine", "--workers")
 
 
-def test_a_ray_pool_with_tp_is_bad_input(tmp_path):
-    code, _, err = run_cli("tune", "--model", "llama-tiny", "--tp", "2", "--workload", "d4x16", "--workers", "2",
-                           "--store", tmp_path / "s", "--storage", "sqlite:///:memory:")
-    assert code == 2 and "dynaflow-tune tune: error: --tp runs each trial on a group" in err
-    one_line(err, "does not place tensor-parallel groups yet", "--workers")
+def test_a_ray_pool_whose_groups_do_not_fit_the_tp_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """The CLI sizes the pool's groups from --tp; an API caller's PoolConfig that does not is one
+    error naming the workload and the group size it needs (tests/test_ray_cluster.py places them)."""
+    from dynaflow.tuner.config import TuneConfig
+    from dynaflow.tuner.ray_fanout import PoolConfig
+    from dynaflow.tuner.tune import tune
+
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # never reached
+    config = TuneConfig(workloads=(Workload(model="llama-tiny", num_decode=4, context_len=16, tp=2),),
+                        storage=f"sqlite:///{tmp_path}/s.db", store_root=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"a Ray pool of 1-rank workers cannot run llama-tiny_d4x16_p0_fp32_tp2: "
+                                         r"give the pool group_size=2\."):
+        tune(config, pool=PoolConfig(workers=1))
 
 
 def test_a_worker_failing_a_schedule_is_a_crashed_trial(monkeypatch):

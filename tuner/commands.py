@@ -376,7 +376,7 @@ def pool_config(args):
             break
     workers = args.workers if args.workers == "all" else _count(args.workers)
     return PoolConfig(workers=workers, address=args.ray_address, use_gpus=args.device.startswith("cuda"),
-                      ship=_model_files(args.model))
+                      ship=_model_files(args.model), group_size=args.tp)
 
 
 def _model_files(model: str | None) -> tuple[str, ...]:

@@ -58,6 +58,9 @@ class PoolConfig:
     # installed. Unused by a local cluster, whose workers see the driver's PYTHONPATH
     ship: tuple[str, ...] = ()
     use_gpus: bool = False  # one GPU per actor; False: one CPU slot per actor
+    # ranks per worker: a tensor-parallel workload's worker is a group of this many rank processes
+    # on one node, which a placement group of as many GPUs (CPU slots) reserves there
+    group_size: int = 1
     prepare_timeout_s: float = 900.0
     grace_s: float = GRACE_S  # beyond a trial's time limit before its worker is declared hung
 
@@ -123,9 +126,13 @@ class RayPool:
                 ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
                          logging_level=logging.WARNING)
         self.num_workers = self._check_capacity()
-        options = {"num_gpus": 1, "num_cpus": 0} if config.use_gpus else {"num_cpus": 1}
+        self.unit = "GPU" if config.use_gpus else "CPU"
+        n = config.group_size
+        options = {"num_gpus": n, "num_cpus": 0} if config.use_gpus else {"num_cpus": n}
         self.actor_cls = ray.remote(max_restarts=0, **options)(MeasureWorker)
-        self.actors = [self.actor_cls.remote(self.make_target) for _ in range(self.num_workers)]
+        # a tensor-parallel worker's place: its group's GPUs (CPU slots) reserved together on one node
+        self.places: dict[str, Any] = {}  # actor -> its placement group (group_size > 1)
+        self.actors = [self._start_actor() for _ in range(self.num_workers)]
         self.names = {_key(a): f"w{i}" for i, a in enumerate(self.actors)}
         # actor -> its node's id (a replacement's is added once it is prepared), named with the
         # worker when the cluster has several nodes
@@ -135,13 +142,42 @@ class RayPool:
         self.many_nodes = len([n for n in ray.nodes() if n.get("Alive")]) > 1
         self.workload: Workload | None = None
 
+    def _start_actor(self, place=None):
+        """A worker; with groups, in a placement group of its own (or `place`, a lost worker's,
+        which Ray re-creates on another node when its node is gone)."""
+        if self.config.group_size == 1:
+            return self.actor_cls.remote(self.make_target)
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if place is None:
+            place = placement_group([{self.unit: self.config.group_size}], strategy="STRICT_PACK")
+        actor = self.actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=place, placement_group_bundle_index=0)).remote(self.make_target)
+        self.places[_key(actor)] = place
+        return actor
+
     def _check_capacity(self) -> int:
-        unit = "GPU" if self.config.use_gpus else "CPU"
-        capacity = int(self.ray.cluster_resources().get(unit, 0))
+        unit, n = ("GPU" if self.config.use_gpus else "CPU"), self.config.group_size
+        if n == 1:
+            capacity = int(self.ray.cluster_resources().get(unit, 0))
+            wanted = capacity if self.config.workers == "all" else self.config.workers
+            if wanted < 1 or wanted > capacity:
+                raise ValueError(f"--workers {self.config.workers} needs {max(wanted, 1)} {unit}(s), but the Ray "
+                                 f"cluster has {capacity}; ask for at most {capacity}.")
+            return wanted
+        # a group's ranks share one node: count the groups each node can hold
+        nodes = {node["NodeID"][:6]: int(node.get("Resources", {}).get(unit, 0))
+                 for node in self.ray.nodes() if node.get("Alive")}
+        held = {node: units // n for node, units in nodes.items()}
+        capacity = sum(held.values())
         wanted = capacity if self.config.workers == "all" else self.config.workers
         if wanted < 1 or wanted > capacity:
-            raise ValueError(f"--workers {self.config.workers} needs {max(wanted, 1)} {unit}(s), but the Ray "
-                             f"cluster has {capacity}; ask for at most {capacity}.")
+            each = ", ".join(f"node {node}: {units} {unit}(s), {held[node]} group(s)"
+                             for node, units in sorted(nodes.items()))
+            raise ValueError(f"--workers {self.config.workers} with --tp {n} needs {max(wanted, 1)} group(s) of {n} "
+                             f"{unit}s, each group on one node, but the Ray cluster's nodes hold {capacity} ({each}); "
+                             f"ask for at most {capacity}" + (", or give nodes more" if capacity == 0 else "") + ".")
         return wanted
 
     def name(self, actor) -> str:
@@ -182,7 +218,7 @@ class RayPool:
         the ref of its preparation; until that is ready, calls to it wait behind it."""
         name = self.name(dead)
         self.ray.kill(dead, no_restart=True)
-        fresh = self.actor_cls.remote(self.make_target)
+        fresh = self._start_actor(self.places.pop(_key(dead), None))
         self.names[_key(fresh)] = f"{name}'"
         self.actors[self.actors.index(dead)] = fresh
         group.actors[group.actors.index(dead)] = fresh
@@ -199,6 +235,10 @@ class RayPool:
     def close(self) -> None:
         for a in self.actors:
             self.ray.kill(a, no_restart=True)
+        if self.places:
+            from ray.util.placement_group import remove_placement_group
+            for place in {id(p): p for p in self.places.values()}.values():
+                remove_placement_group(place)
         if self.started_ray:
             self.ray.shutdown()
 

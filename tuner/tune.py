@@ -41,9 +41,10 @@ def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[
     if pool is not None and any(w.model.startswith("vllm:") for w in config.workloads):  # bad input: exit 2
         raise ValueError("vllm: models are measured in the one vLLM engine this process drives; --workers (a Ray "
                          "pool) is not supported for them.")
-    if pool is not None and any(w.tp > 1 for w in config.workloads):
-        raise ValueError("--tp runs each trial on a group of rank processes on this node; --workers (a Ray pool) "
-                         "does not place tensor-parallel groups yet: drop one of them.")
+    if pool is not None and pool.group_size != max(w.tp for w in config.workloads):  # a caller's PoolConfig
+        raise ValueError(f"a Ray pool of {pool.group_size}-rank workers cannot run "
+                         f"{', '.join(sorted({w.key for w in config.workloads if w.tp != pool.group_size}))}: "
+                         f"give the pool group_size={max(w.tp for w in config.workloads)}.")
     if make_target is None:
         reserve(config.workloads)
         make_target = functools.partial(target_for, config=measure)
