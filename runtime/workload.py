@@ -166,20 +166,36 @@ class Workload:
 
 
 def model_name(model: str) -> str:
-    """The name records are stored and looked up by: the model itself, except that a vLLM model
-    (`vllm:<folder>`) is known by its folder's name, as vLLM's plugin names the model it serves."""
-    if model.startswith("vllm:"):
-        return "vllm:" + (PurePath(model.removeprefix("vllm:")).name or model.removeprefix("vllm:"))
+    """The name records are stored and looked up by: the model itself, or what its prefix's
+    registration names it (a vLLM model, `vllm:<folder>`, by its folder's name)."""
+    for prefix, name in MODEL_NAMES.items():
+        if model.startswith(prefix):
+            return name(model)
     return model
+
+
+def folder_name(prefix: str) -> Callable[[str], str]:
+    """`<prefix><folder>` named by the folder's last part (`vllm:./models/llama` -> `vllm:llama`),
+    as a serving engine names the model it serves, however the folder was spelled."""
+    def name(model: str) -> str:
+        folder = model.removeprefix(prefix)
+        return prefix + (PurePath(folder).name or folder)
+    return name
 
 
 _WORKLOAD_FIELDS = frozenset(f.name for f in fields(Workload))
 CASE_BUILDERS: dict[str, Callable[[Workload], Case]] = {}  # model prefix -> the builder of its cases
+MODEL_NAMES: dict[str, Callable[[str], str]] = {}  # model prefix -> the name its records are stored by
 
 
-def register_case_builder(prefix: str, builder: Callable[[Workload], Case]) -> None:
-    """Models named `<prefix>...` are built by `builder(workload)` (runtime.hf registers "hf:")."""
+def register_case_builder(prefix: str, builder: Callable[[Workload], Case], *,
+                          name: Callable[[str], str] | None = None) -> None:
+    """Models named `<prefix>...` are built by `builder(workload)` and their records stored under
+    `name(model)` (default: the model as given). runtime.hf registers "hf:", runtime.vllm "vllm:";
+    an integration is a module that registers itself, imported by the package (runtime/__init__)."""
     CASE_BUILDERS[prefix] = builder
+    if name is not None:
+        MODEL_NAMES[prefix] = name
 
 
 def check_device(device: str) -> None:

@@ -147,18 +147,52 @@ def paired_speedup(m: Measurement) -> float | None:
     return round_ms(m.baseline_samples_ms) / round_ms(m.samples_ms)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Integration:
+    """How the tuner measures the models of one prefix (a serving engine's): the target it
+    measures them on, what starts once before the first target (an engine holding every
+    workload's step), and why a Ray pool cannot run them (None: it can)."""
+
+    target: Callable[[Workload, MeasureConfig], Target]
+    reserve: Callable[[list[Workload]], None] | None = None
+    no_pool: str | None = None
+
+
+INTEGRATIONS: dict[str, Integration] = {}  # model prefix -> its integration; other models: LocalTarget
+
+
+def register_integration(prefix: str, integration: Integration) -> None:
+    INTEGRATIONS[prefix] = integration
+
+
+def integration_of(workload: Workload) -> Integration | None:
+    return next((i for p, i in INTEGRATIONS.items() if workload.model.startswith(p)), None)
+
+
+def _reserve_vllm(workloads: list[Workload]) -> None:
+    from dynaflow.runtime.vllm import replay
+    replay.reserve(workloads)
+
+
+register_integration("vllm:", Integration(
+    target=VllmTarget, reserve=_reserve_vllm,
+    no_pool="vllm: models are measured in the one vLLM engine this process drives; --workers (a Ray pool) is not "
+            "supported for them."))
+
+
 def reserve(workloads) -> None:
-    """Before the first target: a vLLM engine started once holds every vllm: workload's step."""
-    if any(w.model.startswith("vllm:") for w in workloads):
-        from dynaflow.runtime.vllm import replay
-        replay.reserve(workloads)
+    """Before the first target: what each integration starts once for all its workloads."""
+    for prefix, integration in INTEGRATIONS.items():
+        mine = [w for w in workloads if w.model.startswith(prefix)]
+        if mine and integration.reserve is not None:
+            integration.reserve(mine)
 
 
 def target_for(workload: Workload, config: MeasureConfig) -> Target:
-    """Where a workload is measured: vLLM's worker for a `vllm:` model, a group of rank processes
-    at tensor parallelism > 1 (tuner/tp.py), else this process."""
-    if workload.model.startswith("vllm:"):
-        return VllmTarget(workload, config)
+    """Where a workload is measured: its integration's target (vLLM's worker for a `vllm:` model),
+    a group of rank processes at tensor parallelism > 1 (tuner/tp.py), else this process."""
+    if (integration := integration_of(workload)) is not None:
+        return integration.target(workload, config)
     if workload.tp > 1:
         from .tp import TPTarget
         return TPTarget(workload, config)

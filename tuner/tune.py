@@ -24,7 +24,7 @@ from .pool import InlinePool, Pool
 from .search import Lane, run_search
 from .session import WorkloadResult, finish, start
 from .storage import check_storage
-from .targets import Target, close_target, reserve, target_for
+from .targets import Target, close_target, integration_of, reserve, target_for
 
 
 def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[WorkloadResult]:
@@ -38,9 +38,9 @@ def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[
     measure = config.measure
     if measure.peaks_dir is None:  # one peaks file per hardware for every command (the store's)
         measure = dataclasses.replace(measure, peaks_dir=StoreConfig(root=config.store_root).peaks_dir)
-    if pool is not None and any(w.model.startswith("vllm:") for w in config.workloads):  # bad input: exit 2
-        raise ValueError("vllm: models are measured in the one vLLM engine this process drives; --workers (a Ray "
-                         "pool) is not supported for them.")
+    for w in config.workloads if pool is not None else ():  # bad input: exit 2
+        if (integration := integration_of(w)) is not None and integration.no_pool:
+            raise ValueError(integration.no_pool)
     if pool is not None and pool.group_size != max(w.tp for w in config.workloads):  # a caller's PoolConfig
         raise ValueError(f"a Ray pool of {pool.group_size}-rank workers cannot run "
                          f"{', '.join(sorted({w.key for w in config.workloads if w.tp != pool.group_size}))}: "

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..workload import register_case_builder
+from ..workload import folder_name, register_case_builder
 
 log = logging.getLogger("vllm.dynaflow")  # shown in vLLM's own log format, by its handlers
 
@@ -48,7 +48,8 @@ def _build_case(workload):
                      "`dynaflow-tune tune`, `measure` and `ops` reach it there (runtime/vllm/replay.py).")
 
 
-register_case_builder("vllm:", _build_case)  # `vllm:<folder>`: measured on a step vLLM formed, in its worker
+# `vllm:<folder>`: measured on a step vLLM formed, in its worker; its records named by the folder
+register_case_builder("vllm:", _build_case, name=folder_name("vllm:"))
 
 
 def enabled() -> bool:
