@@ -25,7 +25,7 @@ CORE = {"batch", "validate", "files", "counters", "telemetry", "graph", "schedul
 ABOVE_CORE = {"workload", "store", "shapes", "loading", "serving", "probe"}
 LAYERS = [CORE, ABOVE_CORE]  # then runtime.hf (every hf.* module), runtime.vllm, then the package facade (__init__)
 TUNER_LAYERS = [
-    {"errors", "paired", "buckets", "workloads", "journal", "interrupt"},
+    {"errors", "records", "paired", "buckets", "workloads", "journal", "interrupt"},
     {"storage"}, {"config"},
     {"tp"}, {"targets"}, {"pool", "progress"}, {"ray_fanout"},
     {"study"}, {"search", "confirm"}, {"session"}, {"tune"},

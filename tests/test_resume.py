@@ -62,7 +62,7 @@ def test_sigkill_mid_study_then_resume(tmp_path):
     assert len(search) == 14  # the budget counts distinct schedules across the two runs ...
     assert max(after) >= max(before) + 1  # ... and numbering continued
     for number in killed:  # the trial the kill interrupted: failed as stale, said so
-        assert after[number].state == optuna.trial.TrialState.FAIL and result_of(after[number])["message"] == STALE
+        assert after[number].state == optuna.trial.TrialState.FAIL and result_of(after[number]).message == STALE
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
     assert "stored" in rerun.stdout
 

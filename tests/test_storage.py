@@ -9,7 +9,6 @@ import time
 import optuna
 import pytest
 
-from dynaflow.runtime import Schedule
 from dynaflow.tuner.storage import open_storage
 from dynaflow.tuner.study import counts_toward_budget, result_of
 
@@ -62,7 +61,7 @@ def test_a_trial_whose_process_stops_beating_is_failed_and_a_live_one_is_not(tmp
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     assert states == {live.number: optuna.trial.TrialState.RUNNING, dead.number: optuna.trial.TrialState.FAIL,
                       never.number: optuna.trial.TrialState.FAIL}
-    assert "heartbeats" in result_of(study.get_trials(deepcopy=False)[dead.number])["message"]
+    assert "heartbeats" in result_of(study.get_trials(deepcopy=False)[dead.number]).message
 
 
 def test_two_tuners_on_one_study_share_its_budget_and_leave_each_other_alone(tmp_path):
@@ -84,11 +83,11 @@ def test_two_tuners_on_one_study_share_its_budget_and_leave_each_other_alone(tmp
     counted = [t for t in study.trials if counts_toward_budget(t)]
     assert len(counted) == 12  # the budget held across the two processes
     # each distinct schedule measured once: one still running elsewhere counts as known too
-    keys = [Schedule.from_json(result_of(t)["schedule"]).key() for t in counted]
+    keys = [result_of(t).schedule_obj().key() for t in counted]
     assert len(set(keys)) == 12, sorted(keys)
     seeds = {re.search(r"sampler seed (\d+)", out).group(1) for out in outs}
     assert len(seeds) == 2  # the two tuners draw different proposals
     for out in outs:  # both say the same, true count
         assert "12 distinct schedule(s) measured in the study" in out, out
-    assert not [t for t in study.trials if "heartbeats" in (result_of(t).get("message") or "")]
+    assert not [t for t in study.trials if "heartbeats" in result_of(t).message]
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]

@@ -216,3 +216,29 @@ def test_one_set_of_measure_defaults_wherever_the_tuner_is_called_from():
     for command in ("tune", "measure"):
         args = parser.parse_args([command, "--workload", "d4x16"] if command == "measure" else [command])
         assert (args.warmup, args.repeats) == (default.warmup, default.repeats), command
+
+
+def test_a_trial_record_round_trips_through_the_studys_json():
+    """The typed record writes the study's JSON and reads it back equal, however it is filled; an
+    older study's record (no killed_worker, no duplicate) reads with the defaults, and a key this
+    version does not know is ignored, not an error."""
+    from dynaflow.runtime import Measurement, StreamSpec
+    from dynaflow.tuner.records import TrialRecord
+    from dynaflow.tuner.study import trial_record
+
+    schedule = Schedule(split_sizes=(4, 4), streams=(StreamSpec(), StreamSpec()), label="two")
+    full = Measurement(outcome=TrialOutcome.OK, message="ok", latency_ms=2.0, latency_p10_ms=1.9, latency_p90_ms=2.2,
+                       samples_ms=(2.0, 2.1), baseline_samples_ms=(3.0, 3.1), tokens_per_s=10.0, peak_bytes=5,
+                       efficiency=0.5, telemetry={"busy": {"share": 0.1}}, notes={"streams": "2"},
+                       tolerance={"rtol": 1e-3, "atol": 1e-4}, duplicate=True)
+    for m in (full, Measurement(outcome=TrialOutcome.CRASHED, message="died", killed_worker=True)):
+        stored = json.loads(json.dumps(trial_record(schedule, m, "w0", 3)))
+        record = TrialRecord.from_json(stored)
+        assert record.to_json() == stored
+        assert record.schedule_obj() == schedule and record.worker == "w0" and record.baseline_trial == 3
+    assert TrialRecord.from_json(stored).killed and not TrialRecord.from_json(trial_record(schedule, full, None)).killed
+    assert TrialRecord.from_json(trial_record(schedule, full, None)).speedup == pytest.approx(3.0 / 2.0)
+    old = {"outcome": "timeout", "message": "worker hung; replaced", "schedule": schedule.to_json(), "from_later": 1}
+    record = TrialRecord.from_json(old)
+    assert record.killed_worker is None and record.killed and not record.duplicate and record.samples_ms == ()
+    assert TrialRecord.from_json(None).outcome is None and TrialRecord.from_json(None).to_json() == {}

@@ -16,7 +16,7 @@ from dynaflow.runtime.timeline import Timeline  # noqa: E402
 
 from .confirm import verdict_text  # noqa: E402,F401  (the notebook's verdict in words)
 from .storage import open_storage  # noqa: E402
-from .study import BASELINE, RESULT, counts_toward_budget, result_of  # noqa: E402
+from .study import BASELINE, counts_toward_budget, result_of  # noqa: E402
 
 COLOURS = {"compute": "tab:blue", "memory": "tab:orange", "copy": "tab:green", "network": "tab:purple"}
 MARKERS = {"PRUNED": ("v", "tab:orange", "pruned (partial result)"), "FAIL": ("x", "tab:red", "failed")}
@@ -66,12 +66,12 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                              "speedup": pd.Series(dtype=float), "outcome": pd.Series(dtype=str),
                              "baseline": pd.Series(dtype=bool), "duplicate": pd.Series(dtype=bool),
                              "label": pd.Series(dtype=str)})
-    records = pd.json_normalize([result_of(t) for t in trials]).drop(
+    records = pd.json_normalize([result_of(t).to_json() for t in trials]).drop(
         columns=["samples_ms", "baseline_samples_ms", "speedup"], errors="ignore")
     df = pd.concat([df.drop(columns=[c for c in df if c.startswith("user_attrs_")] + ["value"]), records], axis=1)
     df["baseline"] = [bool(t.user_attrs.get(BASELINE)) for t in trials]
-    df["duplicate"] = [bool(result_of(t).get("duplicate")) for t in trials]
-    df["speedup"] = [1.0 if t.user_attrs.get(BASELINE) else result_of(t).get("speedup") for t in trials]
+    df["duplicate"] = [result_of(t).duplicate for t in trials]
+    df["speedup"] = [1.0 if t.user_attrs.get(BASELINE) else result_of(t).speedup for t in trials]
     df["speedup"] = df.speedup.astype(float)
     return df
 
@@ -80,9 +80,8 @@ def best_search_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The search trial with the best paired speedup, pruned ones included by their partial
     result (the baseline and duplicates left out)."""
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            and not t.user_attrs.get(BASELINE) and result_of(t).get("speedup") is not None
-            and not result_of(t).get("duplicate")]
-    return max(done, key=lambda t: result_of(t)["speedup"], default=None)
+            and not t.user_attrs.get(BASELINE) and result_of(t).speedup is not None and not result_of(t).duplicate]
+    return max(done, key=lambda t: result_of(t).speedup, default=None)
 
 
 def say(ax, text: str) -> None:
@@ -242,9 +241,9 @@ def best_schedule(study: optuna.Study) -> Schedule:
     if v.get("candidates") and v.get("best") is not None:
         return Schedule.from_json(v["candidates"][v["best"]]["schedule"])
     if v.get("winner_trial") is not None:  # a confirmation by an older dynaflow-tune
-        return Schedule.from_json(result_of(study.get_trials(deepcopy=False)[v["winner_trial"]])["schedule"])
+        return result_of(study.get_trials(deepcopy=False)[v["winner_trial"]]).schedule_obj() or Schedule()
     best = best_search_trial(study)
-    return Schedule() if best is None else Schedule.from_json(best.user_attrs[RESULT]["schedule"])
+    return Schedule() if best is None else result_of(best).schedule_obj()
 
 
 def workload_from_record(store_root: Path, hardware: str, workload: str) -> Workload | None:

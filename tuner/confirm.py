@@ -167,9 +167,9 @@ def search_entries(study: optuna.Study) -> list[Entry]:
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         r = result_of(t)
-        if t.user_attrs.get(BASELINE) or r.get("duplicate") or r.get("speedup") is None or not r.get("schedule"):
+        if t.user_attrs.get(BASELINE) or r.duplicate or r.speedup is None or not r.schedule:
             continue
-        out.append(Entry(trial=t.number, schedule=Schedule.from_json(r["schedule"]), speedup=r["speedup"],
+        out.append(Entry(trial=t.number, schedule=r.schedule_obj(), speedup=r.speedup,
                          pruned=t.state == TrialState.PRUNED))
     return out
 
@@ -292,10 +292,9 @@ def nothing_to_compare(study: optuna.Study) -> str:
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         r = result_of(t)
-        if t.user_attrs.get(BASELINE) or r.get("duplicate") or not r.get("schedule") \
-                or Schedule.from_json(r["schedule"]).is_sequential:
+        if t.user_attrs.get(BASELINE) or r.duplicate or not r.schedule or r.schedule_obj().is_sequential:
             continue
-        counts[r.get("outcome", "?")] = counts.get(r.get("outcome", "?"), 0) + 1
+        counts[r.outcome or "?"] = counts.get(r.outcome or "?", 0) + 1
     if not counts:
         return ("nothing to compare: the search proposed no schedule other than the sequential one; sequential "
                 "kept, nothing concluded")

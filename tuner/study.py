@@ -19,6 +19,7 @@ from dynaflow.runtime.workload import model_name
 
 from .config import TuneConfig, TuneError
 from .paired import round_ms
+from .records import TrialRecord
 from .storage import fail_stale_trials, open_storage
 from .targets import Target, paired_speedup
 
@@ -31,13 +32,13 @@ ASKED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUN
 REUSABLE = {TrialOutcome.OK.value, TrialOutcome.PRUNED.value, TrialOutcome.INCORRECT.value, TrialOutcome.INVALID.value}
 
 
-def result_of(trial: optuna.trial.FrozenTrial) -> dict:
-    """The trial's record: outcome, message, schedule, label, latency_ms, spread, efficiency, ...
-    A trial failed by Optuna's stale-trial check has none: its process died while it ran."""
+def result_of(trial: optuna.trial.FrozenTrial) -> TrialRecord:
+    """The trial's record (an empty one, outcome None, while it runs). A trial failed by Optuna's
+    stale-trial check has none: its process died while it ran."""
     record = trial.user_attrs.get(RESULT)
     if record is None and trial.state == TrialState.FAIL:
-        return {"outcome": TrialOutcome.CRASHED.value, "schedule": None, "message": STALE}
-    return record or {}
+        return TrialRecord(outcome=TrialOutcome.CRASHED.value, message=STALE)
+    return TrialRecord.from_json(record)
 
 
 @dataclass(kw_only=True)
@@ -130,7 +131,7 @@ def tally(study: optuna.Study) -> dict[str, int]:
     for t in study.get_trials(deepcopy=False, states=ASKED):
         if not is_search_trial(t):
             continue
-        outcome = result_of(t).get("outcome")
+        outcome = result_of(t).outcome
         kind = ("running" if t.state == TrialState.RUNNING else outcome if outcome in ("crashed", "interrupted")
                 else "measured")
         out[kind] += 1
@@ -230,12 +231,12 @@ class Known:
                 continue
             self.seen.add(t.number)
             r = result_of(t)
-            if not r.get("schedule") or r.get("duplicate"):
+            if not r.schedule or r.duplicate:
                 continue
-            if r.get("outcome") in REUSABLE:
-                self.results.setdefault(_key(r), _reusable(t, r))
-            elif r.get("killed_worker", _killed_worker_before_the_field(r)):
-                self.poison.add(_key(r))
+            if r.outcome in REUSABLE:
+                self.results.setdefault(r.schedule_obj().key(), _reusable(r))
+            elif r.killed:
+                self.poison.add(r.schedule_obj().key())
 
     def remember(self, schedule: Schedule, m: Measurement) -> None:
         if m.outcome.value in REUSABLE:
@@ -258,19 +259,9 @@ class Known:
                            message=f"duplicate schedule: {m.outcome.value} result reused")
 
 
-def _killed_worker_before_the_field(record: dict) -> bool:
-    """Studies written before `killed_worker` was recorded said so only in the message."""
-    return record.get("outcome") in ("crashed", "timeout") and "worker" in (record.get("message") or "")
-
-
-def _key(record: dict) -> str:
-    return Schedule.from_json(record["schedule"]).key()
-
-
-def _reusable(t: optuna.trial.FrozenTrial, r: dict) -> Measurement:
-    return Measurement(outcome=TrialOutcome(r["outcome"]), tokens_per_s=r.get("tokens_per_s"),
-                       samples_ms=tuple(r.get("samples_ms") or ()),
-                       baseline_samples_ms=tuple(r.get("baseline_samples_ms") or ()))
+def _reusable(r: TrialRecord) -> Measurement:
+    return Measurement(outcome=TrialOutcome(r.outcome), tokens_per_s=r.tokens_per_s, samples_ms=r.samples_ms,
+                       baseline_samples_ms=r.baseline_samples_ms)
 
 
 def record_trial(study: optuna.Study, trial, schedule: Schedule, m: Measurement, *, known: Known,
@@ -297,22 +288,9 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, schedule: Schedule, m
 
 
 def trial_record(schedule: Schedule, m: Measurement, worker: str | None, baseline: int | None = None) -> dict:
-    """`baseline`: the number of the baseline trial this trial is compared with (its run's)."""
-    record = {"outcome": m.outcome.value, "message": m.message, "schedule": schedule.to_json(),
-              "label": schedule.label, "latency_ms": m.latency_ms, "spread": m.spread,
-              "efficiency": m.efficiency, "peak_bytes": m.peak_bytes, "samples_ms": list(m.samples_ms),
-              "baseline_samples_ms": list(m.baseline_samples_ms), "speedup": paired_speedup(m),
-              "tokens_per_s": m.tokens_per_s, "worker": worker, "baseline_trial": baseline}
-    record["killed_worker"] = m.killed_worker  # always written: a record without it is from before the field
-    if m.duplicate:
-        record["duplicate"] = True
-    if m.tolerance is not None:
-        record["tolerance"] = m.tolerance
-    if m.telemetry:
-        record["telemetry"] = m.telemetry
-    if m.notes:
-        record["notes"] = m.notes
-    return record
+    """The JSON the study keeps for a trial (`TrialRecord`); `baseline`: the number of the baseline
+    trial this trial is compared with (its run's)."""
+    return TrialRecord.of(schedule, m, worker=worker, baseline=baseline, speedup=paired_speedup(m)).to_json()
 
 
 def per_sample(m: Measurement) -> dict[int, float]:
