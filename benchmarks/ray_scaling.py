@@ -35,6 +35,7 @@ def main() -> None:
     from dynaflow.tuner.ray_fanout import GroupPool, PoolConfig, RayPool
     from dynaflow.tuner.search import Lane, run_search
     from dynaflow.tuner.study import open_study
+    from dynaflow.tuner.session import search_config, study_config
     from fakes import make_sleeping_fake
 
     counts = [int(n) for n in args.workers.split(",")]
@@ -55,11 +56,11 @@ def main() -> None:
                              trial_timeout_s=60)
             pool = RayPool(PoolConfig(workers=n), make)
             [group] = pool.groups(w).values()
-            study = open_study(f"scaling-{n}", cfg)
+            study = open_study(f"scaling-{n}", study_config(cfg))
             t0 = time.perf_counter()
             progress = Progress(total=None, desc="", enabled=False)
             [result] = run_search([Lane(study=study, pool=GroupPool(pool, group), context=group.context,
-                                        progress=progress)], cfg)
+                                        progress=progress)], search_config(cfg))
             wall = time.perf_counter() - t0
             stats = result.stats
             measured = sum(c for cs in stats.per_worker.values() for c in cs.values())

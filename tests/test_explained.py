@@ -16,6 +16,7 @@ from dynaflow.tuner.pool import InlinePool
 from dynaflow.tuner.report import timeline_ratio
 from dynaflow.tuner.show import describe
 from dynaflow.tuner.study import WARM_RUNS, ensure_baseline, open_study
+from dynaflow.tuner.session import study_config
 from dynaflow.tuner.tune import tune_workload
 from fakes import FakeTarget, split_landscape, tiny_context
 from test_tuner import W
@@ -72,9 +73,9 @@ def run(target, cfg, stop=()):
 
 def test_the_baseline_is_warmed_until_two_medians_agree(tmp_path):
     cfg = config(tmp_path)
-    study = open_study("s", cfg)
+    study = open_study("s", study_config(cfg))
     target = Telemetered(cold=(5.0, 2.0))  # a cold process: 50 ms, then 20, then the real 10
-    m, number = ensure_baseline(study, target, cfg, log=lambda *a: None)
+    m, number = ensure_baseline(study, target, cfg.trial_timeout_s, log=lambda *a: None)
     assert m.latency_ms == pytest.approx(10.0, rel=0.01) and target.sequential_runs == 4
     trial = study.get_trials(deepcopy=False)[number]
     assert trial.user_attrs["warm_runs"] == 4 and trial.value == 1.0  # the paired scale: sequential is 1
@@ -84,7 +85,7 @@ def test_the_baseline_is_warmed_until_two_medians_agree(tmp_path):
 def test_a_baseline_that_never_settles_is_said_to_drift(tmp_path):
     cfg, lines = config(tmp_path), []
     target = Telemetered(drift=True)  # 20% faster every run
-    ensure_baseline(open_study("s", cfg), target, cfg, log=lines.append)
+    ensure_baseline(open_study("s", study_config(cfg)), target, cfg.trial_timeout_s, log=lines.append)
     assert target.sequential_runs == WARM_RUNS
     assert any(line.startswith(f"baseline still drifting after {WARM_RUNS} runs (the last two figures differ by 20%)")
                for line in lines)

@@ -10,6 +10,7 @@ from dynaflow.runtime import Bench, Case, MeasureConfig, Measurement, Schedule, 
 from dynaflow.runtime.batch import BatchLayout
 from dynaflow.tuner.config import TuneConfig, TuneError
 from dynaflow.tuner.study import ensure_baseline, open_study
+from dynaflow.tuner.session import study_config
 from fakes import FakeTarget, split_landscape, tiny_context
 from test_tuner import W
 
@@ -83,6 +84,6 @@ class WrongBaseline(FakeTarget):
 def test_a_failing_baseline_advises_by_how_wrong_it_is(tmp_path, ratio, advice):
     cfg = TuneConfig(workloads=(W,), storage=f"sqlite:///{tmp_path}/s.db", store_root=tmp_path, progress=False)
     with pytest.raises(TuneError) as info:
-        ensure_baseline(open_study("s", cfg), WrongBaseline(ratio), cfg, log=lambda *a: None)
+        ensure_baseline(open_study("s", study_config(cfg)), WrongBaseline(ratio), cfg.trial_timeout_s, log=lambda *a: None)
     assert advice in str(info.value)
     assert ("loosen it" in str(info.value)) == (ratio < 1e3)

@@ -199,10 +199,11 @@ def test_a_schedule_running_in_another_process_is_not_measured_again(tmp_path):
     from dynaflow.runtime import Schedule
     from dynaflow.tuner.search import propose
     from dynaflow.tuner.storage import Heartbeat
+    from dynaflow.tuner.session import search_config, study_config
     from dynaflow.tuner.study import SCHEDULE_KEY, Known, open_study
 
     cfg = config(tmp_path)
-    study = open_study("s", cfg)
+    study = open_study("s", study_config(cfg))
     split = Schedule(split_sizes=(20, 12), label="split")
     known = Known(study)
     with warnings.catch_warnings():  # "Heartbeat of storage is supposed to be used with Study.optimize"
@@ -211,12 +212,12 @@ def test_a_schedule_running_in_another_process_is_not_measured_again(tmp_path):
     other.set_user_attr(SCHEDULE_KEY, split.key())
     heartbeat = Heartbeat(study)
     try:
-        p = propose(study, lambda trial, ctx: split, tiny_context(), known, cfg, heartbeat)
+        p = propose(study, lambda trial, ctx: split, tiny_context(), known, search_config(cfg), heartbeat)
         assert p.answer is not None and p.answer.duplicate and p.answer.outcome is TrialOutcome.SKIPPED
         assert p.answer.message == f"duplicate schedule: being measured now in trial {other.number} (this or another process)"
         study.tell(p.trial, state=TrialState.FAIL)
         fresh = Schedule(split_sizes=(16, 16), label="fresh")
-        assert propose(study, lambda trial, ctx: fresh, tiny_context(), known, cfg, heartbeat).answer is None
+        assert propose(study, lambda trial, ctx: fresh, tiny_context(), known, search_config(cfg), heartbeat).answer is None
     finally:
         heartbeat.close()
 

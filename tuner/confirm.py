@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import statistics
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import optuna
@@ -31,7 +32,7 @@ from dynaflow.runtime.measure import relative_spread, tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.runtime.store import Verdict as Kind  # the stored verdict's kind
 
-from .config import TuneConfig, TuneError
+from .config import TuneError
 from .paired import (ESTIMATOR, BusySummary, Comparison, Decision, Interval, Plan, Round)
 from .study import BASELINE, result_of
 from .targets import Target, explain, measure_pair
@@ -186,20 +187,44 @@ def top_candidates(study: optuna.Study, k: int) -> list[Entry]:
 
 # --- the rounds ---------------------------------------------------------------------------------
 
-def confirm(study: optuna.Study, target: Target, config: TuneConfig, *, interrupted: bool = False) -> Confirmation:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConfirmConfig:
+    """The confirmation's budget and rule: the best `top` search trials, at most `rounds` paired
+    rounds each, `min_rounds` quiet ones before any verdict, the smallest speedup it must resolve,
+    whether busy rounds count, each measurement's time limit."""
+
+    top: int
+    rounds: int
+    min_rounds: int
+    min_effect: float
+    accept_contention: bool
+    time_limit_s: float | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RecordConfig:
+    """Where a verdict is stored, and the provenance the record carries: the search space and the
+    study's storage."""
+
+    store_root: Path
+    space: str
+    storage_url: str
+
+
+def confirm(study: optuna.Study, target: Target, config: ConfirmConfig, *, interrupted: bool = False) -> Confirmation:
     """Re-measure the study's best candidates in paired rounds and judge them; `interrupted`: the
     search was stopped, so nothing is measured and nothing concluded."""
     if interrupted:
         return Confirmation(kind=Kind.INCONCLUSIVE, reason="interrupted before the confirmation; sequential kept, "
                             "nothing concluded (run tune again to go on)", min_effect=config.min_effect)
-    entries = top_candidates(study, config.confirm_top)
+    entries = top_candidates(study, config.top)
     if not entries:
         return Confirmation(kind=Kind.INCONCLUSIVE, reason=nothing_to_compare(study), min_effect=config.min_effect)
-    return compare(target, entries, plan_for(config, len(entries)), time_limit_s=config.trial_timeout_s)
+    return compare(target, entries, plan_for(config, len(entries)), time_limit_s=config.time_limit_s)
 
 
-def plan_for(config: TuneConfig, candidates: int) -> Plan:
-    return Plan(min_rounds=config.confirm_min_rounds, max_rounds=config.confirm_rounds, candidates=candidates,
+def plan_for(config: ConfirmConfig, candidates: int) -> Plan:
+    return Plan(min_rounds=config.min_rounds, max_rounds=config.rounds, candidates=candidates,
                 min_effect=config.min_effect, accept_contention=config.accept_contention)
 
 
@@ -346,7 +371,7 @@ def explained(confirmation: Confirmation, target: Target) -> tuple[Confirmation,
 
 
 def store_verdict(confirmation: Confirmation, study: optuna.Study, target: Target, workload: Workload,
-                  config: TuneConfig, *, warm_baseline_ms: float | None = None
+                  config: RecordConfig, *, warm_baseline_ms: float | None = None
                   ) -> tuple[StoredSchedule, str, str | None, Confirmation]:
     """Store the verdict; returns the record in the store, its path, why an older record was kept
     instead (None when this one was stored), and the confirmation as stored (with its why).
@@ -366,7 +391,7 @@ def store_verdict(confirmation: Confirmation, study: optuna.Study, target: Targe
         rounds=best.interval.rounds if best else None, busy_rounds=confirmation.busy_rounds,
         efficiency=confirmation.bound_ms / median_ms if confirmation.bound_ms and median_ms else None,
         space=config.space, params=_params(study, confirmation.winner) if confirmation.wins else {},
-        study=study.study_name, storage=config.storage.url, trial=confirmation.winner.trial if confirmation.wins else None,
+        study=study.study_name, storage=config.storage_url, trial=confirmation.winner.trial if confirmation.wins else None,
         busy=confirmation.busy, contended=confirmation.contended, overlap=overlap if confirmation.wins else None,
         no_overlap=confirmation.no_overlap,
     )
@@ -379,7 +404,7 @@ def store_verdict(confirmation: Confirmation, study: optuna.Study, target: Targe
         fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
             f"make {where.parent} writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "fix that"
         raise TuneError(f"cannot write the record {where}: {e.strerror or e}; nothing was half-written (any older "
-                        f"record there is unchanged) and study {study.study_name} in {config.storage.url} keeps every "
+                        f"record there is unchanged) and study {study.study_name} in {config.storage_url} keeps every "
                         f"trial and the verdict: {fix} and run tune again to store it") from None
     return kept, str(path), why, confirmation
 

@@ -24,7 +24,7 @@ import optuna
 from dynaflow.runtime import Measurement, Schedule, TrialOutcome
 from dynaflow.search_spaces import SpaceContext, get_space
 
-from .config import TuneConfig, TuneError
+from .config import TuneError
 from .pool import Done, Job, Pool
 from .progress import Progress
 from .storage import Heartbeat, fail_stale_trials
@@ -45,7 +45,22 @@ class Lane:
     baseline_trial: int | None = None  # the run's baseline, which its trials' records name
 
 
-def run_search(lanes: Sequence[Lane], config: TuneConfig, stop=()) -> list[StudyResult]:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SearchConfig:
+    """What one search may spend and how it proposes: the space, its budget (distinct schedules,
+    wall time, a trial's time limit, known proposals in a row before it has converged), the seed
+    of its random draws, and the storage's address for what it says when the storage fails."""
+
+    space: str
+    trials: int | None
+    timeout_s: float | None
+    trial_timeout_s: float | None
+    seed: int | None
+    max_duplicates: int
+    storage_url: str
+
+
+def run_search(lanes: Sequence[Lane], config: SearchConfig, stop=()) -> list[StudyResult]:
     """Search every lane until each has spent its budget and has nothing in flight, or `stop`
     (a flag the Ctrl-C handler raises; checked between proposals and while timing)."""
     searches = [_Search(lane, config, stop) for lane in lanes]
@@ -75,7 +90,7 @@ def run_search(lanes: Sequence[Lane], config: TuneConfig, stop=()) -> list[Study
 class _Search:
     """The loop's state for one lane."""
 
-    def __init__(self, lane: Lane, config: TuneConfig, stop) -> None:
+    def __init__(self, lane: Lane, config: SearchConfig, stop) -> None:
         self.lane, self.config, self.stop, self.study = lane, config, stop, lane.study
         self.space, self.known, self.budget = get_space(config.space), Known(lane.study), Budget(config)
         self.heartbeat = Heartbeat(lane.study)
@@ -126,7 +141,7 @@ class _Search:
             record_trial(self.study, p.trial, p.schedule, m, known=self.known, result=self.result, worker=worker,
                          baseline=self.lane.baseline_trial)
         except Exception as e:  # the storage failed (a full disk, a lost database): the study cannot go on
-            raise storage_failed(self.study, p.trial, e, self.config) from None
+            raise storage_failed(self.study, p.trial, e, self.config.storage_url) from None
         self.heartbeat.discard(p.trial)
         self.result.stats.study_s += time.perf_counter() - t0
         self.result.stats.count(worker, m.outcome.value)
@@ -134,7 +149,7 @@ class _Search:
         self.result.exhausted = self.budget.converged(m)
 
 
-def storage_failed(study: optuna.Study, trial: optuna.Trial, e: Exception, config: TuneConfig) -> TuneError:
+def storage_failed(study: optuna.Study, trial: optuna.Trial, e: Exception, storage_url: str) -> TuneError:
     """One line for a storage that failed to record a trial; the trial is failed if the storage
     still takes that much (else the next run fails it: its heartbeat has stopped)."""
     try:
@@ -143,7 +158,7 @@ def storage_failed(study: optuna.Study, trial: optuna.Trial, e: Exception, confi
     except Exception:  # noqa: BLE001 - the storage is gone: say what happens instead
         state = "will be failed by the next run (its heartbeat stops)"
     first = (str(getattr(e, "orig", None) or e).splitlines() or [""])[0]
-    return TuneError(f"the study storage {config.storage.url} failed to record trial {trial.number} "
+    return TuneError(f"the study storage {storage_url} failed to record trial {trial.number} "
                      f"({type(e).__name__}: {first[:200]}); trial {trial.number} {state}, the trials recorded before "
                      "it are kept; free space (or fix the database) and run tune again to resume")
 
@@ -155,7 +170,7 @@ class Proposal:
     answer: Measurement | None = None  # known without timing: a duplicate, skipped, a space error
 
 
-def propose(study: optuna.Study, space, ctx, known: Known, config: TuneConfig, heartbeat: Heartbeat, *,
+def propose(study: optuna.Study, space, ctx, known: Known, config: SearchConfig, heartbeat: Heartbeat, *,
             explore: bool = False) -> Proposal:
     """Ask for a trial and build its schedule; answer it at once when no timing is needed.
     `explore`: the sampler keeps proposing known schedules, so this one is drawn at random."""
@@ -184,7 +199,7 @@ def propose(study: optuna.Study, space, ctx, known: Known, config: TuneConfig, h
         return Proposal(trial=trial, schedule=schedule, answer=Measurement(
             outcome=TrialOutcome.CRASHED, message="this schedule killed a worker before; not re-run",
             killed_worker=True))
-    if over_budget(study, trial, config):
+    if over_budget(study, trial, config.trials):
         return Proposal(trial=trial, schedule=schedule, answer=skipped())
     return Proposal(trial=trial, schedule=schedule)
 
@@ -193,7 +208,7 @@ class Budget:
     """What is left of the run: distinct schedules (in the study, any process), wall time, and
     how many proposals in a row were schedules already known."""
 
-    def __init__(self, config: TuneConfig) -> None:
+    def __init__(self, config: SearchConfig) -> None:
         self.config = config
         self.deadline = time.monotonic() + config.timeout_s if config.timeout_s else float("inf")
         self.repeats = 0

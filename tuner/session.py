@@ -15,12 +15,33 @@ from dynaflow.runtime.measure import tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 
 from .config import TuneConfig
-from .confirm import Confirmation, confirm, store_verdict
+from .confirm import Confirmation, ConfirmConfig, RecordConfig, confirm, store_verdict
 from .paired import round_ms
 from .progress import Progress
-from .study import (StudyResult, enqueue_warm_starts, ensure_baseline, make_sampler, open_study, search_trials,
-                    study_name, tally)
+from .search import SearchConfig
+from .study import (StudyConfig, StudyResult, enqueue_warm_starts, ensure_baseline, make_sampler, open_study,
+                    search_trials, study_name, tally)
 from .targets import Target
+
+
+# Each component's own config, built here from the command's (TuneConfig: the flags, filled once)
+def study_config(c: TuneConfig) -> StudyConfig:
+    return StudyConfig(storage=c.storage, sampler=c.sampler, seed=c.seed, prune=c.prune)
+
+
+def search_config(c: TuneConfig) -> SearchConfig:
+    return SearchConfig(space=c.space, trials=c.trials, timeout_s=c.timeout_s, trial_timeout_s=c.trial_timeout_s,
+                        seed=c.seed, max_duplicates=c.max_duplicates, storage_url=c.storage.url)
+
+
+def confirm_config(c: TuneConfig) -> ConfirmConfig:
+    return ConfirmConfig(top=c.confirm_top, rounds=c.confirm_rounds, min_rounds=c.confirm_min_rounds,
+                         min_effect=c.min_effect, accept_contention=c.accept_contention,
+                         time_limit_s=c.trial_timeout_s)
+
+
+def record_config(c: TuneConfig) -> RecordConfig:
+    return RecordConfig(store_root=c.store_root, space=c.space, storage_url=c.storage.url)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -53,12 +74,12 @@ class Session:
 def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, position: int = 0) -> Session:
     ScheduleStore(StoreConfig(root=config.store_root)).path(target.hardware.key, workload.key)  # inside the store
     name = study_name(target.hardware.key, workload, config.space)
-    study = open_study(name, config)
-    baseline, baseline_trial = ensure_baseline(study, target, config, log=log)
+    study = open_study(name, study_config(config))
+    baseline, baseline_trial = ensure_baseline(study, target, config.trial_timeout_s, log=log)
     seed = config.seed if config.seed is not None else baseline_trial  # tuners sharing a study differ
     if config.seed is None:
         study.sampler = make_sampler(config.sampler, seed)
-    warm = enqueue_warm_starts(study, config, target.hardware.key, workload)
+    warm = enqueue_warm_starts(study, config.store_root, config.space, target.hardware.key, workload)
     done = len(search_trials(study))
     tokens, figure_ms = target.space_context().layout.num_tokens, round_ms(baseline.samples_ms)
     study.set_user_attr("num_tokens", tokens)
@@ -76,11 +97,12 @@ def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, 
 def finish(session: Session, result: StudyResult, config: TuneConfig) -> WorkloadResult:
     """Confirm the best candidates against the baseline and store the verdict."""
     try:
-        verdict = confirm(session.study, session.target, config, interrupted=result.interrupted)
+        verdict = confirm(session.study, session.target, confirm_config(config), interrupted=result.interrupted)
     except KeyboardInterrupt:
         print("interrupted again: nothing stored for this workload", file=sys.stderr)
         raise
-    record, path, kept, verdict = store_verdict(verdict, session.study, session.target, session.workload, config,
+    record, path, kept, verdict = store_verdict(verdict, session.study, session.target, session.workload,
+                                                record_config(config),
                                                 warm_baseline_ms=session.baseline_ms)
     return WorkloadResult(workload=session.workload, study=session.study.study_name, record=record, path=path,
                           kept=kept, verdict=verdict, outcomes=result.outcomes,

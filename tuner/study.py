@@ -8,6 +8,7 @@ sharing the study spent the budget is `skipped`. Neither counts.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import optuna
@@ -17,10 +18,10 @@ from dynaflow.runtime import Measurement, Schedule, TrialOutcome, Workload
 from dynaflow.runtime.store import ScheduleStore, StoreConfig
 from dynaflow.runtime.workload import model_name
 
-from .config import TuneConfig, TuneError
+from .config import TuneError
 from .paired import round_ms
 from .records import TrialRecord
-from .storage import fail_stale_trials, open_storage
+from .storage import StorageConfig, fail_stale_trials, open_storage
 from .targets import Target, paired_speedup
 
 BASELINE = "baseline"
@@ -85,7 +86,18 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
             "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[name]()
 
 
-def open_study(name: str, config: TuneConfig) -> optuna.Study:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StudyConfig:
+    """How a workload's study is opened: where, its sampler and seed, whether it prunes (defaults:
+    TuneConfig's, the one place they are set; session.py builds each component's config from it)."""
+
+    storage: StorageConfig
+    sampler: str
+    seed: int | None
+    prune: bool
+
+
+def open_study(name: str, config: StudyConfig) -> optuna.Study:
     sampler = make_sampler(config.sampler, config.seed)
     with warnings.catch_warnings():  # WilcoxonPruner is marked experimental; it fits repeated timings
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -138,10 +150,10 @@ def tally(study: optuna.Study) -> dict[str, int]:
     return out
 
 
-def over_budget(study: optuna.Study, trial: optuna.Trial, config: TuneConfig) -> bool:
+def over_budget(study: optuna.Study, trial: optuna.Trial, trials: int | None) -> bool:
     """Whether trials numbered before this one already spend the budget (another process
     sharing the study may have asked them)."""
-    return config.trials is not None and len(search_trials(study, before=trial.number)) >= config.trials
+    return trials is not None and len(search_trials(study, before=trial.number)) >= trials
 
 
 WARM_RUNS = 6  # the most sequential runs spent warming the baseline
@@ -149,11 +161,12 @@ ROWS_MIXED = 1e3  # a baseline error this many times the tolerance is not roundi
 STABLE = 0.05  # two medians in a row this close (or within the runs' own spread): warm
 
 
-def ensure_baseline(study: optuna.Study, target: Target, config: TuneConfig, *, log=print) -> tuple[Measurement, int]:
+def ensure_baseline(study: optuna.Study, target: Target, time_limit_s: float | None, *,
+                    log=print) -> tuple[Measurement, int]:
     """The sequential schedule, measured until warm (`warm_baseline`) and kept as a completed
     trial without params: each run adds its own, and the run's trials are compared with it
     (their records name it). Returns the measurement and the baseline trial's number."""
-    m, runs, drift = warm_baseline(target, config)
+    m, runs, drift = warm_baseline(target, time_limit_s)
     if not m.ok:
         advice = ("that is no rounding error: the model's rows are not independent, or the layout is wrong (is the "
                   "batch on another dim of an input or the output? BatchLayout(input_dims=..., output_dim=...) says "
@@ -173,14 +186,14 @@ def ensure_baseline(study: optuna.Study, target: Target, config: TuneConfig, *, 
     return m, number
 
 
-def warm_baseline(target: Target, config: TuneConfig) -> tuple[Measurement, int, float | None]:
+def warm_baseline(target: Target, time_limit_s: float | None) -> tuple[Measurement, int, float | None]:
     """Measure the sequential schedule until two figures (paired.round_ms) in a row agree within
     STABLE (or their own p10-p90 spread), at most WARM_RUNS times: the first runs in a process pay one-off costs
     (allocations, caches, a cold CPU clock). Returns (the last measurement, runs, the drift
     between the last two when they never agreed, else None)."""
     previous, drift = None, None
     for run in range(1, WARM_RUNS + 1):
-        m = target.measure(Schedule(), time_limit_s=config.trial_timeout_s)
+        m = target.measure(Schedule(), time_limit_s=time_limit_s)
         if not m.ok:
             return m, run, None
         if previous is not None:
@@ -191,12 +204,13 @@ def warm_baseline(target: Target, config: TuneConfig) -> tuple[Measurement, int,
     return m, WARM_RUNS, drift
 
 
-def enqueue_warm_starts(study: optuna.Study, config: TuneConfig, hardware_key: str, workload: Workload) -> int:
+def enqueue_warm_starts(study: optuna.Study, store_root: Path, space: str, hardware_key: str,
+                        workload: Workload) -> int:
     """Winners stored for this model's other workloads on this hardware, same space."""
-    store = ScheduleStore(StoreConfig(root=config.store_root))
+    store = ScheduleStore(StoreConfig(root=store_root))
     n = 0
     for _, rec in store.records(hardware_key):
-        if isinstance(rec, ValueError) or rec.space != config.space or rec.sequential_best or not rec.params:
+        if isinstance(rec, ValueError) or rec.space != space or rec.sequential_best or not rec.params:
             continue
         if model_name(rec.workload.model) == model_name(workload.model) and rec.workload.key != workload.key:
             study.enqueue_trial(rec.params, skip_if_exists=True)

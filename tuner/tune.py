@@ -22,7 +22,7 @@ from .config import TuneConfig
 from .interrupt import stop_on_ctrl_c
 from .pool import InlinePool, Pool
 from .search import Lane, run_search
-from .session import WorkloadResult, finish, start
+from .session import WorkloadResult, finish, search_config, start
 from .storage import check_storage
 from .targets import Target, close_target, integration_of, reserve, target_for
 
@@ -83,7 +83,7 @@ def tune_workload(workload: Workload, places: list[tuple[Target, Pool]], config:
                   baseline_trial=s.baseline_trial)
              for s, (_, p) in zip(sessions, places)]
     try:
-        outcomes = run_search(lanes, config, stop)
+        outcomes = run_search(lanes, search_config(config), stop)
     finally:
         for s in sessions:
             s.progress.close()
