@@ -138,6 +138,10 @@ def test_tensor_parallel_groups_are_placed_one_per_node_and_a_node_too_small_is_
     slots reserved there by a placement group; two nodes of 2 CPUs hold one group each, the
     1-CPU nodes none. Asking for more groups than the nodes hold is refused with each node's
     numbers before any trial; `all` runs one group per big node, trials measured on both."""
+    import glob
+    import tempfile
+
+    folders = set(glob.glob(os.path.join(tempfile.gettempdir(), "dynaflow-tp-*")))  # the groups' rendezvous
     big = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     ids = {n.node_id[:6] for n in big}
@@ -163,3 +167,5 @@ def test_tensor_parallel_groups_are_placed_one_per_node_and_a_node_too_small_is_
     workers = {r["worker"] for t in _search_trials(storage) if (r := t.user_attrs.get("result") or {}).get("worker")}
     assert {w.split("@")[1] for w in workers if "@" in w} == ids, (workers, ids)  # a group on each big node
     assert len(list((tmp_path / "store" / "schedules").rglob("*_tp2.json"))) == 1
+    # every group stopped by its worker before the worker was killed: no rendezvous folder left behind
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "dynaflow-tp-*"))) == folders

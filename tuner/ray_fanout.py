@@ -22,9 +22,10 @@ from dynaflow.runtime import Hardware, Measurement, OpGraph, Schedule, TrialOutc
 from dynaflow.search_spaces import SpaceContext
 
 from .pool import Done, Job, measure_one, run_job
-from .targets import Target, crashed, explain
+from .targets import Target, close_target, crashed, explain
 
 GRACE_S = 5.0  # beyond a trial's own time limit, before the driver gives up on its worker
+CLOSE_S = 10.0  # for the workers to stop what their targets started, before they are killed
 CONNECT_S = 5.0  # for a cluster's head to accept a connection, before its address is refused
 
 
@@ -85,6 +86,7 @@ class MeasureWorker:
         return ray.get_runtime_context().get_node_id()
 
     def prepare(self, workload: Workload) -> tuple[Hardware, SpaceContext]:
+        self.close()  # the last workload's target (a tensor-parallel group's rank processes) first
         self.target = self.make_target(workload)
         ctx = self.target.space_context()
         light = OpGraph(ops=ctx.graph.ops, module=None, writes_output=ctx.graph.writes_output)  # no weights
@@ -98,6 +100,12 @@ class MeasureWorker:
 
     def explain(self, schedule: Schedule) -> dict | None:
         return explain(self.target, schedule)
+
+    def close(self) -> None:
+        """Stop what the target started (a group's rank processes, its rendezvous folder)."""
+        if self.target is not None:
+            close_target(self.target)
+            self.target = None
 
 
 @dataclass(kw_only=True)
@@ -233,6 +241,8 @@ class RayPool:
                                "pin workers to one GPU type per node or use a homogeneous cluster")
 
     def close(self) -> None:
+        closing = [a.close.remote() for a in self.actors]  # each its target's processes; a dead one answers not
+        self.ray.wait(closing, num_returns=len(closing), timeout=CLOSE_S)
         for a in self.actors:
             self.ray.kill(a, no_restart=True)
         if self.places:
