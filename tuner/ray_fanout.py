@@ -133,8 +133,8 @@ class RayPool:
                 path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
                 ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
                          logging_level=logging.WARNING)
-        self.num_workers = self._check_capacity()
         self.unit = "GPU" if config.use_gpus else "CPU"
+        self.num_workers = self._check_capacity()
         n = config.group_size
         options = {"num_gpus": n, "num_cpus": 0} if config.use_gpus else {"num_cpus": n}
         self.actor_cls = ray.remote(max_restarts=0, **options)(MeasureWorker)
@@ -166,7 +166,7 @@ class RayPool:
         return actor
 
     def _check_capacity(self) -> int:
-        unit, n = ("GPU" if self.config.use_gpus else "CPU"), self.config.group_size
+        unit, n = self.unit, self.config.group_size
         if n == 1:
             capacity = int(self.ray.cluster_resources().get(unit, 0))
             wanted = capacity if self.config.workers == "all" else self.config.workers
