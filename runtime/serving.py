@@ -109,6 +109,7 @@ class ScheduledModule(nn.Module):
         self.graph = trace(module)
         self.last_schedule: Schedule | None = None
         self.unfit: set[str] = set()  # schedules that do not fit this module's graph: run sequentially
+        self.fit: set[str] = set()  # schedules checked and found to fit (the check is not repeated per call)
         for record in getattr(chooser, "records", None) or ():  # a ScheduleMap's
             self.fits(record.schedule, f"record {record.workload.key}: ")  # a map's misfits said at start-up
         collectives = Parallel.collectives(module)  # a tensor-parallel rank's layer: each nano-batch's own group
@@ -117,7 +118,10 @@ class ScheduledModule(nn.Module):
     def fits(self, schedule: Schedule, where: str = "") -> bool:
         """Whether the schedule's order names only ops of this module's graph; one that names
         others (a record made for another model) is said once and runs sequentially."""
+        if schedule.key() in self.fit:
+            return True
         if not (unknown := sorted({s.op for s in schedule.order} - set(self.graph.names))):
+            self.fit.add(schedule.key())
             return True
         if schedule.key() not in self.unfit:
             self.unfit.add(schedule.key())

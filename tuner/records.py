@@ -8,9 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from dynaflow.runtime import Measurement, Schedule
-
-CRASHED = "crashed"
+from dynaflow.runtime import Measurement, Schedule, TrialOutcome
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,7 +72,7 @@ class TrialRecord:
         before `killed_worker` was recorded said so only in the message."""
         if self.killed_worker is not None:
             return self.killed_worker
-        return self.outcome in (CRASHED, "timeout") and "worker" in (self.message or "")
+        return self.outcome in (TrialOutcome.CRASHED.value, TrialOutcome.TIMEOUT.value) and "worker" in (self.message or "")
 
     def schedule_obj(self) -> Schedule | None:
         return Schedule.from_json(self.schedule) if self.schedule else None
