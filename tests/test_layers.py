@@ -6,7 +6,9 @@ builds a Case from a model spec and what serves one sit above it; the HF code (r
 that, and the vLLM plugin (runtime/vllm/, which reuses hf's graph cutting) on top.
 
 tuner/, lowest first: how a problem is said, the pure statistics and the small parsers; storage
-and the configs; where a schedule is measured (the tensor-parallel group, the targets) and where
+and the configs; where a schedule is measured (the Target and the paired round, the protocol for
+measuring in another process, its transports: the tensor-parallel group and vLLM's worker, the
+registry of targets) and where
 trials run (pools, progress, Ray); the study; search and confirmation; the tuning session and its
 driver; rendering (show, analysis, then the report); the commands; the CLI.
 
@@ -27,7 +29,7 @@ LAYERS = [CORE, ABOVE_CORE]  # then runtime.hf (every hf.* module), runtime.vllm
 TUNER_LAYERS = [
     {"errors", "records", "paired", "buckets", "workloads", "journal", "interrupt"},
     {"storage"}, {"config"},
-    {"tp"}, {"targets"}, {"pool", "progress"}, {"ray_fanout"},
+    {"measuring"}, {"remote"}, {"tp", "vllm_engine"}, {"targets"}, {"pool", "progress"}, {"ray_fanout"},
     {"study"}, {"search", "confirm"}, {"session"}, {"tune"},
     {"show", "analysis"}, {"report"},
     {"commands"}, {"cli"}, {"__init__"},

@@ -221,7 +221,7 @@ def test_a_study_from_before_paired_rounds_is_refused_in_one_line(tmp_path, caps
 
 
 def test_a_measurement_beside_a_failing_baseline_is_a_lost_round():
-    from dynaflow.tuner.targets import measure_pair
+    from dynaflow.tuner.measuring import measure_pair
 
     target = FakeTarget(tiny_context(), lambda s: 10.0, failures={1: TrialOutcome.CRASHED})
     m = measure_pair(target, Schedule(split_sizes=(16, 16), label="x"))

@@ -184,7 +184,7 @@ def test_a_step_vllm_split_fields_would_drop_runs_sequential():
 def test_a_kept_step_rebuilds_a_slot_whose_range_changed(monkeypatch):
     """Tuning replays a kept step under one schedule after another: a slot's builder rebuilds when
     its nano-batch's range changes, so the metadata a plan runs with is always its builder's latest."""
-    from dynaflow.runtime.vllm.replay import KeptStep
+    from dynaflow.tuner.vllm_engine import KeptStep
     step, _ = _step()
     kept = step.kept()
     assert kept.groups[0][1].query_start_loc_cpu is not step.groups[0][1].query_start_loc_cpu  # the step's values copied

@@ -4,7 +4,6 @@ serving makes), other libraries' ops counted like aten's, `vllm:` models known b
 name, and every way `dynaflow-tune` refuses a vLLM model it cannot tune, in one line. The whole
 loop inside vLLM is tests/test_vllm.py (run where vLLM is installed)."""
 import dataclasses
-import os
 import importlib.util
 import threading
 
@@ -184,40 +183,8 @@ def test_a_ray_pool_whose_groups_do_not_fit_the_tp_is_refused_before_ray_starts(
         tune(config, pool=PoolConfig(workers=1))
 
 
-def test_a_worker_failing_a_schedule_is_a_crashed_trial(monkeypatch):
-    """VllmTarget over a fake engine: what the worker answers comes back as it is; a worker that
-    raises makes that schedule CRASHED, and the search goes on."""
-    from dynaflow.runtime.vllm import replay
-    from dynaflow.tuner.targets import VllmTarget, target_for
-
-    case = TINY.build()
-    bench = Bench(case=case, config=MeasureConfig(warmup=0, repeats=1))
-
-    class Engine:
-        def rpc(self, method, *args):
-            if method == "dynaflow_bench":
-                assert args[-1] == os.getpid()  # the driver's pid: its CPU time while it waits is not contention
-                g = bench.executor.graph
-                return {"hardware": bench.hardware, "layout": case.layout, "context_len": 16,
-                        "graph": dataclasses.replace(g, module=None), "peaks": bench.peaks, "tolerance": bench.tolerance}
-            if method == "dynaflow_measure":
-                schedule, _ = args
-                if schedule.num_nano > 2:
-                    raise RuntimeError("Worker failed with error 'boom'")
-                return bench.measure(schedule)
-            raise AssertionError(method)
-
-    monkeypatch.setattr(replay, "start", lambda w: (Engine(), {"request_tokens": (1,) * 4, "context_len": 16}))
-    target = target_for(Workload(model="vllm:/models/llama", num_decode=4, context_len=16), MeasureConfig())
-    assert isinstance(target, VllmTarget) and target.hardware == bench.hardware
-    assert target.space_context().layout == case.layout and target.graph.names == bench.executor.graph.names
-    assert target.measure(Schedule(split_sizes=(2, 4))).ok
-    crashed = target.measure(Schedule(split_sizes=(1, 1, 4)))
-    assert crashed.outcome is TrialOutcome.CRASHED and "boom" in crashed.message
-
-
 def test_the_engine_is_started_once_with_room_for_every_workload(monkeypatch):
-    from dynaflow.runtime.vllm import replay
+    from dynaflow.tuner import vllm_engine as replay
 
     started = []
 

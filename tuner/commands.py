@@ -183,7 +183,8 @@ def cmd_measure(args) -> int:
     w = _workload(args, args.workload)
     schedule = load_schedule_file(args.schedule, hardware=detect(w.device), store=args.store) if args.schedule \
         else Schedule()
-    from .targets import close_target, target_for
+    from .measuring import close_target
+    from .targets import target_for
 
     baseline = load_schedule_file(args.against, hardware=detect(w.device), store=args.store) if args.against \
         else Schedule()
@@ -257,7 +258,8 @@ def _compared(iv, comparison, failed: str | None) -> str:
 def cmd_ops(args) -> int:
     check_folder(args.store, "--store")  # where the peaks are cached: a folder, before anything is measured
     w = _workload(args, args.workload)
-    from .targets import close_target, target_for
+    from .measuring import close_target
+    from .targets import target_for
 
     target = target_for(w, MeasureConfig(warmup=0, repeats=1, peaks_dir=StoreConfig(root=args.store).peaks_dir,
                                          remeasure_peaks=args.remeasure_peaks))

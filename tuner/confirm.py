@@ -35,7 +35,7 @@ from dynaflow.runtime.store import Verdict as Kind  # the stored verdict's kind
 from .config import TuneError
 from .paired import (ESTIMATOR, BusySummary, Comparison, Decision, Interval, Plan, Round)
 from .study import BASELINE, result_of
-from .targets import Target, explain, measure_pair
+from .measuring import Target, explain, measure_pair
 
 NO_OVERLAP = 0.05  # a winner's timeline with two streams busy for less than this share of it: won without overlap
 

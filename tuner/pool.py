@@ -17,7 +17,7 @@ from typing import Protocol
 
 from dynaflow.runtime import Measurement, Schedule
 
-from .targets import OnPairedSample, Target, crashed, measure_pair
+from .measuring import OnPairedSample, Target, crashed, run
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -26,7 +26,7 @@ class Job:
     schedule: Schedule
     time_limit_s: float | None = None
     on_sample: OnPairedSample | None = None  # pruning and Ctrl-C; pools in another process time fully
-    paired: bool = False  # a search trial: the sequential schedule is measured right before it (measure_pair)
+    paired: bool = False  # a search trial: the sequential schedule is measured right before it (tuner/measuring.py's measure_pair)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -75,9 +75,7 @@ class InlinePool:
 
 def run_job(target: Target, job: Job) -> Measurement:
     """What every pool runs for a job, in whichever process holds the target."""
-    if job.paired:
-        return measure_pair(target, job.schedule, on_sample=job.on_sample, time_limit_s=job.time_limit_s)
-    return target.measure(job.schedule, time_limit_s=job.time_limit_s)
+    return run(target, job.schedule, time_limit_s=job.time_limit_s, paired=job.paired, on_sample=job.on_sample)
 
 
 def measure_one(pool: Pool, schedule: Schedule, *, time_limit_s: float | None = None,

@@ -7,7 +7,7 @@ import sys
 
 from dynaflow.runtime import Measurement
 
-from .targets import paired_speedup
+from .measuring import paired_speedup
 
 
 class Progress:

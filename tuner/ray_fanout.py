@@ -1,6 +1,7 @@
 """Trials fanned out over Ray actors: one per GPU (or CPU slot), grouped by hardware type.
 
-Each hardware type's actors are one `GroupPool` (tuner/pool.py's protocol) searched by its own
+Each actor is a Station of tuner/remote.py's protocol (Prepare, Measure, Explain over its one
+`handle` method). Each hardware type's actors are one `GroupPool` (tuner/pool.py's protocol) searched by its own
 study in the tuning loop (tuner/search.py), all types at once: a dead worker's trial is CRASHED,
 a worker past the time limit is killed and its trial is TIMEOUT; either way a fresh worker
 takes its place. Ray is imported only here and only
@@ -10,7 +11,6 @@ worker count the cluster cannot hold is refused at once instead of leaving actor
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -18,11 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from dynaflow.runtime import Hardware, Measurement, OpGraph, Schedule, TrialOutcome, Workload
+from dynaflow.runtime import Hardware, Measurement, Schedule, Workload
 from dynaflow.search_spaces import SpaceContext
 
-from .pool import Done, Job, measure_one, run_job
-from .targets import Target, close_target, crashed, explain
+from .measuring import Target, crashed
+from .pool import Done, Job, measure_one
+from .remote import Description, Explain, Measure, Prepare, Reply, Station, died, hung
 
 GRACE_S = 5.0  # beyond a trial's own time limit, before the driver gives up on its worker
 CLOSE_S = 10.0  # for the workers to stop what their targets started, before they are killed
@@ -73,11 +74,11 @@ class PoolConfig:
 # --- the workers ---------------------------------------------------------------------------
 
 class MeasureWorker:
-    """The actor's body: builds a target per workload and measures schedules on it."""
+    """The actor's body: a Station of tuner/remote.py's protocol, building a target per workload
+    with `make_target` and answering the driver's requests (`handle`)."""
 
     def __init__(self, make_target: Callable[[Workload], Target]) -> None:
-        self.make_target = make_target
-        self.target: Target | None = None
+        self.station = Station(lambda workload, config: make_target(workload))
 
     def node(self) -> str:
         """The Ray node this worker runs on (its id, as `ray status` and the dashboard show it)."""
@@ -85,27 +86,13 @@ class MeasureWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def prepare(self, workload: Workload) -> tuple[Hardware, SpaceContext]:
-        self.close()  # the last workload's target (a tensor-parallel group's rank processes) first
-        self.target = self.make_target(workload)
-        ctx = self.target.space_context()
-        light = OpGraph(ops=ctx.graph.ops, module=None, writes_output=ctx.graph.writes_output)  # no weights
-        return self.target.hardware, SpaceContext(hardware=ctx.hardware, graph=light, layout=ctx.layout)
-
-    def measure(self, job: Job) -> Measurement:
-        try:
-            return run_job(self.target, job)
-        except Exception as e:  # raised, not died: the worker lives on
-            return crashed(e)
-
-    def explain(self, schedule: Schedule) -> dict | None:
-        return explain(self.target, schedule)
+    def handle(self, request) -> Reply:
+        """A Prepare closes the last workload's target (a tensor-parallel group's rank processes) first."""
+        return self.station.handle(request)
 
     def close(self) -> None:
         """Stop what the target started (a group's rank processes, its rendezvous folder)."""
-        if self.target is not None:
-            close_target(self.target)
-            self.target = None
+        self.station.close()
 
 
 @dataclass(kw_only=True)
@@ -215,10 +202,11 @@ class RayPool:
     def groups(self, workload: Workload) -> dict[str, Group]:
         """Prepare every actor for `workload` and group them by the hardware each one detected."""
         self.workload = workload
-        refs = [a.prepare.remote(workload) for a in self.actors]
+        refs = [a.handle.remote(Prepare(workload)) for a in self.actors]
         groups: dict[str, Group] = {}
-        for actor, (hardware, ctx) in zip(self.actors, self.ray.get(refs, timeout=self.config.prepare_timeout_s)):
-            groups.setdefault(hardware.key, Group(hardware=hardware, context=ctx)).actors.append(actor)
+        for actor, reply in zip(self.actors, self.ray.get(refs, timeout=self.config.prepare_timeout_s)):
+            d = _prepared(reply)
+            groups.setdefault(d.hardware.key, Group(hardware=d.hardware, context=d.space_context())).actors.append(actor)
         return groups
 
     def start_replacement(self, group: Group, dead) -> tuple[Any, Any]:
@@ -230,10 +218,10 @@ class RayPool:
         self.names[_key(fresh)] = f"{name}'"
         self.actors[self.actors.index(dead)] = fresh
         group.actors[group.actors.index(dead)] = fresh
-        return fresh, fresh.prepare.remote(self.workload)
+        return fresh, fresh.handle.remote(Prepare(self.workload))
 
     def check_replacement(self, group: Group, prepared_ref, actor=None) -> None:
-        hardware, _ = self.ray.get(prepared_ref, timeout=self.config.prepare_timeout_s)
+        hardware = _prepared(self.ray.get(prepared_ref, timeout=self.config.prepare_timeout_s)).hardware
         if actor is not None and _key(actor) not in self.nodes:
             self.nodes[_key(actor)] = self.ray.get(actor.node.remote(), timeout=self.config.prepare_timeout_s)
         if hardware.key != group.hardware.key:
@@ -257,6 +245,12 @@ def _key(actor) -> str:
     return actor._actor_id.hex()
 
 
+def _prepared(reply: Reply) -> Description:
+    if reply.error is not None:  # the workload cannot be built on that worker
+        raise ValueError(reply.error)
+    return reply.value
+
+
 @dataclass(kw_only=True, slots=True)
 class _Running:
     job: Job
@@ -278,8 +272,8 @@ class GroupPool:
 
     def submit(self, job: Job) -> None:
         actor = self.idle.pop()
-        self.running[actor.measure.remote(dataclasses.replace(job, on_sample=None))] = _Running(
-            job=job, actor=actor, started=time.monotonic())
+        request = Measure(job.schedule, job.time_limit_s, paired=job.paired)  # on_sample stays: pruning is the driver's
+        self.running[actor.handle.remote(request)] = _Running(job=job, actor=actor, started=time.monotonic())
 
     def wait(self, timeout_s: float) -> list[Done]:
         refs = [*self.running, *self.starting]
@@ -300,11 +294,11 @@ class GroupPool:
             return None
         run = self.running.pop(ref)
         try:
-            m = self.ray.get(ref)
+            reply = self.ray.get(ref)
+            m = crashed(reply.error) if reply.error is not None else reply.value
             self.idle.append(run.actor)
         except RayActorError as e:
-            m = Measurement(outcome=TrialOutcome.CRASHED, message=f"worker died: {type(e).__name__}",
-                            killed_worker=True)
+            m = died(f"worker died: {type(e).__name__}").measurement
             self._replace(run.actor)
         except RayError as e:  # the task failed but its worker lives
             m = crashed(e)
@@ -321,9 +315,8 @@ class GroupPool:
             del self.running[ref]
             name = self.pool.name(run.actor)
             self._replace(run.actor)
-            done.append(Done(job=run.job, worker=name, measurement=Measurement(
-                outcome=TrialOutcome.TIMEOUT, message=f"no result within {limit + grace:g} s; worker replaced",
-                killed_worker=True)))
+            done.append(Done(job=run.job, worker=name,
+                             measurement=hung(f"no result within {limit + grace:g} s; worker replaced").measurement))
         return done
 
     def _replace(self, dead) -> None:
@@ -351,7 +344,10 @@ class ActorTarget:
 
     def explain(self, schedule: Schedule) -> dict | None:
         actor = self.pool.ready_actor(self.group)
-        return self.pool.ray.get(actor.explain.remote(schedule), timeout=self.pool.config.prepare_timeout_s)
+        reply = self.pool.ray.get(actor.handle.remote(Explain(schedule)), timeout=self.pool.config.prepare_timeout_s)
+        if reply.error is not None:
+            raise RuntimeError(reply.error)
+        return reply.value
 
 
 @contextmanager

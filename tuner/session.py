@@ -21,7 +21,7 @@ from .progress import Progress
 from .search import SearchConfig
 from .study import (StudyConfig, StudyResult, enqueue_warm_starts, ensure_baseline, make_sampler, open_study,
                     search_trials, study_name, tally)
-from .targets import Target
+from .measuring import Target
 
 
 # Each component's own config, built here from the command's (TuneConfig: the flags, filled once)

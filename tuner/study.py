@@ -22,7 +22,7 @@ from .config import TuneError
 from .paired import round_ms
 from .records import TrialRecord
 from .storage import StorageConfig, fail_stale_trials, open_storage
-from .targets import Target, paired_speedup
+from .measuring import Target, paired_speedup
 
 BASELINE = "baseline"
 RESULT = "result"

@@ -24,7 +24,8 @@ from .pool import InlinePool, Pool
 from .search import Lane, run_search
 from .session import WorkloadResult, finish, search_config, start
 from .storage import check_storage
-from .targets import Target, close_target, integration_of, reserve, target_for
+from .measuring import Target, close_target
+from .targets import integration_of, reserve, target_for
 
 
 def tune(config: TuneConfig, *, make_target=None, pool=None, log=print) -> list[WorkloadResult]:

@@ -16,7 +16,7 @@ WARNING and sequential steps: never a crash of the engine.
 
 Other settings, all optional: DYNAFLOW_VLLM_MODEL, the model name the records are looked up by
 (default `vllm:<the model folder's name>`, as `dynaflow-tune tune --model vllm:<folder>` stores
-them, tuned on vLLM's own model: replay.py); DYNAFLOW_VLLM_SHAPES, a file the live step shapes
+them, tuned on vLLM's own model: tuner/vllm_engine.py); DYNAFLOW_VLLM_SHAPES, a file the live step shapes
 are written to as the engine exits (`dynaflow-tune tune --shapes FILE` tunes them);
 DYNAFLOW_VLLM_REPORT, a JSON file the plugin's counts are written to as the engine exits (steps
 split and sequential, how the store answered them, the reasons a step ran sequential).
@@ -45,7 +45,7 @@ RUNNERS: list = []  # this process's step runners (one per graph vLLM compiles),
 
 def _build_case(workload):
     raise ValueError(f"model {workload.model!r} runs inside vLLM's worker process, not in this one: "
-                     "`dynaflow-tune tune`, `measure` and `ops` reach it there (runtime/vllm/replay.py).")
+                     "`dynaflow-tune tune`, `measure` and `ops` reach it there (tuner/vllm_engine.py).")
 
 
 # `vllm:<folder>`: measured on a step vLLM formed, in its worker; its records named by the folder

@@ -8,7 +8,7 @@ own micro-batch machinery (`UBatchSlice`, `split_attn_metadata`, an attention gr
 as its dual-batch overlap uses them), which makes each nano-batch's metadata for whatever
 attention backend the group has; the custom ops that read the forward context; the one function
 patched so that an environment variable alone turns the plugin on; and the engine calls the tuner
-steps vLLM with (replay.py). `check()` says which of them the installed vLLM lacks, in one
+steps vLLM with (tuner/vllm_engine.py). `check()` says which of them the installed vLLM lacks, in one
 message; a test runs it against the installed vLLM and `scripts/check_vllm_names.py` against a
 vLLM wheel read as a zip (nothing installed).
 """
@@ -319,7 +319,7 @@ class StepAttention:
 
     def kept(self) -> "StepAttention":
         """A copy whose metadata tensors are the step's values (vLLM refills its buffers at the
-        next step), to build nano-batches from after the step (tuning: replay.py)."""
+        next step), to build nano-batches from after the step (tuning: tuner/vllm_engine.py)."""
         return dataclasses.replace(self, built={}, groups=[(names, _cloned(cm)) for names, cm in self.groups])
 
 
@@ -420,7 +420,7 @@ def kept_step(metadata: dict, slots: dict | None) -> tuple[Any, dict, dict | Non
 @contextmanager
 def replayed_context(ctx, metadata: dict, slots: dict | None) -> Iterator[None]:
     """Run with `ctx` (a kept step's forward context) as the forward context, showing `metadata`
-    and `slots`: a captured step replayed outside vLLM's own step (tuning, replay.py)."""
+    and `slots`: a captured step replayed outside vLLM's own step (tuning, tuner/vllm_engine.py)."""
     from vllm.forward_context import override_forward_context
 
     with _LOCK, override_forward_context(dataclasses.replace(ctx, attn_metadata=metadata, slot_mapping=slots)):

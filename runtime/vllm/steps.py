@@ -103,7 +103,7 @@ class StepRunner:
             return self._sequential(args)
         context = step.context_len
         layout = self.layout_of(step.starts)
-        if self.capture is not None:  # tuning (replay.py): a step of the wanted shape is kept, and runs as vLLM's
+        if self.capture is not None:  # tuning (tuner/vllm_engine.py): a step of the wanted shape is kept, and runs as vLLM's
             keep = self.capture(args, step, metadata, slots, layout, context)
             if keep is not None:
                 out = self._sequential(args)

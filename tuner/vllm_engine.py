@@ -12,7 +12,8 @@ vLLM's collective_rpc): its inputs, its attention metadata and slot mappings, as
 graph the plugin cuts when serving, so the same ops, op names and attention backend, every
 attention and KV-cache op of a nano-batch run inside that nano-batch's replayed forward
 context; a sequential schedule run as vLLM's compiled graph). Trials are measured there, by a
-Bench. Replaying writes the KV cache at the kept step's slots with the values the step itself
+Bench behind a Station of tuner/remote.py's protocol (`dynaflow_call`; tuner/targets.py's
+VllmTarget is the driver's side). Replaying writes the KV cache at the kept step's slots with the values the step itself
 wrote, so every run starts from the same state; the kept requests stay alive (their cache blocks
 untouched) until the next step is kept.
 
@@ -30,11 +31,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..batch import BatchLayout
-from ..case import Case
-from ..schedule import Schedule
-from ..workload import Workload
-from . import ENV_POLICY, ENV_SCHEDULES, RUNNERS, hooks
+from dynaflow.runtime import BatchLayout, Bench, Case, MeasureConfig, Schedule, Workload, telemetry
+from dynaflow.runtime.vllm import ENV_POLICY, ENV_SCHEDULES, RUNNERS, hooks
+
+from .measuring import LocalTarget
+from .remote import Reply, Request, Station, died, error_text, hung
 
 MAX_STEPS = 4096  # steps fed to vLLM before a shape it would not form is given up
 
@@ -164,11 +165,18 @@ class Engine:
             raise ValueError(f"model 'vllm:{folder}': {why}; it cannot be tuned here.")
 
     def rpc(self, method: str, *args):
-        """A TuningWorker method run in vLLM's worker; a ValueError there is raised here."""
-        answer = self.llm.collective_rpc(method, args=args)[0]
-        if isinstance(answer, dict) and answer.get("dynaflow_error"):
-            raise ValueError(answer["dynaflow_error"])
-        return answer
+        """A TuningWorker method run in vLLM's worker (driving the engine: keeping a step)."""
+        return self.llm.collective_rpc(method, args=args)[0]
+
+    def call(self, request: Request, timeout_s: float | None) -> Reply:
+        """A request of tuner/remote.py's protocol, answered by the worker's Station. vLLM's worker
+        failing or not answering within `timeout_s` (vLLM's collective_rpc timeout) is WorkerLost."""
+        try:
+            return self.llm.collective_rpc("dynaflow_call", timeout=timeout_s, args=(request,))[0]
+        except TimeoutError:
+            raise hung(f"vLLM's worker did not answer within {timeout_s:g} s; engine restarted") from None
+        except Exception as e:  # noqa: BLE001 - the Station never raises: the worker (or vLLM) failed
+            raise died(f"vLLM's worker failed ({error_text(e)}); engine restarted") from None
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
@@ -224,7 +232,8 @@ class Engine:
 
 class TuningWorker:
     """Mixed into vLLM's worker (`worker_extension_cls`): what the tuner asks of the process the
-    model runs in, over vLLM's collective_rpc. A ValueError comes back as {"dynaflow_error": why}."""
+    model runs in, over vLLM's collective_rpc: keeping a step (dynaflow_arm, _seen, _kept), then
+    measuring on it through tuner/remote.py's protocol (dynaflow_call: a Station)."""
 
     def dynaflow_ready(self) -> str | None:
         if RUNNERS:
@@ -234,7 +243,8 @@ class TuningWorker:
     def dynaflow_arm(self, want: list[int] | None) -> None:
         """Watch the steps (their requests' tokens: dynaflow_seen); keep the next one holding `want`."""
         runner = RUNNERS[-1]
-        _WORKER.update(seen=None, kept=None, bench=None)
+        _WORKER.update(seen=None, kept=None)
+        _STATION.close()  # its Bench ran on the last kept step
 
         def capture(args, attention, metadata, slots, layout, context):
             _WORKER["seen"] = layout.request_tokens
@@ -256,47 +266,30 @@ class TuningWorker:
         step = _WORKER.get("kept")
         return None if step is None else {"request_tokens": step.layout.request_tokens, "context_len": step.context_len}
 
-    def dynaflow_bench(self, name: str, config, driver_pid: int | None = None) -> dict:
-        """A Bench on the kept step (reference, counts, peaks, tolerance, in this process).
-        `driver_pid`: the tuner driving vLLM's engine core, which spins while it waits on this
-        worker: its CPU time is the tuning's own work, not contention (telemetry.count_as_own)."""
-        if driver_pid is not None:
-            from .. import telemetry
+    def dynaflow_driver(self, pid: int) -> None:
+        """The tuner driving vLLM's engine core spins while it waits on this worker: its CPU time
+        is the tuning's own work, not contention (telemetry.count_as_own)."""
+        telemetry.count_as_own([pid])
 
-            telemetry.count_as_own([driver_pid])
-        return _answer(lambda: _bench(name, config))
-
-    def dynaflow_measure(self, schedule, time_limit_s):
-        return _WORKER["bench"].measure(schedule, time_limit_s=time_limit_s)
-
-    def dynaflow_explain(self, schedule):
-        return _answer(lambda: _WORKER["bench"].explain(schedule))
+    def dynaflow_call(self, request: Request) -> Reply:
+        return _STATION.handle(request)
 
 
-_WORKER: dict[str, Any] = {}  # in vLLM's worker process: the armed capture's view, the kept step, its Bench
+_WORKER: dict[str, Any] = {}  # in vLLM's worker process: the armed capture's view, the kept step
 
 
-def _answer(fn: Callable[[], Any]):
-    try:
-        return fn()
-    except ValueError as e:
-        return {"dynaflow_error": str(e)}
-
-
-def _bench(name: str, config) -> dict:
-    from ..graph import OpGraph
-    from ..measure import Bench
-
+def kept_step_target(workload: Workload, config: MeasureConfig) -> LocalTarget:
+    """The Station's target in vLLM's worker: a Bench on the kept step (reference, counts, peaks,
+    tolerance), named as the workload's model."""
     step = _WORKER.get("kept")
     if step is None:
         raise ValueError("no step is kept in vLLM's worker (dynaflow_arm, then a step of the shape)")
-    case = step.case(name)
+    case = step.case(workload.model)
     check_replay(step, case)
-    bench = _WORKER["bench"] = Bench(case=case, config=config)
-    graph = bench.executor.graph
-    return {"hardware": bench.hardware, "layout": case.layout, "context_len": step.context_len,
-            "graph": OpGraph(ops=graph.ops, module=None, writes_output=graph.writes_output),  # no weights
-            "peaks": bench.peaks, "tolerance": bench.tolerance}
+    return LocalTarget(None, None, bench=Bench(case=case, config=config))
+
+
+_STATION = Station(kept_step_target)
 
 
 @contextmanager
@@ -316,10 +309,9 @@ _RESERVED: list[Limits] = []  # limits the coming workloads need: one engine sta
 
 
 def reserve(workloads) -> None:
-    """Start the engine with room for every one of `workloads` (the vllm: ones), not once each."""
+    """Start the engine with room for every one of `workloads` (vllm: models), not once each."""
     for w in workloads:
-        if w.model.startswith("vllm:"):
-            _RESERVED[:] = [limits_for(w).union(_RESERVED[0]) if _RESERVED else limits_for(w)]
+        _RESERVED[:] = [limits_for(w).union(_RESERVED[0]) if _RESERVED else limits_for(w)]
 
 
 def start(w: Workload) -> tuple[Engine, dict]:
@@ -339,6 +331,16 @@ def start(w: Workload) -> tuple[Engine, dict]:
         raise ValueError(str(e)) from None
     engine = engine_for(folder, w.dtype, limits_for(w))
     return engine, engine.keep(w)
+
+
+def discard(engine: Engine) -> None:
+    """An engine whose worker died or hung: shut down, so the next start() makes a fresh one."""
+    if engine in _ENGINE:
+        _ENGINE.remove(engine)
+    try:
+        engine.close()
+    except Exception:  # noqa: BLE001 - its worker is gone already
+        pass
 
 
 def engine_for(folder: str, dtype: str, limits: Limits) -> Engine:
