@@ -108,8 +108,6 @@ class TrialOutcome(str, Enum):
     CRASHED = "crashed"
     INVALID = "invalid"
     PRUNED = "pruned"  # stopped early: clearly slower than the best so far
-    INTERRUPTED = "interrupted"  # the user stopped the study while it ran
-    SKIPPED = "skipped"  # not measured: other processes sharing the study had spent its budget
 
 
 COLLECTIVE_TIMEOUT_S = 60.0
@@ -154,8 +152,6 @@ class Measurement:
     bound_ms: float | None = None  # roofline lower bound
     efficiency: float | None = None  # bound_ms / latency_ms
     telemetry: dict[str, Any] = field(default_factory=dict)
-    duplicate: bool = False  # a result reused from the study for a schedule measured before, not measured again
-    killed_worker: bool = False  # the run killed or hung the process measuring it (never dispatched again)
     notes: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -28,7 +28,7 @@ ABOVE_CORE = {"workload", "store", "shapes", "loading", "serving", "probe"}
 LAYERS = [CORE, ABOVE_CORE]  # then runtime.hf (every hf.* module), runtime.vllm, then the package facade (__init__)
 TUNER_LAYERS = [
     {"errors", "records", "paired", "buckets", "workloads", "journal", "interrupt"},
-    {"storage"}, {"config"},
+    {"storage", "publish"}, {"config"},
     {"measuring"}, {"remote"}, {"tp", "vllm_engine"}, {"targets"}, {"pool", "progress"}, {"ray_fanout"},
     {"study"}, {"search", "confirm"}, {"session"}, {"tune"},
     {"show", "analysis"}, {"report"},

@@ -11,9 +11,10 @@ import pytest
 from optuna.trial import TrialState
 
 from dynaflow import search_spaces
-from dynaflow.runtime import Measurement, TrialOutcome
+from dynaflow.runtime import TrialOutcome
 from dynaflow.tuner.config import TuneConfig
 from dynaflow.tuner.pool import Done, InlinePool, Job, measure_one, run_job
+from dynaflow.tuner.records import StudyOutcome, TrialMeasurement
 from dynaflow.tuner.tune import tune_workload
 from fakes import FakeTarget, split_landscape, tiny_context
 from test_tuner import W
@@ -60,7 +61,7 @@ class FakePool:
         self.answered.add(job.id)
         if job.schedule.label.startswith("poison"):
             self.down.append(self.down_for)
-            m = Measurement(outcome=TrialOutcome.CRASHED, message="worker died", killed_worker=True)
+            m = TrialMeasurement(outcome=TrialOutcome.CRASHED, message="worker died", killed_worker=True)
         else:
             m = run_job(self.target, dataclasses.replace(job, on_sample=None))  # in another process: no pruning
         return [Done(job=job, measurement=m, worker=f"w{job.id % self.workers}")]
@@ -213,7 +214,7 @@ def test_a_schedule_running_in_another_process_is_not_measured_again(tmp_path):
     heartbeat = Heartbeat(study)
     try:
         p = propose(study, lambda trial, ctx: split, tiny_context(), known, search_config(cfg), heartbeat)
-        assert p.answer is not None and p.answer.duplicate and p.answer.outcome is TrialOutcome.SKIPPED
+        assert p.answer is not None and p.answer.duplicate and p.answer.outcome is StudyOutcome.SKIPPED
         assert p.answer.message == f"duplicate schedule: being measured now in trial {other.number} (this or another process)"
         study.tell(p.trial, state=TrialState.FAIL)
         fresh = Schedule(split_sizes=(16, 16), label="fresh")

@@ -7,6 +7,7 @@ import pytest
 
 from dynaflow.runtime import Schedule, StreamSpec, Workload
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
+from dynaflow.tuner.publish import export, import_bundle, save_unless_kept
 from dynaflow.tuner.report import stored_table
 from fakes import H100
 from cli_output import error_lines
@@ -97,8 +98,8 @@ def test_export_then_import_moves_every_record_to_a_machine_of_the_same_type(tmp
     d64 = Workload(model="llama3-8b", num_decode=64, context_len=2048, dtype="bfloat16", device="cuda")
     src.save(record())
     src.save(record(workload=d64))
-    bundle = src.export(H100.key)
-    saved, kept = dst.import_bundle(json.loads(json.dumps(bundle)), H100, "x.json")
+    bundle = export(src, H100.key)
+    saved, kept = import_bundle(dst, json.loads(json.dumps(bundle)), H100, "x.json")
     assert len(saved) == 2 and kept == []
     assert [r.to_dict() for _, r in dst.records()] == [r.to_dict() for _, r in src.records()]
 
@@ -107,15 +108,15 @@ def test_import_refuses_foreign_newer_or_broken_bundles_whole(tmp_path):
     from fakes import A100
     src, dst = ScheduleStore(StoreConfig(root=tmp_path / "a")), ScheduleStore(StoreConfig(root=tmp_path / "b"))
     src.save(record())
-    bundle = src.export(H100.key)
+    bundle = export(src, H100.key)
     with pytest.raises(ValueError, match=f"tuned on {H100.key}, but this is {A100.key}.*nothing imported"):
-        dst.import_bundle(bundle, A100, "x.json")
+        import_bundle(dst, bundle, A100, "x.json")
     with pytest.raises(ValueError, match="export_schema must be 1, but got 2"):
-        dst.import_bundle({**bundle, "export_schema": 2}, H100, "x.json")
+        import_bundle(dst, {**bundle, "export_schema": 2}, H100, "x.json")
     broken = json.loads(json.dumps(bundle))
     broken["records"][0]["tokens_per_s"] = -1
     with pytest.raises(ValueError, match=r"records\[0\] is invalid: record.tokens_per_s must be a finite number > 0"):
-        dst.import_bundle(broken, H100, "x.json")
+        import_bundle(dst, broken, H100, "x.json")
     assert not dst.root.exists()  # nothing written by a refused import
 
 
@@ -123,7 +124,7 @@ def test_import_keeps_a_conclusive_record_over_an_inconclusive_one(tmp_path):
     src, dst = ScheduleStore(StoreConfig(root=tmp_path / "a")), ScheduleStore(StoreConfig(root=tmp_path / "b"))
     dst.save(record(verdict="winner"))
     src.save(record(verdict="inconclusive", speedup=1.01))
-    saved, kept = dst.import_bundle(src.export(H100.key), H100, "x.json")
+    saved, kept = import_bundle(dst, export(src, H100.key), H100, "x.json")
     assert saved == [] and "kept the stored winner record" in kept[0]
     assert next(dst.records())[1].verdict == "winner"
 
@@ -158,7 +159,7 @@ def test_one_replace_rule_for_tuning_and_importing(tmp_path):
     worse winner of another space never replaces a better one, a re-tune of the same space does."""
     import dataclasses
 
-    from dynaflow.runtime.store import kept_over
+    from dynaflow.tuner.publish import kept_over
 
     best = record(verdict="winner", speedup=1.3)
     assert "conclusive" in kept_over(best, record(verdict="inconclusive", speedup=1.01))
@@ -167,11 +168,11 @@ def test_one_replace_rule_for_tuning_and_importing(tmp_path):
     assert kept_over(None, best) is None
     store = ScheduleStore(StoreConfig(root=tmp_path / "a"))
     store.save(best)
-    kept, _, why = store.save_unless_kept(dataclasses.replace(best, space="dbo", speedup=1.1))
+    kept, _, why = save_unless_kept(store, dataclasses.replace(best, space="dbo", speedup=1.1))
     assert kept.speedup == 1.3 and "space's stored winner" in why
     other = ScheduleStore(StoreConfig(root=tmp_path / "b"))
     other.save(dataclasses.replace(best, space="dbo", speedup=1.1))
-    saved, notes = store.import_bundle(other.export(H100.key), H100, "x.json")
+    saved, notes = import_bundle(store, export(other, H100.key), H100, "x.json")
     assert saved == [] and "space's stored winner" in notes[0]  # an import meets the same rule
 
 

@@ -163,20 +163,36 @@ def test_a_killed_worker_and_a_duplicate_are_typed_fields_not_wording():
     from optuna.trial import TrialState, create_trial
 
     from dynaflow.runtime import Measurement, Schedule, StreamSpec, TrialOutcome
+    from dynaflow.tuner.records import TrialMeasurement, duplicate
     from dynaflow.tuner.study import RESULT, Known, trial_record
 
     killer = Schedule(split_sizes=(1, 1), streams=(StreamSpec(), StreamSpec()), label="killer")
     worded = Schedule(split_sizes=(1, 1), label="worded")
     study = optuna.create_study()
-    for schedule, m in ((killer, Measurement(outcome=TrialOutcome.CRASHED, message="segfault", killed_worker=True)),
+    for schedule, m in ((killer, TrialMeasurement(outcome=TrialOutcome.CRASHED, message="segfault", killed_worker=True)),
                         (worded, Measurement(outcome=TrialOutcome.CRASHED, message="the worker's input was bad"))):
         study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={RESULT: trial_record(schedule, m, None)}))
     known = Known(study)
     assert known.poison == {killer.key()}  # typed: the message no longer decides
     worded_ok = Measurement(outcome=TrialOutcome.OK, tokens_per_s=1.0, message="duplicate schedule, as it happens")
-    assert not worded_ok.duplicate
+    assert not duplicate(worded_ok)
     known.remember(worded, worded_ok)
     assert known.reuse(worded).duplicate and trial_record(worded, known.reuse(worded), None)["duplicate"] is True
+
+
+def test_what_only_the_tuner_knows_of_a_trial_is_not_in_the_runtime():
+    """A server imports runtime/: its Measurement and TrialOutcome say what a measure found, and
+    nothing of a study (reused results, killed workers, interrupted or skipped trials)."""
+    import dataclasses
+
+    from dynaflow.runtime import Measurement
+    from dynaflow.tuner.records import StudyOutcome, TrialMeasurement
+
+    assert not {"duplicate", "killed_worker"} & {f.name for f in dataclasses.fields(Measurement)}
+    assert not {o.value for o in StudyOutcome} & {o.value for o in TrialOutcome}
+    m = Measurement(outcome=TrialOutcome.OK, tokens_per_s=2.0, samples_ms=(1.0,))
+    held = TrialMeasurement.of(m, duplicate=True)
+    assert held.duplicate and not held.killed_worker and held.samples_ms == (1.0,) and held.ok
 
 
 def test_studies_written_before_the_typed_field_still_know_their_poison():
@@ -222,16 +238,16 @@ def test_a_trial_record_round_trips_through_the_studys_json():
     """The typed record writes the study's JSON and reads it back equal, however it is filled; an
     older study's record (no killed_worker, no duplicate) reads with the defaults, and a key this
     version does not know is ignored, not an error."""
-    from dynaflow.runtime import Measurement, StreamSpec
-    from dynaflow.tuner.records import TrialRecord
+    from dynaflow.runtime import StreamSpec
+    from dynaflow.tuner.records import TrialMeasurement, TrialRecord
     from dynaflow.tuner.study import trial_record
 
     schedule = Schedule(split_sizes=(4, 4), streams=(StreamSpec(), StreamSpec()), label="two")
-    full = Measurement(outcome=TrialOutcome.OK, message="ok", latency_ms=2.0, latency_p10_ms=1.9, latency_p90_ms=2.2,
-                       samples_ms=(2.0, 2.1), baseline_samples_ms=(3.0, 3.1), tokens_per_s=10.0, peak_bytes=5,
-                       efficiency=0.5, telemetry={"busy": {"share": 0.1}}, notes={"streams": "2"},
-                       tolerance={"rtol": 1e-3, "atol": 1e-4}, duplicate=True)
-    for m in (full, Measurement(outcome=TrialOutcome.CRASHED, message="died", killed_worker=True)):
+    full = TrialMeasurement(outcome=TrialOutcome.OK, message="ok", latency_ms=2.0, latency_p10_ms=1.9,
+                            latency_p90_ms=2.2, samples_ms=(2.0, 2.1), baseline_samples_ms=(3.0, 3.1), tokens_per_s=10.0,
+                            peak_bytes=5, efficiency=0.5, telemetry={"busy": {"share": 0.1}}, notes={"streams": "2"},
+                            tolerance={"rtol": 1e-3, "atol": 1e-4}, duplicate=True)
+    for m in (full, TrialMeasurement(outcome=TrialOutcome.CRASHED, message="died", killed_worker=True)):
         stored = json.loads(json.dumps(trial_record(schedule, m, "w0", 3)))
         record = TrialRecord.from_json(stored)
         assert record.to_json() == stored

@@ -441,9 +441,11 @@ def cmd_export(args) -> int:
     from dynaflow.runtime.files import check_file, write_json_atomic
     from dynaflow.runtime.store import ScheduleStore
 
+    from .publish import export
+
     check_file(args.out, "--out")  # a folder, a kernel interface, an unwritable place: one line, before anything
     key = args.hardware or detect(live_device(args.device)).key
-    bundle = ScheduleStore(StoreConfig(root=args.store)).export(key)
+    bundle = export(ScheduleStore(StoreConfig(root=args.store)), key)
     write_json_atomic(args.out, bundle, indent=1)
     print(f"exported {len(bundle['records'])} record(s) of {key} to {args.out}")
     return 0
@@ -452,9 +454,11 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from dynaflow.runtime.store import ScheduleStore
 
+    from .publish import import_bundle
+
     live = detect(live_device(args.device))
     bundle = validate.read_json(args.file, "export file")
-    saved, kept = ScheduleStore(StoreConfig(root=args.store)).import_bundle(bundle, live, str(args.file))
+    saved, kept = import_bundle(ScheduleStore(StoreConfig(root=args.store)), bundle, live, str(args.file))
     print(f"imported {len(saved)} record(s) of {live.key} into {args.store / 'schedules'}")
     for note in kept:
         print(f"  {note}")

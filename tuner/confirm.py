@@ -36,6 +36,7 @@ from .config import TuneError
 from .paired import (ESTIMATOR, BusySummary, Comparison, Decision, Interval, Plan, Round)
 from .study import BASELINE, result_of
 from .measuring import Target, explain, measure_pair
+from .publish import save_unless_kept
 
 NO_OVERLAP = 0.05  # a winner's timeline with two streams busy for less than this share of it: won without overlap
 
@@ -398,7 +399,7 @@ def store_verdict(confirmation: Confirmation, study: optuna.Study, target: Targe
     study.set_user_attr("confirmation", confirmation.to_dict())
     store = ScheduleStore(StoreConfig(root=config.store_root))
     try:
-        kept, path, why = store.save_unless_kept(record)
+        kept, path, why = save_unless_kept(store, record)
     except OSError as e:  # a full disk, a folder made read-only mid-run: the write left nothing half-done
         where = store.path(record.hardware.key, record.workload.key)
         fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \

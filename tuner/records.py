@@ -1,14 +1,46 @@
-"""A trial's record: what the study keeps of one trial (the `result` user attribute of its Optuna
-trial), typed, with its JSON round trip. The JSON is the study's format, unchanged: studies
+"""What the tuner knows of a trial beyond the runtime's Measurement: the outcomes only a study
+gives (`StudyOutcome`), a measurement as a trial holds it (`TrialMeasurement`: reused from the
+study, or fatal to its worker), and a trial's record: what the study keeps of one trial (the
+`result` user attribute of its Optuna trial), typed, with its JSON round trip. The JSON is the study's format, unchanged: studies
 written by earlier versions read back (a field they lack takes its default), and the notebook,
 optuna-dashboard and `analysis.trials_table` read the same keys."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from dynaflow.runtime import Measurement, Schedule, TrialOutcome
+
+
+class StudyOutcome(str, Enum):
+    """A trial's outcome that no measurement gives, only the study: beside TrialOutcome's."""
+
+    INTERRUPTED = "interrupted"  # the user stopped the study while it ran
+    SKIPPED = "skipped"  # not measured: other processes sharing the study had spent its budget
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialMeasurement(Measurement):
+    """A measurement as a trial of the study holds it: the runtime's Measurement, or a study's
+    outcome, with what only the tuner knows of it."""
+
+    outcome: TrialOutcome | StudyOutcome
+    duplicate: bool = False  # a result reused from the study for a schedule measured before, not measured again
+    killed_worker: bool = False  # the run killed or hung the process measuring it (never dispatched again)
+
+    @classmethod
+    def of(cls, m: Measurement, **changes) -> "TrialMeasurement":
+        return cls(**{**{f.name: getattr(m, f.name) for f in dataclasses.fields(m)}, **changes})
+
+
+def killed_worker(m: Measurement) -> bool:
+    return isinstance(m, TrialMeasurement) and m.killed_worker
+
+
+def duplicate(m: Measurement) -> bool:
+    return isinstance(m, TrialMeasurement) and m.duplicate
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -39,8 +71,8 @@ class TrialRecord:
         return cls(outcome=m.outcome.value, message=m.message, schedule=schedule.to_json(), label=schedule.label,
                    latency_ms=m.latency_ms, spread=m.spread, efficiency=m.efficiency, peak_bytes=m.peak_bytes,
                    samples_ms=tuple(m.samples_ms), baseline_samples_ms=tuple(m.baseline_samples_ms), speedup=speedup,
-                   tokens_per_s=m.tokens_per_s, worker=worker, baseline_trial=baseline, killed_worker=m.killed_worker,
-                   duplicate=m.duplicate, tolerance=m.tolerance, telemetry=m.telemetry or None, notes=m.notes or None)
+                   tokens_per_s=m.tokens_per_s, worker=worker, baseline_trial=baseline, killed_worker=killed_worker(m),
+                   duplicate=duplicate(m), tolerance=m.tolerance, telemetry=m.telemetry or None, notes=m.notes or None)
 
     def to_json(self) -> dict[str, Any]:
         if self.outcome is None:

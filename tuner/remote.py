@@ -28,6 +28,7 @@ from dynaflow.runtime import BatchLayout, Hardware, MeasureConfig, Measurement, 
 from dynaflow.search_spaces import SpaceContext
 
 from .measuring import Target, close_target, crashed, run
+from .records import TrialMeasurement
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +90,11 @@ class WorkerLost(Exception):
 
 
 def died(message: str, replies: dict[int, Reply] | None = None) -> WorkerLost:
-    return WorkerLost(Measurement(outcome=TrialOutcome.CRASHED, message=message, killed_worker=True), replies)
+    return WorkerLost(TrialMeasurement(outcome=TrialOutcome.CRASHED, message=message, killed_worker=True), replies)
 
 
 def hung(message: str, replies: dict[int, Reply] | None = None) -> WorkerLost:
-    return WorkerLost(Measurement(outcome=TrialOutcome.TIMEOUT, message=message, killed_worker=True), replies)
+    return WorkerLost(TrialMeasurement(outcome=TrialOutcome.TIMEOUT, message=message, killed_worker=True), replies)
 
 
 def error_text(e: BaseException) -> str:

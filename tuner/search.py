@@ -26,6 +26,7 @@ from dynaflow.search_spaces import SpaceContext, get_space
 
 from .config import TuneError
 from .pool import Done, Job, Pool
+from .records import StudyOutcome, TrialMeasurement, duplicate
 from .progress import Progress
 from .storage import Heartbeat, fail_stale_trials
 from .study import (SCHEDULE_KEY, Known, StudyResult, finish_trial, interrupted, over_budget, record_trial,
@@ -196,7 +197,7 @@ def propose(study: optuna.Study, space, ctx, known: Known, config: SearchConfig,
     if (m := known.reuse(schedule)) is not None:
         return Proposal(trial=trial, schedule=schedule, answer=m)
     if schedule.key() in known.poison:
-        return Proposal(trial=trial, schedule=schedule, answer=Measurement(
+        return Proposal(trial=trial, schedule=schedule, answer=TrialMeasurement(
             outcome=TrialOutcome.CRASHED, message="this schedule killed a worker before; not re-run",
             killed_worker=True))
     if over_budget(study, trial, config.trials):
@@ -230,10 +231,10 @@ class Budget:
 
     @staticmethod
     def counts(m: Measurement) -> bool:
-        return not m.duplicate and m.outcome is not TrialOutcome.SKIPPED
+        return not duplicate(m) and m.outcome is not StudyOutcome.SKIPPED
 
     def converged(self, m: Measurement) -> bool:
-        self.repeats = self.repeats + 1 if m.duplicate else 0
+        self.repeats = self.repeats + 1 if duplicate(m) else 0
         return self.repeats >= self.config.max_duplicates
 
 

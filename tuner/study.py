@@ -20,7 +20,7 @@ from dynaflow.runtime.workload import model_name
 
 from .config import TuneError
 from .paired import round_ms
-from .records import TrialRecord
+from .records import StudyOutcome, TrialMeasurement, TrialRecord, duplicate, killed_worker
 from .storage import StorageConfig, fail_stale_trials, open_storage
 from .measuring import Target, paired_speedup
 
@@ -120,13 +120,13 @@ def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:
     """A search trial that measured (or tried to measure) a schedule of its own: not the baseline,
     not a duplicate or skipped proposal, not one the user interrupted (its schedule is measured
     again by a resumed run, so Ctrl-C costs no budget)."""
-    return is_search_trial(trial) and trial.user_attrs.get(RESULT, {}).get("outcome") != TrialOutcome.INTERRUPTED.value
+    return is_search_trial(trial) and trial.user_attrs.get(RESULT, {}).get("outcome") != StudyOutcome.INTERRUPTED.value
 
 
 def is_search_trial(trial: optuna.trial.FrozenTrial) -> bool:
     record = trial.user_attrs.get(RESULT, {})
     return not (trial.user_attrs.get(BASELINE) or record.get("duplicate")
-                or record.get("outcome") == TrialOutcome.SKIPPED.value)
+                or record.get("outcome") == StudyOutcome.SKIPPED.value)
 
 
 def search_trials(study: optuna.Study, before: int | None = None) -> list[optuna.trial.FrozenTrial]:
@@ -255,7 +255,7 @@ class Known:
     def remember(self, schedule: Schedule, m: Measurement) -> None:
         if m.outcome.value in REUSABLE:
             self.results.setdefault(schedule.key(), m)
-        elif m.killed_worker:
+        elif killed_worker(m):
             self.poison.add(schedule.key())
 
     def reuse(self, schedule: Schedule) -> Measurement | None:
@@ -263,14 +263,14 @@ class Known:
         one being measured now: skipped, marked a duplicate (neither counts toward the budget)."""
         m = self.results.get(schedule.key())
         if m is None and schedule.key() in self.running:
-            return Measurement(outcome=TrialOutcome.SKIPPED, duplicate=True,
+            return TrialMeasurement(outcome=StudyOutcome.SKIPPED, duplicate=True,
                                message=f"duplicate schedule: being measured now in trial "
                                        f"{self.running[schedule.key()]} (this or another process)")
         if m is None:
             return None
-        return Measurement(outcome=m.outcome, tokens_per_s=m.tokens_per_s, samples_ms=m.samples_ms, duplicate=True,
-                           baseline_samples_ms=m.baseline_samples_ms,
-                           message=f"duplicate schedule: {m.outcome.value} result reused")
+        return TrialMeasurement(outcome=m.outcome, tokens_per_s=m.tokens_per_s, samples_ms=m.samples_ms,
+                                duplicate=True, baseline_samples_ms=m.baseline_samples_ms,
+                                message=f"duplicate schedule: {m.outcome.value} result reused")
 
 
 def _reusable(r: TrialRecord) -> Measurement:
@@ -282,7 +282,7 @@ def record_trial(study: optuna.Study, trial, schedule: Schedule, m: Measurement,
                  result: StudyResult, worker: str | None = None, baseline: int | None = None) -> None:
     """Tell the study, remember the schedule's result, count the outcome."""
     finish_trial(study, trial, schedule, m, worker=worker, baseline=baseline)
-    if m.duplicate:
+    if duplicate(m):
         result.duplicates += 1
         return
     known.remember(schedule, m)
@@ -314,9 +314,9 @@ def per_sample(m: Measurement) -> dict[int, float]:
 
 
 def skipped() -> Measurement:
-    return Measurement(outcome=TrialOutcome.SKIPPED, message="not measured: processes sharing this study "
-                                                             "had spent its budget")
+    return TrialMeasurement(outcome=StudyOutcome.SKIPPED, message="not measured: processes sharing this study "
+                                                                  "had spent its budget")
 
 
 def interrupted() -> Measurement:
-    return Measurement(outcome=TrialOutcome.INTERRUPTED, message="stopped by the user (Ctrl-C)")
+    return TrialMeasurement(outcome=StudyOutcome.INTERRUPTED, message="stopped by the user (Ctrl-C)")

@@ -27,6 +27,7 @@ from typing import Callable
 from dynaflow.runtime import Measurement, MeasureConfig, TrialOutcome, Workload
 
 from .measuring import LocalTarget, Target, crashed
+from .records import TrialMeasurement
 from .remote import Measure, Prepare, RemoteTarget, Reply, Request, Station, WorkerLost, died, hung
 
 GRACE_S = 10.0  # after a failing rank's answer (or a trial's limit), before the others are declared hung
@@ -177,7 +178,7 @@ class TPTarget(RemoteTarget):
         rank, m = failed[0]
         m = dataclasses.replace(m, message=f"rank {rank}: {m.message}") if rank else m
         if any(a.outcome in RESTARTS for a in answers):  # its collectives failed: a fresh group for the next trial
-            raise WorkerLost(dataclasses.replace(m, killed_worker=True))
+            raise WorkerLost(TrialMeasurement.of(m, killed_worker=True))
         return m
 
     def _collect(self, deadline: float | None, *, after_failure_s: float, what: str) -> list[Reply]:
