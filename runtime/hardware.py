@@ -20,10 +20,12 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from . import telemetry, validate
+from . import devices, telemetry, validate
+from .devices import device_type
 from .backends.green_ctx import sm_granularity, sm_layout
 from .files import write_json_atomic
 
@@ -53,7 +55,7 @@ class Hardware:
     @property
     def partition_step(self) -> int:
         """SMs per partition step: the driver's where read, else the architecture's rule; threads on CPU."""
-        if self.kind != "cuda":
+        if not device_type(self.kind).partitions:
             return 1
         return self.sm_step or sm_granularity(self.arch)
 
@@ -81,8 +83,8 @@ class Hardware:
         d = validate.obj(d, name)
         validate.known(d, {"kind", "name", "arch", "num_sms", "memory_bytes", "mig", "software", "sm_step", "sm_groups"},
                        name)
-        if d.get("kind") not in ("cuda", "cpu"):
-            raise ValueError(f"{name}.kind must be 'cuda' or 'cpu', but got {validate.short(d.get('kind'))}.")
+        if d.get("kind") not in devices.names():
+            raise ValueError(f"{name}.kind must be one of {devices.names()}, but got {validate.short(d.get('kind'))}.")
         software = validate.obj(d.get("software", {}), f"{name}.software")
         for k, v in software.items():
             if v is not None and not isinstance(v, str):
@@ -116,16 +118,26 @@ MEMORY_TOLERANCE = 0.08  # ECC on GDDR boards reserves 1/16 (6.25%); SKUs of one
 
 def live_device(device: str | None = None) -> str:
     """`device`, or where this process would run by default: cuda where torch sees a GPU, else cpu."""
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device or devices.default_device()
+
+
+# device type -> (detect(device) -> Hardware, best_time(fn, repeats, launches) -> seconds per call or None)
+_HARDWARE: dict[str, tuple[Callable[[str], "Hardware"], Callable[..., float] | None]] = {}
+
+
+def register_hardware(device_type: str, detect: Callable[[str], "Hardware"],
+                      best_time: Callable[..., float] | None = None) -> None:
+    """How a device type's hardware is read, and how a call on it is timed (None: the host's
+    clock around each call, after it returned)."""
+    _HARDWARE[device_type] = (detect, best_time)
 
 
 def detect(device: str = "cpu") -> Hardware:
-    if device.startswith("cuda"):
-        return _detect_cuda(torch.device(device))
-    return _detect_cpu()
+    return _HARDWARE[device_type(device).name][0](device)
 
 
-def _detect_cuda(dev: torch.device) -> Hardware:
+def _detect_cuda(device: str) -> Hardware:
+    dev = torch.device(device)
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index)
     nvml = telemetry.nvml_static(index)
@@ -136,7 +148,7 @@ def _detect_cuda(dev: torch.device) -> Hardware:
                     mig=nvml.get("mig"), software=software, sm_step=step, sm_groups=groups)
 
 
-def _detect_cpu() -> Hardware:
+def _detect_cpu(device: str = "cpu") -> Hardware:
     name = _cpu_model() or platform.processor() or "cpu"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
@@ -266,11 +278,12 @@ def _read_peaks(path: Path) -> Peaks:
 
 def _run_peaks(device: str, dtype: torch.dtype, repeats: int = 10) -> Peaks:
     mark = telemetry.busy_mark()
-    n = 4096 if device.startswith("cuda") else 1024
+    card = device_type(device).accelerator
+    n = 4096 if card else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     flops = 2 * n**3 / _best_time(lambda: torch.mm(a, b), device, repeats)
-    size = 256 * 2**20 if device.startswith("cuda") else 64 * 2**20  # well past the caches
+    size = 256 * 2**20 if card else 64 * 2**20  # well past the caches
     src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     bw = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), device, repeats)
@@ -279,22 +292,11 @@ def _run_peaks(device: str, dtype: torch.dtype, repeats: int = 10) -> Peaks:
 
 
 def _best_time(fn, device: str, repeats: int = 10, launches: int = 20) -> float:
-    """Seconds per call, best of `repeats`. On a GPU each repeat times `launches` back-to-back
-    launches between two CUDA events on the stream: the device's time, with no host clock or
-    launch latency in it (a 4096^3 GEMM takes ~0.2 ms on an H100, the size of a sync's jitter)."""
-    if device.startswith("cuda"):
-        fn()
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(launches):
-                fn()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3 / launches)
-        return best
+    """Seconds per call, best of `repeats`: by the device type's own timer where it has one, else
+    the host's clock around each call."""
+    timer = _HARDWARE[device_type(device).name][1]
+    if timer is not None:
+        return timer(fn, repeats, launches)
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -302,3 +304,25 @@ def _best_time(fn, device: str, repeats: int = 10, launches: int = 20) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _cuda_best_time(fn, repeats: int, launches: int) -> float:
+    """Each repeat times `launches` back-to-back launches between two CUDA events on the stream:
+    the device's time, with no host clock or launch latency in it (a 4096^3 GEMM takes ~0.2 ms on
+    an H100, the size of a sync's jitter)."""
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(launches):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / launches)
+    return best
+
+
+register_hardware("cpu", _detect_cpu)
+register_hardware("cuda", _detect_cuda, _cuda_best_time)

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .devices import device_type
+
 _local = threading.local()  # the process group this thread's collective task runs on
 
 
@@ -159,12 +161,10 @@ class Parallel:
         dist.all_reduce(t)  # warm: the first call sets up the pairs
         best = float("inf")
         for _ in range(repeats):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize(device)
+            device_type(device).synchronize(device)
             t0 = time.perf_counter()
             dist.all_reduce(t)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize(device)
+            device_type(device).synchronize(device)
             best = min(best, time.perf_counter() - t0)
         best = self.agree(best)  # every rank uses the same figure: the slowest rank's
         return t.nbytes * bus_factor("allreduce", self.world_size) / best

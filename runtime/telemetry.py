@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .devices import device_type
+
 CONTENDED_SHARE = 0.25  # other processes using more than this share of the CPUs: a contended reading
 
 
@@ -72,10 +74,23 @@ def nvml_static(index: int) -> dict[str, Any]:
     }
 
 
+# device type -> (sample(device), what else ran on it since a mark: busy(device)); a type without one: {}
+_SAMPLERS: dict[str, tuple[Callable[[str], dict[str, Any]], Callable[[str], dict[str, Any]]]] = {}
+
+
+def register_sampler(device_type: str, sample: Callable[[str], dict[str, Any]],
+                     busy: Callable[[str], dict[str, Any]]) -> None:
+    _SAMPLERS[device_type] = (sample, busy)
+
+
 def sample(device: str) -> dict[str, Any]:
-    """SM clock (MHz), temperature, power (W) and active throttle reasons, or {} on CPU."""
-    if not device.startswith("cuda"):
-        return {}
+    """The device's clocks, temperature, power and throttle reasons (on a GPU); {} where its type has no sampler."""
+    sampler = _SAMPLERS.get(device_type(device).name)
+    return sampler[0](device) if sampler else {}
+
+
+def _cuda_sample(device: str) -> dict[str, Any]:
+    """SM clock (MHz), temperature, power (W) and active throttle reasons, from NVML."""
     nv = _nvml()
     if nv is None:
         return {"nvml": None}
@@ -161,10 +176,14 @@ def busy_since(mark: BusyMark, device: str = "cpu") -> dict[str, Any]:
         out.update(others_cpu_s=round(max(others, 0.0), 3), cpus=system[1])
     if hasattr(os, "getloadavg"):
         out["load1"] = round(os.getloadavg()[0], 2)
-    if device.startswith("cuda"):
-        out["gpu_other_processes"] = _gpu_other_processes(device)
-        out["gpu_slowdown"] = _gpu_slowdown(device)
+    sampler = _SAMPLERS.get(device_type(device).name)
+    if sampler:
+        out.update(sampler[1](device))
     return out
+
+
+def _cuda_busy(device: str) -> dict[str, Any]:
+    return {"gpu_other_processes": _gpu_other_processes(device), "gpu_slowdown": _gpu_slowdown(device)}
 
 
 SLOWDOWNS = ("HwSlowdown", "HwThermalSlowdown", "HwPowerBrakeSlowdown", "SwThermalSlowdown")  # not SwPowerCap:
@@ -234,3 +253,6 @@ def contention(busy: dict[str, Any] | None) -> str | None:
     if busy.get("gpu_slowdown"):
         why.append("the GPU's clocks were cut (a thermal or hardware slowdown)")
     return "; ".join(why) or None
+
+
+register_sampler("cuda", _cuda_sample, _cuda_busy)

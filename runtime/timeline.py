@@ -91,7 +91,8 @@ class _Recorder:
             raise ValueError("a timeline needs the schedule run eagerly: a CUDA graph replays without its tasks; "
                              "compile it with cuda_graph=False to see its timeline.")
         self.compiled, self.plan, self.resources = compiled, plan, resources
-        self.cuda, runner = compiled.device.type == "cuda", compiled.runner
+        runner = compiled.runner
+        self.cuda = runner.mark is not None  # the backend's streams record device events: timed on the device
         self.marks: list[tuple] = []
         self.lock = threading.Lock()
         self.originals = [t.fn for t in plan.tasks]

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import validate
+from . import devices, validate
 from .batch import TOKENS, BatchLayout
 from .case import Case
 from .models.llama import LlamaConfig, LlamaLayer, init_shard, init_weights
@@ -96,8 +96,8 @@ class Workload:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, but got {self.dtype!r}.")
-        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', but got {self.device!r}.")
+        if not isinstance(self.device, str) or devices.parse(self.device) is None:
+            raise ValueError(f"device must be {devices.spellings()}, but got {validate.short(self.device)}.")
 
     @classmethod
     def from_dict(cls, d: Any, name: str = "workload") -> "Workload":
@@ -199,15 +199,8 @@ def register_case_builder(prefix: str, builder: Callable[[Workload], Case], *,
 
 
 def check_device(device: str) -> None:
-    """A CUDA device that is not there is a one-line error, not a traceback from deep in torch."""
-    if not device.startswith("cuda"):
-        return
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device; "
-                         "use --device cpu, or install a CUDA build of torch on a GPU machine.")
-    index = int(device.split(":")[1]) if ":" in device else 0
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist.")
+    """A device that is not there is a one-line error, not a traceback from deep in torch."""
+    devices.check_device(device)
 
 
 def preset_layout(num_decode: int, num_prefill: int, chunk: int) -> BatchLayout:

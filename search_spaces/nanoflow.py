@@ -9,6 +9,7 @@ nano-batches (which orders the collectives among the other ops), stream prioriti
 capture.
 """
 from dynaflow.runtime import Schedule, StreamSpec
+from dynaflow.runtime.devices import device_type
 from dynaflow.runtime.graph import Resource
 
 from .base import SpaceContext, Trial, sm_shares, splits_from_weights, staggered_order
@@ -38,7 +39,7 @@ def suggest(trial: Trial, ctx: SpaceContext) -> Schedule:
     streams = sm_shares(trial, ctx, num_streams - own_network) + ((StreamSpec(),) if own_network else ())
     if trial.suggest_categorical("prioritise_memory", [False, True]) and num_streams > 1:
         streams = tuple(type(s)(sm_share=s.sm_share, priority=-1 if i > 0 else 0) for i, s in enumerate(streams))
-    graph = ctx.hardware.kind == "cuda" and trial.suggest_categorical("cuda_graph", [False, True])
+    graph = device_type(ctx.hardware.kind).graphs and trial.suggest_categorical("cuda_graph", [False, True])
     if num_nano == 1 and num_streams == 1:  # one nano-batch on one stream is the baseline, however ordered
         return Schedule(label="nanoflow:sequential")
     order = staggered_order(ctx, num_nano, stagger, lambda op, b: route(ctx.graph.op(op).resource, b))

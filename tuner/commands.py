@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from dynaflow.runtime import PRESETS, MeasureConfig, Schedule, TrialOutcome
+from dynaflow.runtime.devices import device_type
 
 from dynaflow.runtime import detect, validate
 from dynaflow.runtime.files import check_folder
@@ -378,7 +379,7 @@ def pool_config(args):
             check_address(address, given_as)
             break
     workers = args.workers if args.workers == "all" else _count(args.workers)
-    return PoolConfig(workers=workers, address=args.ray_address, use_gpus=args.device.startswith("cuda"),
+    return PoolConfig(workers=workers, address=args.ray_address, use_gpus=device_type(args.device).accelerator,
                       ship=_model_files(args.model), group_size=args.tp)
 
 

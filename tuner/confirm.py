@@ -28,6 +28,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dynaflow.runtime import Measurement, Schedule, Workload, telemetry
+from dynaflow.runtime.devices import device_type
 from dynaflow.runtime.measure import relative_spread, tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.runtime.store import Verdict as Kind  # the stored verdict's kind
@@ -336,7 +337,7 @@ def interval_words(iv: Interval) -> str:
 
 def differences(schedule: Schedule, hardware) -> str:
     """What a schedule changes against sequential, in words (for a winner that did not overlap)."""
-    unit = "SMs" if hardware.kind == "cuda" else "cores"
+    unit = device_type(hardware.kind).unit
     said = []
     if len(schedule.split_sizes) > 1:
         said.append(f"{len(schedule.split_sizes)} nano-batches {list(schedule.split_sizes)}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dynaflow.runtime.devices import device_type
 from dynaflow.runtime.store import StoredSchedule
 from dynaflow.runtime.validate import clip
 from dynaflow.runtime.telemetry import others_share
@@ -19,7 +20,7 @@ def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
         per_stream.setdefault(step.stream, []).append(f"{clip(step.op, 40)}/{step.nano}")
     lines = [f"record     {path}" if path else None,
              f"hardware   {r.hardware.key} ({r.hardware.name}, {r.hardware.num_sms} "
-             f"{'SMs' if r.hardware.kind == 'cuda' else 'cores'})",
+             f"{device_type(r.hardware.kind).unit})",
              "software   " + ", ".join(f"{k} {v}" for k, v in r.hardware.software.items() if v),
              f"workload   {r.workload.key}: {r.workload.num_decode} decode requests x {r.workload.context_len} context, "
              f"{r.workload.prefill_tokens} prefill tokens in {r.workload.num_prefill} request(s)",

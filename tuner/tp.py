@@ -56,6 +56,7 @@ def _serve_rank(rank, world, rendezvous, workload, config, build, conn) -> None:
     import torch.distributed as dist
 
     from dynaflow.runtime import parallel, telemetry
+    from dynaflow.runtime.devices import device_type
 
     if rank > 0:
         warnings.simplefilter("ignore")  # rank 0 says it once
@@ -63,22 +64,23 @@ def _serve_rank(rank, world, rendezvous, workload, config, build, conn) -> None:
         from .errors import one_line
 
         warnings.formatwarning = one_line
-    cuda = workload.device.startswith("cuda")
+    kind = device_type(workload.device)
     telemetry.count_as_own(conn.recv())  # the other ranks' pids: their work is not contention
-    if cuda:  # rank r on cuda:r
-        if torch.cuda.device_count() < world:
+    own = kind.indexed  # rank r on device r (cuda:r); else the ranks share the device
+    if own:
+        if kind.count() < world:
             conn.recv()
-            conn.send(Reply(error=f"--tp {world} needs {world} CUDA devices (one per rank), but torch sees "
-                                  f"{torch.cuda.device_count()}."))
+            conn.send(Reply(error=f"--tp {world} needs {world} {kind.label} devices (one per rank), but torch sees "
+                                  f"{kind.count()}."))
             return
-        torch.cuda.set_device(rank)
+        getattr(torch, kind.name).set_device(rank)
     else:  # ranks share the machine's cores, as vLLM's CPU workers do
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{rendezvous}", rank=rank,
+    device = f"{kind.name}:{rank}" if own else workload.device
+    dist.init_process_group(kind.collectives, init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=config.collective_timeout_s),
-                            **({"device_id": torch.device(f"cuda:{rank}")} if cuda else {}))
+                            **({"device_id": torch.device(device)} if own else {}))
     parallel.current(timeout_s=config.collective_timeout_s)
-    device = f"cuda:{rank}" if cuda else workload.device
     station = Station(lambda w, c: build(dataclasses.replace(w, device=device), c))
     while (request := conn.recv()) is not None:
         conn.send(station.handle(request))

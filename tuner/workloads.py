@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 from dynaflow.runtime import Workload
+from dynaflow.runtime.devices import device_type
 
 _SPEC = re.compile(r"(?:d(?P<d>[0-9]+)x(?P<c>[0-9]+))?(?:\+?p(?P<p>[0-9]+)(?:c(?P<chunk>[0-9]+))?)?")
 FORMAT = "d<decode requests>x<context>[+p<prefill tokens>[c<chunk>]], e.g. d256x2048+p512 or p512c128"
@@ -29,4 +30,4 @@ def parse_workload(spec: str, *, model: str, dtype: str, device: str, tp: int = 
 
 def default_dtype(dtype: str | None, device: str) -> str:
     """The dtype a flag left unset means: bfloat16 on a GPU, float32 on a CPU."""
-    return dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return dtype or device_type(device).default_dtype

@@ -25,6 +25,7 @@ import torch.fx as fx
 from .. import validate
 from ..batch import BatchLayout
 from ..case import Case
+from ..devices import device_type
 from ..graph import OpGraph, cut
 from ..hf.compile_backend import join_outputs, op_keys
 from ..plan import Plan, build_plan
@@ -165,7 +166,7 @@ class StepRunner:
             return tuple(a[tok] if k == "rows" else tok.stop - tok.start if k == "size" else a
                          for a, k in zip(inputs, kinds))
 
-        on_cpu = self.device is None or self.device.type == "cpu"
+        on_cpu = self.device is None or not device_type(self.device).accelerator
 
         def around(op: str, nano: int, r0: int, r1: int):
             if op in self.context_ops:
