@@ -32,7 +32,7 @@ from .files import write_json_atomic
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Hardware:
-    kind: str  # "cuda" or "cpu"
+    kind: str  # a registered device type (runtime/devices.py): "cuda", "cpu"
     name: str
     arch: str  # compute capability "9.0", or the CPU machine type
     num_sms: int  # SMs on a GPU, cores on a CPU

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from dynaflow.runtime import PRESETS, MeasureConfig, Schedule, TrialOutcome
+from dynaflow.runtime import devices
 from dynaflow.runtime.devices import device_type
 
 from dynaflow.runtime import detect, validate
@@ -106,7 +107,7 @@ def _model_flags(p: argparse.ArgumentParser, *, shapes: bool = False) -> None:
                         f"(default: {DEFAULT_MODEL}" + (", or the model a --shapes file names)" if shapes else ")"))
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", help=devices.spellings().replace("'", ""))
     p.add_argument("--tp", type=int, default=1, help="tensor parallelism of a preset: each trial runs on this many "
                    "rank processes (gloo on cpu, NCCL on cuda: cuda:0..N-1), their collectives scheduled as ops")
     p.add_argument("--sequence-parallel", action="store_true", help="with --tp: reduce-scatters and all-gathers "
