@@ -417,34 +417,35 @@ def _params(study: optuna.Study, winner: Candidate) -> dict:
 
 # --- in words -----------------------------------------------------------------------------------
 
-def verdict_text(v: dict | Confirmation | None) -> str:
-    """A confirmation (a study's "confirmation" attribute, or the Confirmation) in words, with what
-    to do when it is inconclusive, and whether its evidence ran under contention."""
+def verdict_text(v: Confirmation | dict | None) -> str:
+    """A confirmation in words, with what to do when it is inconclusive, and whether its evidence
+    ran under contention. A dict is a study's "confirmation" attribute (`Confirmation.to_dict`),
+    read back typed; one stored by an older dynaflow-tune (no reason) is said as it was."""
     if not v:
         return "not run yet"
-    if isinstance(v, Confirmation):
-        v = v.to_dict()
-    if "reason" not in v:
-        return _legacy_words(v)
+    if isinstance(v, dict):
+        if "reason" not in v:
+            return _legacy_words(v)
+        v = Confirmation.from_dict(v)
     text = _words(v)
-    if v.get("no_overlap") and v["verdict"] == "winner":
-        text += f"; {v['no_overlap']}"
-    if v.get("contended"):
-        text += f"; measured under contention (accepted): {v['contended']}"
+    if v.no_overlap and v.wins:
+        text += f"; {v.no_overlap}"
+    if v.contended:
+        text += f"; measured under contention (accepted): {v.contended}"
     return text
 
 
-def _words(v: dict) -> str:
-    kind = v["verdict"]
-    effect = v.get("min_effect") or 0.03
-    iv = (f"{v['confidence']:.1%} interval {v['low']:.2f}-{v['high']:.2f}x over {v['rounds']} paired rounds"
-          if v.get("low") is not None and v.get("confidence") and v.get("rounds", 0) >= 2 else "no interval")
-    if kind == "winner":
-        return f"{v['speedup']:.3f}x over sequential, confirmed ({iv}; trial {v['winner_trial']})"
-    if kind == "sequential_best":
-        return (f"sequential is best: no candidate can be faster by {effect:.0%} or more "
-                f"(best candidate {v['best_speedup']:.3f}x, {iv})")
-    return f"inconclusive: {v['reason']}"
+def _words(c: Confirmation) -> str:
+    best = c.best_candidate
+    iv = best.interval if best else None
+    said = (f"{iv.confidence:.1%} interval {iv.low:.2f}-{iv.high:.2f}x over {iv.rounds} paired rounds"
+            if iv is not None and iv.low is not None and iv.confidence and iv.rounds >= 2 else "no interval")
+    if c.wins:
+        return f"{c.speedup:.3f}x over sequential, confirmed ({said}; trial {c.winner.trial})"
+    if c.kind is Kind.SEQUENTIAL_BEST:
+        return (f"sequential is best: no candidate can be faster by {c.min_effect or 0.03:.0%} or more "
+                f"(best candidate {best.speedup:.3f}x, {said})")
+    return f"inconclusive: {c.reason}"
 
 
 def _legacy_words(v: dict) -> str:
