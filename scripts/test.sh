@@ -14,7 +14,8 @@
 #      installed), and the plugin's private vLLM names checked in the wheels of VLLM_WHEELS
 #      (read as zips: scripts/check_vllm_names.py).
 # Each release is installed (with the dependencies it needs changed) into a throw-away overlay put
-# first on PYTHONPATH, so this environment is left exactly as it was.
+# first on PYTHONPATH, so this environment is left exactly as it was; the overlays install in the
+# background (niced) while the tests before them run.
 # Extra arguments go to the first pytest run (e.g. `-x`, `-k hf`).
 set -e
 PY="${PYTHON:-python3}"
@@ -24,7 +25,8 @@ TORCH_TESTS="tests/test_dynamo.py tests/test_counters.py tests/test_equivalence.
     tests/test_hf.py tests/test_hf_compat.py tests/test_cuda_backend_sim.py tests/test_green_ctx.py
     tests/test_stream_sets.py tests/test_tuple_outputs.py tests/test_reductions.py tests/test_scheduled_calls.py"
 cd "$(dirname "$0")/.."
-"$PY" -m pytest -q "$@"
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT INT TERM
 
 HF_TESTS="tests/test_hf.py tests/test_dynamo.py tests/test_hf_compat.py tests/test_serve_loop.py"
 versions=$("$PY" -c "from dynaflow.runtime.hf.compat import ALSO_TESTED, oldest_transformers as o; print(o(), *ALSO_TESTED)")
@@ -36,17 +38,24 @@ vllm=$("$PY" -c "
 import tomllib
 extra = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['vllm']
 print(' '.join(s for s in extra if not s.startswith('transformers')))")
-for version in $versions; do
-    overlay=$(mktemp -d)
-    trap 'rm -rf "$overlay"' EXIT INT TERM
-    also="" tests="$HF_TESTS"
-    if [ "$version" = "$vllm_with" ]; then
-        also="$vllm" tests="$HF_TESTS tests/test_vllm.py"
-    fi
-    echo "== the HF tests again with transformers $version${also:+, and the vLLM plugin's with $also} (overlay $overlay)"
-    # shellcheck disable=SC2086  # $also is a list of requirement specs
-    "$PY" -m pip install --quiet --dry-run --report "$overlay/plan.json" "transformers==$version" $also
-    "$PY" -c "
+newest_torch=$("$PY" -c "
+import tomllib
+deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']
+torch = next(d for d in deps if d.startswith('torch'))
+print(next(c.split('<=')[1] for c in torch.split(',') if c.startswith('<=')))")
+
+# overlay NAME SPEC...: install SPEC (with the dependencies they need changed) into $work/NAME/site,
+# then mark it ready (or failed). Run in the background, niced, while earlier tests run: the
+# installs are the network's and the disk's, and the tests' cores stay theirs.
+overlay() {
+    name=$1
+    shift
+    dir="$work/$name"
+    mkdir -p "$dir"
+    {
+        # shellcheck disable=SC2068  # a list of requirement specs
+        nice -n 19 "$PY" -m pip install --quiet --dry-run --report "$dir/plan.json" $@ &&
+        "$PY" -c "
 import json, sys
 plan = json.load(open(sys.argv[1]))
 # vLLM's CPU build pulls torchvision, torchaudio and torchcodec builds that fail against CPU torch
@@ -54,35 +63,67 @@ plan = json.load(open(sys.argv[1]))
 skip = {'torchvision', 'torchaudio', 'torchcodec'}
 print('\n'.join(f\"{i['metadata']['name']}=={i['metadata']['version']}\" for i in plan['install']
                 if i['metadata']['name'].lower() not in skip))
-" "$overlay/plan.json" > "$overlay/pins.txt"
-    "$PY" -m pip install --quiet --no-deps --target "$overlay/site" -r "$overlay/pins.txt"
+" "$dir/plan.json" > "$dir/pins.txt" &&
+        nice -n 19 "$PY" -m pip install --quiet --no-deps --target "$dir/site" -r "$dir/pins.txt"
+    } > "$dir/install.log" 2>&1 && touch "$dir/ready" || touch "$dir/failed"
+}
+
+# ready NAME: wait for the overlay's install; its log and a failure if it failed
+ready() {
+    while [ ! -e "$work/$1/ready" ] && [ ! -e "$work/$1/failed" ]; do
+        sleep 2
+    done
+    if [ -e "$work/$1/failed" ]; then
+        echo "installing the overlay $1 failed:"
+        tail -40 "$work/$1/install.log"
+        exit 1
+    fi
+}
+
+# the transformers overlays install while the whole suite runs, the torch one while the vLLM
+# plugin's tests run (two overlays on disk at most)
+(
+    for version in $versions; do
+        also=""
+        if [ "$version" = "$vllm_with" ]; then
+            also="$vllm"
+        fi
+        # shellcheck disable=SC2086  # $also is a list of requirement specs
+        overlay "transformers-$version" "transformers==$version" $also
+    done
+) &
+
+"$PY" -m pytest -q "$@"
+
+for version in $versions; do
+    also="" tests="$HF_TESTS"
+    if [ "$version" = "$vllm_with" ]; then
+        also="$vllm" tests="$HF_TESTS tests/test_vllm.py"
+        (overlay torch "torch==$newest_torch") &
+        # pip's resolutions beside the engines and the wheels' download run beside these tests
+        # too (they need the network and pip, not the tests' cores), and are checked after them
+        for engine in $ENGINES; do
+            nice -n 19 "$PY" -m pip install --quiet --dry-run --ignore-installed --report "$work/$engine.json" "$engine" ".[hf]" \
+                > "$work/$engine.log" 2>&1 &
+        done
+        # shellcheck disable=SC2086
+        nice -n 19 "$PY" -m pip download --quiet --no-deps --dest "$work/wheels" $VLLM_WHEELS > "$work/download.log" 2>&1 &
+    fi
+    ready "transformers-$version"
+    site="$work/transformers-$version/site"
+    echo "== the HF tests again with transformers $version${also:+, and the vLLM plugin's with $also} (overlay $site)"
     # shellcheck disable=SC2086
-    PYTHONPATH="$overlay/site${PYTHONPATH:+:$PYTHONPATH}" DYNAFLOW_EXPECT_TRANSFORMERS="$version" \
+    PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" DYNAFLOW_EXPECT_TRANSFORMERS="$version" \
         DYNAFLOW_EXPECT_VLLM="${also:+1}" "$PY" -m pytest -q $tests
-    rm -rf "$overlay"
+    rm -rf "$work/transformers-$version"
 done
 
-newest_torch=$("$PY" -c "
-import tomllib
-deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']
-torch = next(d for d in deps if d.startswith('torch'))
-print(next(c.split('<=')[1] for c in torch.split(',') if c.startswith('<=')))")
-overlay=$(mktemp -d)
-work=$(mktemp -d)
-trap 'rm -rf "$overlay" "$work"' EXIT INT TERM
-# pip's resolutions beside the engines and the wheels' download run beside the torch tests (they
-# need the network and pip, not the tests' cores), and are checked after them
-for engine in $ENGINES; do
-    "$PY" -m pip install --quiet --dry-run --ignore-installed --report "$work/$engine.json" "$engine" ".[hf]" \
-        > "$work/$engine.log" 2>&1 &
-done
+ready torch
+echo "== the tests that reach into torch again with torch $newest_torch (overlay $work/torch/site)"
 # shellcheck disable=SC2086
-"$PY" -m pip download --quiet --no-deps --dest "$work/wheels" $VLLM_WHEELS > "$work/download.log" 2>&1 &
-echo "== the tests that reach into torch again with torch $newest_torch (overlay $overlay)"
-"$PY" -m pip install --quiet --target "$overlay/site" "torch==$newest_torch"
-# shellcheck disable=SC2086
-PYTHONPATH="$overlay/site${PYTHONPATH:+:$PYTHONPATH}" DYNAFLOW_EXPECT_TORCH="$newest_torch" \
+PYTHONPATH="$work/torch/site${PYTHONPATH:+:$PYTHONPATH}" DYNAFLOW_EXPECT_TORCH="$newest_torch" \
     "$PY" -m pytest -q $TORCH_TESTS
+rm -rf "$work/torch"
 wait
 echo "== pip resolves dynaflow-tune[hf] beside $ENGINES (dry runs: nothing installed)"
 for engine in $ENGINES; do
