@@ -165,7 +165,7 @@ def check_target(target, faults=ALL) -> None:
         t0 = time.monotonic()
         m = target.measure(schedule("poison-hang"), time_limit_s=HANG_LIMIT_S)
         assert m.outcome is TrialOutcome.TIMEOUT and m.killed_worker, m
-        assert time.monotonic() - t0 < HANG_LIMIT_S + 30  # the limit and the transport's grace, never the hour it sleeps
+        assert time.monotonic() - t0 < HANG_LIMIT_S + 30  # the limit and the transport's grace, not the hour it sleeps
         after = target.measure(schedule("after-hang"), time_limit_s=LIMIT_S)
         assert after.ok and after.notes["measured"] == "after-hang", after
 

@@ -109,7 +109,8 @@ def measure_pair(target: Target, schedule: Schedule, *, first: str = "baseline",
 
 def _baseline_failed(base: Measurement) -> Measurement:
     """The sequential run beside a candidate failed: the round is lost (a crash, not the candidate's verdict)."""
-    return Measurement(outcome=TrialOutcome.CRASHED, message=f"the sequential run beside it failed ({base.outcome.value}: {base.message})")
+    return Measurement(outcome=TrialOutcome.CRASHED,
+                       message=f"the sequential run beside it failed ({base.outcome.value}: {base.message})")
 
 
 def run(target: Target, schedule: Schedule, *, time_limit_s: float | None = None, paired: bool = False,

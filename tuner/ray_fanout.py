@@ -1,8 +1,8 @@
 """Trials fanned out over Ray actors: one per GPU (or CPU slot), grouped by hardware type.
 
 Each actor is a Station of tuner/remote.py's protocol (Prepare, Measure, Explain over its one
-`handle` method). Each hardware type's actors are one `GroupPool` (tuner/pool.py's protocol) searched by its own
-study in the tuning loop (tuner/search.py), all types at once: a dead worker's trial is CRASHED,
+`handle` method). Each hardware type's actors are one `GroupPool` (tuner/pool.py's protocol)
+searched by its own study in the tuning loop (tuner/search.py), all types at once: a dead worker's trial is CRASHED,
 a worker past the time limit is killed and its trial is TIMEOUT; either way a fresh worker
 takes its place. Ray is imported only here and only
 when a pool starts (`--workers`), so the GPU machine and users' servers never need it. Each
@@ -206,7 +206,8 @@ class RayPool:
         groups: dict[str, Group] = {}
         for actor, reply in zip(self.actors, self.ray.get(refs, timeout=self.config.prepare_timeout_s)):
             d = _prepared(reply)
-            groups.setdefault(d.hardware.key, Group(hardware=d.hardware, context=d.space_context())).actors.append(actor)
+            group = groups.setdefault(d.hardware.key, Group(hardware=d.hardware, context=d.space_context()))
+            group.actors.append(actor)
         return groups
 
     def start_replacement(self, group: Group, dead) -> tuple[Any, Any]:
@@ -295,7 +296,7 @@ class GroupPool:
         run = self.running.pop(ref)
         try:
             reply = self.ray.get(ref)
-            m = crashed(reply.error) if reply.error is not None else reply.value
+            m = reply.measurement()
             self.idle.append(run.actor)
         except RayActorError as e:
             m = died(f"worker died: {type(e).__name__}").measurement

@@ -1,9 +1,10 @@
 """What the tuner knows of a trial beyond the runtime's Measurement: the outcomes only a study
 gives (`StudyOutcome`), a measurement as a trial holds it (`TrialMeasurement`: reused from the
 study, or fatal to its worker), and a trial's record: what the study keeps of one trial (the
-`result` user attribute of its Optuna trial), typed, with its JSON round trip. The JSON is the study's format, unchanged: studies
-written by earlier versions read back (a field they lack takes its default), and the notebook,
-optuna-dashboard and `analysis.trials_table` read the same keys."""
+`result` user attribute of its Optuna trial), typed, with its JSON round trip. The JSON is the
+study's format, unchanged: studies written by earlier versions read back (a field they lack
+takes its default), and the notebook, optuna-dashboard and `analysis.trials_table` read the same
+keys."""
 from __future__ import annotations
 
 import dataclasses
@@ -104,7 +105,8 @@ class TrialRecord:
         before `killed_worker` was recorded said so only in the message."""
         if self.killed_worker is not None:
             return self.killed_worker
-        return self.outcome in (TrialOutcome.CRASHED.value, TrialOutcome.TIMEOUT.value) and "worker" in (self.message or "")
+        failed = self.outcome in (TrialOutcome.CRASHED.value, TrialOutcome.TIMEOUT.value)
+        return failed and "worker" in (self.message or "")
 
     def schedule_obj(self) -> Schedule | None:
         return Schedule.from_json(self.schedule) if self.schedule else None

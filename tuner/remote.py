@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dynaflow.runtime import BatchLayout, Hardware, MeasureConfig, Measurement, OpGraph, Schedule, TrialOutcome, Workload
+from dynaflow.runtime import (BatchLayout, Hardware, MeasureConfig, Measurement, OpGraph, Schedule, TrialOutcome,
+                              Workload)
 from dynaflow.search_spaces import SpaceContext
 
 from .measuring import Target, close_target, crashed, run
@@ -55,7 +56,11 @@ Request = Prepare | Measure | Explain
 @dataclass(frozen=True, slots=True)
 class Reply:
     value: Any = None
-    error: str | None = None  # a Prepare or an Explain that failed there, in one line
+    error: str | None = None  # a request that failed there, in one line
+
+    def measurement(self) -> Measurement:
+        """A Measure's answer: its measurement, or a CRASHED one carrying the error."""
+        return crashed(self.error) if self.error is not None else self.value
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -154,7 +159,8 @@ class RemoteTarget:
         self.connected = False
         self.description = self._prepared()
         self.hardware = self.description.hardware
-        self.graph, self.peaks, self.tolerance = self.description.graph, self.description.peaks, self.description.tolerance
+        d = self.description
+        self.graph, self.peaks, self.tolerance = d.graph, d.peaks, d.tolerance
 
     # --- the transport: a subclass's --------------------------------------------------------
 
@@ -180,7 +186,7 @@ class RemoteTarget:
             reply = self.ask(Measure(schedule, time_limit_s), time_limit_s)
         except WorkerLost as e:
             return e.measurement
-        return crashed(reply.error) if reply.error is not None else reply.value
+        return reply.measurement()
 
     def explain(self, schedule: Schedule) -> dict | None:
         try:

@@ -5,13 +5,13 @@
 
 Each rank is a Station of tuner/remote.py's protocol: at the Prepare it builds its shard of the
 workload and a Bench on it (runtime/measure.py); the driver sends every rank the same request,
-so all run the same schedule in lockstep through their collectives (runtime/parallel.py). Rank 0's measurement is the trial's, unless another rank's
-failed: then the first failing rank's, named. A rank that dies, or a group that does not answer
-within the collective timeout and a grace after a failure (a hung collective), makes the trial
-CRASHED or TIMEOUT with `killed_worker` set; the group is then replaced, as is one whose
-collectives failed (its ranks may no longer be in step), before the next trial. Trials time fully:
-pruning needs the study, which lives in the driver (as with Ray actors).
-"""
+so all run the same schedule in lockstep through their collectives (runtime/parallel.py). Rank
+0's measurement is the trial's, unless another rank's failed: then the first failing rank's,
+named. A rank that dies, or a group that does not answer within the collective timeout and a
+grace after a failure (a hung collective), makes the trial CRASHED or TIMEOUT with
+`killed_worker` set; the group is then replaced, as is one whose collectives failed (its ranks
+may no longer be in step), before the next trial. Trials time fully: pruning needs the study,
+which lives in the driver (as with Ray actors)."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +26,7 @@ from typing import Callable
 
 from dynaflow.runtime import Measurement, MeasureConfig, TrialOutcome, Workload
 
-from .measuring import LocalTarget, Target, crashed
+from .measuring import LocalTarget, Target
 from .records import TrialMeasurement
 from .remote import Measure, Prepare, RemoteTarget, Reply, Request, Station, WorkerLost, died, hung
 
@@ -173,7 +173,7 @@ class TPTarget(RemoteTarget):
     def _measurement(self, replies: list[Reply]) -> Measurement:
         """Rank 0's measurement, unless a rank's failed: then the first failing rank's, named. After
         a failure that may leave the ranks out of step the group is replaced (WorkerLost)."""
-        answers = [r.value if r.error is None else crashed(r.error) for r in replies]
+        answers = [r.measurement() for r in replies]
         failed = [(r, m) for r, m in enumerate(answers) if not m.ok]
         if not failed:
             return answers[0]
