@@ -55,6 +55,8 @@ class StoredSchedule:
     efficiency: float | None
     space: str
     speedup_interval: tuple[float, float] | None = None  # interval of the best candidate's speedup (`confidence`)
+    # provenance: where the record came from, written by the tuner and shown by `show`; the runtime
+    # validates and carries these, and never interprets them
     params: dict[str, Any] = field(default_factory=dict)  # the trial's params, for warm starts
     study: str = ""
     storage: str = ""
