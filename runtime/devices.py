@@ -11,6 +11,7 @@ timer (runtime/hardware.py `register_hardware`) and, if it has one, its telemetr
 (runtime/telemetry.py `register_sampler`)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,7 +67,7 @@ def parse(device: str) -> tuple[DeviceType, int | None] | None:
     """(its type, its index or None) for a device string of a registered type, else None."""
     name, sep, index = device.partition(":")
     t = _TYPES.get(name)
-    if t is None or (sep and not (t.indexed and index.isdigit())):
+    if t is None or (sep and not (t.indexed and re.fullmatch(r"[0-9]+", index))):  # ASCII digits only
         return None
     return t, int(index) if sep else None
 
