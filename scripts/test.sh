@@ -26,7 +26,7 @@ TORCH_TESTS="tests/test_dynamo.py tests/test_counters.py tests/test_equivalence.
     tests/test_stream_sets.py tests/test_tuple_outputs.py tests/test_reductions.py tests/test_scheduled_calls.py"
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT INT TERM
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT INT TERM
 
 HF_TESTS="tests/test_hf.py tests/test_dynamo.py tests/test_hf_compat.py tests/test_serve_loop.py"
 versions=$("$PY" -c "from dynaflow.runtime.hf.compat import ALSO_TESTED, oldest_transformers as o; print(o(), *ALSO_TESTED)")
