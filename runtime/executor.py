@@ -127,7 +127,7 @@ def _calling(case: Case, plan: Plan, runner: Runner) -> Runner:
     def run() -> None:
         with torch.no_grad():
             plan.out = case.sequential(*case.inputs)
-    return dataclasses.replace(runner, run=run, notes={**runner.notes, "sequential": "the model's own call "
+    return dataclasses.replace(runner, run=runner.around(run), notes={**runner.notes, "sequential": "the model's own call "
                                                        "(as serving makes it), not its ops one by one"})
 
 

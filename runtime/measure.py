@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from . import telemetry
+from . import steady, telemetry
 from .counters import count
 from .executor import Compiled, Executor, Output, clone_output, first_tensor
 from .hardware import Hardware, Peaks, detect, measure_peaks
@@ -153,6 +153,8 @@ class Measurement:
     efficiency: float | None = None  # bound_ms / latency_ms
     telemetry: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    state: steady.RunState | None = None  # the state its timed runs ran in, read inside them
+    baseline_state: steady.RunState | None = None  # the paired sequential run's; None when not paired
 
     @property
     def ok(self) -> bool:
@@ -169,6 +171,8 @@ class Measurement:
         d = asdict(self)
         d["outcome"] = self.outcome.value
         d["spread"] = self.spread
+        for key in ("state", "baseline_state"):
+            d[key] = getattr(self, key).to_dict() if getattr(self, key) is not None else None
         return d
 
     def summary(self) -> str:
@@ -187,6 +191,8 @@ class Bench:
                  config: MeasureConfig = MeasureConfig(), hardware: Hardware | None = None) -> None:
         if (workload is None) == (case is None):
             raise ValueError("Bench needs exactly one of workload or case.")
+        # before the model is built: its memory then stays in the process once freed (steady.py)
+        self.allocator = steady.keep_freed_memory()
         self.case = case or workload.build()
         self.config = config
         self.device = str(self.case.device)
@@ -268,37 +274,49 @@ class Bench:
                                message=f"output differs from the sequential reference: error {first:.2f}x tolerance "
                                        f"(rtol {tol['rtol']:.2g}, atol {tol['atol']:.2g})")
         mark = telemetry.busy_mark()  # how busy the machine is while this schedule is timed
-        samples, stop = self._time(compiled, on_sample, time_limit_s)
+        samples, faults, stop = self._time(compiled, on_sample, time_limit_s)
+        state = self._state(compiled, faults)
         if stop is not None:
             return Measurement(outcome=stop[0], message=stop[1], samples_ms=tuple(samples), notes=notes,
-                               latency_ms=statistics.median(samples) if samples else None)
+                               latency_ms=statistics.median(samples) if samples else None, state=state)
         last = self._agree(self.check(compiled.out))  # races show up on later runs too
         if last > 1:
             return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=last, notes=notes, tolerance=tol,
                                message=f"output differs after timed runs: error {last:.2f}x tolerance (a race?)")
-        return self._result(samples, max(first, last), compiled, notes, telemetry.busy_since(mark, self.device))
+        return dataclasses.replace(self._result(samples, max(first, last), compiled, notes,
+                                                telemetry.busy_since(mark, self.device)), state=state)
+
+    def _state(self, compiled: Compiled, faults: list[int]) -> steady.RunState:
+        """The state the timed runs ran in: each running thread's count, page faults per run."""
+        seen = compiled.runner.threads_seen
+        return steady.RunState.read(faults, threads=seen() if seen is not None else (),
+                                    full_threads=getattr(compiled.backend, "threads", None), allocator=self.allocator)
 
     def _time(self, compiled: Compiled, on_sample, time_limit_s):
-        """Warm up, then time `repeats` synced runs. Returns (samples, None) or (samples, (outcome, why))."""
+        """Warm up, then time `repeats` synced runs, reading each run's page faults. Returns
+        (samples, faults, None) or (samples, faults, (outcome, why))."""
         sync = compiled.backend.synchronize
         start = time.perf_counter()
         for _ in range(self.config.warmup):
             compiled()
         sync()
         samples: list[float] = []
+        faults: list[int] = []
         for _ in range(self.config.repeats):
+            f0 = steady.page_faults()
             t0 = time.perf_counter()
             compiled()
             sync()
             samples.append((time.perf_counter() - t0) * 1e3)
+            faults.append(steady.page_faults() - f0)
             over = time_limit_s is not None and time.perf_counter() - start > time_limit_s
             stop = 2 if over else 1 if on_sample is not None and on_sample(samples) else 0
             stop = self._agree(stop)  # a TP group's ranks stop at once
             if stop == 2:
-                return samples, (TrialOutcome.TIMEOUT, f"timing exceeded the {time_limit_s:g} s limit")
+                return samples, faults, (TrialOutcome.TIMEOUT, f"timing exceeded the {time_limit_s:g} s limit")
             if stop == 1:
-                return samples, (TrialOutcome.PRUNED, f"stopped after {len(samples)} samples: clearly slower")
-        return samples, None
+                return samples, faults, (TrialOutcome.PRUNED, f"stopped after {len(samples)} samples: clearly slower")
+        return samples, faults, None
 
     def _result(self, samples: list[float], error: float, compiled: Compiled, notes: dict,
                 busy: dict) -> Measurement:

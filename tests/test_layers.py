@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 RUNTIME = ROOT / "runtime"
-CORE = {"batch", "validate", "files", "devices", "counters", "telemetry", "graph", "schedule", "case", "plan", "backends",
+CORE = {"batch", "validate", "files", "devices", "counters", "steady", "telemetry", "graph", "schedule", "case", "plan", "backends",
         "backends.base", "backends.cpu", "backends.cuda", "backends.green_ctx", "executor", "measure", "timeline",
         "hardware", "models", "models.llama", "models.moe", "parallel"}
 ABOVE_CORE = {"workload", "store", "shapes", "loading", "serving", "probe"}

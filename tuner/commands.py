@@ -208,11 +208,21 @@ def cmd_measure(args) -> int:
         tol = target.tolerance
         print(f"checked   against the sequential reference: rtol {tol.rtol:.2g}, atol {tol.atol:.2g}"
               + (f" (error {m.error_ratio:.2g}x of it)" if m.error_ratio is not None else ""))
+        if m.state is not None:
+            print(f"state     {state_words(m.state)}")
         for k, v in m.notes.items():
             print(f"note      {k}: {v}")
     # a schedule breaking a rule is bad input (2) whether the file's checks or the plan found it;
     # a schedule that ran and failed (incorrect, crashed, timeout, oom) is a failed run (1)
     return 0 if m.ok else 2 if m.outcome is TrialOutcome.INVALID else 1
+
+
+def state_words(state) -> str:
+    """A measurement's RunState in one line (runtime/steady.py)."""
+    threads = f"threads per stream {list(state.threads)}" + (f" of the device's {state.full_threads}"
+                                                             if state.full_threads else "") if state.threads else ""
+    faults = f"{state.faults_per_run:,.0f} page faults per run"
+    return ", ".join(p for p in (threads, faults, f"allocator {state.allocator}" if state.allocator else "") if p)
 
 
 def _compare(target, w, schedule: Schedule, baseline: Schedule, rounds: int, *, as_json: bool) -> int:
@@ -232,7 +242,8 @@ def _compare(target, w, schedule: Schedule, baseline: Schedule, rounds: int, *, 
         comparison = Comparison(rounds=comparison.rounds + (r,))
         if not as_json:
             print(f"round {i + 1:>3}  {r.first} first  against {r.baseline_ms:.3f} ms  schedule {r.candidate_ms:.3f} ms  "
-                  f"{r.ratio:.3f}x" + (f"  busy (no evidence): {r.busy}" if r.busy else ""))
+                  f"{r.ratio:.3f}x" + (f"  different states (no evidence): {r.unsteady}" if r.unsteady
+                                       else f"  busy (no evidence): {r.busy}" if r.busy else ""))
     iv = plan.final(comparison)
     said = _compared(iv, comparison, failed)
     if as_json:
@@ -246,8 +257,9 @@ def _compare(target, w, schedule: Schedule, baseline: Schedule, rounds: int, *, 
 
 
 def _compared(iv, comparison, failed: str | None) -> str:
-    busy = len(comparison.busy_rounds)
-    left_out = f"; {busy} busy round(s) left out" if busy else ""
+    busy, unsteady = len(comparison.busy_rounds), len(comparison.unsteady_rounds)
+    left_out = (f"; {busy} busy round(s) left out" if busy else "") + \
+        (f"; {unsteady} round(s) in different states left out" if unsteady else "")
     if failed:
         return f"no comparison: {failed}"
     if iv.rounds < 2:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from dynaflow.runtime import Measurement, Schedule, Workload, telemetry
+from dynaflow.runtime import Measurement, Schedule, Workload, steady, telemetry
 from dynaflow.runtime.devices import device_type
 from dynaflow.runtime.measure import relative_spread, tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
@@ -88,6 +88,7 @@ class Confirmation:
     accept_contention: bool = False
     busy: dict = field(default_factory=dict)  # telemetry over every round (busy ones included)
     busy_rounds: int = 0  # rounds left out of the evidence: the machine was busy
+    unsteady_rounds: int = 0  # rounds left out of the evidence: their halves ran in different states
     contended: str | None = None  # the evidence itself ran under contention (accepted), in words
     no_overlap: str | None = None  # a winner that won without overlap: what differs from sequential
     bound_ms: float | None = None
@@ -138,6 +139,7 @@ class Confirmation:
                 "baseline_ms": self.baseline_ms, "noise": self.noise, "min_effect": self.min_effect,
                 "family_confidence": self.family_confidence, "looks": list(self.looks), "max_rounds": self.max_rounds,
                 "accept_contention": self.accept_contention, "busy": self.busy, "busy_rounds": self.busy_rounds,
+                "unsteady_rounds": self.unsteady_rounds,
                 "contended": self.contended, "no_overlap": self.no_overlap, "bound_ms": self.bound_ms,
                 "best": self.best, "candidates": [c.to_dict() for c in self.candidates],
                 "sequential_best": not self.wins}
@@ -149,7 +151,7 @@ class Confirmation:
                    min_effect=d.get("min_effect", 0.03), family_confidence=d.get("family_confidence", 0.98),
                    looks=tuple(d.get("looks") or ()), max_rounds=d.get("max_rounds", 0),
                    accept_contention=bool(d.get("accept_contention")), busy=d.get("busy") or {},
-                   busy_rounds=d.get("busy_rounds", 0), contended=d.get("contended"), no_overlap=d.get("no_overlap"),
+                   busy_rounds=d.get("busy_rounds", 0), unsteady_rounds=d.get("unsteady_rounds", 0), contended=d.get("contended"), no_overlap=d.get("no_overlap"),
                    bound_ms=d.get("bound_ms"))
 
 
@@ -262,21 +264,23 @@ def compare(target: Target, entries: list[Entry], plan: Plan, *, time_limit_s: f
 def paired_round(target: Target, schedule: Schedule, k: int, *, baseline: Schedule = Schedule(),
                  time_limit_s: float | None = None) -> tuple[Round | None, Measurement]:
     """Round `k` of `schedule` against `baseline`, the order alternating with k (A B, B A, ...):
-    the round (busy or quiet, by the pair's own reading), or None when it failed, and the
-    measurement it came from."""
+    the round (busy or quiet, by the pair's own reading; unsteady when its halves ran in different
+    states), or None when it failed, and the measurement it came from."""
     first = "baseline" if k % 2 == 0 else "candidate"
     m = measure_pair(target, schedule, first=first, baseline=baseline, time_limit_s=time_limit_s)
     if not (m.ok and m.baseline_samples_ms):
         return None, m
     return Round.of(m.baseline_samples_ms, m.samples_ms, first=first,
-                    busy=telemetry.contention(m.telemetry.get("busy"))), m
+                    busy=telemetry.contention(m.telemetry.get("busy")),
+                    unsteady=steady.differs(m.baseline_state, m.state)), m
 
 
 def judge(candidates: tuple[Candidate, ...], plan: Plan) -> Confirmation:
     """The verdict from the candidates' decisions."""
     common = dict(candidates=candidates, min_effect=plan.min_effect, family_confidence=plan.family_confidence,
                   looks=plan.looks, max_rounds=plan.max_rounds, accept_contention=plan.accept_contention,
-                  busy_rounds=0 if plan.accept_contention else sum(len(c.comparison.busy_rounds) for c in candidates))
+                  busy_rounds=0 if plan.accept_contention else sum(len(c.comparison.busy_rounds) for c in candidates),
+                  unsteady_rounds=sum(len(c.comparison.unsteady_rounds) for c in candidates))
     decided = {c.comparison.decision for c in candidates}
     faster = [i for i, c in enumerate(candidates) if c.comparison.decision is Decision.FASTER]
     measured = [i for i, c in enumerate(candidates) if c.interval.rounds]
@@ -297,6 +301,11 @@ def undecided_reason(candidates: tuple[Candidate, ...], plan: Plan) -> str:
             f"trial {c.trial}: {c.comparison.failed}" for c in candidates)[:300] + "); sequential kept"
     short = [c for c in candidates if c.comparison.decision is Decision.UNDECIDED
              and len(c.comparison.evidence(plan.accept_contention)) < plan.min_rounds]
+    unsteady = [r.unsteady for c in short for r in c.comparison.unsteady_rounds]
+    if unsteady:
+        return (f"{len(unsteady)} paired round(s) ran the sequential schedule and the candidate in different states "
+                f"(no evidence: {unsteady[0]}); a verdict needs {plan.min_rounds} rounds in one state per candidate "
+                f"within {plan.max_rounds}. Sequential kept (docs/verdicts.md, 'a known state')")
     if short and not plan.accept_contention:
         busy = BusySummary.of([c.comparison for c in candidates])
         if busy.busy:

@@ -85,7 +85,8 @@ def measure_pair(target: Target, schedule: Schedule, *, first: str = "baseline",
                  baseline: Schedule = Schedule()) -> Measurement:
     """One paired round: `baseline` (the sequential schedule) and `schedule` measured back to back
     on the same target (`first` says which runs first). Returns the candidate's measurement
-    carrying the baseline's samples (`baseline_samples_ms`) and the busy reading of both.
+    carrying the baseline's samples (`baseline_samples_ms`) and state (`baseline_state`), and the
+    busy reading of both.
     `on_sample` sees the candidate's samples with the baseline's figure (when the baseline ran first)."""
     if first not in ("baseline", "candidate"):
         raise ValueError(f"first must be 'baseline' or 'candidate', but got {first!r}.")
@@ -104,7 +105,8 @@ def measure_pair(target: Target, schedule: Schedule, *, first: str = "baseline",
     if base is None:  # the candidate ran first and failed: nothing to pair
         return m
     busy = telemetry.merge_busy([base.telemetry.get("busy") or {}, m.telemetry.get("busy") or {}])
-    return dataclasses.replace(m, baseline_samples_ms=tuple(base.samples_ms), telemetry={**m.telemetry, "busy": busy})
+    return dataclasses.replace(m, baseline_samples_ms=tuple(base.samples_ms), telemetry={**m.telemetry, "busy": busy},
+                               baseline_state=base.state)
 
 
 def _baseline_failed(base: Measurement) -> Measurement:

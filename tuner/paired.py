@@ -13,7 +13,8 @@ low quantile is a steadier estimate of the undisturbed time than the mean or the
 The speedup is the geometric mean of the per-round ratios; its interval is a t-interval over the
 rounds' log ratios, at a level corrected (Bonferroni) for the number of candidates compared and
 the number of times the rounds are looked at before deciding (`Plan`). Rounds measured while the
-machine was busy (`busy` set) are no evidence unless the user accepts contention.
+machine was busy (`busy` set) are no evidence unless the user accepts contention; rounds whose two
+halves ran in different states (`unsteady` set: runtime/steady.py) are never evidence.
 Pure Python and scipy's t quantile: nothing here times anything, so the statistics are tested
 on simulated targets (tests/test_paired.py).
 """
@@ -46,12 +47,14 @@ class Round:
     candidate_ms: float
     first: str = "baseline"  # which ran first: "baseline" or "candidate"
     busy: str | None = None  # why the machine counted as busy during the pair; None: quiet
+    # why the two halves ran in different states (runtime/steady.py): never evidence; None: the same
+    unsteady: str | None = None
 
     @classmethod
     def of(cls, baseline_samples_ms, candidate_samples_ms, *, first: str = "baseline",
-           busy: str | None = None) -> "Round":
+           busy: str | None = None, unsteady: str | None = None) -> "Round":
         return cls(baseline_ms=round_ms(baseline_samples_ms), candidate_ms=round_ms(candidate_samples_ms),
-                   first=first, busy=busy)
+                   first=first, busy=busy, unsteady=unsteady)
 
     @property
     def ratio(self) -> float:
@@ -60,12 +63,12 @@ class Round:
 
     def to_dict(self) -> dict:
         return {"baseline_ms": self.baseline_ms, "candidate_ms": self.candidate_ms, "first": self.first,
-                "busy": self.busy}
+                "busy": self.busy, "unsteady": self.unsteady}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Round":
         return cls(baseline_ms=float(d["baseline_ms"]), candidate_ms=float(d["candidate_ms"]),
-                   first=str(d.get("first", "baseline")), busy=d.get("busy"))
+                   first=str(d.get("first", "baseline")), busy=d.get("busy"), unsteady=d.get("unsteady"))
 
 
 class Decision(str, Enum):
@@ -166,11 +169,17 @@ class Comparison:
     decision: Decision = Decision.UNDECIDED
 
     def evidence(self, accept_contention: bool = False) -> tuple[Round, ...]:
-        return self.rounds if accept_contention else tuple(r for r in self.rounds if r.busy is None)
+        """The rounds a decision rests on: never one whose halves ran in different states; a busy one
+        only where contention is accepted."""
+        return tuple(r for r in self.rounds if r.unsteady is None and (accept_contention or r.busy is None))
 
     @property
     def busy_rounds(self) -> tuple[Round, ...]:
-        return tuple(r for r in self.rounds if r.busy is not None)
+        return tuple(r for r in self.rounds if r.busy is not None and r.unsteady is None)
+
+    @property
+    def unsteady_rounds(self) -> tuple[Round, ...]:
+        return tuple(r for r in self.rounds if r.unsteady is not None)
 
     def to_dict(self) -> dict:
         return {"rounds": [r.to_dict() for r in self.rounds], "failed": self.failed, "decision": self.decision.value}

@@ -19,6 +19,11 @@ class Runner:
     streams: list = field(default_factory=list)  # a device backend's streams, by schedule stream index
     mark: Callable[..., object] | None = None  # mark(k, timing): an event stream k may record
     peak_bytes: int | None = None  # known without a run (a CUDA graph's pool, sized at capture)
+    # around(fn): fn as this plan's runs run, in the state the backend sets before each (the CPU
+    # backend's thread counts); the executor wraps the case's own sequential call in it
+    around: Callable[[Callable[[], None]], Callable[[], None]] = lambda fn: fn
+    # the intra-op thread count each stream's thread saw in the last run; None: the backend has none
+    threads_seen: Callable[[], tuple[int, ...]] | None = None
 
 
 class Backend(ABC):

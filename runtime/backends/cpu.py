@@ -1,7 +1,12 @@
 """CPU backend: one Python thread per stream (torch ops release the GIL, so threads overlap).
 
-Thread shares cannot be enforced per stream: torch's intra-op pool is process-global. The sum
-of the shares caps the pool while the plan runs, and the runner's notes say so.
+A stream's share is its thread's intra-op thread count: OpenMP and MKL keep one per thread, so
+each stream thread runs its ops on a team of its share (a stream without one: all the device's
+threads, `CPUBackend.threads`). Every run sets the count explicitly in every thread that runs
+tasks, first thing, and sets the device's count back in the calling thread last: a count left by
+an earlier run, or by another thread (torch's process-wide value is what a thread takes at its
+first parallel op), never decides this one. What each thread saw is kept (`Runner.threads_seen`)
+and goes into every measurement (runtime/steady.py).
 
 Each multi-stream runner owns its stream threads and ends them when it is closed: a thread that
 ran torch ops keeps an OpenMP team of its own, and while such teams live the sequential schedule
@@ -26,19 +31,38 @@ from .base import Backend, Runner
 class CPUBackend(Backend):
     name = "cpu"
 
+    def __init__(self, threads: int | None = None) -> None:
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be an int >= 1 (the device's intra-op threads), but got {threads!r}.")
+        self.threads = threads or torch.get_num_threads()  # the device's full count: the sequential run's
+
     def prepare(self, plan: Plan) -> Runner:
         notes = {"cuda_graph": "ignored on cpu"} if plan.schedule.cuda_graph else {}
-        threads = plan.schedule.total_sm_share
-        if threads is not None:
-            notes["partition"] = (f"cpu: thread shares cap torch's process-global intra-op pool at "
-                                  f"{threads} thread(s) in all; per-stream shares are not enforceable")
+        counts = [s.sm_share or self.threads for s in plan.schedule.streams]
+        if plan.schedule.total_sm_share is not None:
+            notes["partition"] = (f"cpu: each stream's thread runs its ops on its share of threads {counts} "
+                                  f"(a stream without a share: all {self.threads})")
+        seen = [0] * plan.num_streams
         if plan.num_streams == 1:
-            return Runner(run=_with_threads(threads, lambda: _run_inline(plan)), notes=notes)
+            def around(fn):  # any run of this plan (the case's own sequential call too): its count first
+                return self._then_device_count(lambda: (set_threads(counts[0], seen), fn()))
+            return Runner(run=around(lambda: _run_inline(plan)), notes=notes, around=around,
+                          threads_seen=lambda: tuple(seen))
         pool = ThreadPoolExecutor(plan.num_streams, thread_name_prefix="dynaflow-stream")
-        runner = Runner(run=_with_threads(threads, lambda: _run_threads(plan, pool)), notes=notes,
-                        close=lambda: pool.shutdown(wait=True))
+        run = self._then_device_count(lambda: _run_threads(plan, pool, counts, seen))
+        runner = Runner(run=run, notes=notes, close=lambda: pool.shutdown(wait=True), threads_seen=lambda: tuple(seen))
         weakref.finalize(runner, pool.shutdown, wait=False)  # a runner dropped unclosed ends its threads too
         return runner
+
+    def _then_device_count(self, fn):
+        """`fn`, then the device's thread count set back in this thread and as torch's process-wide
+        value, whatever a stream thread set while it ran."""
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                torch.set_num_threads(self.threads)
+        return run
 
     def synchronize(self) -> None:
         pass
@@ -52,6 +76,13 @@ class CPUBackend(Backend):
         return mode.peak
 
 
+def set_threads(count: int, seen: list[int] | None = None, k: int = 0) -> None:
+    """This thread's intra-op thread count, set explicitly (and what it reads back, into seen[k])."""
+    torch.set_num_threads(count)
+    if seen is not None:
+        seen[k] = torch.get_num_threads()
+
+
 @torch.no_grad()
 def _run_inline(plan: Plan) -> None:
     plan.reset()
@@ -59,21 +90,23 @@ def _run_inline(plan: Plan) -> None:
         task.fn()
 
 
-def _run_threads(plan: Plan, pool: ThreadPoolExecutor) -> None:
+def _run_threads(plan: Plan, pool: ThreadPoolExecutor, counts: list[int], seen: list[int]) -> None:
     plan.reset()
     done = [threading.Event() for _ in plan.tasks]
     failed = threading.Event()
     per_stream: list[list[int]] = [[] for _ in range(plan.num_streams)]
     for i, task in enumerate(plan.tasks):
         per_stream[task.stream].append(i)
-    futures = [pool.submit(_stream_worker, plan.tasks, ids, done, failed) for ids in per_stream if ids]
+    futures = [pool.submit(_stream_worker, plan.tasks, ids, done, failed, counts[k], seen, k)
+               for k, ids in enumerate(per_stream) if ids]
     for f in futures:
         f.result()  # re-raises a task's exception in the caller
 
 
 @torch.no_grad()  # grad mode is per thread
-def _stream_worker(tasks: list[Task], ids: list[int], done, failed) -> None:
+def _stream_worker(tasks: list[Task], ids: list[int], done, failed, count: int, seen: list[int], k: int) -> None:
     try:
+        set_threads(count, seen, k)
         for i in ids:
             for w in tasks[i].waits:
                 done[w].wait()
@@ -86,21 +119,6 @@ def _stream_worker(tasks: list[Task], ids: list[int], done, failed) -> None:
         for ev in done:  # release every waiter so no stream hangs on a dead producer
             ev.set()
         raise
-
-
-def _with_threads(threads: int | None, fn):
-    if threads is None:
-        return fn
-
-    def run() -> None:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            fn()
-        finally:
-            torch.set_num_threads(before)
-
-    return run
 
 
 class LiveBytesMode(TorchDispatchMode):
