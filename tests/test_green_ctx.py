@@ -268,3 +268,38 @@ def test_events_live_in_their_streams_contexts_and_die_before_them(device):
     ex.backend._sets.capacity = 0
     ex.backend._sets._make_room()  # destroys the idle set: its green context goes after its events
     assert not fake.contexts and not fake.violations
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_after_a_partitioned_candidate_the_sequential_schedule_runs_as_the_plain_model(device, graph):
+    """On the current (default) stream, in the primary context, with every SM and the default
+    priority: none of the candidate's green streams, priorities or graph pool is on its path."""
+    sim, fake = device
+    ex = _executor(sim)
+    ref = ex.reference().clone()
+    step = 8 if fake.arch >= (9, 0) else 4
+    names = [op.name for op in ex.graph.ops]
+    order = tuple(Step(op=n, nano=k, stream=k) for k in (0, 1) for n in names)
+    half = ex.case.layout.num_requests // 2
+    candidate = Schedule(split_sizes=(half, ex.case.layout.num_requests - half), order=order, cuda_graph=graph,
+                         streams=(StreamSpec(sm_share=step, priority=-1), StreamSpec(sm_share=2 * step, priority=-2)))
+    run = ex.compile(candidate)
+    try:
+        assert_equal_to_reference(run_between_main_stream_work(sim, run), ref, ex)
+    finally:
+        run.close()
+    captures = list(sim.captures)
+    sequential = ex.compile(Schedule())
+    try:
+        assert sequential.runner.streams == [sim.main] and sim.current is sim.main
+        stream = sequential.runner.streams[0]
+        assert stream.context is None and stream.priority == 0 and not fake.current  # primary context, every SM
+        others = {id(s): len(s.queue) for s in sim.streams if s is not sim.main}
+        sequential()
+        assert all(len(s.queue) == others[id(s)] for s in sim.streams if s is not sim.main)  # nothing issued elsewhere
+        assert sim.captures == captures  # and nothing captured or replayed
+        sim.synchronize()
+        assert_equal_to_reference(sequential.out, ref, ex)
+    finally:
+        sequential.close()
+    assert not fake.violations, fake.violations

@@ -1,7 +1,9 @@
 """CUDA backend: streams made once per share set (the most recent few kept), events per plan;
 issue from one host thread.
 
-Each run forks every stream off the current stream and joins them back, so work of one run
+The sequential schedule (one stream, no share, no graph) runs on the current stream, as the
+unchanged model does: nothing a candidate made (green streams, priorities, graph pools) is on
+its path. Each other run forks every stream off the current stream and joins them back, so work of one run
 never overlaps the next and memory freed after a run is safe to reuse. Every event is made in
 the context of the stream that records it (a green stream's is its green context: the driver
 refuses a torch event recorded there); waiting on an event of another context is allowed. SM shares become
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import Plan
+from ..schedule import StreamSpec
 from .base import Backend, Runner
 from .green_ctx import PartitionUnavailable, StreamSet, StreamSets, TorchMark, make_partitioned_streams
 
@@ -72,6 +75,8 @@ class CUDABackend(Backend):
 
     def prepare(self, plan: Plan) -> Runner:
         specs = plan.schedule.streams
+        if len(specs) == 1 and specs[0] == StreamSpec() and not plan.schedule.cuda_graph:
+            return self._plain(plan)
         key = (tuple(s.sm_share for s in specs), tuple(s.priority for s in specs))
         stream_set = self._sets.acquire(key)
         streams, notes = stream_set.streams, stream_set.notes
@@ -129,6 +134,20 @@ class CUDABackend(Backend):
             raise
         return Runner(run=replay, notes={**notes, "cuda_graph": f"captured once ({how}), replayed"}, close=close,
                       peak_bytes=pool_bytes)
+
+    def _plain(self, plan: Plan) -> Runner:
+        """One stream, no share, the default priority, no graph (the sequential schedule): its tasks
+        in order on the current stream, in the primary context, on every SM, as the unchanged model
+        runs, whatever streams, partitions or graphs the schedules measured before it made."""
+        stream = torch.cuda.current_stream(self.device)
+
+        @torch.no_grad()
+        def run() -> None:
+            plan.reset()
+            for task in plan.tasks:
+                task.fn()
+
+        return Runner(run=run, streams=[stream], mark=lambda k, timing=False: TorchMark(timing))
 
     def _capture(self, run_once, issuer, first_green: int | None, streams: list):
         """(replay, bytes of the graph's private memory pool or None, how it was captured). Over
