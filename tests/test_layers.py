@@ -170,3 +170,17 @@ def test_the_checker_sees_a_lazy_upward_import(tmp_path):
     (tmp_path / "workload.py").write_text("def build():\n    from .hf.models import build_hf_case\n")
     deps = imports("workload", known["workload"], known)
     assert deps == [("hf.models", True)] and layer_of("hf.models") > layer_of("workload")
+
+
+@pytest.mark.parametrize("package", ["runtime", "tuner", "search_spaces"])
+def test_every_module_imports(package):
+    """Every module imports in a fresh interpreter: a syntax error or a missing name anywhere is
+    caught by the quick tier (vllm and ray stay lazy: neither needs to be installed)."""
+    import subprocess
+    import sys
+
+    names = sorted(f"dynaflow.{package}" + ("" if name == "__init__" else "." + name.removesuffix(".__init__"))
+                   for name in modules(package))
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
+    out = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
