@@ -130,7 +130,9 @@ def test_an_hf_architecture_is_tuned_and_its_record_serves_that_model(tmp_path, 
 
 
 @pytest.mark.parametrize("spec, words", [("hf:bogus", "arch one of"), ("hf:llama:nope", "sizes come from a preset"),
-                                         ("hf:llama:llama-tiny:0", "layers must be in [1, 128]")])
+                                         ("hf:llama:llama-tiny:0", "layers must be in [1, 128]"),
+                                         ("hf:llama:llama-tiny:abc", "layers must be in [1, 128] (a whole number), "
+                                                                     "but got 'abc'")])
 def test_bad_hf_specs_are_one_line(capsys, spec, words):
     from dynaflow.tuner.cli import main
     assert main(["ops", "--model", spec, "--workload", "d4x8"]) == 2

@@ -169,6 +169,8 @@ def test_bad_model_specs_are_one_line(model, words):
     ("postgresql://user@localhost/db", "needs a database driver", "needs a database driver"),
     ("journal:", "names no file", "names no file"),
     ("sqlite:///{tmp}/no/such/dir/studies.db", "does not exist", "does not exist, from {tmp}/no on; create it first"),
+    ("bogus://x", "'bogus' is no database SQLAlchemy knows; give sqlite:///PATH",
+     "'bogus' is no database SQLAlchemy knows; give sqlite:///PATH"),
 ])
 def test_storage_urls_that_cannot_be_opened_are_one_line(tmp_path, url, read_words, tune_words):
     (tmp_path / "afile").write_text("")
@@ -271,3 +273,19 @@ def test_the_ray_address_variable_is_checked_too(tmp_path, monkeypatch):
                            "--storage", f"sqlite:///{tmp_path}/s.db")
     assert code == 2
     one_line(err, "RAY_ADDRESS '127.0.0.1:", "no Ray cluster answers there")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (("tune", "--bogus"), "unrecognized arguments: --bogus"),
+    (("tune", "--trials", "ten"), "argument --trials: invalid int value: 'ten'"),
+    (("frob",), "invalid choice: 'frob'"),
+    (("measure",), "the following arguments are required: --workload"),
+])
+def test_argparse_usage_errors_are_one_line_too(argv, words):
+    """An unknown flag or a value of the wrong type: one line naming it and where the help is,
+    not argparse's usage lines first."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+    assert exit_.value.code == 2
+    one_line(err.getvalue(), words, "--help)")

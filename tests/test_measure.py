@@ -158,3 +158,22 @@ def test_measure_compares_two_schedules_in_paired_rounds(tmp_path, capsys):
     err = capsys.readouterr().err
     assert error_lines(err) == ["dynaflow-tune measure: error: --rounds must be >= 2 (an interval needs two rounds), "
                                 "but got 1."]
+
+
+def test_measure_rounds_on_a_busy_machine_counts_busy_rounds_only_when_asked(tmp_path, capsys, monkeypatch):
+    """Every round busy: no interval, and the line says how to get one on purpose; with
+    --accept-contention the busy rounds are the evidence and the result says so."""
+    from dynaflow.runtime import telemetry
+
+    monkeypatch.setattr(telemetry, "contention", lambda busy: "other processes used 90% of the 2 CPU(s)")
+    args = ["measure", "--model", "llama-tiny", "--workload", "d8x32", "--schedule", "", "--store", str(tmp_path),
+            "--warmup", "0", "--repeats", "3", "--rounds", "3", "--json"]
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({"schema_version": 1, "split_sizes": [4, 4], "label": "two"}))
+    args[args.index("--schedule") + 1] = str(two)
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["rounds"] == 0 and "(--accept-contention)" in data["result"], data["result"]
+    assert main(args + ["--accept-contention"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["rounds"] == 3 and "3 busy round(s) counted (--accept-contention)" in data["result"], data["result"]

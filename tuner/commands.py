@@ -38,8 +38,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, like every other bad input (the usage
+    lines argparse prints first are in `--help`)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynaflow-tune", description="Search intra-device schedules for LLM layers.")
+    parser = Parser(prog="dynaflow-tune", description="Search intra-device schedules for LLM layers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
@@ -58,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "interval over the quiet rounds (default: one measurement, no comparison)")
     m.add_argument("--against", type=Path, default=None, help="the baseline of --rounds: a schedule JSON file or a "
                    "stored record (default: sequential); alone, it implies --rounds 5")
+    m.add_argument("--accept-contention", action="store_true", help="with --rounds: count rounds measured while "
+                   "other processes used the machine as evidence (comparing on a shared machine on purpose; the "
+                   "result says so)")
     m.add_argument("--json", action="store_true", help="print the measurement as JSON")
 
     o = command("ops", "print the model's op graph: ops, resource class, FLOPs, bytes, deps", cmd_ops)
@@ -193,7 +204,8 @@ def cmd_measure(args) -> int:
     target = target_for(w, measure_config(args))
     try:
         if rounds is not None:
-            return _compare(target, w, schedule, baseline, rounds, as_json=args.json)
+            return _compare(target, w, schedule, baseline, rounds, as_json=args.json,
+                            accept_contention=args.accept_contention)
         m = target.measure(schedule)
     finally:
         close_target(target)
@@ -225,12 +237,14 @@ def state_words(state) -> str:
     return ", ".join(p for p in (threads, faults, f"allocator {state.allocator}" if state.allocator else "") if p)
 
 
-def _compare(target, w, schedule: Schedule, baseline: Schedule, rounds: int, *, as_json: bool) -> int:
+def _compare(target, w, schedule: Schedule, baseline: Schedule, rounds: int, *, as_json: bool,
+             accept_contention: bool = False) -> int:
     """`measure --rounds N`: the verdicts' rule on two schedules (tuner/paired.py)."""
     from .confirm import paired_round
     from .paired import ESTIMATOR, Comparison, Plan
 
-    plan, comparison, failed = Plan(min_rounds=2, max_rounds=rounds, candidates=1), Comparison(), None
+    plan = Plan(min_rounds=2, max_rounds=rounds, candidates=1, accept_contention=accept_contention)
+    comparison, failed = Comparison(), None
     if not as_json:
         print(f"workload  {w.key} ({w.num_tokens} tokens)\nhardware  {target.hardware.key}\nschedule  {schedule}\n"
               f"against   {baseline}")
@@ -245,7 +259,7 @@ def _compare(target, w, schedule: Schedule, baseline: Schedule, rounds: int, *, 
                   f"{r.ratio:.3f}x" + (f"  different states (no evidence): {r.unsteady}" if r.unsteady
                                        else f"  busy (no evidence): {r.busy}" if r.busy else ""))
     iv = plan.final(comparison)
-    said = _compared(iv, comparison, failed)
+    said = _compared(iv, comparison, failed, accept_contention)
     if as_json:
         print(json.dumps({"workload": w.key, "hardware": target.hardware.key, "schedule": schedule.to_dict(),
                           "against": baseline.to_dict(), "comparison": comparison.to_dict(), "failed": failed,
@@ -256,17 +270,19 @@ def _compare(target, w, schedule: Schedule, baseline: Schedule, rounds: int, *, 
     return 1 if failed else 0
 
 
-def _compared(iv, comparison, failed: str | None) -> str:
+def _compared(iv, comparison, failed: str | None, accept_contention: bool = False) -> str:
     busy, unsteady = len(comparison.busy_rounds), len(comparison.unsteady_rounds)
-    left_out = (f"; {busy} busy round(s) left out" if busy else "") + \
-        (f"; {unsteady} round(s) in different states left out" if unsteady else "")
+    left_out = (f"; {busy} busy round(s) {'counted (--accept-contention)' if accept_contention else 'left out'}"
+                if busy else "") + (f"; {unsteady} round(s) in different states left out" if unsteady else "")
     if failed:
         return f"no comparison: {failed}"
+    quiet = "" if accept_contention else "quiet "
     if iv.rounds < 2:
-        return f"no interval: {iv.rounds} quiet round(s) of {len(comparison.rounds)}{left_out}; run it on a quieter machine"
+        return (f"no interval: {iv.rounds} {quiet}round(s) of {len(comparison.rounds)}{left_out}; run it on a quieter "
+                "machine" + ("" if accept_contention else ", or count busy rounds on purpose (--accept-contention)"))
     word = "faster" if iv.low > 1 else "slower" if iv.high < 1 else "no difference shown"
     return (f"{iv.speedup:.3f}x: {word} ({iv.confidence:.0%} interval {iv.low:.3f}-{iv.high:.3f}x over {iv.rounds} "
-            f"quiet paired rounds{left_out})")
+            f"{quiet}paired rounds{left_out})")
 
 
 def cmd_ops(args) -> int:

@@ -52,6 +52,9 @@ class StorageConfig:
         return self.grace_s or 3 * self.heartbeat_s
 
 
+FORMS = "sqlite:///PATH, journal:PATH or a database URL such as postgresql://user@host/db"
+
+
 def open_storage(config: StorageConfig | str, *, create: bool = True) -> BaseStorage | str:
     """A storage for `config` (a StorageConfig or a bare URL: readers need no heartbeat).
     Local folders are created. A local SQLite file is put in write-ahead-log mode: a notebook
@@ -60,15 +63,14 @@ def open_storage(config: StorageConfig | str, *, create: bool = True) -> BaseSto
     url = config.url
     if url.startswith("sqlite:///") and url.endswith(":memory:"):
         return url
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
     try:
         check_storage(url, create=create)
         if url.startswith("journal:"):
             return _journal(url.removeprefix("journal:"), config)
         if "://" not in url:
-            raise ValueError(f"--storage {url!r} is not a URL: give sqlite:///PATH, journal:PATH or a database URL "
-                             "such as postgresql://user@host/db")
+            raise ValueError(f"--storage {url!r} is not a URL: give {FORMS}")
         return _retry_schema(lambda: _rdb(url, config))
     except OSError as e:
         raise ValueError(f"--storage {url!r} cannot be opened: {e.strerror or e}"
@@ -76,6 +78,9 @@ def open_storage(config: StorageConfig | str, *, create: bool = True) -> BaseSto
     except ImportError as e:
         raise ValueError(f"--storage {url!r} needs a database driver that is not installed ({e}); install it "
                          "(e.g. pip install psycopg2-binary for PostgreSQL)") from None
+    except NoSuchModuleError:  # SQLAlchemy knows no database of that name
+        raise ValueError(f"--storage {url!r}: {url.split('://')[0]!r} is no database SQLAlchemy knows; give "
+                         f"{FORMS}") from None
     except SQLAlchemyError as e:
         first = str(getattr(e, "orig", None) or e).splitlines()[0]
         raise ValueError(f"--storage {url!r} cannot be opened: {type(e).__name__}: {first}") from None

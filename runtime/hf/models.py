@@ -15,7 +15,6 @@ positions, and the position counters advance in per-nano-batch copies only.
 """
 from __future__ import annotations
 
-import re
 
 import torch
 from torch import nn
@@ -35,22 +34,24 @@ HF_ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=8, num_experts_per_tok=2)),
 }
-_SPEC = re.compile(r"hf:([a-z0-9]+)(?::([A-Za-z0-9.-]+))?(?::(\d+))?")
 
 
 def parse_hf(model: str) -> tuple[str, str, int]:
-    """(architecture, preset whose sizes it takes, decoder layers) of `hf:<arch>[:<preset>[:<layers>]]`."""
-    m = _SPEC.fullmatch(model)
-    if not m or m.group(1) not in HF_ARCHS:
-        raise ValueError(f"model {model!r} must be hf:<arch>[:<preset>[:<layers>]] with arch one of "
-                         f"{sorted(HF_ARCHS)}, e.g. hf:llama or hf:qwen2:llama3-8b:2.")
-    preset = m.group(2) or "llama-small"
+    """(architecture, preset whose sizes it takes, decoder layers) of `hf:<arch>[:<preset>[:<layers>]]`;
+    a bad field is one error naming it."""
+    form = "hf:<arch>[:<preset>[:<layers>]], e.g. hf:llama or hf:qwen2:llama3-8b:2"
+    fields = model.split(":")
+    if fields[0] != "hf" or not 2 <= len(fields) <= 4:
+        raise ValueError(f"model {model!r} must be {form}.")
+    arch, preset, layers = fields[1], fields[2] if len(fields) > 2 else "llama-small", fields[3] if len(fields) > 3 else "2"
+    if arch not in HF_ARCHS:
+        raise ValueError(f"model {model!r} must be {form}, with arch one of {sorted(HF_ARCHS)}, but the "
+                         f"architecture is {arch!r}.")
     if preset not in PRESETS:
         raise ValueError(f"model {model!r}: sizes come from a preset {sorted(PRESETS)}, not {preset!r}.")
-    layers = int(m.group(3) or 2)
-    if not 1 <= layers <= 128:
-        raise ValueError(f"model {model!r}: layers must be in [1, 128], but got {layers}.")
-    return m.group(1), preset, layers
+    if not (layers.isascii() and layers.isdigit()) or not 1 <= int(layers) <= 128:
+        raise ValueError(f"model {model!r}: layers must be in [1, 128] (a whole number), but got {layers!r}.")
+    return arch, preset, int(layers)
 
 
 def _transformers(model: str):
