@@ -230,3 +230,39 @@ def test_a_measurement_beside_a_failing_baseline_is_a_lost_round():
     assert m.ok and len(m.baseline_samples_ms) == len(m.samples_ms) and isinstance(m, Measurement)
     with pytest.raises(ValueError, match="first must be 'baseline' or 'candidate'"):
         measure_pair(target, Schedule(), first="both")
+
+
+def test_ctrl_c_during_the_confirmation_concludes_nothing_and_keeps_the_stored_record(tmp_path, capsys):
+    """The first Ctrl-C while the confirmation's rounds run: they stop at the next round, the verdict
+    is "inconclusive: interrupted during the confirmation", an earlier winner stays, and the run
+    counts as interrupted (`tune` exits 130)."""
+    import inspect
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+
+    def landscape(s):
+        return 10.0 if s.is_sequential else 8.0
+
+    [first] = tune(_config(tmp_path), make_target=lambda w: FakeTarget(tiny_context(), landscape), log=lambda *a: None)
+    assert first.record.verdict == "winner"
+
+    class CtrlCInConfirmation(FakeTarget):
+        def measure(self, schedule, **kw):
+            confirming = any(f.function == "compare" and f.filename.endswith("confirm.py") for f in inspect.stack())
+            if confirming and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a flag, handled before the next bytecode
+            return super().measure(schedule, **kw)
+
+    target = CtrlCInConfirmation(tiny_context(), landscape)
+    target.sent = False
+    [second] = tune(_config(tmp_path, trials=10), make_target=lambda w: target, log=lambda *a: None)
+    assert target.sent and second.interrupted
+    assert second.verdict.kind == "inconclusive" and "interrupted during the confirmation" in second.verdict.reason
+    assert sum(len(c.comparison.rounds) for c in second.verdict.candidates) <= 1  # it stopped at the next round
+    assert second.record.verdict == "winner" and "conclusive" in second.kept  # the earlier winner stays
+    assert "stopping: " in capsys.readouterr().err

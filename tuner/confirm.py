@@ -215,16 +215,21 @@ class RecordConfig:
     storage_url: str
 
 
-def confirm(study: optuna.Study, target: Target, config: ConfirmConfig, *, interrupted: bool = False) -> Confirmation:
+INTERRUPTED = "interrupted {when}; sequential kept, nothing concluded (run tune again to go on)"
+
+
+def confirm(study: optuna.Study, target: Target, config: ConfirmConfig, *, interrupted: bool = False,
+            stop=()) -> Confirmation:
     """Re-measure the study's best candidates in paired rounds and judge them; `interrupted`: the
-    search was stopped, so nothing is measured and nothing concluded."""
+    search was stopped, so nothing is measured and nothing concluded; `stop` (truthy once Ctrl-C was
+    pressed) ends the rounds at the next one, concluding nothing either."""
     if interrupted:
-        return Confirmation(kind=Kind.INCONCLUSIVE, reason="interrupted before the confirmation; sequential kept, "
-                            "nothing concluded (run tune again to go on)", min_effect=config.min_effect)
+        return Confirmation(kind=Kind.INCONCLUSIVE, reason=INTERRUPTED.format(when="before the confirmation"),
+                            min_effect=config.min_effect)
     entries = top_candidates(study, config.top)
     if not entries:
         return Confirmation(kind=Kind.INCONCLUSIVE, reason=nothing_to_compare(study), min_effect=config.min_effect)
-    return compare(target, entries, plan_for(config, len(entries)), time_limit_s=config.time_limit_s)
+    return compare(target, entries, plan_for(config, len(entries)), time_limit_s=config.time_limit_s, stop=stop)
 
 
 def plan_for(config: ConfirmConfig, candidates: int) -> Plan:
@@ -232,9 +237,11 @@ def plan_for(config: ConfirmConfig, candidates: int) -> Plan:
                 min_effect=config.min_effect, accept_contention=config.accept_contention)
 
 
-def compare(target: Target, entries: list[Entry], plan: Plan, *, time_limit_s: float | None = None) -> Confirmation:
+def compare(target: Target, entries: list[Entry], plan: Plan, *, time_limit_s: float | None = None,
+            stop=()) -> Confirmation:
     """Paired rounds of each entry against the baseline until each is decided or has spent
-    `plan.max_rounds`; then the verdict (`judge`). Optuna-free: the statistics' tests drive it."""
+    `plan.max_rounds`; then the verdict (`judge`), or nothing concluded once `stop` is truthy (Ctrl-C).
+    Optuna-free: the statistics' tests drive it."""
     comparisons = [Comparison() for _ in entries]
     readings, bound, spent = [], None, set()  # spent: candidates whose budget cannot decide them any more
     for _ in range(plan.max_rounds):
@@ -242,6 +249,8 @@ def compare(target: Target, entries: list[Entry], plan: Plan, *, time_limit_s: f
         if not active:
             break
         for i in active:
+            if stop:
+                break
             c = comparisons[i]
             r, m = paired_round(target, entries[i].schedule, len(c.rounds), time_limit_s=time_limit_s)
             readings.append(m.telemetry.get("busy") or {})
@@ -255,9 +264,14 @@ def compare(target: Target, entries: list[Entry], plan: Plan, *, time_limit_s: f
             comparisons[i] = dataclasses.replace(c, decision=plan.decide(c, last=last))
             if last:  # a busy machine: the quiet rounds a verdict needs can no longer come within the budget
                 spent.add(i)
+        if stop:
+            break
     candidates = tuple(Candidate(trial=e.trial, schedule=e.schedule, comparison=c, interval=plan.final(c),
                                  search_speedup=e.speedup, pruned=e.pruned) for e, c in zip(entries, comparisons))
     verdict = judge(candidates, plan)
+    if stop:  # the rounds so far are kept in the study, and judged by nobody
+        verdict = dataclasses.replace(verdict, kind=Kind.INCONCLUSIVE,
+                                      reason=INTERRUPTED.format(when="during the confirmation"))
     return dataclasses.replace(verdict, busy=telemetry.merge_busy(readings), bound_ms=bound)
 
 

@@ -1,7 +1,9 @@
 """Ctrl-C that never lands in the middle of a storage write.
 
-The first Ctrl-C only raises a flag: the search stops timing the current trial, records it as
-interrupted, and goes on to confirm and store the best so far. A second Ctrl-C stops at once.
+The first Ctrl-C only raises a flag: the search stops timing the current trial and records it as
+interrupted, or the confirmation stops after its current round; either way the workload's verdict
+is stored as "inconclusive: interrupted" (an earlier conclusive record stays) and `tune` exits 130.
+A second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ def stop_on_ctrl_c() -> Iterator[StopFlag]:
         if flag.requested:
             raise KeyboardInterrupt
         flag.requested = True
-        print("\nstopping: the best so far will be confirmed and stored (Ctrl-C again to stop now)",
-              file=sys.stderr)
+        print("\nstopping: the trial or round being timed ends the run; nothing is concluded, the sequential schedule "
+              "is kept and a stored record stays (Ctrl-C again to stop now)", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

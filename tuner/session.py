@@ -94,10 +94,12 @@ def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, 
                    baseline_ms=figure_ms)
 
 
-def finish(session: Session, result: StudyResult, config: TuneConfig) -> WorkloadResult:
-    """Confirm the best candidates against the baseline and store the verdict."""
+def finish(session: Session, result: StudyResult, config: TuneConfig, *, stop=()) -> WorkloadResult:
+    """Confirm the best candidates against the baseline and store the verdict; once `stop` is
+    truthy (Ctrl-C), the confirmation ends at its next round and nothing is concluded."""
     try:
-        verdict = confirm(session.study, session.target, confirm_config(config), interrupted=result.interrupted)
+        verdict = confirm(session.study, session.target, confirm_config(config), interrupted=result.interrupted,
+                          stop=stop)
     except KeyboardInterrupt:
         print("interrupted again: nothing stored for this workload", file=sys.stderr)
         raise
@@ -108,4 +110,5 @@ def finish(session: Session, result: StudyResult, config: TuneConfig) -> Workloa
                           kept=kept, verdict=verdict, outcomes=result.outcomes,
                           distinct=len(search_trials(session.study)), tally=tally(session.study),
                           duplicates=result.duplicates,
-                          interrupted=result.interrupted, exhausted=result.exhausted, timed_out=result.timed_out)
+                          interrupted=result.interrupted or bool(stop), exhausted=result.exhausted,
+                          timed_out=result.timed_out)

@@ -92,5 +92,5 @@ def tune_workload(workload: Workload, places: list[tuple[Target, Pool]], config:
     for session, outcome in zip(sessions, outcomes):
         if outcome.stats.per_worker:
             log(outcome.stats.summary(session.target.hardware.key))
-        results.append(finish(session, outcome, config))
+        results.append(finish(session, outcome, config, stop=stop))
     return results
