@@ -289,3 +289,55 @@ def test_argparse_usage_errors_are_one_line_too(argv, words):
         main(list(argv))
     assert exit_.value.code == 2
     one_line(err.getvalue(), words, "--help)")
+
+
+def test_an_address_where_something_else_answers_is_one_line_at_once(tmp_path, monkeypatch):
+    """An HTTP server at the address (not Ray): refused within seconds by a handshake Ray's gRPC
+    servers answer and an HTTP/1 server does not, before Ray is imported (Ray itself would retry
+    "Failed to get cluster ID" for minutes)."""
+    import http.server
+    import threading
+    import time
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # the server's own log is not the tool's output
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing Ray would fail: it is never reached
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        start = time.monotonic()
+        code, out, err = run_cli("tune", "--workers", "all", "--ray-address", address, "--trials", "1",
+                                 "--no-progress", "--store", tmp_path, "--storage", f"sqlite:///{tmp_path}/s.db")
+        assert time.monotonic() - start < 30
+    finally:
+        server.shutdown()
+    assert code == 2 and out == ""
+    one_line(err, f"--ray-address '{address}': something answers there, but not Ray")
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_a_grpc_server_passes_the_handshake():
+    """What a gRPC server (Ray's GCS) sends first: a SETTINGS frame on stream 0."""
+    import socket
+    import threading
+
+    from dynaflow.tuner.ray_fanout import HTTP2_PREFACE, SETTINGS_FRAME, _speaks_http2
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            got = b""
+            while len(got) < len(HTTP2_PREFACE):
+                got += conn.recv(64)
+            conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64")  # SETTINGS, one entry
+    threading.Thread(target=serve, daemon=True).start()
+    with socket.create_connection(listener.getsockname(), timeout=5) as conn:
+        assert _speaks_http2(conn)
+    listener.close()
+    assert SETTINGS_FRAME[3] == 0x04

@@ -44,11 +44,38 @@ def check_address(address: str, given_as: str, timeout_s: float = CONNECT_S) -> 
         raise ValueError(f"{given_as} {address!r} is not HOST:PORT (or ray://HOST:PORT): the head's address, "
                          f"as `ray start --head` prints it.")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as conn:
+            speaks = _speaks_http2(conn)
     except OSError as e:
         why = f"no answer within {timeout_s:g} s" if isinstance(e, TimeoutError) else (e.strerror or str(e)).lower()
         raise ValueError(f"{given_as} {address!r}: no Ray cluster answers there ({why}); "
                          f"start one with `ray start --head`, or give the head's address.") from None
+    if not speaks:
+        raise ValueError(f"{given_as} {address!r}: something answers there, but not Ray (no gRPC: it did not answer "
+                         f"an HTTP/2 handshake); give the head's address, as `ray start --head` prints it.")
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS_FRAME = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame: length 0, type 4, stream 0
+
+
+def _speaks_http2(conn) -> bool:
+    """Whether the server behind `conn` answers an HTTP/2 client preface with a SETTINGS frame, as
+    every gRPC server (Ray's GCS and its client server) does first; an HTTP/1 server answers with
+    text or closes, anything else says nothing within the connection's timeout."""
+    import socket
+
+    try:
+        conn.sendall(HTTP2_PREFACE + SETTINGS_FRAME)
+        head = b""
+        while len(head) < 9:
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except (socket.timeout, OSError):
+        return False
+    return head[3] == 0x04 and head[5:9] == b"\x00\x00\x00\x00"  # a SETTINGS frame on stream 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
