@@ -21,7 +21,7 @@ from . import validate
 from .files import write_json_atomic
 from .hardware import Hardware
 from .schedule import Schedule
-from .workload import Workload
+from .workload import PRESETS, Workload, preset_layout
 
 log = logging.getLogger("dynaflow")
 
@@ -129,8 +129,10 @@ class StoredSchedule:
             schedule = Schedule.from_dict(d["schedule"])
         except ValueError as e:
             raise ValueError(f"record.schedule: {e}") from None
+        workload = Workload.from_dict(d["workload"], "record.workload")
+        check_fits(schedule, workload)
         return cls(hardware=Hardware.from_dict(d["hardware"], "record.hardware"),
-                   workload=Workload.from_dict(d["workload"], "record.workload"), schedule=schedule,
+                   workload=workload, schedule=schedule,
                    tokens_per_s=validate.number(d, "tokens_per_s", r, positive=True),
                    baseline_tokens_per_s=validate.number(d, "baseline_tokens_per_s", r, positive=True),
                    speedup=validate.number(d, "speedup", r, positive=True),
@@ -221,6 +223,19 @@ class StoreConfig:
     def peaks_dir(self) -> Path:
         """Where the device peaks are cached, one file per hardware and dtype, for every command."""
         return Path(self.root).absolute() / "peaks"
+
+
+def check_fits(schedule: Schedule, workload: Workload) -> None:
+    """A record's splits must cut its own workload's batch (the built-in and `hf:` models, whose
+    batch the workload alone says: decode requests of one token, prefill requests of a chunk); a
+    record that breaks the rule is refused where it is read, naming the field."""
+    if not schedule.split_sizes or not (workload.model in PRESETS or workload.model.startswith("hf:")):
+        return
+    layout = preset_layout(workload.num_decode, workload.num_prefill, workload.chunk)
+    try:
+        layout.request_ranges(schedule.split_unit, schedule.split_sizes)
+    except ValueError as e:
+        raise ValueError(f"record.schedule.split_sizes does not fit record.workload {workload.key}: {e}") from None
 
 
 class ScheduleStore:

@@ -97,7 +97,7 @@ def test_export_then_import_moves_every_record_to_a_machine_of_the_same_type(tmp
     src, dst = ScheduleStore(StoreConfig(root=tmp_path / "a")), ScheduleStore(StoreConfig(root=tmp_path / "b"))
     d64 = Workload(model="llama3-8b", num_decode=64, context_len=2048, dtype="bfloat16", device="cuda")
     src.save(record())
-    src.save(record(workload=d64))
+    src.save(record(workload=d64, schedule=Schedule(split_sizes=(32, 32), label="x")))
     bundle = export(src, H100.key)
     saved, kept = import_bundle(dst, json.loads(json.dumps(bundle)), H100, "x.json")
     assert len(saved) == 2 and kept == []
@@ -134,7 +134,8 @@ def test_export_and_import_commands(tmp_path, capsys):
     from dynaflow.tuner.cli import main
     cpu = detect("cpu")
     w = Workload(model="llama-tiny", num_decode=4, context_len=16)
-    ScheduleStore(StoreConfig(root=tmp_path / "a")).save(record(hardware=cpu, workload=w))
+    ScheduleStore(StoreConfig(root=tmp_path / "a")).save(record(hardware=cpu, workload=w,
+                                                                schedule=Schedule(split_sizes=(2, 2), label="x")))
     out = tmp_path / "export.json"
     assert main(["export", "--store", str(tmp_path / "a"), "--device", "cpu", "--out", str(out)]) == 0
     assert main(["import", str(out), "--store", str(tmp_path / "b"), "--device", "cpu"]) == 0
@@ -190,3 +191,27 @@ def test_the_verdict_is_one_typed_field_its_old_twin_only_derived():
         StoredSchedule.from_dict({**d, "sequential_best": False})
     with pytest.raises(ValueError, match="verdict must be one of"):
         record(verdict="maybe")
+
+
+def test_a_record_whose_splits_do_not_fit_its_workload_is_refused_where_read(tmp_path, capsys):
+    """split_sizes [5, 5] in a record of 8 requests: `list` and `show` say why, the start-up map
+    refuses it naming the file (as any invalid record), and `export` names the file and how to go on."""
+    from dynaflow.runtime import ScheduleMap
+    from dynaflow.tuner.cli import main
+
+    w = Workload(model="llama-tiny", num_decode=8, context_len=64, device="cuda", dtype="bfloat16")
+    store = ScheduleStore(StoreConfig(root=tmp_path))
+    path = store.save(record(workload=w, schedule=Schedule(split_sizes=(4, 4))))
+    data = json.loads(path.read_text())
+    data["schedule"]["split_sizes"] = [5, 5]
+    path.write_text(json.dumps(data))
+    why = "record.schedule.split_sizes does not fit record.workload llama-tiny_d8x64_p0_bf16: split_sizes must " \
+          "sum to the batch's 8 requests, but [5, 5] sums to 10."
+    assert main(["show", str(path)]) == 2
+    assert why in capsys.readouterr().err
+    assert main(["list", "--store", str(tmp_path)]) == 0
+    assert "UNREADABLE" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="llama-tiny_d8x64_p0_bf16.json is invalid: record.schedule.split_sizes"):
+        ScheduleMap.load(tmp_path, model="llama-tiny", dtype="bfloat16", hardware=H100)  # never answered with
+    with pytest.raises(ValueError, match="Nothing was exported: fix that file, or move it out of"):
+        export(store, H100.key)

@@ -34,7 +34,8 @@ def export(store: ScheduleStore, hardware_key: str) -> dict[str, Any]:
     records = []
     for path, rec in store.records(hardware_key):
         if isinstance(rec, ValueError):
-            raise rec
+            raise ValueError(f"{rec} Nothing was exported: fix that file, or move it out of {path.parent}, and "
+                             "export again (`dynaflow-tune list` shows every unreadable record).") from None
         records.append(rec.to_dict())
     if not records:
         raise ValueError(f"{store.root / hardware_key} holds no records to export.")
