@@ -99,10 +99,7 @@ ready() {
     done
 ) &
 
-# the whole suite: two workers (pytest-xdist; a file's tests stay on one worker, so its module-wide
-# fixtures start once), then the tests that must run alone (tests/conftest.py's SERIAL)
-"$PY" -m pytest -q -n 2 --dist loadfile -m "not serial" "$@"
-"$PY" -m pytest -q -m serial "$@" || [ $? -eq 5 ]  # 5: arguments that select none of them
+"$PY" -m pytest -q "$@"
 
 for version in $versions; do
     also="" tests="$HF_TESTS"
@@ -123,7 +120,7 @@ for version in $versions; do
     echo "== the HF tests again with transformers $version${also:+, and the vLLM plugin's with $also} (overlay $site)"
     # shellcheck disable=SC2086
     PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" DYNAFLOW_EXPECT_TRANSFORMERS="$version" \
-        DYNAFLOW_EXPECT_VLLM="${also:+1}" "$PY" -m pytest -q -n 2 --dist loadfile $tests
+        DYNAFLOW_EXPECT_VLLM="${also:+1}" "$PY" -m pytest -q $tests
     rm -rf "$work/transformers-$version"
 done
 
@@ -131,7 +128,7 @@ ready torch
 echo "== the tests that reach into torch again with torch $newest_torch (overlay $work/torch/site)"
 # shellcheck disable=SC2086
 PYTHONPATH="$work/torch/site${PYTHONPATH:+:$PYTHONPATH}" DYNAFLOW_EXPECT_TORCH="$newest_torch" \
-    "$PY" -m pytest -q -n 2 --dist loadfile $TORCH_TESTS
+    "$PY" -m pytest -q $TORCH_TESTS
 rm -rf "$work/torch"
 wait
 echo "== pip resolves dynaflow-tune[hf] beside $ENGINES (dry runs: nothing installed)"

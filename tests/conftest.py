@@ -39,21 +39,10 @@ QUICK = (
 )
 
 
-# Run alone, after the parallel part (scripts/test.sh: `-n 2 -m "not serial"`, then `-m serial`): tests
-# whose claims are about the whole machine (no rendezvous folder or process left anywhere: another
-# test's live ones would be counted), and the Ray cluster's node timeouts, which a second test's
-# load stretches past their bounds.
-SERIAL = (
-    "tests/test_ray_cluster.py",
-)
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.startswith(QUICK):
             item.add_marker(pytest.mark.quick)
-        if item.nodeid.startswith(SERIAL):
-            item.add_marker(pytest.mark.serial)
     if config.getoption("markexpr") == "quick":  # a renamed test must not leave the tier silently
         lost = [q for q in QUICK if not any(item.nodeid.startswith(q) for item in items)]
         if lost:
