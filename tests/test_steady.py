@@ -199,3 +199,25 @@ def test_a_slow_mode_baseline_never_makes_a_winner():
         FakeTarget.measure(target, schedule, **kw), state=REFAULTING if schedule.is_sequential else SEQ)
     v = compare(target, entries, Plan(candidates=1, max_rounds=6))
     assert v.kind == "inconclusive" and "different states" in v.reason and "faulted" in v.reason
+
+
+def test_a_stream_failing_before_its_first_task_ends_the_run_with_its_own_error(bench, monkeypatch):
+    """The streams wait for each other's counts before any task (torch.set_num_threads resizes
+    process-wide pools); one failing there releases the others, and the run raises its error."""
+    from dynaflow.runtime.backends import cpu
+
+    real = cpu.set_threads
+
+    def failing(count, seen=None, k=0):
+        if k == 1:
+            raise RuntimeError("injected before the barrier")
+        real(count, seen, k)
+    monkeypatch.setattr(cpu, "set_threads", failing)
+    compiled = bench.executor.compile(streams_schedule(bench.executor.graph, (4, 4), (1, 1)))
+    try:
+        with pytest.raises(RuntimeError, match="injected before the barrier"):
+            compiled()
+    finally:
+        compiled.close()
+    monkeypatch.undo()
+    assert bench.measure(Schedule()).state.threads == (FULL,)

@@ -97,16 +97,30 @@ def _run_threads(plan: Plan, pool: ThreadPoolExecutor, counts: list[int], seen: 
     per_stream: list[list[int]] = [[] for _ in range(plan.num_streams)]
     for i, task in enumerate(plan.tasks):
         per_stream[task.stream].append(i)
-    futures = [pool.submit(_stream_worker, plan.tasks, ids, done, failed, counts[k], seen, k)
-               for k, ids in enumerate(per_stream) if ids]
-    for f in futures:
-        f.result()  # re-raises a task's exception in the caller
+    streams = [k for k, ids in enumerate(per_stream) if ids]
+    # every stream thread sets its count before any of them runs a task: torch.set_num_threads
+    # also resizes process-wide pools, which must not happen under another thread's running op
+    ready = threading.Barrier(len(streams))
+    futures = [pool.submit(_stream_worker, plan.tasks, per_stream[k], done, failed, counts[k], seen, k, ready)
+               for k in streams]
+    errors = []
+    for f in futures:  # every stream ends before the run does; a task's exception is raised in the caller
+        try:
+            f.result()
+        except BaseException as e:
+            errors.append(e)
+    if errors:  # the failure itself, not a stream released from the barrier by it
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
 
 
 @torch.no_grad()  # grad mode is per thread
-def _stream_worker(tasks: list[Task], ids: list[int], done, failed, count: int, seen: list[int], k: int) -> None:
+def _stream_worker(tasks: list[Task], ids: list[int], done, failed, count: int, seen: list[int], k: int,
+                   ready: threading.Barrier) -> None:
+    passed = False
     try:
         set_threads(count, seen, k)
+        ready.wait()
+        passed = True
         for i in ids:
             for w in tasks[i].waits:
                 done[w].wait()
@@ -116,6 +130,8 @@ def _stream_worker(tasks: list[Task], ids: list[int], done, failed, count: int, 
             done[i].set()
     except BaseException:
         failed.set()
+        if not passed:  # the other streams must not wait at the barrier for this one
+            ready.abort()
         for ev in done:  # release every waiter so no stream hangs on a dead producer
             ev.set()
         raise
