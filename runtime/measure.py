@@ -284,8 +284,8 @@ class Bench:
         if last > 1:
             return Measurement(outcome=TrialOutcome.INCORRECT, error_ratio=last, notes=notes, tolerance=tol,
                                message=f"output differs after timed runs: error {last:.2f}x tolerance (a race?)")
-        return dataclasses.replace(self._result(samples, max(first, last), compiled, notes,
-                                                telemetry.busy_since(mark, self.device)), state=state)
+        return self._result(samples, max(first, last), compiled, notes, telemetry.busy_since(mark, self.device),
+                            state)
 
     def _state(self, compiled: Compiled, faults: list[int]) -> steady.RunState:
         """The state the timed runs ran in: each running thread's count, page faults per run."""
@@ -329,7 +329,7 @@ class Bench:
                                          bytes_per_s=max(self.peaks.bytes_per_s, fresh.bytes_per_s))
 
     def _result(self, samples: list[float], error: float, compiled: Compiled, notes: dict,
-                busy: dict) -> Measurement:
+                busy: dict, state: steady.RunState) -> Measurement:
         median = statistics.median(samples)
         self._beaten_peaks(median)
         deciles = statistics.quantiles(samples, n=10) if len(samples) > 1 else [median] * 9
@@ -340,7 +340,7 @@ class Bench:
             peak_bytes=peak, flops=self.flops, bytes=self.bytes, bound_ms=self.bound_ms,
             efficiency=self.bound_ms / median, notes=notes,
             telemetry={**telemetry.sample(self.device), "busy": busy},
-            tolerance=self.tolerance.to_dict(),
+            tolerance=self.tolerance.to_dict(), state=state,
         )
 
 
