@@ -55,6 +55,15 @@ def default_order(graph: OpGraph, num_nano: int) -> tuple[Step, ...]:
     return tuple(Step(op=op, nano=b) for b in range(num_nano) for op in graph.names)
 
 
+def staggered_order(graph: OpGraph, num_nano: int, stagger: int, stream_of) -> tuple[Step, ...]:
+    """Nano-batch b issues op j at slot j + b * stagger: stagger 0 is op-major, a large one nano-major.
+    Within a nano-batch ops keep graph order, so every dependency is issued first.
+    stream_of(op name, nano-batch) -> the stream it runs on."""
+    names = graph.names
+    slots = sorted((j + b * stagger, b, j) for b in range(num_nano) for j in range(len(names)))
+    return tuple(Step(op=names[j], nano=b, stream=stream_of(names[j], b)) for _, b, j in slots)
+
+
 def check_order(order: tuple[Step, ...], graph: OpGraph, num_nano: int) -> None:
     """Every (op, nano) exactly once, each after the steps it reads from."""
     known = set(graph.names)

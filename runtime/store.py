@@ -224,6 +224,11 @@ class StoreConfig:
         """Where the device peaks are cached, one file per hardware and dtype, for every command."""
         return Path(self.root).absolute() / "peaks"
 
+    @property
+    def profiles_dir(self) -> Path:
+        """Where the performance model's profiles are cached: <hardware>/<workload>.json."""
+        return Path(self.root).absolute() / "profiles"
+
 
 def check_fits(schedule: Schedule, workload: Workload) -> None:
     """A record's splits must cut its own workload's batch (the built-in and `hf:` models, whose

@@ -34,6 +34,7 @@ class Timeline:
     label: str
     spans: tuple[Span, ...]
     makespans_ms: tuple[float, ...] = ()  # each recorded run's wall time, for the ratio's spread
+    walls_ms: tuple[float, ...] = ()  # each recorded run's whole call (start and join included), host clock
 
     @property
     def makespan_ms(self) -> float:
@@ -98,6 +99,7 @@ class _Recorder:
         self.originals = [t.fn for t in plan.tasks]
         self.per_task: dict[int, list[tuple[float, float]]] = {}
         self.makespans: list[float] = []
+        self.walls: list[float] = []
         # On a device each stream's spans are timed with events of its own context (a green stream
         # may record no other), from a base event that stream records before each run: the streams
         # are idle then, so the bases fire together, within the microseconds between their issues.
@@ -141,6 +143,7 @@ class _Recorder:
             self.per_task.setdefault(id(t), []).append(span)
             ends.append(span[1])
         self.makespans.append(max(ends, default=wall))
+        self.walls.append(wall)
 
     def close(self) -> None:
         for task, fn in zip(self.plan.tasks, self.originals):
@@ -158,7 +161,7 @@ class _Recorder:
                                   start_ms=statistics.median(a for a, _ in times),
                                   end_ms=statistics.median(b for _, b in times)))
         return Timeline(label=self.plan.schedule.label, spans=tuple(sorted(spans, key=lambda s: s.start_ms)),
-                        makespans_ms=tuple(self.makespans))
+                        makespans_ms=tuple(self.makespans), walls_ms=tuple(self.walls))
 
 
 def overlap(tl: Timeline, *, top: int = 5) -> dict:

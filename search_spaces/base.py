@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
-from dynaflow.runtime import BatchLayout, Hardware, OpGraph, Step, StreamSpec
+from dynaflow.runtime import BatchLayout, Hardware, OpGraph, Step, StreamSpec, plan
 
 
 class Trial(Protocol):
@@ -63,11 +63,8 @@ def splits_from_weights(ctx: SpaceContext, weights: list[int]) -> tuple[int, ...
 
 
 def staggered_order(ctx: SpaceContext, num_nano: int, stagger: int, stream_of) -> tuple[Step, ...]:
-    """Nano-batch b issues op j at slot j + b * stagger: stagger 0 is op-major, a large one nano-major.
-    Within a nano-batch ops keep graph order, so every dependency is issued first."""
-    names = ctx.graph.names
-    slots = sorted((j + b * stagger, b, j) for b in range(num_nano) for j in range(len(names)))
-    return tuple(Step(op=names[j], nano=b, stream=stream_of(names[j], b)) for _, b, j in slots)
+    """Nano-batch b issues op j at slot j + b * stagger (runtime.plan.staggered_order)."""
+    return plan.staggered_order(ctx.graph, num_nano, stagger, stream_of)
 
 
 def sm_shares(trial: Trial, ctx: SpaceContext, num_streams: int) -> tuple[StreamSpec, ...]:

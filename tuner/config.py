@@ -38,6 +38,8 @@ class TuneConfig:
     min_effect: float = 0.03  # the smallest speedup the confirmation is asked to resolve
     max_duplicates: int = 25  # proposals in a row of schedules already measured: the search converged
     progress: bool = True
+    model: bool = True  # the performance model orders and bounds the search (tuner/guide.py); False: blind
+    renew_profile: bool = False  # measure the model's profile again instead of reading the cached one
 
     def __post_init__(self) -> None:
         if isinstance(self.storage, str):

@@ -25,6 +25,7 @@ from dynaflow.runtime import Measurement, Schedule, TrialOutcome
 from dynaflow.search_spaces import SpaceContext, get_space
 
 from .config import TuneError
+from .guide import PREDICTED
 from .pool import Done, Job, Pool
 from .records import StudyOutcome, TrialMeasurement, duplicate
 from .progress import Progress
@@ -44,6 +45,7 @@ class Lane:
     context: SpaceContext
     progress: Progress
     baseline_trial: int | None = None  # the run's baseline, which its trials' records name
+    guide: object | None = None  # tuner/guide.Guide: each proposal's predicted speedup is kept with its trial
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -106,6 +108,8 @@ class _Search:
             p = propose(self.study, self.space, self.lane.context, self.known, self.config, self.heartbeat,
                         explore=self.budget.stuck)
             self.result.stats.study_s += time.perf_counter() - t1
+            if self.lane.guide is not None and (predicted := self.lane.guide.predict(p.schedule)) is not None:
+                p.trial.set_user_attr(PREDICTED, round(predicted, 5))
             if p.answer is not None:
                 self._record(p, p.answer, None)
                 continue

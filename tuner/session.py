@@ -21,6 +21,7 @@ from .progress import Progress
 from .search import SearchConfig
 from .study import (StudyConfig, StudyResult, enqueue_warm_starts, ensure_baseline, make_sampler, open_study,
                     search_trials, study_name, tally)
+from .guide import Guide, make_guide
 from .measuring import Target
 
 
@@ -69,6 +70,9 @@ class Session:
     progress: Progress
     baseline_trial: int  # this run's baseline: its trials are compared with it
     baseline_ms: float  # its figure (paired.round_ms): the record's sequential figure when no round was measured
+    guide: Guide | None = None  # the performance model (tuner/guide.py), None when off or not built for the target
+    first_trial: int = 0  # the first trial number of this run: the model's error is over this run's trials
+    model_error: object | None = None  # perfmodel.ModelError over this run's trials, once searched
 
 
 def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, position: int = 0) -> Session:
@@ -87,11 +91,32 @@ def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, 
         f"(trial {baseline_trial}, warm after {study.get_trials(deepcopy=False)[baseline_trial].user_attrs['warm_runs']} "
         f"run(s)), sampler seed {seed}"
         + (f", {warm} warm start(s) enqueued" if warm else ""))
+    guide = model_guide(study, target, workload, config, seed=seed, log=log)
     progress = Progress(total=config.trials, desc=f"{target.hardware.key[:24]} {workload.key}" if position else
                         workload.key, enabled=config.progress,
                         done=done, position=position)
     return Session(workload=workload, target=target, study=study, progress=progress, baseline_trial=baseline_trial,
-                   baseline_ms=figure_ms)
+                   baseline_ms=figure_ms, guide=guide, first_trial=baseline_trial + 1)
+
+
+ENQUEUE_TOP = 3  # the model's best predicted schedules tried first
+
+
+def model_guide(study: optuna.Study, target: Target, workload: Workload, config: TuneConfig, *, seed: int,
+                log=print) -> Guide | None:
+    """The performance model for this study, its headroom said before the first trial, and its
+    best predicted schedules enqueued; None (and why) where it is off."""
+    if not config.model:
+        return None
+    guide, why = make_guide(target, workload, config.space, StoreConfig(root=config.store_root).profiles_dir,
+                            renew=config.renew_profile, seed=seed)
+    if guide is None:
+        log(why)
+        return None
+    for line in guide.lines():
+        log(line)
+    guide.enqueued = [guide.enqueue(study, min(ENQUEUE_TOP, config.trials or ENQUEUE_TOP))]
+    return guide
 
 
 def finish(session: Session, result: StudyResult, config: TuneConfig, *, stop=()) -> WorkloadResult:

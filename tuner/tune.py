@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import time
 
 import optuna
 
@@ -21,7 +22,9 @@ from dynaflow.runtime.store import StoreConfig
 from .config import TuneConfig
 from .interrupt import stop_on_ctrl_c
 from .pool import InlinePool, Pool
+from .guide import MODEL_ERROR, SCREEN_TOP, run_error
 from .search import Lane, run_search
+from .study import search_trials
 from .session import WorkloadResult, finish, search_config, start
 from .storage import check_storage
 from .measuring import Target, close_target
@@ -81,10 +84,10 @@ def tune_workload(workload: Workload, places: list[tuple[Target, Pool]], config:
     """One study per (target, pool), searched at once; each confirmed on its target and stored."""
     sessions = [start(workload, target, config, log=log, position=i) for i, (target, _) in enumerate(places)]
     lanes = [Lane(study=s.study, pool=p, context=s.target.space_context(), progress=s.progress,
-                  baseline_trial=s.baseline_trial)
+                  baseline_trial=s.baseline_trial, guide=s.guide)
              for s, (_, p) in zip(sessions, places)]
     try:
-        outcomes = run_search(lanes, search_config(config), stop)
+        outcomes = _search(sessions, lanes, config, stop, log)
     finally:
         for s in sessions:
             s.progress.close()
@@ -92,5 +95,35 @@ def tune_workload(workload: Workload, places: list[tuple[Target, Pool]], config:
     for session, outcome in zip(sessions, outcomes):
         if outcome.stats.per_worker:
             log(outcome.stats.summary(session.target.hardware.key))
+        if session.guide is not None:
+            session.model_error = error = run_error(session.study, since=session.first_trial)
+            log(error.text())
+            session.study.set_user_attr(MODEL_ERROR, {**error.to_dict(), "at": time.strftime("%Y-%m-%d %H:%M")})
+            session.guide.keep_error(error)
         results.append(finish(session, outcome, config, stop=stop))
     return results
+
+
+def _search(sessions, lanes, config: TuneConfig, stop, log) -> list:
+    """The search: in full, or, where the model says that even optimistically no schedule reaches
+    1 + min_effect, only its top few (SCREEN_TOP, then stop) unless what they measure contradicts it."""
+    full = search_config(config)
+    guide = sessions[0].guide if len(sessions) == 1 else None
+    if guide is None or not guide.screens(config.min_effect):
+        return run_search(lanes, full, stop)
+    study = sessions[0].study
+    budget = min(len(search_trials(study)) + SCREEN_TOP, config.trials or float("inf"))
+    log(f"model: even optimistically ({guide.optimistic():.3f}x, its best prediction plus its error) no schedule "
+        f"reaches {1 + config.min_effect:.2f}x: measuring only its top {SCREEN_TOP}, then the confirmation decides")
+    first = run_search(lanes, dataclasses.replace(full, trials=int(budget)), stop)
+    why = guide.contradicted(study, sessions[0].first_trial)
+    if why is None or stop:
+        log("model: its top schedules measured as it predicted; the search stops here (--no-model searches anyway)")
+        return first
+    log(f"model: contradicted, {why}: the full search runs")
+    second = run_search(lanes, full, stop)
+    for a, b in zip(first, second):
+        b.duplicates += a.duplicates
+        for k, v in a.outcomes.items():
+            b.outcomes[k] = b.outcomes.get(k, 0) + v
+    return second
