@@ -25,7 +25,7 @@ CORE = {"batch", "validate", "files", "devices", "counters", "steady", "telemetr
         "backends.base", "backends.cpu", "backends.cuda", "backends.green_ctx", "executor", "measure", "timeline",
         "hardware", "models", "models.llama", "models.moe", "parallel"}
 ABOVE_CORE = {"workload", "store", "shapes", "loading", "serving", "probe"}
-PERFMODEL = {"perfmodel", "perfmodel.profile", "perfmodel.simulate"}  # the performance model: profiles a Bench
+PERFMODEL = {"perfmodel", "perfmodel.profile", "perfmodel.simulate", "perfmodel.profiler"}  # the performance model: profiles a Bench
 LAYERS = [CORE, PERFMODEL, ABOVE_CORE]  # then runtime.hf (every hf.* module), runtime.vllm, then the package facade (__init__)
 TUNER_LAYERS = [
     {"errors", "records", "paired", "buckets", "workloads", "journal", "interrupt"},

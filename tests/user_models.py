@@ -1,6 +1,7 @@
 """Models the runtime has no special code for, as a user would write them."""
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -52,6 +53,64 @@ class PacedBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = pace(self.up(x))
         return x + pace(self.down(torch.relu(h)))
+
+
+# The paced units: a compute unit and a memory unit, each running one 'kernel' at a time (a lock),
+# each kernel sleeping a known time: fixed ms + ms per row. Two kernels of one unit on two streams
+# serialise; a compute kernel beside a memory kernel does not slow down. Times a test can predict.
+PACED_UNITS_MS = {"c1": (1.0, 0.1), "m1": (0.6, 0.05), "c2": (1.0, 0.1), "m2": (0.6, 0.05)}
+UNIT_LOCKS = {"compute": threading.Lock(), "memory": threading.Lock()}
+
+
+def paced_compute(x: torch.Tensor, fixed_ms: float, row_ms: float) -> torch.Tensor:
+    with UNIT_LOCKS["compute"]:
+        time.sleep((fixed_ms + row_ms * x.shape[0]) / 1e3)
+    return x
+
+
+def paced_memory(x: torch.Tensor, fixed_ms: float, row_ms: float) -> torch.Tensor:
+    with UNIT_LOCKS["memory"]:
+        time.sleep((fixed_ms + row_ms * x.shape[0]) / 1e3)
+    return x
+
+
+torch.fx.wrap("paced_compute")
+torch.fx.wrap("paced_memory")
+
+
+class ComputeKernel(nn.Module):
+    """Classed compute: a small square matmul (dozens of FLOPs per byte), then its paced time."""
+
+    def __init__(self, name: str, dim: int = 16) -> None:
+        super().__init__()
+        self.times = PACED_UNITS_MS[name]
+        self.a = nn.Parameter(torch.randn(128, 128) / 128, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + (self.a @ self.a)[0, : x.shape[1]] * 0.0
+        return paced_compute(x, *self.times)
+
+
+class MemoryKernel(nn.Module):
+    """Classed memory: an elementwise op (a fraction of a FLOP per byte), then its paced time."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.times = PACED_UNITS_MS[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return paced_memory(x * 1.0, *self.times)
+
+
+class PacedUnits(nn.Module):
+    """compute -> memory -> compute -> memory, and the residual: a layer of known times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.m1, self.c2, self.m2 = ComputeKernel("c1"), MemoryKernel("m1"), ComputeKernel("c2"), MemoryKernel("m2")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.m2(self.c2(self.m1(self.c1(x))))
 
 
 class BatchNormish(nn.Module):
@@ -115,6 +174,11 @@ def no_residual(w: Workload) -> Case:
 def paced_block(w: Workload) -> Case:
     torch.manual_seed(w.seed)
     return _case(PacedBlock(), w.num_decode or 8, 16, w.seed)
+
+
+def paced_units(w: Workload) -> Case:
+    torch.manual_seed(w.seed)
+    return _case(PacedUnits(), w.num_decode or 8, 16, w.seed)
 
 
 def noisy_block(w: Workload) -> Case:

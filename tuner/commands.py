@@ -76,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
     o.add_argument("--remeasure-peaks", action="store_true", help="measure the device peaks again and renew the cache")
 
+    pr = command("profile", "measure (or read) the performance model's profile; print each op's time and the headroom",
+                 cmd_profile)
+    _model_flags(pr)
+    _measure_flags(pr)
+    pr.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
+    pr.add_argument("--space", default="nanoflow", help="the search space whose schedules the model ranks")
+    pr.add_argument("--renew-profile", action="store_true", help="measure the profile again instead of reading it")
+    pd = command("predict", "print each schedule's predicted time and speedup (--measure: and measured, with the error)",
+                 cmd_predict)
+    _model_flags(pd)
+    _measure_flags(pd)
+    pd.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
+    pd.add_argument("--schedule", type=Path, nargs="+", required=True, help="schedule JSON files or store records")
+    pd.add_argument("--measure", action="store_true", help="also measure each against sequential in paired rounds")
+    pd.add_argument("--rounds", type=int, default=5, help="paired rounds per schedule with --measure")
+    pd.add_argument("--renew-profile", action="store_true", help="measure the profile again instead of reading it")
+
     t = command("tune", "search schedules for each workload and store the winners", cmd_tune)
     _model_flags(t, shapes=True)
     _measure_flags(t)
@@ -169,6 +186,8 @@ def _tune_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--min-effect", type=float, default=0.03, help="the smallest speedup the confirmation must "
                    "resolve: 'sequential is best' means no candidate can be this much faster")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-model", action="store_true", help="search blind: no profile, no headroom, no screening")
+    t.add_argument("--renew-profile", action="store_true", help="measure the model's profile again")
     t.add_argument("--workers", default=None, help="fan trials out over N Ray actors (or 'all'): one per GPU, "
                    "or per CPU slot on cpu; default: tune in this process without Ray")
     t.add_argument("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else start "
@@ -308,6 +327,101 @@ def cmd_ops(args) -> int:
     return 0
 
 
+def _guided(args, w):
+    """The target of one workload and its model (tuner/guide.py); one line where it has none."""
+    from .guide import make_guide
+    from .targets import target_for
+
+    check_folder(args.store, "--store")
+    target = target_for(w, measure_config(args))
+    guide, why = make_guide(target, w, getattr(args, "space", "nanoflow"), StoreConfig(root=args.store).profiles_dir,
+                            renew=args.renew_profile)
+    if guide is None:
+        from .measuring import close_target
+
+        close_target(target)
+        raise ValueError(f"{w.key}: {why.removeprefix('model: ')}")
+    return target, guide
+
+
+def cmd_profile(args) -> int:
+    from dynaflow.search_spaces import get_space
+
+    from .measuring import close_target
+
+    get_space(args.space)
+    w = _workload(args, args.workload)
+    target, guide = _guided(args, w)
+    close_target(target)
+    print(f"{w.key} on {target.hardware.key}")
+    print(guide.said)
+    print(guide.profile.table(list(guide.simulator.graph.names)))
+    h = guide.headroom
+    print(f"headroom  {h.text()}")
+    print(f"best      {guide.best[0]:.3f}x predicted: {guide.best[2]}")
+    for speedup, _, schedule in guide.ranked[1:5]:
+        print(f"          {speedup:.3f}x predicted: {schedule}")
+    print(f"ranked    {len(guide.ranked)} distinct schedules of the {args.space} space, "
+          + (f"the model's last measured error: median {guide.profile.error['median_abs']:.1%}, Spearman rho "
+             f"{guide.profile.error['rho'] if guide.profile.error['rho'] is None else round(guide.profile.error['rho'], 2)}"
+             f" over {guide.profile.error['n']} schedules" if guide.profile.error else
+             "no error measured yet (a tune measures it, or predict --measure)"))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from dynaflow.runtime.perfmodel import model_error
+
+    from .measuring import close_target
+
+    if args.measure and args.rounds < 2:
+        raise ValueError(f"--rounds must be >= 2 (an interval needs two rounds), but got {args.rounds}.")
+    w = _workload(args, args.workload)
+    hardware = detect(w.device)
+    schedules = [(path, load_schedule_file(path, hardware=hardware, store=args.store)) for path in args.schedule]
+    target, guide = _guided(args, w)
+    seq_ms, pairs, failed = guide.headroom.sequential_ms, [], 0
+    try:
+        print(f"{w.key} on {target.hardware.key}: sequential predicted {seq_ms:.3f} ms ({guide.said})")
+        for path, schedule in schedules:
+            predicted = guide.predict(schedule)
+            if predicted is None:
+                print(f"{path}: the model cannot run it on this model and batch (its ops or splits do not fit)")
+                failed += 1
+                continue
+            line = f"{path}: predicted {seq_ms / predicted:.3f} ms, {predicted:.3f}x"
+            if args.measure:
+                measured, why = _measured_speedup(target, schedule, args.rounds)
+                if measured is None:
+                    line += f"; measured: {why}"
+                    failed += 1
+                else:
+                    pairs.append((predicted, measured))
+                    line += f"; measured {measured:.3f}x over {args.rounds} paired rounds ({why}), error {predicted / measured - 1:+.1%}"
+            print(line)
+    finally:
+        close_target(target)
+    if args.measure:
+        print(model_error(pairs).text().replace("this run", "over these schedules"))
+    return 1 if failed else 0
+
+
+def _measured_speedup(target, schedule: Schedule, rounds: int) -> tuple[float | None, str]:
+    """The median of `rounds` paired rounds' ratios (sequential time / the schedule's), or None and why."""
+    import statistics
+
+    from .confirm import paired_round
+
+    ratios, busy = [], 0
+    for i in range(rounds):
+        r, m = paired_round(target, schedule, i)
+        if r is None:
+            return None, f"{m.outcome.value}: {m.message}"
+        ratios.append(r.ratio)
+        busy += bool(r.busy or r.unsteady)
+    return statistics.median(ratios), f"{busy} busy or unsteady" if busy else "all quiet"
+
+
 def load_schedule_file(path: Path, *, hardware=None, store: Path | None = None) -> Schedule:
     """A bare schedule JSON, or a store record holding one under "schedule". A record gets the
     loader's checks: validated whole (a newer record schema is refused), refused when tuned on
@@ -366,7 +480,8 @@ def cmd_tune(args) -> int:
                         sampler=args.sampler, seed=args.seed, measure=measure_config(args),
                         prune=not args.no_prune, confirm_top=args.confirm_top, confirm_rounds=args.confirm_rounds,
                         confirm_min_rounds=args.confirm_min_rounds, accept_contention=args.accept_contention,
-                        min_effect=args.min_effect, progress=not args.no_progress)
+                        min_effect=args.min_effect, progress=not args.no_progress, model=not args.no_model,
+                        renew_profile=args.renew_profile)
     get_space(config.space)  # an unknown space is a usage error before anything runs
     results = tune(config, pool=pool_config(args))
     for r in results:

@@ -1,0 +1,246 @@
+"""Measure a profile (runtime/perfmodel/profile.py) on a Bench's device, and cache it.
+
+    profile, said = load_or_measure(bench, path)    # read the cached one, or measure (~1-10 s on a CPU)
+
+The solo grid and the dispatch costs come from timelines of one-stream schedules; interference,
+wake-up and multi-stream costs from calibration schedules that put the op classes beside each
+other. Interference is first estimated from the spans (how much longer each ran while another
+class ran), then adjusted so that the simulator reproduces the calibration schedules' measured
+times (coordinate descent over each class pair's beta): two kernels that serialise on one unit
+show one span unslowed and one doubled, which a per-span fit averages to a quarter where the
+fluid model needs a half.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+from .. import telemetry
+from ..files import write_json_atomic
+from ..plan import default_order, staggered_order
+from ..schedule import Schedule, StreamSpec
+from .profile import MAX_BETA, SPLITS, Profile, _features, _fit, _lstsq, _split
+from .simulate import Simulator
+
+BETA_STEPS = [i / 20 for i in range(20)]  # 0 .. 0.95
+
+
+def measure_profile(bench, *, label: str = "", runs: int = 5) -> Profile:
+    """Measure the profile of a Bench's model and batch on its device (see the module's text)."""
+    t0 = time.perf_counter()
+    mark = telemetry.busy_mark()
+    graph, layout, hw = bench.executor.graph, bench.case.layout, bench.hardware
+    backend = bench.executor.backend
+    total = getattr(backend, "threads", None) or hw.num_sms
+    issue = "per-stream" if backend.name == "cpu" else "one-issuer"
+    step, groups = hw.partition_step, hw.partition_groups
+    explicit = sorted({g * step for g in (groups // 4, groups // 2, 3 * groups // 4) if g >= 1} - {total})
+    explicit = [s for s in explicit if s < total]
+    kinds = tuple(dict.fromkeys(layout.request_kinds))
+    splits = [k for k in SPLITS if k <= layout.num_requests]
+
+    solo = [(_split(layout.num_requests, k), s) for s in (*explicit, None) for k in splits]
+    # an explicit order: a one-stream schedule without one is the sequential call, not the tasks
+    schedules = [Schedule(split_unit="requests", split_sizes=sizes, streams=(StreamSpec(sm_share=s),),
+                          order=default_order(graph, max(1, len(sizes))), label=f"profile:{len(sizes) or 1}x:share{s}")
+                 for sizes, s in solo]
+    *timelines, sequential = bench.timelines([*schedules, Schedule()], runs=runs)
+    points, fits, dispatch = [], {op.name: {} for op in graph.ops}, []
+    overheads: dict[int, list[float]] = {}
+    for (sizes, s), sched, tl in zip(solo, schedules, timelines):
+        share = total if s is None else s
+        ranges = layout.request_ranges("requests", sizes)
+        spans = sorted(tl.spans, key=lambda x: x.start_ms)
+        for sp in spans:
+            r0, r1 = ranges[sp.nano]
+            points.append([sp.op, share, _features(layout, r0, r1), sp.end_ms - sp.start_ms])
+        if len(spans) > 1:
+            gaps = sum(max(0.0, b.start_ms - a.end_ms) for a, b in zip(spans, spans[1:]))
+            dispatch.append(gaps / (len(spans) - 1))
+    dispatch_ms = statistics.median(dispatch) if dispatch else 0.0
+    gap = dispatch_ms if issue == "per-stream" else 0.0
+    for tl in timelines:
+        overheads.setdefault(1, []).append(_fixed_cost(tl, gap))
+    for op in graph.ops:
+        for share in sorted({p[1] for p in points}):
+            mine = [(p[2], p[3]) for p in points if p[0] == op.name and p[1] == share]
+            fits[op.name][str(share)] = _fit(mine, kinds)
+    profile = Profile(hardware=hw.key, workload=label or bench.case.name, issue=issue, total_share=total,
+                      shares=(*explicit, total), kinds=kinds,
+                      ops={op.name: {"resource": str(op.resource), "fits": fits[op.name]} for op in graph.ops},
+                      points=points, dispatch_ms=dispatch_ms, whole=_features(layout, 0, layout.num_requests),
+                      sequential_ms=statistics.median(sequential.walls_ms))
+    profile = _calibrate(bench, profile, explicit, runs=runs, overheads=overheads)
+    busy = telemetry.busy_since(mark, bench.device)
+    return profile.replace(busy=busy, measured_s=round(time.perf_counter() - t0, 2))
+
+
+def _fixed_cost(tl, gap: float) -> float:
+    """A run's cost outside its tasks: its whole call less the span from first start to last end
+    (and the first task's dispatch, which the simulation adds itself)."""
+    if not tl.spans or not tl.walls_ms:
+        return 0.0
+    inside = max(s.end_ms for s in tl.spans) - min(s.start_ms for s in tl.spans)
+    return max(0.0, statistics.median(tl.walls_ms) - inside - gap)
+
+
+def _calibrate(bench, profile: Profile, explicit: list[int], *, runs: int, overheads: dict[int, list[float]]) -> Profile:
+    """Interference, wake-up and multi-stream fixed costs, from schedules that put the op classes
+    beside each other: two nano-batches on two streams (op by op, and staggered by one), compute
+    beside the rest, and (shared) compute, memory and copy on three."""
+    graph, layout = bench.executor.graph, bench.case.layout
+    if layout.num_requests < 2:
+        return profile.replace(overhead_ms={str(k): statistics.median(v) for k, v in overheads.items()})
+    halves = _split(layout.num_requests, 2)
+    classes = {op.name: str(op.resource) for op in graph.ops}
+    present = sorted(set(classes.values()))
+    by_class = {"compute": 0, "memory": 1}
+    modes = [("shared", (None, None, None))]
+    if explicit:
+        half = max(s for s in explicit if s <= profile.total_share // 2) if any(
+            s <= profile.total_share // 2 for s in explicit) else explicit[0]
+        modes.append(("partitioned", (half, profile.total_share - half, None)))
+    plans = []
+    for mode, shares in modes:
+        two = tuple(StreamSpec(sm_share=x) for x in shares[:2])
+        plans += [(mode, Schedule(split_unit="requests", split_sizes=halves, streams=two, label=f"calibrate:{mode}:{st}",
+                                  order=staggered_order(graph, 2, st, lambda op, b: b))) for st in (0, 1)]
+        if len(present) > 1:
+            plans.append((mode, Schedule(split_unit="requests", split_sizes=halves, streams=two,
+                                         label=f"calibrate:{mode}:compute|rest",
+                                         order=staggered_order(graph, 2, 1,
+                                                               lambda op, b: 0 if classes[op] == "compute" else 1))))
+        if mode == "shared" and layout.num_requests >= 4:  # four streams: slowdowns beside several
+            plans.append((mode, Schedule(split_unit="requests", split_sizes=_split(layout.num_requests, 4),
+                                         streams=(StreamSpec(),) * 4, label="calibrate:shared:four",
+                                         order=staggered_order(graph, 4, 0, lambda op, b: b))))
+        if mode == "shared" and len(present) > 2:
+            three = (StreamSpec(),) * 3
+            plans.append((mode, Schedule(split_unit="requests", split_sizes=halves, streams=three,
+                                         label="calibrate:shared:three",
+                                         order=staggered_order(graph, 2, 1, lambda op, b: by_class.get(classes[op], 2)))))
+    timelines = bench.timelines([s for _, s in plans], runs=runs)
+    rows: dict[tuple[str, str], list[tuple[dict[str, float], float]]] = {}
+    wakes: list[float] = []
+    gap = profile.dispatch_ms if profile.issue == "per-stream" else 0.0
+    for (mode, sched), tl in zip(plans, timelines):
+        ranges = layout.request_ranges("requests", sched.split_sizes)
+        spans = list(tl.spans)
+        overheads.setdefault(len({s.stream for s in spans}), []).append(_fixed_cost(tl, gap))
+        shares = [s.sm_share for s in sched.streams]
+        end_of = {(s.op, s.nano): s for s in spans}
+        by_stream: dict[int, list] = {}
+        for s in sorted(spans, key=lambda x: x.start_ms):
+            by_stream.setdefault(s.stream, []).append(s)
+        for k, mine in by_stream.items():
+            prev_end = None
+            for s in mine:
+                deps = [end_of[(d, s.nano)] for d in graph.op(s.op).deps
+                        if (d, s.nano) in end_of and end_of[(d, s.nano)].stream != s.stream]
+                if deps:
+                    e = max(d.end_ms for d in deps)
+                    if prev_end is None or e > prev_end + gap:
+                        wakes.append(s.start_ms - e)
+                prev_end = s.end_ms
+        for s in spans:
+            d = s.end_ms - s.start_ms
+            if d <= 0:
+                continue
+            r0, r1 = ranges[s.nano]
+            t0 = profile.solo_ms(s.op, _features(layout, r0, r1), shares[s.stream])
+            f: dict[str, float] = {}
+            for o in spans:
+                if o.stream == s.stream:
+                    continue
+                ov = min(s.end_ms, o.end_ms) - max(s.start_ms, o.start_ms)
+                if ov > 0:
+                    f[o.resource] = f.get(o.resource, 0.0) + ov / d
+            rows.setdefault((mode, s.resource), []).append((f, 1 - t0 / d))
+    interference: dict[str, dict[str, dict[str, float]]] = {}
+    for (mode, own), data in rows.items():
+        others = sorted({c for f, _ in data for c in f})
+        if not others:
+            continue
+        coef = _lstsq([[f.get(c, 0.0) for c in others] for f, _ in data], [y for _, y in data])
+        interference.setdefault(mode, {})[own] = {c: round(min(MAX_BETA, max(0.0, b)), 4) for c, b in zip(others, coef)}
+    wake = max(0.0, statistics.median(wakes)) if wakes else 0.0
+    profile = profile.replace(interference=interference, wake_ms=wake,
+                              overhead_ms={str(k): statistics.median(v) for k, v in sorted(overheads.items())})
+    return _fit_to_walls(profile, graph, layout, [(s, statistics.median(tl.walls_ms)) for (_, s), tl in
+                                                  zip(plans, timelines) if tl.walls_ms])
+
+
+def _fit_to_walls(profile: Profile, graph, layout, measured: list[tuple[Schedule, float]], sweeps: int = 3) -> Profile:
+    """Each measured class pair's beta, moved (coordinate descent over BETA_STEPS) to where the
+    simulator best reproduces the calibration schedules' measured times (squared log error)."""
+    keys = [(m, a, b) for m, own in profile.interference.items() for a, d in own.items() for b in d]
+    if not keys or not measured:
+        return profile
+    beta = {m: {a: dict(d) for a, d in own.items()} for m, own in profile.interference.items()}
+
+    def loss() -> float:
+        sim = Simulator(profile.replace(interference=beta), graph, layout)
+        return sum((math.log(sim.predict(s).ms) - math.log(ms)) ** 2 for s, ms in measured)
+
+    best = loss()
+    for _ in range(sweeps):
+        moved = False
+        for m, a, b in keys:
+            keep = beta[m][a][b]
+            for value in BETA_STEPS:
+                beta[m][a][b] = value
+                if (now := loss()) < best - 1e-12:
+                    best, keep, moved = now, value, True
+            beta[m][a][b] = keep
+        if not moved:
+            break
+    return profile.replace(interference=beta)
+
+
+# ---- the cache
+def load_or_measure(bench, path: Path | str | None, *, renew: bool = False, label: str = "") -> tuple[Profile, str]:
+    """The cached profile at `path` when it is for this device and model, else a new one (cached
+    unless it was measured under contention). Returns it and a line saying which."""
+    graph_ops = [op.name for op in bench.executor.graph.ops]
+    path = Path(path) if path is not None else None
+    why = "renewed (--renew-profile)" if renew else "none cached"
+    if path is not None and path.exists() and not renew:
+        try:
+            cached = Profile.from_dict(json.loads(path.read_text()))
+            if cached.hardware != bench.hardware.key or sorted(cached.ops) != sorted(graph_ops):
+                why = "the cached one is for another device or model"
+            elif (reason := telemetry.contention(cached.busy)) is not None:
+                why = f"the cached one was measured under contention ({reason})"
+            else:
+                return cached, f"profile read from {path} (measured {cached.created_at}; --renew-profile measures it again)"
+        except (OSError, ValueError) as e:
+            why = f"the cached one is unreadable ({e})"
+    profile = measure_profile(bench, label=label)
+    said = f"profile measured in {profile.measured_s:.1f} s ({why})"
+    if (reason := telemetry.contention(profile.busy)) is not None:
+        warnings.warn(f"the profile was measured under contention ({reason}): used for this run only, not cached")
+        return profile, said + ", under contention: not cached"
+    if path is not None:
+        try:
+            write_json_atomic(path, profile.to_dict(), indent=1)
+            said += f", cached in {path}"
+        except OSError as e:
+            warnings.warn(f"cannot cache the profile in {path}: {e.strerror or e}")
+    return profile, said
+
+
+def record_error(path: Path | str | None, profile: Profile, error: dict) -> Profile:
+    """Keep the model's latest measured error with its profile (what `tune` trusts it by next time)."""
+    profile = profile.replace(error=error)
+    if path is not None and Path(path).exists() and telemetry.contention(profile.busy) is None:
+        try:
+            write_json_atomic(Path(path), profile.to_dict(), indent=1)
+        except OSError:
+            pass  # the error still serves this run; the cache keeps the older one
+    return profile
+
+

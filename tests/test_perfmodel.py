@@ -1,0 +1,188 @@
+"""The performance model: the simulator on schedules whose time is known by construction, the
+profile's fits and file, and a profile measured on a paced model whose true times are known."""
+import json
+import math
+
+import pytest
+
+from dynaflow.runtime import BatchLayout, Schedule, Step, StreamSpec
+from dynaflow.runtime.graph import Op, OpGraph
+from dynaflow.runtime.perfmodel import Profile, Simulator, model_error, spearman
+from dynaflow.runtime.perfmodel.profile import _fit
+from dynaflow.runtime.perfmodel.profiler import load_or_measure
+
+ROWS = 8
+LAYOUT = BatchLayout(request_tokens=(1,) * ROWS, request_kinds=("decode",) * ROWS, input_axes=("requests",),
+                     output_axis="requests")
+
+
+def graph(*ops: tuple[str, str, tuple[str, ...]]) -> OpGraph:
+    return OpGraph(ops=tuple(Op(name=n, deps=d, resource=r) for n, r, d in ops), module=None, writes_output=False)
+
+
+def profile(ms: dict[str, float], *, beta=None, dispatch=0.0, wake=0.0, overhead=None, issue="per-stream",
+            resources=None, total=8, shares=None) -> Profile:
+    """Each op's time proportional to its rows: ms[op] on the whole batch (no cost to splitting)."""
+    resources = resources or {}
+    fits = {op: {str(s): [0.0, t / ROWS * total / s] for s in (shares or (total,))} for op, t in ms.items()}
+    return Profile(hardware="test", workload="test", issue=issue, total_share=total, shares=tuple(shares or (total,)),
+                   kinds=("decode",), ops={op: {"resource": resources.get(op, "compute"), "fits": fits[op]} for op in ms},
+                   dispatch_ms=dispatch, wake_ms=wake, overhead_ms=overhead or {}, whole={"decode": ROWS},
+                   interference={"shared": beta or {}})
+
+
+CHAIN = graph(("a", "compute", ()), ("b", "memory", ("a",)), ("c", "compute", ("b",)))
+CHAIN_MS = {"a": 1.0, "b": 2.0, "c": 3.0}
+RES = {"a": "compute", "b": "memory", "c": "compute"}
+
+
+def per_nano(g: OpGraph, num_nano: int = 2, stagger: int = 0, shares=None) -> Schedule:
+    from dynaflow.runtime.plan import staggered_order
+
+    sizes = tuple([ROWS // num_nano] * num_nano)
+    return Schedule(split_sizes=sizes, streams=tuple(StreamSpec(sm_share=s) for s in (shares or [None] * num_nano)),
+                    order=staggered_order(g, num_nano, stagger, lambda op, b: b), label="per-nano")
+
+
+def test_the_sequential_schedule_is_the_sum_of_its_ops_plus_dispatch_and_the_run_cost():
+    sim = Simulator(profile(CHAIN_MS, dispatch=0.1, overhead={"1": 0.5}, resources=RES), CHAIN, LAYOUT)
+    p = sim.predict(Schedule())
+    assert p.ms == pytest.approx(6.0 + 3 * 0.1 + 0.5)
+    assert p.busy_ms == pytest.approx({"compute": 4.0, "memory": 2.0})
+
+
+def test_two_nano_batches_on_one_stream_cost_what_the_whole_does_when_splitting_is_free():
+    sim = Simulator(profile(CHAIN_MS, resources=RES), CHAIN, LAYOUT)
+    assert sim.predict(Schedule(split_sizes=(4, 4))).ms == pytest.approx(6.0)
+
+
+def test_without_interference_two_streams_overlap_perfectly():
+    """Nano-batch 0 on stream 0, nano-batch 1 on stream 1, op by op: each stream runs 3 ms of
+    work (half of each op) at the same time: 3 ms, not 6."""
+    sim = Simulator(profile(CHAIN_MS, resources=RES), CHAIN, LAYOUT)
+    assert sim.predict(per_nano(CHAIN)).ms == pytest.approx(3.0)
+
+
+def test_two_equal_tasks_that_serialise_on_one_unit_take_as_long_as_one_after_the_other():
+    """beta 0.5: beside the other, each runs at half speed, so both end at 2t (serially: t, then 2t)."""
+    g = graph(("a", "compute", ()))
+    sim = Simulator(profile({"a": 2.0}, beta={"compute": {"compute": 0.5}}), g, LAYOUT)
+    assert sim.predict(per_nano(g)).ms == pytest.approx(2.0)
+
+
+def test_interference_of_unequal_tasks_follows_the_fluid_model():
+    """Stream 0 runs a (2 ms), stream 1 runs m (1 ms); beside each other both lose half their speed:
+    m ends at 2 (1 ms of work at half speed), then a's remaining 1 ms runs alone: 3 ms."""
+    g = graph(("a", "compute", ()), ("m", "memory", ()))
+    prof = profile({"a": 2.0, "m": 1.0}, beta={"compute": {"memory": 0.5}, "memory": {"compute": 0.5}},
+                   resources={"m": "memory"})
+    s = Schedule(streams=(StreamSpec(), StreamSpec()), order=(Step(op="a", nano=0, stream=0), Step(op="m", nano=0, stream=1)))
+    assert Simulator(prof, g, LAYOUT).predict(s).makespan_ms == pytest.approx(3.0)
+
+
+def test_beside_several_the_slowdowns_add_as_equal_shares_of_one_unit():
+    """Three equal tasks on three streams, each losing half its speed beside one other: k equal
+    shares of one unit run at 1/k each, so all three end at 3t."""
+    g = graph(("a", "compute", ()))
+    prof = profile({"a": 3.0}, beta={"compute": {"compute": 0.5}})
+    layout = BatchLayout(request_tokens=(1,) * 9, request_kinds=("decode",) * 9, input_axes=("requests",),
+                         output_axis="requests")
+    prof = Profile(**{**prof.to_dict(), "shares": prof.shares, "kinds": prof.kinds,
+                      "ops": {"a": {"resource": "compute", "fits": {"8": [0.0, 3.0 / 9]}}}})
+    s = Schedule(split_sizes=(3, 3, 3), streams=(StreamSpec(),) * 3,
+                 order=tuple(Step(op="a", nano=b, stream=b) for b in range(3)))
+    assert Simulator(prof, g, layout).predict(s).makespan_ms == pytest.approx(3.0)
+
+
+def test_a_task_reading_from_another_stream_waits_for_it_and_for_the_wake_up():
+    """compute on stream 0, memory on stream 1, one nano-batch: a chain crossing streams twice."""
+    sim = Simulator(profile(CHAIN_MS, wake=0.25, resources=RES), CHAIN, LAYOUT)
+    s = Schedule(streams=(StreamSpec(), StreamSpec()), order=(Step(op="a", nano=0, stream=0),
+                                                              Step(op="b", nano=0, stream=1),
+                                                              Step(op="c", nano=0, stream=0)))
+    assert sim.predict(s).ms == pytest.approx(6.0 + 2 * 0.25)
+
+
+def test_one_issuer_pays_every_launch_in_order_and_a_graph_pays_none():
+    """On a GPU one host thread issues each task (0.5 ms each here): three 0.1 ms ops are bound by
+    their launches; replayed as a CUDA graph, by the ops."""
+    prof = profile({"a": 0.1, "b": 0.1, "c": 0.1}, dispatch=0.5, issue="one-issuer", resources=RES)
+    sim = Simulator(prof, CHAIN, LAYOUT)
+    assert sim.predict(Schedule(order=tuple(Step(op=o, nano=0) for o in "abc"))).makespan_ms == pytest.approx(1.6)
+    graphed = Schedule(order=tuple(Step(op=o, nano=0) for o in "abc"), cuda_graph=True)
+    assert sim.predict(graphed).makespan_ms == pytest.approx(0.3)
+
+
+def test_the_headroom_bound_is_the_sum_over_the_busiest_class():
+    h = Simulator(profile(CHAIN_MS, resources=RES), CHAIN, LAYOUT).headroom()
+    assert h.busiest == "compute" and h.bound_speedup == pytest.approx(6.0 / 4.0)
+    assert "1.50x" in h.text()
+
+
+def test_a_share_scales_an_op_between_the_shares_profiled():
+    """Fits at shares 2 and 8: a stream of share 4 is interpolated in 1/share, one of 1 scaled."""
+    prof = profile({"a": 1.0}, shares=(2, 8))
+    whole = {"decode": ROWS}
+    assert prof.solo_ms("a", whole, None) == pytest.approx(1.0)
+    assert prof.solo_ms("a", whole, 2) == pytest.approx(4.0)
+    assert prof.solo_ms("a", whole, 4) == pytest.approx(4.0 + (1 / 4 - 1 / 2) / (1 / 8 - 1 / 2) * (1.0 - 4.0))
+    assert prof.solo_ms("a", whole, 1) == pytest.approx(8.0)
+
+
+def test_the_fit_recovers_a_line_per_kind_and_never_a_negative_cost():
+    points = [({"decode": d, "prefill": p}, 0.5 + 0.1 * d + 0.01 * p) for d, p in [(16, 64), (8, 0), (8, 64), (4, 0)]]
+    assert _fit(points, ("decode", "prefill")) == pytest.approx([0.5, 0.1, 0.01])
+    falling = [({"decode": d}, 2.0 - 0.1 * d) for d in (2, 4, 8)]  # noise that makes more rows cheaper
+    coef = _fit(falling, ("decode",))
+    assert coef[1] == 0.0 and coef[0] == pytest.approx(sum(ms for _, ms in falling) / 3)
+
+
+def test_a_profile_round_trips_through_its_file_and_a_wrong_one_is_named(tmp_path):
+    prof = profile(CHAIN_MS, beta={"compute": {"memory": 0.1}}, resources=RES)
+    again = Profile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    assert again == prof
+    with pytest.raises(ValueError, match="version-1 profile"):
+        Profile.from_dict({**prof.to_dict(), "version": 99})
+    with pytest.raises(ValueError, match="missing or unknown fields"):
+        Profile.from_dict({k: v for k, v in prof.to_dict().items() if k != "ops"})
+
+
+def test_a_profile_of_another_model_is_refused_by_the_simulator():
+    with pytest.raises(ValueError, match=r"no op\(s\) \['z'\]"):
+        Simulator(profile(CHAIN_MS), graph(("z", "compute", ())), LAYOUT)
+
+
+def test_spearman_and_the_model_error():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # ties share their rank
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+    e = model_error([(1.0, 1.0), (1.1, 1.0), (0.9, 1.0), (0.5, 0.4)])
+    assert e.n == 4 and e.median_abs == pytest.approx(0.1) and e.worst == pytest.approx(0.25)
+    assert "over 4 schedule(s), median |error| 10.0%" in e.text()
+    assert model_error([(1.0, math.nan)]).n == 0
+
+
+# ---- measured on a model whose true times are known
+def test_a_profile_of_the_paced_units_recovers_their_times_and_interference(tmp_path):
+    """The paced model's compute and memory 'kernels' sleep a known time under their unit's lock:
+    the profile recovers each op's time, finds that two compute kernels serialise (beta near 1/2)
+    while compute beside memory does not slow down, and is cached then read back."""
+    import user_models
+    from dynaflow.runtime import Bench, MeasureConfig, Workload
+
+    bench = Bench(Workload(model="user_models:paced_units", num_decode=8),
+                  config=MeasureConfig(warmup=1, repeats=3, peaks_dir=tmp_path / "peaks"))
+    path = tmp_path / "profiles" / "p.json"
+    prof, said = load_or_measure(bench, path)
+    assert "profile measured" in said and path.exists()
+    whole = {"requests": 8}
+    for op, (fixed, per_row) in user_models.PACED_UNITS_MS.items():
+        assert prof.solo_ms(op, whole, None) == pytest.approx(fixed + 8 * per_row, rel=0.25, abs=0.3)
+    beta = prof.interference["shared"]
+    assert beta["compute"]["compute"] == pytest.approx(0.5, abs=0.2)
+    assert beta["compute"].get("memory", 0.0) < 0.2
+    again, said = load_or_measure(bench, path)
+    assert said.startswith("profile read from") and again == prof
+    _, said = load_or_measure(bench, path, renew=True)
+    assert "renewed" in said
