@@ -70,6 +70,7 @@ class StoredSchedule:
     rounds: int | None = None  # the paired rounds behind the best candidate's interval
     busy_rounds: int = 0  # paired rounds left out of the evidence: the machine was busy
     no_overlap: str | None = None  # a winner that won without overlap: what differs from sequential
+    model: dict[str, Any] | None = None  # the performance model when tuned: headroom, predictions, its error
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -149,7 +150,8 @@ class StoredSchedule:
                    confidence=validate.number(d, "confidence", r, optional=True),
                    rounds=validate.integer(d, "rounds", r, lo=0, optional=True),
                    busy_rounds=validate.integer(d, "busy_rounds", r, lo=0, optional=True) or 0,
-                   no_overlap=validate.string(d, "no_overlap", r, optional=True))
+                   no_overlap=validate.string(d, "no_overlap", r, optional=True),
+                   model=dict(validate.obj(d["model"], "record.model")) if d.get("model") is not None else None)
 
 
 def _busy(value: Any) -> dict[str, Any]:

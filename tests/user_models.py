@@ -79,9 +79,10 @@ torch.fx.wrap("paced_memory")
 
 
 class ComputeKernel(nn.Module):
-    """Classed compute: a small square matmul (dozens of FLOPs per byte), then its paced time."""
+    """Classed compute: a small square matmul (about 20 FLOPs per byte, tens of microseconds), then its
+    paced time."""
 
-    def __init__(self, name: str, dim: int = 16) -> None:
+    def __init__(self, name: str) -> None:
         super().__init__()
         self.times = PACED_UNITS_MS[name]
         self.a = nn.Parameter(torch.randn(128, 128) / 128, requires_grad=False)

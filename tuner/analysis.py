@@ -16,6 +16,7 @@ from dynaflow.runtime.timeline import Timeline  # noqa: E402
 
 from .confirm import verdict_text  # noqa: E402,F401  (the notebook's verdict in words)
 from .storage import open_storage  # noqa: E402
+from .guide import MODEL_ERROR, PREDICTED  # noqa: E402
 from .study import BASELINE, counts_toward_budget, result_of  # noqa: E402
 
 COLOURS = {"compute": "tab:blue", "memory": "tab:orange", "copy": "tab:green", "network": "tab:purple"}
@@ -73,7 +74,33 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     df["duplicate"] = [result_of(t).duplicate for t in trials]
     df["speedup"] = [1.0 if t.user_attrs.get(BASELINE) else result_of(t).speedup for t in trials]
     df["speedup"] = df.speedup.astype(float)
+    df["predicted"] = pd.Series([t.user_attrs.get(PREDICTED) for t in trials], dtype=float)
     return df
+
+
+def plot_model(study: optuna.Study, df: pd.DataFrame, ax) -> str | None:
+    """The performance model's predicted speedup of each measured search trial against its
+    measured paired speedup, with the diagonal where they agree and the run's error in the title;
+    why not, where no trial carries a prediction (the model was off)."""
+    rows = df[~df.baseline & ~df.duplicate & df.speedup.notna() & df.predicted.notna()] if len(df) else df
+    if not len(rows):
+        return "model: no trial carries a prediction (tuned with --no-model, or on a target in another process)"
+    for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
+        part = rows[rows.state == state]
+        if len(part):
+            ax.scatter(part.predicted, part.speedup, marker=marker, s=18,
+                       label="completed" if state == "COMPLETE" else "pruned (partial rounds)")
+    lo = min(rows.predicted.min(), rows.speedup.min()) * 0.95
+    hi = max(rows.predicted.max(), rows.speedup.max(), 1.0) * 1.05
+    ax.plot([lo, hi], [lo, hi], color="black", linewidth=1, linestyle=":", label="predicted = measured")
+    error = study.user_attrs.get(MODEL_ERROR) or {}
+    rho = "n/a" if error.get("rho") is None else f"{error['rho']:.2f}"
+    title = (f"model: rho {rho}, median |error| {error['median_abs']:.1%} over {error['n']}"
+             if error.get("median_abs") is not None else "model: predicted vs measured")
+    ax.set(xlabel="predicted speedup over sequential", ylabel="measured paired speedup", title=title,
+           xlim=(lo, hi), ylim=(lo, hi))
+    ax.legend(fontsize=7)
+    return None
 
 
 def best_search_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

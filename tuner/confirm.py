@@ -396,11 +396,12 @@ def explained(confirmation: Confirmation, target: Target) -> tuple[Confirmation,
 
 
 def store_verdict(confirmation: Confirmation, study: optuna.Study, target: Target, workload: Workload,
-                  config: RecordConfig, *, warm_baseline_ms: float | None = None
+                  config: RecordConfig, *, warm_baseline_ms: float | None = None, model: dict | None = None
                   ) -> tuple[StoredSchedule, str, str | None, Confirmation]:
     """Store the verdict; returns the record in the store, its path, why an older record was kept
     instead (None when this one was stored), and the confirmation as stored (with its why).
-    `warm_baseline_ms`: the sequential figure when the confirmation measured no round."""
+    `warm_baseline_ms`: the sequential figure when the confirmation measured no round; `model`: what
+    the performance model said (tuner/guide.py), kept with the record."""
     confirmation, overlap = explained(confirmation, target)
     tokens = workload.num_tokens if workload.num_tokens else target.space_context().layout.num_tokens
     best, base_ms = confirmation.best_candidate, confirmation.baseline_ms or warm_baseline_ms
@@ -418,7 +419,7 @@ def store_verdict(confirmation: Confirmation, study: optuna.Study, target: Targe
         space=config.space, params=_params(study, confirmation.winner) if confirmation.wins else {},
         study=study.study_name, storage=config.storage_url, trial=confirmation.winner.trial if confirmation.wins else None,
         busy=confirmation.busy, contended=confirmation.contended, overlap=overlap if confirmation.wins else None,
-        no_overlap=confirmation.no_overlap,
+        no_overlap=confirmation.no_overlap, model=model,
     )
     study.set_user_attr("confirmation", confirmation.to_dict())
     store = ScheduleStore(StoreConfig(root=config.store_root))

@@ -147,6 +147,8 @@ def make_guide(target, workload: Workload, space: str, profiles_dir: Path | None
     headroom = sim.headroom()
     ranked = []
     for params, schedule in draw(space, ctx, seed=seed):
+        if schedule.is_sequential:  # the baseline itself: not a candidate
+            continue
         try:
             ranked.append((headroom.sequential_ms / sim.predict(schedule).ms, params, schedule))
         except (ValueError, KeyError):

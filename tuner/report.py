@@ -120,6 +120,12 @@ def write_report(storage: str, out_dir: Path, *, store_root: Path = Path("result
     fig, ax = plt.subplots(figsize=(5, 3.5))
     analysis.plot_winner_spread(study, ax)
     save("spread", fig)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if (why := analysis.plot_model(study, df, ax)) is None:
+        save("model", fig)
+    else:
+        notes.append(why)
+        plt.close(fig)
     records = stored_table(store_root)
     fig, ax = plt.subplots(figsize=(7, 4))
     analysis.plot_buckets(records[records.speedup.notna()] if not records.empty else records, ax)
@@ -154,6 +160,7 @@ def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]
     from dynaflow.runtime.timeline import overlap_text
 
     from .confirm import verdict_text
+    from .guide import MODEL_ERROR
     from .show import machine_text
 
     search = df[~df.baseline] if len(df) else df
@@ -173,6 +180,10 @@ def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str]
     else:
         lines.append("- best search trial: none (no search trial ran correctly)")
     lines += [f"- confirmation: {verdict_text(v)}"]
+    if (error := study.user_attrs.get(MODEL_ERROR)) and error.get("n"):
+        rho = "n/a" if error.get("rho") is None else f"{error['rho']:.2f}"
+        lines.append(f"- model error (the run of {error.get('at', '?')}): Spearman rho {rho} over {error['n']} "
+                     f"schedule(s), median |error| {error['median_abs']:.1%} (worst {error['worst']:.1%})")
     if record is not None:
         if record.verdict == "winner":
             lines.append(f"- why the winner won: {overlap_text(record.overlap)}")

@@ -73,6 +73,7 @@ class Session:
     guide: Guide | None = None  # the performance model (tuner/guide.py), None when off or not built for the target
     first_trial: int = 0  # the first trial number of this run: the model's error is over this run's trials
     model_error: object | None = None  # perfmodel.ModelError over this run's trials, once searched
+    screened: bool = False  # the model screened the search down to its top few
 
 
 def start(workload: Workload, target: Target, config: TuneConfig, *, log=print, position: int = 0) -> Session:
@@ -119,6 +120,22 @@ def model_guide(study: optuna.Study, target: Target, workload: Workload, config:
     return guide
 
 
+def model_summary(session: Session, verdict: Confirmation) -> dict | None:
+    """What the model said of this workload, for its record: the headroom, its best prediction, its
+    prediction for the best candidate measured, and its error over this run's trials."""
+    guide = session.guide
+    if guide is None:
+        return None
+    best = verdict.best_candidate
+    predicted = guide.predict(best.schedule) if best is not None and best.schedule is not None else None
+    error = session.model_error.to_dict() if session.model_error is not None else None
+    return {"sequential_predicted_ms": round(guide.headroom.sequential_ms, 4),
+            "bound_speedup": round(guide.headroom.bound_speedup, 4), "busiest": guide.headroom.busiest,
+            "best_predicted": round(guide.best[0], 4), "best_predicted_label": guide.best[2].label,
+            "candidate_predicted": round(predicted, 4) if predicted is not None else None,
+            "screened": session.screened, "error": error}
+
+
 def finish(session: Session, result: StudyResult, config: TuneConfig, *, stop=()) -> WorkloadResult:
     """Confirm the best candidates against the baseline and store the verdict; once `stop` is
     truthy (Ctrl-C), the confirmation ends at its next round and nothing is concluded."""
@@ -130,7 +147,7 @@ def finish(session: Session, result: StudyResult, config: TuneConfig, *, stop=()
         raise
     record, path, kept, verdict = store_verdict(verdict, session.study, session.target, session.workload,
                                                 record_config(config),
-                                                warm_baseline_ms=session.baseline_ms)
+                                                warm_baseline_ms=session.baseline_ms, model=model_summary(session, verdict))
     return WorkloadResult(workload=session.workload, study=session.study.study_name, record=record, path=path,
                           kept=kept, verdict=verdict, outcomes=result.outcomes,
                           distinct=len(search_trials(session.study)), tally=tally(session.study),

@@ -36,6 +36,8 @@ def describe(record: StoredSchedule, path: Path | str | None = None) -> str:
         lines.append(f"why        {overlap_text(r.overlap)}")
         if r.no_overlap:
             lines.append(f"           {r.no_overlap}")
+    if r.model:
+        lines.append(f"model      {model_text(r.model)}")
     lines.append(f"machine    {machine_text(r)}")
     lines.append(f"origin     {r.space} space, study {r.study or '?'} trial {r.trial if r.trial is not None else '-'}"
                  f" ({r.storage or 'storage unknown'}), {r.created_at}")
@@ -84,3 +86,18 @@ def machine_text(r: StoredSchedule) -> str:
              f"load average {r.busy['load1']:g}" if r.busy.get("load1") is not None else None,
              f"{r.busy['gpu_other_processes']} other GPU process(es)" if r.busy.get("gpu_other_processes") else None]
     return f"{quiet} ({', '.join(p for p in parts if p)} over {r.busy.get('wall_s', 0):.1f} s of confirmation)"
+
+
+def model_text(m: dict) -> str:
+    """What the performance model said when the record was tuned (tuner/guide.py), in one line."""
+    parts = [f"sequential predicted {m['sequential_predicted_ms']:.2f} ms, no schedule can beat "
+             f"{m['bound_speedup']:.2f}x ({m['busiest']} the busiest)" if m.get("bound_speedup") else None,
+             f"best predicted {m['best_predicted']:.3f}x" if m.get("best_predicted") is not None else None,
+             f"the best candidate predicted {m['candidate_predicted']:.3f}x" if m.get("candidate_predicted") else None,
+             "screened: only its top schedules were measured" if m.get("screened") else None]
+    e = m.get("error") or {}
+    if e.get("n"):
+        rho = "n/a" if e.get("rho") is None else f"{e['rho']:.2f}"
+        parts.append(f"its error that run: Spearman rho {rho} over {e['n']} schedule(s), median |error| "
+                     f"{e['median_abs']:.1%}")
+    return "; ".join(p for p in parts if p) or "no prediction kept"

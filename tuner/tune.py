@@ -112,6 +112,7 @@ def _search(sessions, lanes, config: TuneConfig, stop, log) -> list:
     if guide is None or not guide.screens(config.min_effect):
         return run_search(lanes, full, stop)
     study = sessions[0].study
+    sessions[0].screened = True
     budget = min(len(search_trials(study)) + SCREEN_TOP, config.trials or float("inf"))
     log(f"model: even optimistically ({guide.optimistic():.3f}x, its best prediction plus its error) no schedule "
         f"reaches {1 + config.min_effect:.2f}x: measuring only its top {SCREEN_TOP}, then the confirmation decides")
@@ -121,6 +122,7 @@ def _search(sessions, lanes, config: TuneConfig, stop, log) -> list:
         log("model: its top schedules measured as it predicted; the search stops here (--no-model searches anyway)")
         return first
     log(f"model: contradicted, {why}: the full search runs")
+    sessions[0].screened = False
     second = run_search(lanes, full, stop)
     for a, b in zip(first, second):
         b.duplicates += a.duplicates
