@@ -7,7 +7,10 @@
 #   tests     pytest -m cuda (per-test timeout)
 #   overhead  the sequential schedule vs the eager model, eager and under CUDA graphs
 #   overlap   a hand-written NanoFlow-style schedule vs sequential, in the same mode
-#   tune      llama3-8b d256x2048+p512 bf16, ~90 s of search, then the confirmation
+#   profile   the performance model's profile of llama3-8b d256x2048+p512 bf16 on the partition
+#             steps (cached for the tune), its per-op table, headroom and best predicted schedules
+#   tune      the same workload, ~75 s of search from the model's best, then the confirmation; ends
+#             with the model's error there (Spearman rho, median |error|)
 #   report    the study's figures, the timelines of the sequential and best schedules (PNG) and
 #             their Perfetto traces (trace_sequential.json, trace_best.json)
 #
@@ -26,12 +29,12 @@ set -uo pipefail
 OUTDIR="${OUTDIR:-results/gpu}"
 WHEELS="${WHEELS:-.whl}"
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-probe,tests,overhead,overlap,tune,report}"
+STAGES="${STAGES:-probe,tests,overhead,overlap,profile,tune,report}"
 MODEL="${MODEL:-llama3-8b}"
 WORKLOAD="${WORKLOAD:-d256x2048+p512}"
-TUNE_S="${TUNE_S:-90}"
+TUNE_S="${TUNE_S:-75}"
 # Each stage's timeout in seconds: the kit's own estimate of the whole is their sum (printed first).
-declare -A LIMIT=([setup]=20 [collect]=60 [probe]=45 [tests]=120 [overhead]=50 [overlap]=60 [tune]=$((TUNE_S + 60)) [report]=45)
+declare -A LIMIT=([setup]=20 [collect]=60 [probe]=45 [tests]=120 [overhead]=50 [overlap]=60 [profile]=60 [tune]=$((TUNE_S + 60)) [report]=45)
 for override in ${LIMITS:-}; do LIMIT[${override%%=*}]=${override#*=}; done  # e.g. LIMITS="tests=200 tune=300"
 declare -a SUMMARY=()
 
@@ -89,7 +92,7 @@ mkdir -p "$OUTDIR"
 trap pack EXIT
 total=0
 for stage in setup ${STAGES//,/ }; do
-    [ -n "${LIMIT[$stage]:-}" ] || fail "unknown stage '$stage': probe, tests, overhead, overlap, tune, report (or collect)"
+    [ -n "${LIMIT[$stage]:-}" ] || fail "unknown stage '$stage': probe, tests, overhead, overlap, profile, tune, report (or collect)"
     total=$((total + LIMIT[$stage]))
 done
 echo "gpu_proof: stages $STAGES; estimate: at most $((total / 60)) min $((total % 60)) s (the sum of the stages' timeouts)"
@@ -116,6 +119,8 @@ for stage in ${STAGES//,/ }; do
                       --repeats 20 || rc=1 ;;
         overlap) run overlap "$PY" benchmarks/handwritten_overlap.py --device cuda --model "$MODEL" --workload "$WORKLOAD" \
                      --rounds 3 || rc=1 ;;
+        profile) run profile "$PY" -m dynaflow.tuner.cli profile --device cuda --model "$MODEL" --workload "$WORKLOAD" \
+                     --store "$OUTDIR" || rc=1 ;;
         tune) run tune "$PY" -m dynaflow.tuner.cli tune --device cuda --model "$MODEL" --workload "$WORKLOAD" \
                   --timeout-s "$TUNE_S" --trials 200 --no-progress --storage "$storage" --store "$OUTDIR" || rc=1 ;;
         report) run report "$PY" -m dynaflow.tuner.cli report --storage "$storage" --store "$OUTDIR" \

@@ -22,7 +22,7 @@ def kit(tmp_path, *args, **env):
 def test_the_whole_kit_fits_nine_minutes_by_its_own_estimate(tmp_path):
     done = kit(tmp_path, "--estimate")
     assert done.returncode == 0, done.stderr
-    m = re.search(r"stages probe,tests,overhead,overlap,tune,report; estimate: at most (\d+) min (\d+) s", done.stdout)
+    m = re.search(r"stages probe,tests,overhead,overlap,profile,tune,report; estimate: at most (\d+) min (\d+) s", done.stdout)
     assert m and int(m[1]) * 60 + int(m[2]) <= 9 * 60, done.stdout
     assert not (tmp_path / "out").exists()  # an estimate writes nothing
 

@@ -7,7 +7,7 @@ import pytest
 
 from dynaflow.runtime import BatchLayout, Schedule, Step, StreamSpec
 from dynaflow.runtime.graph import Op, OpGraph
-from dynaflow.runtime.perfmodel import Profile, Simulator, model_error, spearman
+from dynaflow.runtime.perfmodel import Profile, Simulator, measure_profile, model_error, spearman
 from dynaflow.runtime.perfmodel.profile import _fit
 from dynaflow.runtime.perfmodel.profiler import load_or_measure
 
@@ -219,3 +219,50 @@ def test_a_profile_of_the_paced_units_recovers_their_times_and_predicts_what_run
     for p, m in zip(predicted, measured):
         assert p == pytest.approx(m, rel=0.2)
     assert sorted(range(3), key=predicted.__getitem__) == sorted(range(3), key=measured.__getitem__) == [0, 1, 2]
+
+
+# ---- on the simulated GPU (tests/fake_driver.py enforces the green-context rules)
+from test_green_ctx import device  # noqa: E402,F401 - the simulated device, sm90 and sm80
+
+
+class SimBench:
+    """What the profiler reads of a Bench, on the simulated device: its executor, case, hardware and timelines."""
+
+    def __init__(self, sim, fake) -> None:
+        from dynaflow.runtime import Executor, Hardware, Workload
+        from test_cuda_backend_sim import SimBackend
+        from test_equivalence import CASES
+
+        self.executor = Executor(Workload(**CASES["llama-tiny"]).build(), backend=SimBackend(sim))
+        self.executor.profile_ops(flops_per_byte=4.0)
+        self.case, self.device = self.executor.case, "cuda:0"
+        self.hardware = Hardware(kind="cuda", name="sim", arch=".".join(map(str, fake.arch)), num_sms=fake.num_sms,
+                                 memory_bytes=80 * 2**30)
+
+    def timelines(self, schedules, *, runs=5):
+        from dynaflow.runtime.timeline import record_timelines
+
+        compiled = [self.executor.compile(s, sm_count=self.hardware.num_sms) for s in schedules]
+        try:
+            return record_timelines(compiled, {op.name: op.resource for op in self.executor.graph.ops}, runs=runs)
+        finally:
+            for c in compiled:
+                c.close()
+
+
+def test_on_a_gpu_the_profile_shares_are_the_devices_partition_steps(device):
+    """sm90 (132 SMs, steps of 8): solo shares 32, 64, 96 SMs and the whole device; the partitioned
+    calibration two streams of 64; sm80 (108 SMs, steps of 4): 24, 52, 80 and 108. Every share went
+    through the fake driver's green contexts without a violation, and the tasks are issued by one
+    host thread."""
+    sim, fake = device
+    bench = SimBench(sim, fake)
+    prof = measure_profile(bench, runs=2)
+    step = 8 if fake.arch >= (9, 0) else 4
+    groups = fake.num_sms // step
+    assert prof.issue == "one-issuer" and prof.total_share == fake.num_sms
+    assert prof.shares == (*(g * step for g in (groups // 4, groups // 2, 3 * groups // 4)), fake.num_sms)
+    assert {p[1] for p in prof.points} == set(prof.shares)
+    assert set(prof.interference) == {"shared", "partitioned"} and not fake.violations, fake.violations
+    sim_ = Simulator(prof, bench.executor.graph, bench.case.layout)
+    assert sim_.predict(Schedule()).ms > 0 and sim_.headroom().bound_speedup >= 1

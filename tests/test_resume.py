@@ -12,7 +12,8 @@ from dynaflow.tuner.study import STALE, counts_toward_budget, result_of
 
 CMD = [sys.executable, "-m", "dynaflow.tuner.cli", "tune", "--model", "llama-small", "--workload", "d4x64+p16",
        "--space", "nanoflow", "--trials", "14", "--repeats", "6", "--warmup", "1", "--no-prune",
-       "--no-progress", "--confirm-rounds", "1", "--heartbeat-s", "1"]  # stale after 3 silent seconds
+       "--no-progress", "--confirm-rounds", "1", "--heartbeat-s", "1",  # stale after 3 silent seconds
+       "--no-model"]  # the budget is what this file tests: no screen shortening it (tests/test_guide.py tests the screen)
 GRACE_S = 3
 
 

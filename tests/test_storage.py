@@ -69,7 +69,7 @@ def test_two_tuners_on_one_study_share_its_budget_and_leave_each_other_alone(tmp
     storage = f"sqlite:///{tmp_path}/s.db"
     cmd = [sys.executable, "-m", "dynaflow.tuner.cli", "tune", "--model", "llama-tiny", "--workload", "d8x32+p16",
            "--trials", "12", "--repeats", "3", "--warmup", "1", "--no-prune", "--no-progress", "--confirm-rounds", "1",
-           "--heartbeat-s", "1", "--storage", storage, "--store", str(tmp_path)]
+           "--heartbeat-s", "1", "--no-model", "--storage", storage, "--store", str(tmp_path)]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not os.path.exists(f"{tmp_path}/s.db") and first.poll() is None:
         time.sleep(0.05)

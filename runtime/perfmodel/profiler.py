@@ -74,7 +74,8 @@ def measure_profile(bench, *, label: str = "", runs: int = 5) -> Profile:
                       ops={op.name: {"resource": str(op.resource), "fits": fits[op.name]} for op in graph.ops},
                       points=points, dispatch_ms=dispatch_ms, whole=_features(layout, 0, layout.num_requests),
                       sequential_ms=statistics.median(sequential.walls_ms))
-    profile = _calibrate(bench, profile, explicit, runs=runs, overheads=overheads)
+    pair = ((groups // 2) * step, (groups - groups // 2) * step) if groups > 1 else None  # two streams, whole steps
+    profile = _calibrate(bench, profile, pair, runs=runs, overheads=overheads)
     busy = telemetry.busy_since(mark, bench.device)
     return profile.replace(busy=busy, measured_s=round(time.perf_counter() - t0, 2))
 
@@ -88,7 +89,8 @@ def _fixed_cost(tl, gap: float) -> float:
     return max(0.0, statistics.median(tl.walls_ms) - inside - gap)
 
 
-def _calibrate(bench, profile: Profile, explicit: list[int], *, runs: int, overheads: dict[int, list[float]]) -> Profile:
+def _calibrate(bench, profile: Profile, pair: tuple[int, int] | None, *, runs: int,
+               overheads: dict[int, list[float]]) -> Profile:
     """Interference, wake-up and multi-stream fixed costs, from schedules that put the op classes
     beside each other: two nano-batches on two streams (op by op, and staggered by one), compute
     beside the rest, and (shared) compute, memory and copy on three."""
@@ -100,10 +102,8 @@ def _calibrate(bench, profile: Profile, explicit: list[int], *, runs: int, overh
     present = sorted(set(classes.values()))
     by_class = {"compute": 0, "memory": 1}
     modes = [("shared", (None, None, None))]
-    if explicit:
-        half = max(s for s in explicit if s <= profile.total_share // 2) if any(
-            s <= profile.total_share // 2 for s in explicit) else explicit[0]
-        modes.append(("partitioned", (half, profile.total_share - half, None)))
+    if pair is not None:
+        modes.append(("partitioned", (*pair, None)))
     plans = []
     for mode, shares in modes:
         two = tuple(StreamSpec(sm_share=x) for x in shares[:2])
