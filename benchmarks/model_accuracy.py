@@ -10,8 +10,9 @@ Spearman's rho and the median |error| of the predicted speedups (targets: rho >=
 <= 15% on llama-small d16x256+p64 and hf:llama d16x256; rho >= 0.9 and median <= 5% on the paced
 units, whose true times are known: tests/user_models.py). The simulator's speed (schedules a second).
 
-Then the search, replayed on what was measured (`--search`): every distinct schedule of the space
-is measured once (a paired round each, the table); a search proposes schedules and is told their
+Then the search, replayed on what was measured: every distinct schedule of the space is measured
+once (a paired round each, the table; its five best measured again, three rounds more, the
+median kept, so that one lucky round is not the reference); a search proposes schedules and is told their
 table value, TPE alone against the model's three best predicted schedules first and TPE after them
 (what `tune` does). Printed: the trials (distinct schedules) each needs to come within 2% of the
 table's best, over `--seeds` seeds. Target: with the model at most half of TPE's alone.
@@ -92,11 +93,20 @@ def search(name: str, case: dict, args) -> None:
     for _, s in drawn:
         table[s.key()] = measured_speedup(case["target"], s, 1) or 0.0
     table[Schedule(label="nanoflow:sequential").key()] = 1.0
+    for key in sorted(table, key=table.get, reverse=True)[:5]:  # the reference's best, confirmed: 3 more rounds each
+        if table[key] > 1.0:
+            s = next(s for _, s in drawn if s.key() == key)
+            table[key] = statistics.median([table[key]] + [measured_speedup(case["target"], s, 1) or 0.0
+                                                           for _ in range(3)])
     best = max(table.values())
     ranked = sorted(drawn, key=lambda ps: sim.predict(ps[1]).ms)
     print(f"{name}: table of {len(table)} distinct schedules measured in {time.perf_counter() - t0:.0f} s, best "
           f"{best:.3f}x; the model's first three: "
           + ", ".join(f"{table[s.key()]:.3f}x" for _, s in ranked[:3]), flush=True)
+    if best <= 1.0 / 0.98:  # the baseline every tune measures first is within 2% of the best
+        print(f"{name}: no schedule beats sequential by 2% (best {best:.3f}x): every tune has it in its baseline, "
+              "before any trial, with or without the model", flush=True)
+        return
     space = get_space("nanoflow")
     results = {"TPE alone": [], "model's top 3, then TPE": []}
     for seed in range(args.seeds):
@@ -105,7 +115,7 @@ def search(name: str, case: dict, args) -> None:
             for params in first:
                 study.enqueue_trial(params)
             seen, n, found = set(), 0, None
-            for _ in range(20 * len(table)):
+            for _ in range(4 * len(table)):
                 trial = study.ask()
                 s = space(trial, ctx)
                 value = table.get(s.key())

@@ -72,6 +72,7 @@ class ScheduleMap:
         self.source, self.max_ratio = source, max_ratio
         self.shapes = ShapeLog(model=model)
         self.rule_counts: Counter = Counter()
+        self.unsplit = 0  # lookups answered by a split schedule that the caller ran unsplit (its cache cannot split)
         self._parsed: dict[int, StoredSchedule] = {j: parsed[i] for j, i in enumerate(order)} if parsed else {}
         self._cache: dict[tuple, tuple[Schedule, str, Bucket]] = {}
         self._said: set[str] = set()
@@ -135,9 +136,15 @@ class ScheduleMap:
         return {bucket: rule for _, rule, bucket in self._cache.values()}
 
     def tuned_share(self) -> float:
-        """The share of lookups answered by a stored bucket (exact or nearest), not sequential."""
+        """The share of lookups answered by a stored bucket (exact or nearest) and run as answered:
+        not sequential, and not run unsplit by a caller that could not split (`ran_unsplit`)."""
         total = sum(self.rule_counts.values())
-        return (total - self.rule_counts["sequential"]) / total if total else 0.0
+        return (total - self.rule_counts["sequential"] - self.unsplit) / total if total else 0.0
+
+    def ran_unsplit(self) -> None:
+        """The caller got a split schedule for its last lookup and ran it unsplit (an HF decoder
+        layer with a DynamicCache): that lookup does not count as tuned."""
+        self.unsplit += 1
 
     def _record(self, i: int) -> StoredSchedule:
         if i not in self._parsed:

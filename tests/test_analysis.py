@@ -160,3 +160,73 @@ def test_timeline_labels_stay_inside_their_bars_with_four_streams():
         (x0, y0), (x1, y1) = ax.transData.transform([(span.start_ms, y - 0.4), (span.end_ms, y + 0.4)])
         assert text.get_rotation() == 0 and x0 - 1 <= box.x0 and box.x1 <= x1 + 1 and y0 <= box.y0 and box.y1 <= y1
     plt.close(fig)
+
+
+# ---- issue 47, point 2: the figures and the text of one study agree
+def test_the_reports_figures_and_text_count_the_same_trials(tmp_path):
+    """One study with completed, pruned, failed and duplicate trials (a fake target): the history's
+    legend, the outcomes' bars, report.md and `studies` count each kind alike, and duplicates (kept
+    in Optuna's FAIL state) are never drawn or counted as failures."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dynaflow.runtime import TrialOutcome
+    from dynaflow.tuner import analysis
+    from dynaflow.tuner.config import TuneConfig
+    from dynaflow.tuner.report import write_report
+    from dynaflow.tuner.tune import tune
+    from fakes import FakeTarget, tiny_context
+
+    w = Workload(model="llama-tiny", num_decode=32, context_len=16, prefill_tokens=32, prefill_chunk=16)
+    failures = {4: TrialOutcome.INCORRECT, 9: TrialOutcome.CRASHED, 14: TrialOutcome.INCORRECT}
+    target = FakeTarget(tiny_context(), lambda s: 10.0 if s.is_sequential else 9.0 + 0.1 * len(s.order) % 3,
+                        failures=failures, fail_candidates=True)
+    storage = f"sqlite:///{tmp_path}/s.db"
+    cfg = TuneConfig(workloads=(w,), space="dbo", trials=30, storage=storage, store_root=tmp_path, progress=False,
+                     seed=0, confirm_rounds=5, prune=False)
+    tune(cfg, make_target=lambda _: target, log=lambda *a: None)
+    study = analysis.load_study(storage)
+    df = analysis.trials_table(study)
+    counts = analysis.trial_counts(df)
+    assert counts["baseline"] == 1 and counts["incorrect"] == 2 and counts["crashed"] == 1 and counts["duplicate"] > 0
+    assert sum(counts.values()) == len(study.trials)
+
+    fig, (h, o) = plt.subplots(1, 2)
+    analysis.plot_history(study, df, h)
+    analysis.plot_outcomes(df, o)
+    bars = {t.get_text(): p.get_height() for t, p in zip(o.get_xticklabels(), o.patches)}
+    assert bars == {k: v for k, v in counts.items() if k != "baseline"}
+    labels = [t.get_text() for t in h.get_legend().get_texts()]
+    assert f"ok ({counts['ok']})" in labels
+    assert f"failed (incorrect {counts['incorrect']}, crashed {counts['crashed']})" in labels
+    assert f"({counts['duplicate']} duplicates answered from the study, not drawn)" in h.get_title()
+    drawn = sum(len(c.get_offsets()) for c in h.collections)
+    assert drawn == len(study.trials) - counts["baseline"] - counts["duplicate"] - counts.get("skipped", 0)
+    plt.close(fig)
+
+    md = write_report(storage, tmp_path / "r", store_root=tmp_path, timelines=False).read_text()
+    outcomes = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("baseline", "duplicate", "skipped"))
+    assert (f"- trials: {len(study.trials)} in the study: 1 baseline(s), "
+            f"{len(study.trials) - 1 - counts['duplicate'] - counts.get('skipped', 0)} distinct schedules measured "
+            f"({outcomes}), {counts['duplicate']} duplicates") in md
+    assert analysis.studies_table(storage).iloc[0].trials == len(study.trials)
+
+
+def test_the_spread_figure_keeps_its_axis_on_the_rounds():
+    """A candidate with two quiet rounds has an interval of 3e-9 to 8e6: the axis stays on the rounds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dynaflow.tuner import analysis
+
+    rounds = [{"baseline_ms": 10.0, "candidate_ms": 10.0 / r} for r in (0.5, 2.0)]
+    study = optuna.create_study()
+    study.set_user_attr("confirmation", {"verdict": "inconclusive", "min_effect": 0.03, "candidates": [
+        {"trial": 3, "speedup": 1.0, "low": 3.2e-9, "high": 8_343_806.0, "rounds": 2, "comparison": {"rounds": rounds}}]})
+    fig, ax = plt.subplots()
+    analysis.plot_winner_spread(study, ax)
+    low, high = ax.get_ylim()
+    assert 0 < low < 0.5 and 2.0 < high < 3.0
+    plt.close(fig)

@@ -128,3 +128,28 @@ def test_hf_mixtral_counts_and_its_op_level_schedules_equal_the_model():
         assert m.outcome in (TrialOutcome.OK, TrialOutcome.INVALID), (schedule.label, m.message)
         seen += m.ok and not schedule.is_sequential
     assert seen >= 2
+
+
+def test_tuned_share_counts_only_what_runs_split():
+    """Issue 47, point 8: a map answering every batch with a split schedule; with the default
+    (dynamic) cache every layer runs unsplit, and the map's tuned share says 0, not 1; with a
+    StaticCache (the README's example) every call splits and the share is 1."""
+    from dynaflow.runtime import ScheduleMap
+
+    class SplitMap(ScheduleMap):
+        def pick(self, layout, context_len=0):
+            self.rule_counts["exact"] += 1
+            return dbo_policy(layout)
+
+    model, cfg = build("llama")
+    ids = torch.randint(0, COMMON["vocab_size"], (ROWS, PROMPT))
+    smap = SplitMap([])
+    apply_schedules(model, smap)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True)
+    assert smap.unsplit == cfg.num_hidden_layers and smap.tuned_share() == 0.0
+    static = SplitMap([])
+    apply_schedules(model, static)
+    generate(model, cfg, ids)
+    assert static.unsplit == 0 and static.tuned_share() == 1.0
+    assert all(layer.split_calls == STEPS + 1 for layer in decoder_layers(model))

@@ -266,3 +266,59 @@ def test_ctrl_c_during_the_confirmation_concludes_nothing_and_keeps_the_stored_r
     assert sum(len(c.comparison.rounds) for c in second.verdict.candidates) <= 1  # it stopped at the next round
     assert second.record.verdict == "winner" and "conclusive" in second.kept  # the earlier winner stays
     assert "stopping: " in capsys.readouterr().err
+
+
+# ---- issue 47, point 3: lines that contradicted themselves
+def test_too_few_quiet_rounds_are_said_whatever_the_interval():
+    """Three quiet rounds of a candidate 5x slower, then no more: its interval lies wholly below 1,
+    yet no verdict stands on three rounds, and the reason says so."""
+    plan = Plan(candidates=1)
+    c = Comparison(rounds=tuple(Round(baseline_ms=10.0, candidate_ms=10.0 / r) for r in (0.2, 0.25, 0.2)))
+    v = judge((candidate(c, plan),), plan)
+    assert v.kind == "inconclusive"
+    assert "trial 1's 3 quiet paired round(s) are fewer than the 5 a verdict needs" in v.reason
+    assert "could be 3% faster or not" not in v.reason
+
+
+def test_a_busy_inconclusive_record_is_not_said_quiet_and_its_few_rounds_are_named():
+    from dynaflow.runtime.store import StoredSchedule
+    from dynaflow.tuner.show import describe
+    from fakes import H100
+
+    rec = StoredSchedule(hardware=H100, workload=W, schedule=Schedule(), verdict="inconclusive", tokens_per_s=1e3,
+                         baseline_tokens_per_s=1e3, speedup=1.0, speedup_spread=0.1, efficiency=None, space="nanoflow",
+                         speedup_interval=(0.092, 0.332), candidate_speedup=0.2, confidence=0.998, rounds=3,
+                         busy_rounds=24, busy={"cpus": 2, "others_cpu_s": 30.0, "wall_s": 31.0, "load1": 3.0})
+    shown = describe(rec)
+    assert "quiet enough" not in shown
+    assert "machine    3 quiet paired round(s) counted, 24 busy one(s) left out" in shown
+    assert "interval 0.092-0.332x over 3 paired rounds); 3 quiet paired round(s) counted, fewer than a verdict " \
+           "needs" in shown
+
+
+def test_the_studies_table_counts_the_busy_rounds_beside_a_busy_verdict(tmp_path):
+    import optuna
+
+    from dynaflow.tuner import analysis
+
+    storage = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(storage=storage, study_name="hw/w/nanoflow")
+    study.set_user_attr("confirmation", {"verdict": "inconclusive", "reason": "the machine was busy", "busy_rounds": 24,
+                                         "contended": None})
+    row = analysis.studies_table(storage).iloc[0]
+    assert row.verdict == "inconclusive" and row.busy_rounds == 24 and not row.accepted_contention
+    assert "contended" not in analysis.studies_table(storage).columns
+
+
+def test_the_progress_bar_best_is_from_quiet_rounds_only():
+    from dynaflow.tuner.progress import Progress
+
+    def paired(speedup: float, busy: bool) -> Measurement:
+        load = {"cpus": 2, "others_cpu_s": 1.5 if busy else 0.0, "wall_s": 1.0}
+        return Measurement(outcome=TrialOutcome.OK, samples_ms=(10.0 / speedup,) * 3, baseline_samples_ms=(10.0,) * 3,
+                           telemetry={"busy": load})
+
+    p = Progress(total=3, desc="w", enabled=False)
+    p.update(paired(1.1, busy=False))
+    p.update(paired(8.7, busy=True))  # a busy round's 8.7x is no evidence: not the best
+    assert p.best == pytest.approx(1.1) and p.busy == 1

@@ -20,7 +20,6 @@ from .guide import MODEL_ERROR, PREDICTED  # noqa: E402
 from .study import BASELINE, counts_toward_budget, result_of  # noqa: E402
 
 COLOURS = {"compute": "tab:blue", "memory": "tab:orange", "copy": "tab:green", "network": "tab:purple"}
-MARKERS = {"PRUNED": ("v", "tab:orange", "pruned (partial result)"), "FAIL": ("x", "tab:red", "failed")}
 MIN_TRIALS_FOR_IMPORTANCES = 10  # below this many completed trials with parameters, importances are noise
 
 
@@ -37,9 +36,12 @@ def studies_table(storage: str) -> pd.DataFrame:
                      "distinct": sum(1 for t in trials if counts_toward_budget(t) and t.state.is_finished()),
                      "verdict": confirmation.get("verdict", "not confirmed"),
                      "confirmed_speedup": confirmation.get("speedup") if confirmation.get("verdict") == "winner" else None,
-                     "contended": bool(confirmation.get("contended")), "last_trial": last})
-    df = pd.DataFrame(rows, columns=["study", "trials", "distinct", "verdict", "confirmed_speedup", "contended",
-                                     "last_trial"])
+                     "busy_rounds": int(confirmation.get("busy_rounds") or 0),
+                     "accepted_contention": bool(confirmation.get("contended")), "last_trial": last})
+    # busy_rounds: the confirmation's rounds left out as busy (what made a busy verdict inconclusive);
+    # accepted_contention: busy rounds counted on purpose (--accept-contention)
+    df = pd.DataFrame(rows, columns=["study", "trials", "distinct", "verdict", "confirmed_speedup", "busy_rounds",
+                                     "accepted_contention", "last_trial"])
     return df.sort_values("last_trial", ascending=False, na_position="last").reset_index(drop=True)
 
 
@@ -117,29 +119,59 @@ def say(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=10, transform=ax.transAxes)
 
 
+def kind_of(row) -> str:
+    """What a trial is, the one classification every figure and the report's text use: the
+    baseline, a duplicate answered from the study (stored in Optuna's FAIL state, with the result
+    it reused), skipped (the budget was spent by others), or its measured outcome (ok, pruned,
+    incorrect, crashed, ...)."""
+    if row.baseline:
+        return "baseline"
+    if row.duplicate:
+        return "duplicate"
+    return str(row.outcome) if isinstance(row.outcome, str) and row.outcome else "unknown"
+
+
+def trial_counts(df: pd.DataFrame) -> dict[str, int]:
+    """How many trials of each kind (`kind_of`), the baseline(s) first, then the measured outcomes
+    by count, then duplicates and skipped: the numbers the report, the outcomes figure and the
+    history's legend all print."""
+    kinds = [kind_of(r) for r in df.itertuples()] if len(df) else []
+    counts = pd.Series(kinds, dtype=str).value_counts()
+    head = ["baseline"] + [k for k in counts.index if k not in ("baseline", "duplicate", "skipped")]
+    return {k: int(counts[k]) for k in [*head, "duplicate", "skipped"] if k in counts.index}
+
+
 def plot_history(study: optuna.Study, df: pd.DataFrame, ax) -> None:
-    """Every search trial's paired speedup (over the sequential run measured right before it):
-    completed (dots, with the best so far), pruned (at their partial result) and failed (at the
-    bottom), each marked; the confirmed speedup, when there is one, as a line."""
+    """Every measured search trial's paired speedup (over the sequential run measured right before
+    it): ok (dots, with the best so far), pruned (at their partial result) and failed (crosses at
+    the bottom), each counted in the legend as `trial_counts` counts it; duplicates answered from
+    the study are not drawn (they measured nothing); the confirmed speedup, when there is one."""
     search = df[~df.baseline] if len(df) else df
     if not len(search):
         say(ax, "no search trials yet")
         return
-    ok = search[search.state == "COMPLETE"]
-    ax.scatter(ok.number, ok.speedup, s=14, label="completed")
+    kinds = pd.Series([kind_of(r) for r in search.itertuples()], index=search.index)
+    counts = trial_counts(df)
+    ok = search[kinds == "ok"]
+    ax.scatter(ok.number, ok.speedup, s=14, label=f"ok ({len(ok)})")
     if len(ok):
         ax.plot(ok.number, ok.speedup.cummax(), color="black", linewidth=1, label="best so far (one round each)")
     low = min([1.0, *search.speedup.dropna()]) * 0.95
-    for state, (marker, colour, label) in MARKERS.items():
-        rows = search[search.state == state]
-        if len(rows):
-            y = rows.speedup if state == "PRUNED" else [low] * len(rows)
-            ax.scatter(rows.number, y, marker=marker, color=colour, s=22, label=label)
+    pruned = search[kinds == "pruned"]
+    if len(pruned):
+        ax.scatter(pruned.number, pruned.speedup.fillna(low), marker="v", color="tab:orange", s=22,
+                   label=f"pruned ({len(pruned)}, at their partial result)")
+    failed = search[~kinds.isin(["ok", "pruned", "duplicate", "skipped"])]
+    if len(failed):
+        ax.scatter(failed.number, [low] * len(failed), marker="x", color="tab:red", s=22,
+                   label="failed (" + ", ".join(f"{k} {counts[k]}" for k in counts if k in set(kinds[failed.index])) + ")")
     ax.axhline(1.0, color="red", linestyle="--", label="sequential (each trial's own run beside it)")
     confirmed = study.user_attrs.get("confirmation") or {}
     if confirmed.get("verdict") == "winner":
         ax.axhline(confirmed["speedup"], color="green", linestyle=":", label=f"confirmed {confirmed['speedup']:.3f}x")
-    ax.set(xlabel="trial", ylabel="paired speedup over sequential", title="optimization history")
+    title = "optimization history" + (f" ({counts['duplicate']} duplicates answered from the study, not drawn)"
+                                      if counts.get("duplicate") else "")
+    ax.set(xlabel="trial", ylabel="paired speedup over sequential", title=title)
     ax.legend(loc="best", fontsize=7)
 
 
@@ -148,9 +180,10 @@ def plot_outcomes(df: pd.DataFrame, ax) -> None:
     if not len(search):
         say(ax, "no search trials yet")
         return
-    counts = search["outcome"].value_counts()
-    ax.bar(counts.index, counts.values, color=["tab:green" if o == "ok" else "tab:red" for o in counts.index])
-    ax.set(ylabel="trials", title="trial outcomes")
+    counts = {k: v for k, v in trial_counts(df).items() if k != "baseline"}
+    colours = {"ok": "tab:green", "pruned": "tab:orange", "duplicate": "tab:grey", "skipped": "tab:grey"}
+    ax.bar(list(counts), list(counts.values()), color=[colours.get(k, "tab:red") for k in counts])
+    ax.set(ylabel="trials", title="trial outcomes (duplicates: answered from the study)")
 
 
 def plot_importances(study: optuna.Study, ax) -> str | None:
@@ -208,6 +241,9 @@ def plot_winner_spread(study: optuna.Study, ax) -> None:
                         fmt="o", color="black", capsize=3, label="speedup and interval" if i == 0 else None)
     ax.axhline(1.0, color="red", linestyle="--", linewidth=0.8)
     ax.axhline(1.0 + (v.get("min_effect") or 0.03), color="grey", linestyle=":", linewidth=0.8)
+    seen = [r["baseline_ms"] / r["candidate_ms"] for c in candidates for r in c["comparison"]["rounds"]] + [1.0]
+    lo, hi = min(seen), max(seen)  # the axis spans the rounds: a 2-round interval may span 10^-9 to 10^7
+    ax.set_ylim(lo - 0.25 * (hi - lo) - 0.05, hi + 0.25 * (hi - lo) + 0.05)
     ax.set_xticks(range(len(candidates)), [f"trial {c['trial']}" for c in candidates], fontsize=7)
     ax.set(ylabel="speedup per paired round", title=f"confirmation: {v.get('verdict', '').replace('_', ' ')}")
     ax.legend(fontsize=6, loc="best")

@@ -330,6 +330,15 @@ def undecided_reason(candidates: tuple[Candidate, ...], plan: Plan) -> str:
     if plan.max_rounds < plan.min_rounds:
         return (f"--confirm-rounds {plan.max_rounds} is below the {plan.min_rounds} rounds a verdict needs; "
                 "sequential kept")
+    if short:  # whatever its interval says, too few rounds count for a verdict
+        c = max(short, key=lambda c: c.speedup if c.interval.rounds else 0.0)
+        counted = len(c.comparison.evidence(plan.accept_contention))
+        left = len(c.comparison.rounds) - counted
+        said = interval_words(c.interval) if c.interval.rounds >= 2 and c.interval.confidence else "no interval yet"
+        return (f"trial {c.trial}'s {counted} {'' if plan.accept_contention else 'quiet '}paired round(s) are fewer "
+                f"than the {plan.min_rounds} a verdict needs ({said}, not yet a verdict"
+                + (f"; {left} round(s) left out or failed" if left else "") + f") within {plan.max_rounds}; "
+                "sequential kept. To decide: more rounds (--confirm-rounds), or a quieter machine")
     best = max((c for c in candidates if c.interval.rounds), key=lambda c: c.speedup, default=None)
     about = (f"best candidate {best.speedup:.3f}x ({interval_words(best.interval)}) could be "
              f"{plan.min_effect:.0%} faster or not" if best else "no candidate completed a round")

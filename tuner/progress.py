@@ -1,11 +1,13 @@
 """Progress of a study on stderr: distinct schedules measured, the best paired speedup so far
-(each trial against the sequential run measured right before it: one round, marked unconfirmed,
-since only the confirmation's rounds decide), failures by outcome, duplicates answered from the study."""
+among quiet rounds (each trial against the sequential run measured right before it: one round,
+marked unconfirmed, since only the confirmation's rounds decide; a round measured while the
+machine was busy is no evidence there, and none here: such rounds are only counted), failures
+by outcome, duplicates answered from the study."""
 from __future__ import annotations
 
 import sys
 
-from dynaflow.runtime import Measurement
+from dynaflow.runtime import Measurement, telemetry
 
 from .measuring import paired_speedup
 
@@ -13,7 +15,8 @@ from .measuring import paired_speedup
 class Progress:
     def __init__(self, *, total: int | None, desc: str, enabled: bool = True, done: int = 0,
                  position: int = 0) -> None:
-        self.best: float | None = None  # the best paired speedup of a completed trial
+        self.best: float | None = None  # the best paired speedup of a completed trial measured quiet
+        self.busy = 0  # completed trials whose round was busy: not in `best`
         self.failures: dict[str, int] = {}
         self.duplicates = 0
         self.bar = None
@@ -26,7 +29,9 @@ class Progress:
 
     def update(self, m: Measurement, *, counted: bool = True, workers: dict[str, dict[str, int]] | None = None) -> None:
         speedup = paired_speedup(m) if m.ok else None
-        if speedup is not None:
+        if speedup is not None and telemetry.contention(m.telemetry.get("busy")) is not None:
+            self.busy += 1
+        elif speedup is not None:
             self.best = speedup if self.best is None else max(self.best, speedup)
         if not counted:
             self.duplicates += 1
@@ -34,7 +39,9 @@ class Progress:
             self.failures[m.outcome.value] = self.failures.get(m.outcome.value, 0) + 1
         if self.bar is None:
             return
-        postfix = {"best, one paired round": "none yet" if self.best is None else f"{self.best:.2f}x (unconfirmed)"}
+        postfix = {"best quiet round": "none yet" if self.best is None else f"{self.best:.2f}x (unconfirmed)"}
+        if self.busy:
+            postfix["busy rounds (not counted)"] = self.busy
         postfix.update(self.failures)
         if self.duplicates:
             postfix["duplicates"] = self.duplicates

@@ -159,17 +159,21 @@ def stored_for(study, store_root: Path):
 def _markdown(study, df: pd.DataFrame, figures: dict[str, str], notes: list[str], record=None) -> str:
     from dynaflow.runtime.timeline import overlap_text
 
+    from . import analysis
     from .confirm import verdict_text
     from .guide import MODEL_ERROR
     from .show import machine_text
 
     search = df[~df.baseline] if len(df) else df
-    measured = search[~search.duplicate & (search.outcome != "skipped")] if len(search) else search
-    outcomes = ", ".join(f"{k} {v}" for k, v in measured.outcome.value_counts().items()) if len(measured) else "none"
+    kinds = [analysis.kind_of(r) for r in search.itertuples()] if len(search) else []
+    measured = search[[k not in ("duplicate", "skipped") for k in kinds]] if len(search) else search
+    counts = analysis.trial_counts(df)
+    outcomes = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("baseline", "duplicate", "skipped")) or "none"
     v = study.user_attrs.get("confirmation") or {}
     lines = [f"# {study.study_name}", "",
-             f"- trials: {len(search)}: {len(measured)} distinct schedules measured ({outcomes}), "
-             f"{len(search) - len(measured)} duplicates or skipped, answered from the study without measuring",
+             f"- trials: {len(df)} in the study: {counts.get('baseline', 0)} baseline(s), {len(measured)} distinct "
+             f"schedules measured ({outcomes}), {counts.get('duplicate', 0)} duplicates and {counts.get('skipped', 0)} "
+             "skipped answered from the study without measuring",
              f"- sequential: {_tokens(study, v.get('baseline_ms'))} (the confirmation's paired rounds)"
              if v.get("baseline_ms") else "- sequential: not confirmed yet"]
     ranked = measured[measured.speedup.notna()] if len(measured) else measured

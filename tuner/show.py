@@ -51,8 +51,12 @@ def verdict_line(r: StoredSchedule) -> str:
     if r.verdict == "winner":
         return f"winner: {r.speedup:.3f}x over sequential{interval} (noise {r.speedup_spread:.1%} between rounds)"
     kind = "sequential best" if r.verdict == "sequential_best" else "inconclusive"
+    short = (f"; {r.rounds} quiet paired round(s) counted, fewer than a verdict needs (5 unless "
+             "--confirm-min-rounds said otherwise)" if kind == "inconclusive" and r.rounds is not None
+             and r.rounds < 5 else "")
     if r.candidate_speedup is not None:
-        return f"{kind}: runs the sequential schedule; the best candidate measured {r.candidate_speedup:.3f}x{interval}"
+        return (f"{kind}: runs the sequential schedule; the best candidate measured {r.candidate_speedup:.3f}x{interval}"
+                + short)
     if r.speedup_interval:  # a record from before candidate_speedup was kept
         return f"{kind}: runs the sequential schedule; the best candidate's{interval}"
     if r.busy_rounds:
@@ -78,6 +82,8 @@ def machine_text(r: StoredSchedule) -> str:
         quiet = "under contention (accepted): " + r.contended
     elif r.busy_rounds and not r.rounds:
         quiet = f"busy: all {r.busy_rounds} paired rounds left out of the evidence"
+    elif r.busy_rounds and r.verdict == "inconclusive":  # its verdict says why; no claim of quiet beside it
+        quiet = f"{r.rounds} quiet paired round(s) counted, {r.busy_rounds} busy one(s) left out"
     elif r.busy_rounds:
         quiet = f"quiet enough for the evidence ({r.rounds} quiet paired rounds; {r.busy_rounds} busy ones left out)"
     else:

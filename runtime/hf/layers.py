@@ -93,6 +93,8 @@ class ScheduledDecoderLayer(nn.Module):
         if reason is not None:
             if reason != "sequential":
                 self._say(reason)
+                if (count := getattr(self.chooser, "ran_unsplit", None)) is not None:
+                    count()  # tuned_share counts only what runs split
             return self.layer(hidden_states, *args, **kwargs)
         return self._run_split(schedule, layout, hidden_states, args, kwargs, cache_name)
 
