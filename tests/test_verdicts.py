@@ -322,3 +322,16 @@ def test_the_progress_bar_best_is_from_quiet_rounds_only():
     p.update(paired(1.1, busy=False))
     p.update(paired(8.7, busy=True))  # a busy round's 8.7x is no evidence: not the best
     assert p.best == pytest.approx(1.1) and p.busy == 1
+
+
+def test_an_open_verdict_names_the_candidate_that_kept_it_open():
+    """The fastest candidate is excluded (its interval lies below 1.03); a slower one's spans it:
+    the reason names the open one, not an interval that contradicts 'could be faster'."""
+    plan = Plan(candidates=2)
+    excluded = comparison([0.86, 0.85, 0.87, 0.86, 0.86], plan)
+    spanning = comparison(noisy(0.83, 0.9, seed=3), plan)
+    assert excluded.decision is Decision.EXCLUDED and spanning.decision is Decision.UNDECIDED
+    v = judge((candidate(excluded, plan, trial=1), candidate(spanning, plan, trial=2)), plan)
+    assert v.kind == "inconclusive" and v.reason.startswith("trial 2 (")
+    low, high = plan.final(spanning).low, plan.final(spanning).high
+    assert low < 1.03 < high

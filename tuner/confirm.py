@@ -339,8 +339,13 @@ def undecided_reason(candidates: tuple[Candidate, ...], plan: Plan) -> str:
                 f"than the {plan.min_rounds} a verdict needs ({said}, not yet a verdict"
                 + (f"; {left} round(s) left out or failed" if left else "") + f") within {plan.max_rounds}; "
                 "sequential kept. To decide: more rounds (--confirm-rounds), or a quieter machine")
-    best = max((c for c in candidates if c.interval.rounds), key=lambda c: c.speedup, default=None)
-    about = (f"best candidate {best.speedup:.3f}x ({interval_words(best.interval)}) could be "
+    # the candidate that kept the verdict open: its interval reaches 1 + min_effect (not the fastest one,
+    # whose interval may lie wholly below it while another's does not)
+    open_ = [c for c in candidates if c.comparison.decision is Decision.UNDECIDED and c.interval.rounds >= 2
+             and c.interval.confidence]
+    best = max(open_ or [c for c in candidates if c.interval.rounds >= 2 and c.interval.confidence],
+               key=lambda c: c.interval.high, default=None)
+    about = (f"trial {best.trial} ({best.speedup:.3f}x, {interval_words(best.interval)}) could be "
              f"{plan.min_effect:.0%} faster or not" if best else "no candidate completed a round")
     return (f"{about} after {plan.max_rounds} paired rounds; sequential kept. To decide: more rounds "
             f"(--confirm-rounds {2 * plan.max_rounds}), pinned threads (taskset, OMP_NUM_THREADS), or a quieter machine")
