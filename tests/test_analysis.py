@@ -84,7 +84,8 @@ def test_the_verdict_reads_in_words():
     assert verdict_text(faster) == "1.304x over sequential, confirmed (99.3% interval 1.28-1.33x over 5 paired " \
                                    "rounds; trial 4)"
     said = verdict_text(confirmation([0.9, 1.2, 1.0, 1.1, 0.95], Decision.UNDECIDED))
-    assert said.startswith("inconclusive: best candidate 1.024x (99.3% interval 0.78-1.34x over 5 paired rounds)")
+    assert said.startswith("inconclusive: trial 4 (1.024x, 99.3% interval 0.78-1.34x over 5 paired rounds) could be "
+                           "3% faster or not")
     assert "--confirm-rounds 24" in said and "quieter machine" in said  # what to do
     old = {"verdict": "winner", "speedup": 1.31, "low": 1.2, "high": 1.4, "winner_trial": 7}  # before paired rounds
     assert verdict_text(old).startswith("winner (confirmed by an older dynaflow-tune from pooled samples")
