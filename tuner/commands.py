@@ -76,22 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
     o.add_argument("--remeasure-peaks", action="store_true", help="measure the device peaks again and renew the cache")
 
-    pr = command("profile", "measure (or read) the performance model's profile; print each op's time and the headroom",
-                 cmd_profile)
-    _model_flags(pr)
-    _measure_flags(pr)
-    pr.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
+    pr = _model_command(command("profile", "measure (or read) the performance model's profile; print each op's time "
+                                        "and the headroom", cmd_profile))
     pr.add_argument("--space", default="nanoflow", help="the search space whose schedules the model ranks")
-    pr.add_argument("--renew-profile", action="store_true", help="measure the profile again instead of reading it")
-    pd = command("predict", "print each schedule's predicted time and speedup (--measure: and measured, with the error)",
-                 cmd_predict)
-    _model_flags(pd)
-    _measure_flags(pd)
-    pd.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
+    pd = _model_command(command("predict", "print each schedule's predicted time and speedup (--measure: and measured, "
+                                           "with the error)", cmd_predict))
     pd.add_argument("--schedule", type=Path, nargs="+", required=True, help="schedule JSON files or store records")
     pd.add_argument("--measure", action="store_true", help="also measure each against sequential in paired rounds")
     pd.add_argument("--rounds", type=int, default=5, help="paired rounds per schedule with --measure")
-    pd.add_argument("--renew-profile", action="store_true", help="measure the profile again instead of reading it")
 
     t = command("tune", "search schedules for each workload and store the winners", cmd_tune)
     _model_flags(t, shapes=True)
@@ -152,6 +144,15 @@ def _measure_flags(p: argparse.ArgumentParser) -> None:
                    "(default: derived from the dtype and the longest reduction; see README)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance of the output check (default: derived)")
     p.add_argument("--remeasure-peaks", action="store_true", help="measure the device peaks again and renew the cache")
+
+
+def _model_command(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of a command that reads the performance model of one workload (profile, predict)."""
+    _model_flags(p)
+    _measure_flags(p)
+    p.add_argument("--workload", required=True, help=f"the batch: {FORMAT}")
+    p.add_argument("--renew-profile", action="store_true", help="measure the profile again instead of reading it")
+    return p
 
 
 def _tune_flags(t: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ a Ray pool) tunes as before, and the run says so.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -71,7 +71,6 @@ class Guide:
     path: Path | None
     said: str  # where the profile came from
     error: float = 0.15  # how much faster than predicted a schedule may plausibly run
-    enqueued: list[int] = field(default_factory=list)
 
     def predict(self, schedule: Schedule) -> float | None:
         """The predicted speedup over the sequential schedule; None where the model cannot say."""

@@ -116,7 +116,7 @@ def model_guide(study: optuna.Study, target: Target, workload: Workload, config:
         return None
     for line in guide.lines():
         log(line)
-    guide.enqueued = [guide.enqueue(study, min(ENQUEUE_TOP, config.trials or ENQUEUE_TOP))]
+    guide.enqueue(study, min(ENQUEUE_TOP, config.trials or ENQUEUE_TOP))
     return guide
 
 

@@ -144,6 +144,7 @@ def _split(n: int, k: int) -> tuple[int, ...]:
 
 
 def _features(layout, r0: int, r1: int) -> dict[str, int]:
+    """Tokens per request kind in requests [r0, r1) of a batch layout: what an op's time is fitted on."""
     out: dict[str, int] = {}
     for t, k in zip(layout.request_tokens[r0:r1], layout.request_kinds[r0:r1]):
         out[k] = out.get(k, 0) + t

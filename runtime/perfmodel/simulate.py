@@ -20,7 +20,6 @@ The run's fixed cost (starting and joining its streams) is the profile's, per st
 """
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -29,7 +28,7 @@ from ..batch import BatchLayout
 from ..graph import OpGraph
 from ..plan import default_order
 from ..schedule import Schedule
-from .profile import Profile
+from .profile import Profile, _features
 
 MIN_RATE = 0.05  # a task never stalls outright: interference fitted on two streams, applied to more
 
@@ -40,9 +39,6 @@ class Prediction:
     makespan_ms: float
     busy_ms: dict[str, float]  # solo time per resource class (what the bound is made of)
     streams: int
-
-    def speedup_over(self, other: "Prediction") -> float:
-        return other.ms / self.ms
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -87,17 +83,10 @@ class Simulator:
         self._ranges: dict[tuple, list[tuple[int, int]]] = {}
 
     # ---- the parts a schedule's time is made of
-    def features(self, r0: int, r1: int) -> dict[str, int]:
-        """Tokens per request kind in requests [r0, r1): what an op's time is fitted on."""
-        out: dict[str, int] = {}
-        for t, k in zip(self.layout.request_tokens[r0:r1], self.layout.request_kinds[r0:r1]):
-            out[k] = out.get(k, 0) + t
-        return out
-
     def solo_ms(self, op: str, r0: int, r1: int, share: int | None) -> float:
         key = (op, r0, r1, share)
         if (ms := self._solo.get(key)) is None:
-            ms = self._solo[key] = self.profile.solo_ms(op, self.features(r0, r1), share)
+            ms = self._solo[key] = self.profile.solo_ms(op, _features(self.layout, r0, r1), share)
         return ms
 
     def _nano_ranges(self, schedule: Schedule) -> list[tuple[int, int]]:
@@ -267,14 +256,3 @@ def _ranks(xs: Sequence[float]) -> list[float]:
         i = j + 1
     return ranks
 
-
-def rank(sim: Simulator, schedules: Sequence[Schedule]) -> list[tuple[float, Schedule]]:
-    """Schedules by predicted time, fastest first (equal keys predicted once)."""
-    seen: dict[str, float] = {}
-    out = []
-    for s in schedules:
-        key = s.key()
-        if key not in seen:
-            seen[key] = sim.predict(s).ms
-            out.append((seen[key], s))
-    return heapq.nsmallest(len(out), out, key=lambda x: x[0])
