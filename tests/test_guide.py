@@ -104,3 +104,21 @@ def test_a_target_without_a_profile_searches_blind_and_says_so(tmp_path):
     [r] = tune(config(tmp_path, trials=4), make_target=lambda w: FakeTarget(CTX, lambda s: 10.0), log=lines.append)
     assert any(line.startswith("model: off (this target measures in another process") for line in lines)
     assert r.distinct == 4
+
+
+def test_a_busy_round_never_contradicts_the_model(tmp_path):
+    """The same fast candidates as above, but every round measured while the machine was busy:
+    no evidence, so the screen stands (and the error counts no busy round)."""
+    import dataclasses
+
+    class Busy(ProfiledFake):
+        def measure(self, schedule, **kw):
+            m = super().measure(schedule, **kw)
+            return dataclasses.replace(m, telemetry={"busy": {"cpus": 2, "others_cpu_s": 1.5, "wall_s": 1.0}})
+
+    target = Busy(CTX, lambda s: 10.0 if s.is_sequential else 8.0, profile=costly_profile())
+    lines = []
+    [r] = tune(config(tmp_path), make_target=lambda w: target, log=lines.append)
+    text = "\n".join(lines)
+    assert "contradicted" not in text and "the search stops here" in text and r.distinct == SCREEN_TOP
+    assert "no schedule was both predicted and measured" in text

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import optuna
 
-from dynaflow.runtime import Schedule, Workload
+from dynaflow.runtime import Schedule, Workload, telemetry
 from dynaflow.runtime.perfmodel import (Headroom, ModelError, Profile, Simulator, load_or_measure, model_error,
                                         optimism, record_error)
 from dynaflow.search_spaces import SpaceContext, get_space
@@ -120,7 +120,7 @@ class Guide:
             if t.number < since or BASELINE in t.user_attrs:
                 continue
             r, predicted = result_of(t), t.user_attrs.get(PREDICTED)
-            if r.speedup is None or predicted is None or r.duplicate:
+            if r.speedup is None or predicted is None or r.duplicate or busy(r):  # a busy round is no evidence
                 continue
             if r.speedup > predicted * (1 + self.error) and r.speedup > 1:
                 return (f"trial {t.number} measured {r.speedup:.3f}x where the model predicted {predicted:.3f}x "
@@ -157,14 +157,19 @@ def make_guide(target, workload: Workload, space: str, profiles_dir: Path | None
                  error=optimism(profile)), ""
 
 
+def busy(record) -> bool:
+    """The trial's paired round ran while the machine was busy: no evidence, for or against the model."""
+    return telemetry.contention((record.telemetry or {}).get("busy")) is not None
+
+
 def run_error(study: optuna.Study, since: int = 0) -> ModelError:
     """The model's error over the trials numbered `since` on that carry a prediction and a
-    measured paired speedup (OK or pruned; duplicates answered from the study excluded)."""
+    measured paired speedup (OK or pruned; duplicates answered from the study and busy rounds excluded)."""
     pairs = []
     for t in study.get_trials(deepcopy=False):
         if t.number < since or BASELINE in t.user_attrs or PREDICTED not in t.user_attrs:
             continue
         r = result_of(t)
-        if r.speedup is not None and not r.duplicate:
+        if r.speedup is not None and not r.duplicate and not busy(r):
             pairs.append((t.user_attrs[PREDICTED], r.speedup))
     return model_error(pairs)
