@@ -7,6 +7,7 @@ to one contiguous slice of each input: nano-batches are views, never copies.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ class BatchLayout:
                 f"request_kinds has {len(self.request_kinds)} entries but request_tokens has "
                 f"{len(self.request_tokens)}; they must match."
             )
-        if any(t < 1 for t in self.request_tokens):
+        if min(self.request_tokens) < 1:
             raise ValueError(f"every request needs >= 1 token, but request_tokens={self.request_tokens!r}.")
         if self.input_dims and len(self.input_dims) != len(self.input_axes):
             raise ValueError(f"input_dims has {len(self.input_dims)} entries but input_axes has "
@@ -95,6 +96,10 @@ class BatchLayout:
         request boundary nearest to it (the smaller one on a tie)."""
         positions = list(itertools.accumulate(self.request_tokens, initial=0)) if unit == TOKENS \
             else range(self.num_requests + 1)
+        if isinstance(allowed, range) and allowed.step == 1:  # positions rise: the nearest is beside the bisection
+            lo, hi = max(allowed.start, 0), min(allowed.stop, len(positions))
+            allowed = [r for f in fractions for k in (bisect.bisect_left(positions, f * positions[-1], lo, hi),)
+                       for r in (k - 1, k) if lo <= r < hi]
         allowed = list(allowed)
         return [min(allowed, key=lambda r: (abs(positions[r] - f * positions[-1]), r)) for f in fractions]
 

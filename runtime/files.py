@@ -12,12 +12,17 @@ FILE_MODE = 0o644  # a server running as another user reads what the tuner wrote
 
 def write_json_atomic(path: Path, data: Any, *, indent: int | None = None) -> None:
     """Temp file in the same folder, fsync, rename: readers see the old file or the new one."""
+    write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=True))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """As write_json_atomic, for text made already."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=indent, sort_keys=True)
+            f.write(text)
             f.flush()
             os.fchmod(f.fileno(), FILE_MODE)
             os.fsync(f.fileno())

@@ -24,7 +24,7 @@ from .batch import BatchLayout
 from .hardware import Hardware, detect, live_device
 from .schedule import Schedule
 from .store import ScheduleStore, StoreConfig, StoredSchedule, check_hardware, hardware_folder, read_record, read_records
-from .shapes import NEAREST_RATIO, Bucket, ShapeLog, candidates, context_bucket
+from .shapes import NEAREST_RATIO, Bucket, BucketIndex, ShapeLog, candidates, context_bucket
 from .workload import Workload, model_name, preset_layout
 
 log = logging.getLogger("dynaflow")
@@ -57,12 +57,14 @@ def fit_to_batch(schedule: Schedule, layout: BatchLayout) -> Schedule | None:
 class ScheduleMap:
     """The stored schedules of one (hardware, model, dtype), looked up per live batch.
 
-    Records are parsed and validated at load; a record becomes a Schedule the first time a
-    lookup chooses it. The answer for each live shape (its rule and its bucket) is computed once
+    Records read from their files are validated whole at load; records read from a current pack
+    (validated whole when it was written, its digest checked) are parsed the first time a lookup
+    chooses them. The answer for each live shape (its rule and its bucket) is computed once
     and cached; every lookup then counts its rule (`rule_counts`) and its bucket (`shapes`, a
     ShapeLog a server can save and `dynaflow-tune tune --shapes` can tune), at constant cost."""
 
-    def __init__(self, records: list[dict], *, parsed: list[StoredSchedule] | None = None, source: str = "schedules",
+    def __init__(self, records: list[dict], *, parsed: list[StoredSchedule | None] | None = None,
+                 source: str = "schedules",
                  model: str | None = None, max_ratio: float = NEAREST_RATIO) -> None:
         order = sorted(range(len(records)),
                        key=lambda i: -(records[i]["workload"]["num_decode"] + records[i]["workload"]["prefill_tokens"]))
@@ -70,12 +72,15 @@ class ScheduleMap:
         self.buckets = [Bucket(num_decode=r["workload"]["num_decode"], prefill_tokens=r["workload"]["prefill_tokens"],
                                context_len=r["workload"]["context_len"]) for r in self.raw]
         self.source, self.max_ratio = source, max_ratio
+        self.index = BucketIndex(self.buckets, max_ratio)
         self.shapes = ShapeLog(model=model)
         self.rule_counts: Counter = Counter()
         self.unsplit = 0  # lookups answered by a split schedule that the caller ran unsplit (its cache cannot split)
-        self._parsed: dict[int, StoredSchedule] = {j: parsed[i] for j, i in enumerate(order)} if parsed else {}
+        self._parsed: dict[int, StoredSchedule] = {j: parsed[i] for j, i in enumerate(order)
+                                                   if parsed and parsed[i] is not None}
         self._cache: dict[tuple, tuple[Schedule, str, Bucket]] = {}
         self._said: set[str] = set()
+        self._bad: set[int] = set()  # packed records that failed to parse at their first use
 
     @property
     def records(self) -> list[StoredSchedule]:
@@ -96,9 +101,9 @@ class ScheduleMap:
         store_obj = ScheduleStore(StoreConfig(root=Path(store)))
         pairs = read_records(store_obj, live, on_error)
         raw = [r for r, _ in pairs]
-        mine = [(r, rec) for r, rec in pairs if model_name(rec.workload.model) == model_name(model)
-                and rec.workload.dtype == dtype and rec.workload.tp == tp
-                and rec.workload.sequence_parallel == sequence_parallel]
+        mine = [(r, rec) for r, rec in pairs if model_name(r["workload"]["model"]) == model_name(model)
+                and r["workload"]["dtype"] == dtype and r["workload"].get("tp", 1) == tp
+                and r["workload"].get("sequence_parallel", False) == sequence_parallel]
         if mine:
             log.info("loaded %d schedule(s) for %s %s on %s from %s", len(mine), model, dtype, live.key, store)
         else:
@@ -123,8 +128,9 @@ class ScheduleMap:
         key = (num_decode, num_prefill, chunk, context_bucket(context_len))
         hit = self._cache.get(key)
         if hit is None:
-            layout = preset_layout(num_decode, num_prefill, chunk)
-            hit = self._cache[key] = self._choose(layout, Bucket.of(layout, context_len))
+            live = Bucket(num_decode=num_decode, prefill_tokens=num_prefill * chunk, num_prefill=num_prefill,
+                          context_len=key[3])  # what Bucket.of the preset layout says, without walking it
+            hit = self._cache[key] = self._choose(preset_layout(num_decode, num_prefill, chunk), live)
         self.rule_counts[hit[1]] += 1
         self.shapes.calls[hit[2]] += 1
         return hit[0]
@@ -147,28 +153,41 @@ class ScheduleMap:
         self.unsplit += 1
 
     def _record(self, i: int) -> StoredSchedule:
+        if i in self._bad:
+            raise ValueError("invalid")
         if i not in self._parsed:
             self._parsed[i] = StoredSchedule.from_dict(self.raw[i])
         return self._parsed[i]
 
     def _choose(self, layout: BatchLayout, live: Bucket) -> tuple[Schedule, str, Bucket]:
-        for i, rule in candidates(self.buckets, live, self.max_ratio):
-            stored = self._record(i).schedule
+        head = self.index.first(live)  # the closest buckets, without scoring every one
+
+        def rest():  # every candidate, scored: only when none of the closest fits the live batch
+            tried = {i for i, _ in head}
+            yield from (c for c in candidates(self.buckets, live, self.max_ratio) if c[0] not in tried)
+
+        for i, rule in itertools.chain(head, rest()):
+            try:
+                stored = self._record(i).schedule
+            except ValueError as e:  # a packed record first parsed now (a pack written by hand): never a crash
+                self._bad.add(i)
+                self._say(f"invalid {i}", lambda: f"a record in {self.source} is invalid ({e}); skipped", logging.WARNING)
+                continue
             fitted = fit_to_batch(stored, layout)
             if fitted is None:
                 continue
             if rule == "exact" and fitted is not stored:
                 rule = "exact, rescaled"  # the bucket matches, its stored splits did not fit the live rows
-            self._say(rule, f"{rule}: {self._record(i).workload.key} for live {live}")
+            self._say(rule, lambda: f"{rule}: {self._record(i).workload.key} for live {live}")
             return fitted, rule, live
-        self._say("sequential", f"sequential: no stored bucket within {self.max_ratio:g}x of live {live} "
-                                f"with the same kinds of request in {self.source}")
+        self._say("sequential", lambda: f"sequential: no stored bucket within {self.max_ratio:g}x of live {live} "
+                                        f"with the same kinds of request in {self.source}")
         return Schedule(label="sequential (fallback)"), "sequential", live
 
-    def _say(self, rule: str, message: str) -> None:
-        if rule not in self._said:  # once per rule, not once per step
+    def _say(self, rule: str, message: Callable[[], str], level: int = logging.INFO) -> None:
+        if rule not in self._said:  # once per rule, not once per step (the message made only then)
             self._said.add(rule)
-            log.info("schedule lookup: %s", message)
+            log.log(level, "schedule lookup: %s", message())
 
 
 def _parallelism(w: dict) -> str:

@@ -7,6 +7,7 @@ bucket may answer a live batch, and a log of the shapes a server met (to tune th
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -65,8 +66,8 @@ def distance(stored: Bucket, live: Bucket) -> float:
     decode-only one, nor the reverse."""
     if stored.kinds != live.kinds:
         return math.inf
-    return sum(abs(math.log2(b / a)) for a, b in ((stored.num_decode, live.num_decode),
-                                                   (stored.prefill_tokens, live.prefill_tokens)) if a)
+    return abs(_log2(live.num_decode) - _log2(stored.num_decode)) + \
+        abs(_log2(live.prefill_tokens) - _log2(stored.prefill_tokens))  # an empty dimension adds 0.0
 
 
 def candidates(buckets: list[Bucket], live: Bucket, max_ratio: float = NEAREST_RATIO) -> list[tuple[int, str]]:
@@ -80,12 +81,91 @@ def candidates(buckets: list[Bucket], live: Bucket, max_ratio: float = NEAREST_R
         d = distance(b, live)
         if d == 0:
             out.append(((0, 0, abs(b.context_len - live.context_len)), (i, "exact")))
-        elif d < math.inf and all(abs(math.log2(y / x)) <= limit + 1e-9 for x, y in (
-                (b.num_decode, live.num_decode), (b.prefill_tokens, live.prefill_tokens)) if x):
+        elif d < math.inf and within(b, live, limit):
             above = b.num_decode > live.num_decode or b.prefill_tokens > live.prefill_tokens
             out.append(((1, d, above, abs(b.context_len - live.context_len)), (i, "nearest")))
     return [c for _, c in sorted(out, key=lambda x: x[0])]
 
+
+def within(stored: Bucket, live: Bucket, limit: float) -> bool:
+    """Each dimension the stored bucket holds within 2**limit of the live batch's."""
+    return all(abs(math.log2(y / x)) <= limit + 1e-9 for x, y in (
+        (stored.num_decode, live.num_decode), (stored.prefill_tokens, live.prefill_tokens)) if x)
+
+
+class BucketIndex:
+    """The stored buckets arranged for lookups: `first(live)` is the head of `candidates(...)` (the
+    candidates at the smallest distance, in the same order) found without scoring every bucket.
+    Grouped by the kinds of request; within a group, the distinct decode counts sorted (their log2
+    beside), each with its distinct prefill token counts sorted; a search walks outward from the
+    live shape and stops once a dimension alone is farther than the best distance found."""
+
+    def __init__(self, buckets: list[Bucket], max_ratio: float = NEAREST_RATIO) -> None:
+        self.buckets, self.max_ratio, self.limit = buckets, max_ratio, math.log2(max_ratio)
+        points: dict[tuple, dict[int, dict[int, list[int]]]] = {}
+        for i, b in enumerate(buckets):
+            points.setdefault(b.kinds, {}).setdefault(b.num_decode, {}).setdefault(b.prefill_tokens, []).append(i)
+        self.groups = {}
+        for kinds, by_decode in points.items():
+            decodes = sorted(by_decode)
+            self.groups[kinds] = (decodes, [_log2(d) for d in decodes],
+                                  [(sorted(by_decode[d]), [_log2(p) for p in sorted(by_decode[d])],
+                                    [by_decode[d][p] for p in sorted(by_decode[d])]) for d in decodes])
+
+    def first(self, live: Bucket) -> list[tuple[int, str]]:
+        """(index, rule) of the stored buckets at the smallest distance from `live`, in the order
+        `candidates` gives them (exact ones by context; nearest ones at or below the live batch
+        first, then by context); [] when none is within `max_ratio`."""
+        group = self.groups.get(live.kinds)
+        if group is None:
+            return []
+        decodes, logs, rows = group
+        bound = 2 * self.limit + 1e-9  # no candidate is farther
+        found: list[int] = []
+        ld, lp = _log2(live.num_decode), _log2(live.prefill_tokens)
+        for j in _outward(logs, ld):
+            dd = abs(ld - logs[j])
+            if dd > min(bound, self.limit + 1e-9) + 1e-9:
+                break
+            prefills, plogs, indices = rows[j]
+            for k in _outward(plogs, lp):
+                dp = abs(lp - plogs[k])
+                if dp > min(bound - dd, self.limit + 1e-9) + 1e-9:
+                    break
+                b = self.buckets[indices[k][0]]  # the point's buckets differ only in their context
+                d = dd + dp  # distance(b, live), from the logs kept
+                if d and not within(b, live, self.limit):
+                    continue
+                if d < bound - 1e-9:
+                    bound, found = d, []
+                if d <= bound + 1e-9:
+                    found.append((d, indices[k]))
+        if not found:
+            return []
+        best = min(d for d, _ in found)
+        out = []
+        for i in (i for d, indices in found if d == best for i in indices):
+            b = self.buckets[i]
+            above = b.num_decode > live.num_decode or b.prefill_tokens > live.prefill_tokens
+            out.append(((above, abs(b.context_len - live.context_len), i), (i, "exact" if best == 0 else "nearest")))
+        return [c for _, c in sorted(out, key=lambda x: x[0])]
+
+
+def _log2(n: int) -> float:
+    return math.log2(n) if n > 0 else 0.0
+
+
+def _outward(sorted_logs: list[float], target: float):
+    """Indices of `sorted_logs` in order of their distance from `target` (both sides interleaved)."""
+    hi = bisect.bisect_left(sorted_logs, target)
+    lo = hi - 1
+    while lo >= 0 or hi < len(sorted_logs):
+        if hi >= len(sorted_logs) or (lo >= 0 and target - sorted_logs[lo] <= sorted_logs[hi] - target):
+            yield lo
+            lo -= 1
+        else:
+            yield hi
+            hi += 1
 
 
 class ShapeLog:

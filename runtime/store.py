@@ -9,6 +9,7 @@ Writes are atomic (temp file + rename): a crash never leaves half a record.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -18,13 +19,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import validate
-from .files import write_json_atomic
+from .files import write_json_atomic, write_text_atomic
 from .hardware import Hardware
 from .schedule import Schedule
 from .workload import PRESETS, Workload, preset_layout
 
 log = logging.getLogger("dynaflow")
 
+PACK_FORMAT = 2  # 2: a header line with the records' SHA-256, records trusted; raise it when validation tightens
 RECORD_SCHEMA = 4  # 2 added `verdict` and `speedup_interval`, 3 `busy`, `contended`, `overlap`, 4 the paired
 # rounds' `candidate_speedup`, `confidence`, `rounds`, `busy_rounds`, `no_overlap`; older ones load
 
@@ -183,14 +185,16 @@ def _overlap(value: Any) -> dict[str, Any] | None:
     return dict(o)
 
 
-def check_hardware(record: StoredSchedule, live: Hardware, source: str, *, fix: str = "re-tune on this hardware") -> None:
-    """The one hardware rule for records: refuse one tuned on other hardware (saying `fix`); warn
-    when the software has changed since."""
-    wrong = live.mismatch(record.hardware)
+def check_hardware(record: "StoredSchedule | Hardware", live: Hardware, source: str, *,
+                   fix: str = "re-tune on this hardware") -> None:
+    """The one hardware rule for records (or a record's hardware): refuse one tuned on other
+    hardware (saying `fix`); warn when the software has changed since."""
+    tuned_on = record if isinstance(record, Hardware) else record.hardware
+    wrong = live.mismatch(tuned_on)
     if wrong:
-        raise ValueError(f"{source} was tuned on {record.hardware.key}, but this is {live.key} "
+        raise ValueError(f"{source} was tuned on {tuned_on.key}, but this is {live.key} "
                          f"({'; '.join(wrong)}); {fix}.")
-    drift = live.drift(record.hardware)
+    drift = live.drift(tuned_on)
     if drift:
         log.warning("%s was measured with other software (%s); its speedup may have changed: re-tune to be sure",
                     source, ", ".join(drift))
@@ -279,35 +283,57 @@ class ScheduleStore:
         return self.root / f"{hardware_key}.pack.json"
 
     def write_pack(self, hardware_key: str, records: list[dict[str, Any]]) -> None:
-        """One file holding every validated record of a hardware key, stamped with its files'
-        names, sizes and mtimes: start-up reads it instead of each file while none changed."""
+        """One file holding every validated record of a hardware key: a header line (the pack's
+        format, its folder's stamp: the record files' names, sizes and mtimes; the SHA-256 of the
+        records' text), then the records. Start-up reads it instead of each file while none
+        changed, and trusts its records without validating each again (they were, whole, before
+        it was written); each is parsed at its first use."""
+        body = json.dumps(records, separators=(",", ":"))
+        header = {"pack_schema": RECORD_SCHEMA, "pack_format": PACK_FORMAT, "stamp": self._stamp(hardware_key),
+                  "sha256": hashlib.sha256(body.encode()).hexdigest()}
         try:
-            write_json_atomic(self.inside(self.pack_path(hardware_key)),
-                              {"pack_schema": RECORD_SCHEMA, "stamp": self._stamp(hardware_key), "records": records})
+            write_text_atomic(self.inside(self.pack_path(hardware_key)), f"{json.dumps(header)}\n{body}\n")
         except (OSError, ValueError):  # a read-only store still loads, only more slowly
             pass
 
     def _stamp(self, hardware_key: str) -> str:
-        entries = sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(self.root / hardware_key)
-                         if e.name.endswith(".json"))
+        entries = sorted((e.name, st.st_mtime_ns, st.st_size) for e in os.scandir(self.root / hardware_key)
+                         if e.name.endswith(".json") for st in (e.stat(),))
         return hashlib.sha256(repr(entries).encode()).hexdigest()
 
-    def read_pack(self, hardware_key: str) -> list[tuple[dict, StoredSchedule]] | None:
-        """The packed records, each validated whole, if the pack is intact and current; else None
-        (start-up then reads the record files, and says why when the pack is damaged)."""
+    def read_pack(self, hardware_key: str) -> list[dict] | None:
+        """The packed records (JSON objects, validated when the pack was written) if the pack is
+        intact and current; else None (start-up then reads the record files, and says why when the
+        pack is damaged: a header that is not this format's, records whose text is not the text
+        the header's digest was taken of)."""
         path = self.pack_path(hardware_key)
         if not path.exists():
             return None
         try:
             self.inside(path)
-            data = validate.obj(validate.read_json(path, "pack"), f"pack {path}")
-            if data.get("stamp") != self._stamp(hardware_key) or data.get("pack_schema") != RECORD_SCHEMA:
+            try:
+                text = path.read_bytes()
+            except OSError as e:
+                raise ValueError(f"it is unreadable: {e.strerror or e}") from None
+            first, _, body = text.partition(b"\n")
+            try:
+                header = json.loads(first)
+            except RecursionError:
+                raise ValueError("it nests JSON deeper than any record or schedule does") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"its first line is not a JSON header ({e})") from None
+            if not isinstance(header, dict) or header.get("pack_format") != PACK_FORMAT:
+                return None  # written by another version of the store: the files are read, and it is rewritten
+            if header.get("stamp") != self._stamp(hardware_key) or header.get("pack_schema") != RECORD_SCHEMA:
                 return None  # stale: a record file changed since it was written
-            records = data.get("records")
-            if not isinstance(records, list):
-                raise ValueError(f"pack {path}: records must be a list, but got {validate.short(records)}")
-            return [(r, StoredSchedule.from_dict(r)) for r in records]
-        except ValueError as e:
+            body = body.rstrip(b"\n")
+            if hashlib.sha256(body).hexdigest() != header.get("sha256"):
+                raise ValueError("its records are not the ones it was written with (their SHA-256 differs)")
+            records = json.loads(body)
+            if not isinstance(records, list) or not all(map(_packable, records)):
+                raise ValueError("its records are not a list of records with a hardware and a workload")
+            return records
+        except (ValueError, RecursionError) as e:
             log.warning("ignoring the pack %s (%s); reading the record files", path, e)
             return None
 
@@ -321,18 +347,31 @@ class ScheduleStore:
                 yield path, e
 
 
-def read_records(store: "ScheduleStore", live: Hardware, on_error: str) -> list[tuple[dict, StoredSchedule]]:
-    """The validated records of the live hardware, raw and parsed: from the pack when it is
-    current, else from every file (each fully validated, then the pack is rewritten for the next
-    start-up)."""
+def _packable(r: Any) -> bool:
+    """What start-up reads of a packed record before its first use: its hardware and its workload's
+    bucket and identity (the rest is validated when the record is parsed)."""
+    w = r.get("workload") if isinstance(r, dict) else None
+    return isinstance(r.get("hardware") if isinstance(r, dict) else None, dict) and isinstance(w, dict) and all(
+        type(w.get(k)) is int and w[k] >= 0 for k in ("num_decode", "prefill_tokens", "context_len")) and all(
+        isinstance(w.get(k), str) for k in ("model", "dtype"))
+
+
+def read_records(store: "ScheduleStore", live: Hardware, on_error: str) -> list[tuple[dict, StoredSchedule | None]]:
+    """The validated records of the live hardware: from the pack when it is current (raw, each
+    parsed at its first use: `None` beside it), else from every file (each fully validated, raw and
+    parsed, then the pack is rewritten for the next start-up). Every record's hardware is checked
+    against the live device either way (a pack's, once per distinct hardware it holds)."""
     key = hardware_folder(store, live)
     if not (store.root / key).is_dir():
         return []
     packed = store.read_pack(key)
     if packed is not None:
-        for _, rec in packed:
-            check_hardware(rec, live, str(store.pack_path(key)))
-        return packed
+        seen: list = []
+        for r in packed:
+            if r["hardware"] not in seen:  # a few distinct ones at most (the software that tuned each)
+                seen.append(r["hardware"])
+                check_hardware(Hardware.from_dict(r["hardware"], "record.hardware"), live, str(store.pack_path(key)))
+        return [(r, None) for r in packed]
     good, broken = [], False
     for path, rec in store.records(key):
         if isinstance(rec, ValueError):

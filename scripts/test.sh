@@ -99,7 +99,25 @@ ready() {
     done
 ) &
 
-"$PY" -m pytest -q "$@"
+# guarded SECONDS COMMAND...: the command, ended with a line saying so if it runs longer (a hang
+# that pytest-timeout cannot see: xdist's scheduler waiting for a worker that died)
+guarded() {
+    limit=$1
+    shift
+    rc=0
+    timeout -k 30 "$limit" "$@" || rc=$?
+    if [ "$rc" -eq 124 ]; then
+        echo "== stopped after $limit s: the run hung (see above); nothing after it ran"
+    fi
+    return "$rc"
+}
+
+# the whole suite: two workers (pytest-xdist; a file's tests stay on one worker, so its module-wide
+# fixtures start once; tests/conftest.py sends the longest files first), then the tests that must
+# run alone (tests/conftest.py's SERIAL). A worker that dies fails the test it ran and is not
+# replaced (--max-worker-restart 0: xdist's file scheduler may wait forever for a replacement).
+guarded 1800 "$PY" -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 -m "not serial" "$@"
+guarded 900 "$PY" -m pytest -q -m serial "$@" || [ $? -eq 5 ]  # 5: arguments that select none of them
 
 for version in $versions; do
     also="" tests="$HF_TESTS"

@@ -124,25 +124,68 @@ def test_a_record_with_a_null_speedup_is_listed_as_invalid_not_a_crash(store):
     assert code == 0 and err == "" and "record.speedup must be a finite number > 0, but got None" in out
 
 
-def test_a_current_pack_with_a_record_missing_its_workload_is_not_trusted(store, caplog):
+def test_a_current_pack_whose_records_were_edited_is_not_trusted(store, caplog):
+    """A pack's records are trusted only as written: edited afterwards (the stamp still matching
+    the folder), the digest in its header tells, and the record files answer."""
     ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
     s = ScheduleStore(StoreConfig(root=store))
-    pack = json.loads(s.pack_path(H100.key).read_text())
-    del pack["records"][0]["workload"]
-    s.pack_path(H100.key).write_text(json.dumps(pack))  # the stamp still matches the folder
+    header, body = s.pack_path(H100.key).read_text().split("\n", 1)
+    records = json.loads(body)
+    del records[0]["workload"]
+    s.pack_path(H100.key).write_text(f"{header}\n{json.dumps(records)}\n")
     with caplog.at_level(logging.WARNING, logger="dynaflow"):
         smap = ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
-    assert len(smap.raw) == 1 and "the record has no 'workload'" in caplog.text
+    assert len(smap.raw) == 1 and "ignoring the pack" in caplog.text and "SHA-256 differs" in caplog.text
+    assert smap.pick_counts(256, 1, 512, 2048).split_sizes  # the file's record answers
+
+
+def test_a_pack_written_with_a_record_missing_its_workload_is_not_trusted(store, caplog):
+    """A pack whose digest matches but whose record lacks what start-up reads before parsing it
+    (written by hand or by a broken tool) is ignored with a warning."""
+    ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
+    s = ScheduleStore(StoreConfig(root=store))
+    raw = record().to_dict()
+    del raw["workload"]
+    s.write_pack(H100.key, [raw])
+    with caplog.at_level(logging.WARNING, logger="dynaflow"):
+        smap = ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
+    assert len(smap.raw) == 1 and "not a list of records with a hardware and a workload" in caplog.text
+
+
+def test_a_packed_record_invalid_at_its_first_use_is_skipped_with_a_warning_not_a_crash(store, caplog):
+    """A pack's records are parsed at their first use: one that fails there (a pack written by hand
+    with a current digest) is one WARNING and the next candidate answers; the server goes on."""
+    s = ScheduleStore(StoreConfig(root=store))
+    bad = record(sizes=(100, 157)).to_dict()
+    bad["speedup"] = None
+    s.write_pack(H100.key, [bad, record(workload=dataclasses.replace(W, num_decode=240), sizes=(120, 121)).to_dict()])
+    with caplog.at_level(logging.INFO, logger="dynaflow"):
+        smap = ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
+        got = [smap.pick_counts(256, 1, 512, 2048) for _ in range(3)]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "record.speedup must be a finite number > 0" in warned[0] and "skipped" in warned[0]
+    assert all(g.split_sizes == got[0].split_sizes for g in got) and smap.answers()  # the other record answered
+    assert list(smap.answers().values()) == ["nearest"]
 
 
 def test_a_pack_of_another_hardware_is_refused(store):
     ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
     s = ScheduleStore(StoreConfig(root=store))
-    pack = json.loads(s.pack_path(H100.key).read_text())
-    pack["records"] = [record(hardware=A100).to_dict()]
-    s.pack_path(H100.key).write_text(json.dumps(pack))
+    s.write_pack(H100.key, [record(hardware=A100).to_dict()])  # its digest and stamp current
     with pytest.raises(ValueError, match="was tuned on .*a100"):
         ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
+
+
+def test_a_pack_of_an_older_store_is_rewritten_without_a_word(store, caplog):
+    """A pack in the one-object format of an older version: the files are read, no warning, and the
+    pack rewritten in this version's format."""
+    s = ScheduleStore(StoreConfig(root=store))
+    s.pack_path(H100.key).write_text(json.dumps({"pack_schema": 4, "stamp": s._stamp(H100.key),
+                                                 "records": [record().to_dict()]}))
+    with caplog.at_level(logging.WARNING, logger="dynaflow"):
+        smap = ScheduleMap.load(store, model=W.model, dtype=W.dtype, hardware=H100)
+    assert len(smap.raw) == 1 and "pack" not in caplog.text
+    assert json.loads(s.pack_path(H100.key).read_text().split("\n", 1)[0])["pack_format"] == 2
 
 
 # --- --model ---------------------------------------------------------------------------------------

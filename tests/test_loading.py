@@ -5,6 +5,8 @@ import logging
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dynaflow.runtime import Executor, Schedule, StreamSpec, Step, Workload
 from dynaflow.runtime.loading import ScheduleMap, fit_to_batch, load_schedule
@@ -238,3 +240,20 @@ def test_a_schedule_naming_ops_the_module_lacks_runs_sequentially_with_one_warni
     said = [r.getMessage() for r in caplog.records if "which this module's graph lacks" in r.getMessage()]
     assert said == ["schedule foreign names op(s) input_layernorm, which this module's graph lacks (a record made "
                     "for another model?): it runs sequentially"] and layer.plans.built == 0
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(tokens=st.lists(st.integers(1, 40), min_size=2, max_size=60), data=st.data())
+def test_nearest_cuts_by_bisection_equal_the_scan_of_every_boundary(tokens, data):
+    """Start-up's fitting finds each cut by bisection when the allowed boundaries are a range: the
+    same cut as scanning every allowed boundary (ties to the smaller one), in tokens and requests."""
+    from dynaflow.runtime.batch import BatchLayout
+
+    layout = BatchLayout(request_tokens=tuple(tokens), request_kinds=("requests",) * len(tokens),
+                         input_axes=("requests",))
+    lo = data.draw(st.integers(0, len(tokens)))
+    allowed = range(lo, data.draw(st.integers(lo + 1, len(tokens) + 1)))
+    fractions = data.draw(st.lists(st.sampled_from([0.0, 0.1, 0.25, 1 / 3, 0.5, 2 / 3, 0.75, 0.9, 1.0]), max_size=4))
+    for unit in ("tokens", "requests"):
+        assert layout.nearest_cuts(fractions, allowed, unit=unit) == layout.nearest_cuts(fractions, list(allowed),
+                                                                                         unit=unit)

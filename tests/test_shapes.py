@@ -6,11 +6,13 @@ import logging
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from dynaflow.runtime import (BatchLayout, Bucket, Executor, Schedule, ScheduledModule, ShapeLog, StreamSpec,
                               Workload, detect)
 from dynaflow.runtime.loading import ScheduleMap
-from dynaflow.runtime.shapes import candidates, context_bucket, distance
+from dynaflow.runtime.shapes import BucketIndex, candidates, context_bucket, distance
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.runtime.workload import preset_layout
 from fakes import H100
@@ -189,3 +191,27 @@ def test_tune_shapes_flags_are_checked(tmp_path, capsys, argv, words):
     assert main(["tune", *argv, "--store", str(tmp_path), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
     err = capsys.readouterr().err
     assert len(error_lines(err)) == 1 and words in err
+
+
+def _bucket(d, p, c):
+    return Bucket(num_decode=d, prefill_tokens=p, context_len=c)
+
+
+_dims = st.tuples(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 8, 9, 12, 16, 24, 32, 48, 64, 100, 128]),
+                  st.sampled_from([0, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512]), st.sampled_from([0, 512, 1024, 2048]))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@example(stored=[(4, 0, 0), (16, 0, 2048), (8, 0, 512), (8, 0, 1024)], live=(8, 0, 2048), ratio=2.0)  # exact, by context
+@example(stored=[(4, 0, 0), (16, 0, 2048)], live=(8, 0, 2048), ratio=2.0)  # a tie: below the live batch first
+@example(stored=[(16, 32, 0), (4, 32, 0), (8, 64, 0), (8, 16, 0)], live=(8, 32, 0), ratio=2.0)  # four at distance 1
+@given(stored=st.lists(_dims.filter(lambda x: x[0] or x[1]), min_size=1, max_size=40),
+       live=_dims.filter(lambda x: x[0] or x[1]), ratio=st.sampled_from([1.5, 2.0, 4.0]))
+def test_the_index_finds_the_head_of_the_full_ordering(stored, live, ratio):
+    """BucketIndex.first (start-up's lookup without scoring every bucket) is exactly the leading
+    group of `candidates` (every bucket scored and sorted): the same buckets, rules and order."""
+    buckets = [_bucket(*x) for x in stored]
+    want = candidates(buckets, _bucket(*live), ratio)
+    key = lambda i: distance(buckets[i], _bucket(*live))  # noqa: E731
+    head = [c for c in want if key(c[0]) == key(want[0][0])] if want else []
+    assert BucketIndex(buckets, ratio).first(_bucket(*live)) == head

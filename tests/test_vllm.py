@@ -51,14 +51,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def serve(model: Path, tmp: Path, name: str, **env: str) -> dict:
-    """The driver's results, with the plugin's report (when it ran) and the engine's log."""
+def serve(model: Path, tmp: Path, name: str, llm_args: dict | None = None, **env: str) -> dict:
+    """The driver's results, with the plugin's report (when it ran) and the engine's log;
+    `llm_args`: more of LLM's arguments."""
     clean = {k: v for k, v in os.environ.items() if k not in PLUGIN_ENV}
     report = tmp / f"{name}.report.json"
     clean.update(env, DYNAFLOW_VLLM_REPORT=str(report), VLLM_CPU_CI_ENV="0",
                  PYTHONPATH=os.pathsep.join([str(HERE), clean.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     out = tmp / f"{name}.json"
-    run = subprocess.run([sys.executable, str(HERE / "vllm_driver.py"), str(model), str(out)], env=clean,
+    run = subprocess.run([sys.executable, str(HERE / "vllm_driver.py"), str(model), str(out),
+                          json.dumps(llm_args or {})], env=clean,
                          capture_output=True, text=True, timeout=420)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
@@ -246,6 +248,25 @@ def test_a_mode_the_plugin_does_not_cover_is_one_warning_and_vllms_own_backend(m
     else:
         assert got == ["vllm's backend"] * 2 and not watched
         assert len(said) == 1 and named in said[0] and "leaves vLLM untouched" in said[0], said
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("llm_args, mode", [
+    ({"enforce_eager": True}, "compilation mode NONE"),
+    ({"compilation_config": {"mode": "STOCK_TORCH_COMPILE"}}, "compilation mode STOCK_TORCH_COMPILE"),
+])
+def test_a_mode_where_vllm_asks_for_no_backend_is_one_warning_from_the_first_step(models, plain, tmp_path, llm_args,
+                                                                                   mode):
+    """With the switch on, vLLM in eager mode (and the CPU runner in STOCK_TORCH_COMPILE) never
+    asks for the compilation backend the plugin wraps: one WARNING from the model runner's first
+    step names the mode, and vLLM serves every request as it would (no step split, no runner
+    built)."""
+    got = serve(models["llama"], tmp_path, "eager", llm_args, DYNAFLOW_VLLM_POLICY="vllm_policies:random_schedules",
+                DYNAFLOW_TEST_SCHEDULES=str(tmp_path / "schedules.jsonl"))
+    said = [line for line in got["log"].splitlines() if "a mode the plugin does not cover" in line]
+    assert len(said) == 1 and mode in said[0] and "leaves vLLM untouched" in said[0], got["log"][-3000:]
+    assert [len(t) for t in got["tokens"]] == [len(t) for t in plain["llama"]["tokens"]]  # vLLM served as it would
+    assert got["report"] is None and not (tmp_path / "schedules.jsonl").exists()  # no step runner, no step split
 
 
 @pytest.mark.parametrize("env, words", [

@@ -37,7 +37,8 @@ def sources(drop: str | None = None, extra_field: str | None = None) -> dict[str
                                       "class CompilationConfig:\n    mode: int = 0\n    cudagraph_mode: int = 0\n"
                                       "    def init_backend(self, vllm_config): ...\n",
         "vllm/v1/worker/gpu_model_runner.py": "class GPUModelRunner:\n    def _build_attention_metadata(self, num_tokens, "
-                                              "ubatch_slices=None, for_cudagraph_capture=False): ...\n",
+                                              "ubatch_slices=None, for_cudagraph_capture=False): ...\n"
+                                              "    def execute_model(self, scheduler_output): ...\n",
         "vllm/v1/worker/__init__.py": "",
         "vllm/v1/worker/ubatch_utils.py": "from .split import split_attn_metadata\nclass UBatchSlice: ...\n",
         "vllm/v1/worker/split.py": "def split_attn_metadata(slices, common): ...\n",

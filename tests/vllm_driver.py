@@ -1,6 +1,6 @@
 """Serve 16 prompts of mixed lengths with vLLM (CPU build) and write what came back as JSON.
 
-    python tests/vllm_driver.py MODEL_DIR OUT.json
+    python tests/vllm_driver.py MODEL_DIR OUT.json ['{"enforce_eager": true}']
 
 The plugin is on or off by the environment (DYNAFLOW_VLLM_SCHEDULES / DYNAFLOW_VLLM_POLICY), as
 for any vLLM user. A 64-token step budget makes vLLM chunk the longer prompts, so steps mix
@@ -21,10 +21,11 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     model, out = sys.argv[1], sys.argv[2]
+    extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}  # more of LLM's arguments (enforce_eager, ...)
     t0 = time.perf_counter()
     llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", max_model_len=512, max_num_batched_tokens=64,
               max_num_seqs=16, enable_chunked_prefill=True, enable_prefix_caching=False, kv_cache_memory_bytes=2**27,
-              seed=0)
+              seed=0, **extra)
     startup = time.perf_counter() - t0
     t1 = time.perf_counter()
     results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts()],

@@ -69,6 +69,7 @@ def register() -> None:
     # vLLM's AOT compile caches what a backend returns; a step runner is rebuilt at each start instead.
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     hooks.install(wrap_backend)
+    hooks.watch_first_step()
 
 
 def model_key(facts: dict) -> str:

@@ -44,6 +44,7 @@ NAMES = (
     ("vllm.config.compilation", "CompilationConfig.mode"),
     ("vllm.config.compilation", "CompilationConfig.cudagraph_mode"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._build_attention_metadata"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model"),
     ("vllm.v1.worker.ubatch_utils", "UBatchSlice"),
     ("vllm.v1.worker.ubatch_utils", "split_attn_metadata"),
     ("vllm.v1.worker.utils", "AttentionGroup.create_metadata_builders"),
@@ -152,6 +153,7 @@ def install(wrap: Callable[[Any, Any], Any]) -> None:
 
     def init_backend(self, vllm_config, *args, **kwargs):
         backend = original(self, vllm_config, *args, **kwargs)
+        ASKED.append(True)
         why = uncovered(vllm_config)
         if why is not None:
             if why not in UNCOVERED:
@@ -167,6 +169,33 @@ def install(wrap: Callable[[Any, Any], Any]) -> None:
 
 
 UNCOVERED: list[str] = []  # the modes this process met that the plugin does not cover (each said once)
+ASKED: list[bool] = []  # vLLM asked this process for a compilation backend (the plugin saw its mode)
+
+
+def watch_first_step() -> None:
+    """One WARNING at the model runner's first step when vLLM never asked for a compilation backend
+    in this process: with `enforce_eager` (compilation mode NONE), and on the CPU runner in
+    STOCK_TORCH_COMPILE, vLLM runs its model without the backend the plugin wraps, so `install`'s
+    warning is never reached and the plugin, switched on, would do nothing without a word. Once
+    per process; the runner's method is restored at its first call."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner.execute_model
+    if getattr(original, "_dynaflow", False):
+        return
+
+    @functools.wraps(original)
+    def execute_model(self, *args, **kwargs):
+        GPUModelRunner.execute_model = original
+        if not ASKED:
+            why = uncovered(self.vllm_config) or "no compilation backend (vLLM never asked for one)"
+            UNCOVERED.append(why)
+            log.warning("dynaflow: vLLM runs with %s, a mode the plugin does not cover; it leaves vLLM untouched "
+                        "and every step runs as vLLM's own", why)
+        return original(self, *args, **kwargs)
+
+    execute_model._dynaflow = True
+    GPUModelRunner.execute_model = execute_model
 
 
 def count_vllm_ops() -> None:
