@@ -101,7 +101,8 @@ class ScheduleMap:
         store_obj = ScheduleStore(StoreConfig(root=Path(store)))
         pairs = read_records(store_obj, live, on_error)
         raw = [r for r, _ in pairs]
-        mine = [(r, rec) for r, rec in pairs if model_name(r["workload"]["model"]) == model_name(model)
+        wanted = model_name(model)
+        mine = [(r, rec) for r, rec in pairs if model_name(r["workload"]["model"]) == wanted
                 and r["workload"]["dtype"] == dtype and r["workload"].get("tp", 1) == tp
                 and r["workload"].get("sequence_parallel", False) == sequence_parallel]
         if mine:

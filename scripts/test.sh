@@ -99,6 +99,19 @@ ready() {
     done
 ) &
 
+# PostgreSQL for tests/test_postgres.py (a real server it starts itself): Debian's package, installed
+# here where it is missing and apt-get can (as root); where it is there, its tests must not skip.
+if ! command -v initdb > /dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 &&
+        [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then
+    echo "== installing Debian's postgresql for the PostgreSQL storage tests"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql > "$work/apt.log" 2>&1 ||
+        { apt-get update -q > /dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql \
+            > "$work/apt.log" 2>&1; } || tail -5 "$work/apt.log"
+fi
+if command -v initdb > /dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1; then
+    export DYNAFLOW_EXPECT_POSTGRES=1
+fi
+
 # guarded SECONDS COMMAND...: the command, ended with a line saying so if it runs longer (a hang
 # that pytest-timeout cannot see: xdist's scheduler waiting for a worker that died)
 guarded() {

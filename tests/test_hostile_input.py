@@ -209,7 +209,7 @@ def test_bad_model_specs_are_one_line(model, words):
     ("sqlite:///{tmp}/afile/studies.db", "does not exist (nothing was tuned there yet)", "afile is a file, not a folder"),
     ("sqlite:////proc/dynaflow/studies.db", "does not exist", "is under /proc, a kernel interface"),
     ("sqlite:///", "names no file", "names no file"),
-    ("postgresql://user@localhost/db", "needs a database driver", "needs a database driver"),
+    ("postgresql://user@127.0.0.1:1/db", "cannot be opened: OperationalError", "cannot be opened: OperationalError"),
     ("journal:", "names no file", "names no file"),
     ("sqlite:///{tmp}/no/such/dir/studies.db", "does not exist", "does not exist, from {tmp}/no on; create it first"),
     ("bogus://x", "'bogus' is no database SQLAlchemy knows; give sqlite:///PATH",

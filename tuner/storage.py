@@ -75,15 +75,32 @@ def open_storage(config: StorageConfig | str, *, create: bool = True) -> BaseSto
     except OSError as e:
         raise ValueError(f"--storage {url!r} cannot be opened: {e.strerror or e}"
                          f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}") from None
-    except ImportError as e:
-        raise ValueError(f"--storage {url!r} needs a database driver that is not installed ({e}); install it "
-                         "(e.g. pip install psycopg2-binary for PostgreSQL)") from None
+    except ImportError:
+        raise ValueError(f"--storage {url!r} needs a database driver that is not installed: {driver_hint(url)}") \
+            from None
     except NoSuchModuleError:  # SQLAlchemy knows no database of that name
         raise ValueError(f"--storage {url!r}: {url.split('://')[0]!r} is no database SQLAlchemy knows; give "
                          f"{FORMS}") from None
     except SQLAlchemyError as e:
         first = str(getattr(e, "orig", None) or e).splitlines()[0]
         raise ValueError(f"--storage {url!r} cannot be opened: {type(e).__name__}: {first}") from None
+
+
+# the pip package of each driver SQLAlchemy may ask for (by its dialect's driver name)
+DRIVERS = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "asyncpg": "asyncpg", "pg8000": "pg8000",
+           "mysqldb": "mysqlclient", "pymysql": "pymysql", "oracledb": "oracledb", "pyodbc": "pyodbc"}
+
+
+def driver_hint(url: str) -> str:
+    """What to install for `url`'s database: the driver SQLAlchemy's dialect imports (for
+    postgresql:// SQLAlchemy 2.1 takes psycopg 3, 2.0 psycopg2; postgresql+psycopg2:// names it)."""
+    from sqlalchemy.engine.url import make_url
+
+    try:
+        driver = make_url(url).get_dialect().driver
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot read: the general advice
+        return "install the driver SQLAlchemy uses for it"
+    return f"pip install '{DRIVERS.get(driver, driver)}' (the {driver} driver SQLAlchemy uses for it)"
 
 
 def check_storage(url: str, *, create: bool = True) -> None:
