@@ -310,6 +310,21 @@ def test_a_ray_address_nothing_answers_at_is_one_line_at_once(address, words, tm
     assert not (tmp_path / "s.db").exists()  # refused before the study opens
 
 
+def test_a_ray_client_address_without_ray_client_is_one_line_naming_the_install(tmp_path, monkeypatch):
+    """`ray://HOST:10001` needs Ray Client (grpcio), which `pip install ray` does not bring."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "grpc", None)  # as where ray[client] is not installed
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else real(name, *a))
+    code, out, err = run_cli("tune", "--workers", "2", "--ray-address", "ray://127.0.0.1:10001", "--trials", "1",
+                             "--no-progress", "--store", tmp_path, "--storage", f"sqlite:///{tmp_path}/s.db")
+    assert code == 2 and out == ""
+    one_line(err, "is a Ray Client address, and Ray Client is not installed", "pip install 'ray[client]'",
+             "HOST:6379")
+
+
 def test_the_ray_address_variable_is_checked_too(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
     code, _, err = run_cli("tune", "--workers", "2", "--trials", "1", "--no-progress", "--store", tmp_path,

@@ -130,10 +130,13 @@ def test_two_tuners_share_a_study_on_postgresql_and_one_killed_mid_trial_loses_n
     trials = study.get_trials(deepcopy=False)
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]  # the killed one was failed
     counted = [t for t in trials if counts_toward_budget(t)]
-    assert len(counted) == 12
-    keys = [result_of(t).schedule_obj().key() for t in counted]
-    assert len(set(keys)) == 12, sorted(keys)  # nothing measured twice
-    assert "12 distinct schedule(s) measured in the study" in out, out[-3000:]
+    assert len(counted) == 12  # the budget held across the two processes (the killed trial spent its share)
+    measured = [t for t in counted if result_of(t).schedule_obj() is not None]
+    lost = [t for t in counted if result_of(t).schedule_obj() is None]  # the killed process's trial in flight
+    assert all("heartbeats" in result_of(t).message for t in lost), [result_of(t).message for t in lost]
+    keys = [result_of(t).schedule_obj().key() for t in measured]
+    assert len(set(keys)) == len(keys) == 12 - len(lost), sorted(keys)  # nothing measured twice
+    assert f"{len(keys)} distinct schedule(s) measured" in out, out[-3000:]
     assert len(list((tmp_path / "schedules").rglob("*.json"))) == 1 and "stored " in out  # the verdict stored
 
 

@@ -133,6 +133,53 @@ def test_a_node_lost_mid_tune_costs_only_its_trials_and_a_joining_node_is_used(c
     workers = {r.get("worker") or "" for r in results}
     assert any(w.endswith(f"@{joined.node_id[:6]}") for w in workers), (workers, joined.node_id[:6])  # the joined node worked
     assert len(list((tmp_path / "store" / "schedules").rglob("*.json"))) == 1  # stored
+    assert "[state-dump]" not in out and "(raylet)" not in out, out[-3000:]  # Ray's raylet log dump left out
+    assert "ray: the cluster reported a raylet lost" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_a_lost_head_ends_the_tune_in_seconds_with_one_line_saying_what_is_kept(tmp_path):
+    """The head killed mid-search (a cluster of its own: the module's must live on): within
+    LOST_S the tune ends, exit 1, with one line of the tool's (the cluster lost, how many
+    schedules the study keeps, run the same command again), not Ray's 60 s of retries and its C++
+    line; nothing left running in the study."""
+    from dynaflow.tuner.ray_fanout import LOST_S
+
+    os.environ.pop("RAY_ADDRESS", None)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "gcs_server_port": free_port(),
+                                                      "include_dashboard": False})
+    try:
+        c.add_node(num_cpus=1)
+        c.wait_for_nodes()
+        storage = f"sqlite:///{tmp_path}/s.db"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        tune = subprocess.Popen([sys.executable, "-m", "dynaflow.tuner.cli", "tune", "--model", "llama-tiny",
+                                 "--workload", "d8x32", "--workers", "1", "--ray-address", c.address, "--trials", "200",
+                                 "--no-model", "--confirm-rounds", "1", "--store", str(tmp_path / "store"), "--storage",
+                                 storage, "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and tune.poll() is None and len(_search_trials(storage)) < 3:
+                time.sleep(0.5)
+            assert tune.poll() is None, tune.communicate()[0][-3000:]
+            c.head_node.kill_all_processes(check_alive=False, allow_graceful=False)
+            killed = time.monotonic()
+            out, _ = tune.communicate(timeout=120)
+            took = time.monotonic() - killed
+        finally:
+            if tune.poll() is None:
+                tune.kill()
+                tune.communicate()
+    finally:
+        c.shutdown()
+    assert tune.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert took < LOST_S + 20, (took, out[-3000:])  # Ray alone: 60 s of retries, then its C++ line
+    [line] = [x for x in out.splitlines() if x.startswith("dynaflow-tune tune:")]
+    assert "the Ray cluster was lost: its head" in line and "run the same command again to resume" in line, line
+    assert re.search(r"The study keeps every trial measured \(\S+: [1-9]\d* schedule\(s\) measured\)", line), line
+    assert not [t for t in _search_trials(storage) if t.state == optuna.trial.TrialState.RUNNING]
+    assert "GCS may have been killed" not in out and "[state-dump]" not in out, out[-3000:]
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ and waits for what finished, whether they run in this process, on Ray actors
 
 A pool never raises for a schedule: a measure that raises, a worker that dies or hangs, is a
 `Done` whose measurement says so (a dead or hung worker sets `killed_worker`, so the loop never
-dispatches that schedule again). Ctrl-C (KeyboardInterrupt) is the one exception let through.
+dispatches that schedule again). Ctrl-C (KeyboardInterrupt) is the one exception let through,
+with `PoolLost`: the pool as a whole is gone (a Ray cluster whose head stopped answering).
 """
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ from typing import Protocol
 
 from dynaflow.runtime import Measurement, Schedule
 
+from .config import TuneError
 from .measuring import OnPairedSample, Target, crashed, run
+
+
+class PoolLost(TuneError):
+    """Every worker of the pool is out of reach: the tune ends, saying what the study keeps."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

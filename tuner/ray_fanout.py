@@ -22,12 +22,69 @@ from dynaflow.runtime import Hardware, Measurement, Schedule, Workload
 from dynaflow.search_spaces import SpaceContext
 
 from .measuring import Target, crashed
-from .pool import Done, Job, measure_one
+from .pool import Done, Job, PoolLost, measure_one
 from .remote import Description, Explain, Measure, Prepare, Reply, Station, died, hung
 
 GRACE_S = 5.0  # beyond a trial's own time limit, before the driver gives up on its worker
 CLOSE_S = 10.0  # for the workers to stop what their targets started, before they are killed
 CONNECT_S = 5.0  # for a cluster's head to accept a connection, before its address is refused
+LOST_S = 10.0  # the head silent this long: the cluster is lost (Ray itself ends the driver after 60 s)
+
+
+class ClusterLost(PoolLost):
+    """The Ray cluster's head stopped answering: the tune ends, saying what is kept."""
+
+
+class HeadWatch:
+    """Whether the cluster's head (its GCS) still answers, asked at most once a second from the
+    driver's loop: silent for `lost_s`, the cluster is lost. Ray would retry for 60 s, keep
+    dispatching to nodes that cannot report, then end the process with a C++ line."""
+
+    def __init__(self, gcs_address: str | None, lost_s: float = LOST_S) -> None:
+        host, _, port = (gcs_address or "").rpartition(":")
+        self.where = (host, int(port)) if host and port.isdigit() else None
+        self.address, self.lost_s = gcs_address, lost_s
+        self.asked, self.silent_since = 0.0, None
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if self.where is None or now - self.asked < 1.0:
+            return
+        self.asked = now
+        import socket
+
+        try:
+            socket.create_connection(self.where, timeout=1.0).close()
+            self.silent_since = None
+        except OSError:
+            self.silent_since = self.silent_since or now
+            if now - self.silent_since >= self.lost_s:
+                raise ClusterLost(f"the Ray cluster was lost: its head ({self.address}) has not answered for "
+                                  f"{self.lost_s:g} s") from None
+
+
+def _quiet_raylet_messages(log) -> None:
+    """Ray's driver prints each raylet's death notice (a dump of that raylet's log, tens of lines,
+    even with log_to_driver=False) to stdout; the tool says it in one line instead, once."""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_dynaflow", False):
+        return
+    said = []
+
+    def print_to_stdstream(data, *args, **kwargs):
+        if data.get("pid") != "raylet":
+            return original(data, *args, **kwargs)
+        if not said:
+            said.append(True)
+            log("ray: the cluster reported a raylet lost (a node or its worker died; Ray's log dump of it left out): "
+                "a trial that ran there counts as crashed and is never measured again")
+
+    print_to_stdstream._dynaflow = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def check_address(address: str, given_as: str, timeout_s: float = CONNECT_S) -> None:
@@ -39,6 +96,13 @@ def check_address(address: str, given_as: str, timeout_s: float = CONNECT_S) -> 
     if address in ("auto", "local"):
         return
     where = address.removeprefix("ray://")
+    if address.startswith("ray://"):
+        import importlib.util
+
+        if importlib.util.find_spec("grpc") is None:  # what Ray Client needs beyond `pip install ray`
+            raise ValueError(f"{given_as} {address!r} is a Ray Client address, and Ray Client is not installed "
+                             "(pip install 'ray[client]'); or give the head's GCS address, HOST:6379, which "
+                             "needs nothing more.")
     host, sep, port = where.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"{given_as} {address!r} is not HOST:PORT (or ray://HOST:PORT): the head's address, "
@@ -147,6 +211,7 @@ class RayPool:
                 path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
                 ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}},
                          logging_level=logging.WARNING)
+        self.watch = HeadWatch(ray.get_runtime_context().gcs_address if self.started_ray else None)
         self.unit = "GPU" if config.use_gpus else "CPU"
         self.num_workers = self._check_capacity()
         n = config.group_size
@@ -257,6 +322,8 @@ class RayPool:
                                "pin workers to one GPU type per node or use a homogeneous cluster")
 
     def close(self) -> None:
+        if self.watch.silent_since is not None:  # the head is gone: nothing can be asked of the cluster any more
+            return
         closing = [a.close.remote() for a in self.actors]  # each its target's processes; a dead one answers not
         self.ray.wait(closing, num_returns=len(closing), timeout=CLOSE_S)
         for a in self.actors:
@@ -304,6 +371,7 @@ class GroupPool:
         self.running[actor.handle.remote(request)] = _Running(job=job, actor=actor, started=time.monotonic())
 
     def wait(self, timeout_s: float) -> list[Done]:
+        self.pool.watch.check()
         refs = [*self.running, *self.starting]
         if not refs:
             return []
@@ -383,6 +451,7 @@ def ray_places(config: PoolConfig, make_target: Callable[[Workload], Target], *,
     """Start the pool; yields place(workload) -> [(target, pool)], one pair per hardware type
     (the target runs the baseline and the confirmation on that type's first worker)."""
     pool = RayPool(config, make_target)
+    _quiet_raylet_messages(log)
     log(f"ray pool: {pool.num_workers} worker(s)")
     if pool.many_nodes:
         log(f"ray pool: {pool.where()}")

@@ -26,7 +26,7 @@ from dynaflow.search_spaces import SpaceContext, get_space
 
 from .config import TuneError
 from .guide import PREDICTED
-from .pool import Done, Job, Pool
+from .pool import Done, Job, Pool, PoolLost
 from .records import StudyOutcome, TrialMeasurement, duplicate
 from .progress import Progress
 from .storage import Heartbeat, fail_stale_trials
@@ -80,6 +80,13 @@ def run_search(lanes: Sequence[Lane], config: SearchConfig, stop=()) -> list[Stu
                     s.finish(done)
     except KeyboardInterrupt:
         pass  # a second Ctrl-C: what is in flight is recorded as interrupted below
+    except PoolLost as e:  # the pool is gone (a Ray cluster whose head was lost): say what the study keeps
+        for s in searches:
+            s.heartbeat.close()
+            s.interrupt()
+        kept = "; ".join(f"{s.study.study_name}: {len(search_trials(s.study))} schedule(s) measured" for s in searches)
+        raise TuneError(f"{e}. The study keeps every trial measured ({kept}); run the same command again to resume "
+                        "the search (and then confirm and store the verdict)") from None
     finally:
         for s in searches:
             s.heartbeat.close()

@@ -14,9 +14,10 @@ from dynaflow.runtime import Workload
 from dynaflow.runtime.measure import tokens_per_s
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 
-from .config import TuneConfig
+from .config import TuneConfig, TuneError
 from .confirm import Confirmation, ConfirmConfig, RecordConfig, confirm, store_verdict
 from .paired import round_ms
+from .pool import PoolLost
 from .progress import Progress
 from .search import SearchConfig
 from .study import (StudyConfig, StudyResult, enqueue_warm_starts, ensure_baseline, make_sampler, open_study,
@@ -145,6 +146,10 @@ def finish(session: Session, result: StudyResult, config: TuneConfig, *, stop=()
     except KeyboardInterrupt:
         print("interrupted again: nothing stored for this workload", file=sys.stderr)
         raise
+    except PoolLost as e:
+        raise TuneError(f"{e} during the confirmation. The search is complete in the study "
+                        f"({session.study.study_name}); run the same command again to confirm and store the verdict") \
+            from None
     record, path, kept, verdict = store_verdict(verdict, session.study, session.target, session.workload,
                                                 record_config(config),
                                                 warm_baseline_ms=session.baseline_ms, model=model_summary(session, verdict))
