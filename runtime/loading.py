@@ -72,7 +72,7 @@ class ScheduleMap:
         self.buckets = [Bucket(num_decode=r["workload"]["num_decode"], prefill_tokens=r["workload"]["prefill_tokens"],
                                context_len=r["workload"]["context_len"]) for r in self.raw]
         self.source, self.max_ratio = source, max_ratio
-        self.index = BucketIndex(self.buckets, max_ratio)
+        self._index: BucketIndex | None = None  # built at the first new shape: start-up reads only
         self.shapes = ShapeLog(model=model)
         self.rule_counts: Counter = Counter()
         self.unsplit = 0  # lookups answered by a split schedule that the caller ran unsplit (its cache cannot split)
@@ -161,7 +161,9 @@ class ScheduleMap:
         return self._parsed[i]
 
     def _choose(self, layout: BatchLayout, live: Bucket) -> tuple[Schedule, str, Bucket]:
-        head = self.index.first(live)  # the closest buckets, without scoring every one
+        if self._index is None:
+            self._index = BucketIndex(self.buckets, self.max_ratio)
+        head = self._index.first(live)  # the closest buckets, without scoring every one
 
         def rest():  # every candidate, scored: only when none of the closest fits the live batch
             tried = {i for i, _ in head}

@@ -15,7 +15,7 @@ from dynaflow.tuner.paired import round_ms
 
 def _tune(tmp_path, model: str, workload: str, capsys) -> tuple[Path, StoredSchedule]:
     args = ["tune", "--model", model, "--workload", workload, "--space", "dbo", "--trials", "6",
-            "--repeats", "8", "--storage", f"sqlite:///{tmp_path}/s.db", "--store", str(tmp_path), "--no-progress"]
+            "--confirm-rounds", "6", "--repeats", "8", "--storage", f"sqlite:///{tmp_path}/s.db", "--store", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out
     [path] = list((tmp_path / "schedules").glob("*/*.json"))
