@@ -58,7 +58,7 @@ def server():
     made = run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
     assert made.returncode == 0, made.stdout + made.stderr
     started = run(pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                  f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50", "start")
+                  f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300", "start")
     assert started.returncode == 0, started.stdout + started.stderr + (root / "log").read_text()
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
@@ -92,10 +92,10 @@ def test_a_trial_whose_process_stops_beating_is_failed_on_postgresql(url):
                       never.number: optuna.trial.TrialState.FAIL}
 
 
-def _running(url: str) -> bool:
-    names = optuna.get_all_study_names(url)
+def _running(storage) -> bool:
+    names = optuna.get_all_study_names(storage)
     return bool(names) and any(t.state == optuna.trial.TrialState.RUNNING and not t.user_attrs.get("baseline")
-                               for t in optuna.load_study(study_name=names[0], storage=url).get_trials(deepcopy=False))
+                               for t in optuna.load_study(study_name=names[0], storage=storage).get_trials(deepcopy=False))
 
 
 @pytest.mark.slow
@@ -108,12 +108,13 @@ def test_two_tuners_share_a_study_on_postgresql_and_one_killed_mid_trial_loses_n
            "--heartbeat-s", "1", "--no-model", "--storage", url, "--store", str(tmp_path)]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     second = None
+    polled = optuna.storages.RDBStorage(url)  # one connection pool for the polling, not one per look
     try:
         deadline = time.monotonic() + 120
-        while not _running(url) and first.poll() is None and time.monotonic() < deadline:
+        while not _running(polled) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        while not _running(url) and first.poll() is None and time.monotonic() < deadline:
+        while not _running(polled) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert first.poll() is None, first.communicate()[0][-3000:]
         first.send_signal(signal.SIGKILL)  # mid-trial: its running trial stays RUNNING, silent
