@@ -80,7 +80,6 @@ class ScheduleMap:
                                                    if parsed and parsed[i] is not None}
         self._cache: dict[tuple, tuple[Schedule, str, Bucket]] = {}
         self._said: set[str] = set()
-        self._bad: set[int] = set()  # packed records that failed to parse at their first use
 
     @property
     def records(self) -> list[StoredSchedule]:
@@ -154,8 +153,6 @@ class ScheduleMap:
         self.unsplit += 1
 
     def _record(self, i: int) -> StoredSchedule:
-        if i in self._bad:
-            raise ValueError("invalid")
         if i not in self._parsed:
             self._parsed[i] = StoredSchedule.from_dict(self.raw[i])
         return self._parsed[i]
@@ -173,7 +170,6 @@ class ScheduleMap:
             try:
                 stored = self._record(i).schedule
             except ValueError as e:  # a packed record first parsed now (a pack written by hand): never a crash
-                self._bad.add(i)
                 self._say(f"invalid {i}", lambda: f"a record in {self.source} is invalid ({e}); skipped", logging.WARNING)
                 continue
             fitted = fit_to_batch(stored, layout)

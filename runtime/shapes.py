@@ -101,16 +101,17 @@ class BucketIndex:
     live shape and stops once a dimension alone is farther than the best distance found."""
 
     def __init__(self, buckets: list[Bucket], max_ratio: float = NEAREST_RATIO) -> None:
-        self.buckets, self.max_ratio, self.limit = buckets, max_ratio, math.log2(max_ratio)
+        self.buckets, self.limit = buckets, math.log2(max_ratio)
         points: dict[tuple, dict[int, dict[int, list[int]]]] = {}
         for i, b in enumerate(buckets):
             points.setdefault(b.kinds, {}).setdefault(b.num_decode, {}).setdefault(b.prefill_tokens, []).append(i)
-        self.groups = {}
+        # kinds -> (log2 of each decode count, sorted; per decode count: (log2 of each prefill token count,
+        # sorted; the indices of the buckets at each point))
+        self.groups: dict[tuple, tuple[list[float], list[tuple[list[float], list[list[int]]]]]] = {}
         for kinds, by_decode in points.items():
-            decodes = sorted(by_decode)
-            self.groups[kinds] = (decodes, [_log2(d) for d in decodes],
-                                  [(sorted(by_decode[d]), [_log2(p) for p in sorted(by_decode[d])],
-                                    [by_decode[d][p] for p in sorted(by_decode[d])]) for d in decodes])
+            rows = [(by_decode[d], sorted(by_decode[d])) for d in sorted(by_decode)]
+            self.groups[kinds] = ([_log2(d) for d in sorted(by_decode)],
+                                  [([_log2(p) for p in ps], [at[p] for p in ps]) for at, ps in rows])
 
     def first(self, live: Bucket) -> list[tuple[int, str]]:
         """(index, rule) of the stored buckets at the smallest distance from `live`, in the order
@@ -119,7 +120,7 @@ class BucketIndex:
         group = self.groups.get(live.kinds)
         if group is None:
             return []
-        decodes, logs, rows = group
+        logs, rows = group
         bound = 2 * self.limit + 1e-9  # no candidate is farther
         found: list[int] = []
         ld, lp = _log2(live.num_decode), _log2(live.prefill_tokens)
@@ -127,7 +128,7 @@ class BucketIndex:
             dd = abs(ld - logs[j])
             if dd > min(bound, self.limit + 1e-9) + 1e-9:
                 break
-            prefills, plogs, indices = rows[j]
+            plogs, indices = rows[j]
             for k in _outward(plogs, lp):
                 dp = abs(lp - plogs[k])
                 if dp > min(bound - dd, self.limit + 1e-9) + 1e-9:

@@ -21,8 +21,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from dynaflow.tuner.storage import Heartbeat, StorageConfig, fail_stale_trials, open_storage
 from dynaflow.tuner.study import counts_toward_budget, result_of
+from test_storage import a_silent_trial_is_failed_and_a_live_one_is_not
 
 
 def _bin(name: str) -> str | None:
@@ -76,20 +76,7 @@ def url(server):
 
 
 def test_a_trial_whose_process_stops_beating_is_failed_on_postgresql(url):
-    storage = open_storage(StorageConfig(url=url, heartbeat_s=1, grace_s=2))
-    study = optuna.create_study(storage=storage, study_name="beats")
-    with pytest.warns(UserWarning, match="Heartbeat of storage"):
-        live, dead, never = study.ask(), study.ask(), study.ask()
-    beat = Heartbeat(study)
-    beat.add(live)
-    beat.add(dead)
-    beat.discard(dead)
-    time.sleep(3.5)
-    fail_stale_trials(study)
-    beat.close()
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    assert states == {live.number: optuna.trial.TrialState.RUNNING, dead.number: optuna.trial.TrialState.FAIL,
-                      never.number: optuna.trial.TrialState.FAIL}
+    a_silent_trial_is_failed_and_a_live_one_is_not(url)
 
 
 def _running(storage) -> bool:

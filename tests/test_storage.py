@@ -42,11 +42,12 @@ def test_a_journal_cut_mid_line_loads_without_that_line(tmp_path):
     assert [t.value for t in again.trials] == [1.0, 2.0]
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_a_trial_whose_process_stops_beating_is_failed_and_a_live_one_is_not(tmp_path, kind):
+def a_silent_trial_is_failed_and_a_live_one_is_not(url: str) -> None:
+    """Three trials asked on `url`'s storage (heartbeat 1 s, grace 2 s): one keeps beating, one stops,
+    one never beat; after the grace, fail_stale_trials fails the two silent ones, saying why.
+    tests/test_postgres.py runs it on a PostgreSQL server."""
     from dynaflow.tuner.storage import Heartbeat, StorageConfig, fail_stale_trials
 
-    url = f"sqlite:///{tmp_path}/s.db" if kind == "sqlite" else f"journal:{tmp_path}/s.journal"
     storage = open_storage(StorageConfig(url=url, heartbeat_s=1, grace_s=2))
     study = optuna.create_study(storage=storage, study_name="s")
     with pytest.warns(UserWarning, match="Heartbeat of storage"):  # ours beats, not Study.optimize
@@ -62,6 +63,12 @@ def test_a_trial_whose_process_stops_beating_is_failed_and_a_live_one_is_not(tmp
     assert states == {live.number: optuna.trial.TrialState.RUNNING, dead.number: optuna.trial.TrialState.FAIL,
                       never.number: optuna.trial.TrialState.FAIL}
     assert "heartbeats" in result_of(study.get_trials(deepcopy=False)[dead.number]).message
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_trial_whose_process_stops_beating_is_failed_and_a_live_one_is_not(tmp_path, kind):
+    a_silent_trial_is_failed_and_a_live_one_is_not(f"sqlite:///{tmp_path}/s.db" if kind == "sqlite"
+                                                    else f"journal:{tmp_path}/s.journal")
 
 
 def test_two_tuners_on_one_study_share_its_budget_and_leave_each_other_alone(tmp_path):

@@ -68,6 +68,7 @@ def run_search(lanes: Sequence[Lane], config: SearchConfig, stop=()) -> list[Stu
     (a flag the Ctrl-C handler raises; checked between proposals and while timing)."""
     searches = [_Search(lane, config, stop) for lane in lanes]
     wait_s = POLL_S / max(len(searches), 1)
+    lost = None
     try:
         while not stop:
             for s in searches:
@@ -80,13 +81,8 @@ def run_search(lanes: Sequence[Lane], config: SearchConfig, stop=()) -> list[Stu
                     s.finish(done)
     except KeyboardInterrupt:
         pass  # a second Ctrl-C: what is in flight is recorded as interrupted below
-    except PoolLost as e:  # the pool is gone (a Ray cluster whose head was lost): say what the study keeps
-        for s in searches:
-            s.heartbeat.close()
-            s.interrupt()
-        kept = "; ".join(f"{s.study.study_name}: {len(search_trials(s.study))} schedule(s) measured" for s in searches)
-        raise TuneError(f"{e}. The study keeps every trial measured ({kept}); run the same command again to resume "
-                        "the search (and then confirm and store the verdict)") from None
+    except PoolLost as e:  # the pool is gone (a Ray cluster whose head was lost): in flight is interrupted below
+        lost = e
     finally:
         for s in searches:
             s.heartbeat.close()
@@ -94,6 +90,10 @@ def run_search(lanes: Sequence[Lane], config: SearchConfig, stop=()) -> list[Stu
         if stop or s.inflight:
             s.interrupt()
         s.result.timed_out = s.budget.out_of_time() and s.budget.left_by_count(s.study)
+    if lost is not None:  # say what the study keeps
+        kept = "; ".join(f"{s.study.study_name}: {len(search_trials(s.study))} schedule(s) measured" for s in searches)
+        raise TuneError(f"{lost}. The study keeps every trial measured ({kept}); run the same command again to resume "
+                        "the search (and then confirm and store the verdict)")
     return [s.result for s in searches]
 
 
