@@ -135,6 +135,16 @@ class Workload:
         return "_".join(parts)
 
     @property
+    def family(self) -> str:
+        """What the workloads of one model share on a device, whatever their batch: the key less the
+        batch's shape (model, dtype, parallelism). Their performance profiles may lend each other
+        their grid (runtime/perfmodel)."""
+        parts = [re.sub(r"[^A-Za-z0-9.-]+", "-", model_name(self.model)), DTYPE_SHORT[self.dtype]]
+        if self.tp > 1:
+            parts.append(f"tp{self.tp}" + ("sp" if self.sequence_parallel else ""))
+        return "_".join(parts)
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 

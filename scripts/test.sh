@@ -126,11 +126,11 @@ guarded() {
 }
 
 # the whole suite: two workers (pytest-xdist; a file's tests stay on one worker, so its module-wide
-# fixtures start once; tests/conftest.py sends the longest files first), then the tests that must
-# run alone (tests/conftest.py's SERIAL). A worker that dies fails the test it ran and is not
-# replaced (--max-worker-restart 0: xdist's file scheduler may wait forever for a replacement).
-guarded 1800 "$PY" -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 -m "not serial" "$@"
-guarded 900 "$PY" -m pytest -q -m serial "$@" || [ $? -eq 5 ]  # 5: arguments that select none of them
+# fixtures start once; tests/conftest.py sends the longest files first, and --no-loadscope-reorder
+# keeps that order: xdist would otherwise send the files with the most tests first). A worker that dies fails
+# the test it ran and is not replaced (--max-worker-restart 0: xdist's file scheduler may wait
+# forever for a replacement).
+guarded 1800 "$PY" -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart 0 "$@"
 
 for version in $versions; do
     also="" tests="$HF_TESTS"

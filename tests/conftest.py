@@ -42,19 +42,11 @@ QUICK = (
 )
 
 
-# Run alone, after the parallel part (scripts/test.sh: `-n 2 -m "not serial"`, then `-m serial`): tests
-# whose claims are about the whole machine (no rendezvous folder or process left anywhere: another
-# test's live ones would be counted), and the Ray cluster's node timeouts, which a second test's
-# load stretches past their bounds.
-SERIAL = (
-    "tests/test_ray_cluster.py",
-)
-
-
 # The longest files first (docs/testing.md's table of the slowest tests): with two workers taking a
 # file each, a long file started last would leave one worker alone at the end.
 SLOW_FIRST = (
     "tests/test_readme_commands.py",
+    "tests/test_ray_cluster.py",  # its own cluster, in its own TMPDIR: beside the rest (mostly waiting on Ray)
     "tests/test_tolerance.py",
     "tests/test_remote.py",
     "tests/test_dynamo.py",
@@ -64,6 +56,7 @@ SLOW_FIRST = (
     "tests/test_ray_pool.py",
     "tests/test_tune_e2e.py",
     "tests/test_resume.py",
+    "tests/test_readme_models.py",
 )
 
 
@@ -76,8 +69,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.startswith(QUICK):
             item.add_marker(pytest.mark.quick)
-        if item.nodeid.startswith(SERIAL):
-            item.add_marker(pytest.mark.serial)
     if config.getoption("markexpr") == "quick":  # a renamed test must not leave the tier silently
         lost = [q for q in QUICK if not any(item.nodeid.startswith(q) for item in items)]
         if lost:

@@ -1,6 +1,6 @@
 """Model-guided tuning on fake targets whose profile is given: the headroom said before the first
 trial, the model's best schedules tried first, every trial's prediction kept, a workload where
-nothing could gain screened (its top few measured, then the confirmation), a screen the
+nothing could gain screened (its top few measured, then the confirmation of the best of them), a screen the
 measurements contradict searched in full, and the model's error at the end."""
 import optuna
 import pytest
@@ -10,7 +10,7 @@ from dynaflow.runtime.perfmodel import Profile
 from dynaflow.search_spaces import get_space
 from dynaflow.runtime.store import read_record
 from dynaflow.tuner.config import TuneConfig
-from dynaflow.tuner.guide import MODEL_ERROR, PREDICTED, SCREEN_TOP, draw, make_guide
+from dynaflow.tuner.guide import MODEL_ERROR, PREDICTED, SCREEN_CONFIRM, SCREEN_TOP, draw, make_guide
 from dynaflow.tuner.study import SCHEDULE_KEY, counts_toward_budget
 from dynaflow.tuner.show import describe
 from dynaflow.tuner.tune import tune
@@ -35,7 +35,7 @@ class ProfiledFake(FakeTarget):
         super().__init__(*a, **kw)
         self.given = profile
 
-    def profile(self, path, *, renew=False, label=""):
+    def profile(self, path, *, renew=False, label="", family=""):
         return self.given, "profile given by the test"
 
 
@@ -66,6 +66,7 @@ def test_a_workload_where_nothing_could_gain_measures_only_the_models_top_few(tm
     assert "model: profile given by the test" in text and "no schedule can beat" in text
     assert f"measuring only its top {SCREEN_TOP}" in text and "the search stops here" in text
     assert r.distinct == SCREEN_TOP and r.record.sequential_best
+    assert len(r.verdict.candidates) == SCREEN_CONFIRM  # the confirmation re-measures the best of them only
     study = study_of(cfg)
     guide, _ = make_guide(target, W, "nanoflow", None, seed=0)
     measured = [t for t in study.trials if counts_toward_budget(t)]
@@ -87,6 +88,7 @@ def test_a_screen_the_measurements_contradict_runs_the_full_search(tmp_path):
     text = "\n".join(lines)
     assert "model: contradicted, trial" in text and "the full search runs" in text
     assert r.distinct == 12 and r.record.verdict.value == "winner"
+    assert len(r.verdict.candidates) == 3  # a full search: the usual confirmation of its top 3
 
 
 def test_without_the_model_nothing_is_predicted_or_screened(tmp_path):

@@ -221,6 +221,57 @@ def test_a_profile_of_the_paced_units_recovers_their_times_and_predicts_what_run
     assert sorted(range(3), key=predicted.__getitem__) == sorted(range(3), key=measured.__getitem__) == [0, 1, 2]
 
 
+def test_a_rescaled_line_takes_its_intercept_and_per_token_part_from_the_new_batch():
+    """Another batch of the same op: the base's line (1 ms + 0.5 ms a token) against what the new
+    batch measures (2 ms + 0.25 ms a token, at 16 tokens whole and 8 in each half): a = 2, b = 0.5;
+    points that cannot tell the two parts apart (one size) give one common factor."""
+    from dynaflow.runtime.perfmodel.profiler import _rescale
+
+    a, b = _rescale([1.0, 0.5], ("decode",), [({"decode": 16}, 6.0), ({"decode": 8}, 4.0), ({"decode": 8}, 4.0)])
+    assert (a, b) == (pytest.approx(2.0), pytest.approx(0.5))
+    assert _rescale([1.0, 0.5], ("decode",), [({"decode": 16}, 18.0)]) == (pytest.approx(2.0), pytest.approx(2.0))
+    assert _rescale([1.0, 0.5], ("decode",), [({"decode": 16}, 4.0), ({"decode": 8}, 6.0)]) == \
+        (pytest.approx(10 / 14), pytest.approx(10 / 14))  # a negative per-token part: the common factor instead
+
+
+def test_a_batch_of_a_profiled_family_gets_a_transferred_profile_and_others_do_not(tmp_path, monkeypatch):
+    """A profile measured in full for one batch of the paced model lends its grid to another batch
+    of the same family and kinds, in far fewer runs: the new batch's ops come out as a profile
+    measured in full on that batch has them (at the whole batch, its halves and its quarters), the
+    line says where it came from, and it is cached as transferred. A transferred profile never
+    lends its grid, and another family or a renewal measures in full."""
+    import user_models
+    from dynaflow.runtime import Bench, MeasureConfig, Workload
+    from dynaflow.runtime.perfmodel import profiler
+    from dynaflow.runtime.telemetry import contention
+
+    busy = []
+    monkeypatch.setattr(profiler.telemetry, "contention", lambda b: busy.append(contention(b)))  # cached either way
+    bench = {n: Bench(Workload(model="user_models:paced_units", num_decode=n),
+                      config=MeasureConfig(warmup=1, repeats=5, peaks_dir=tmp_path / "peaks")) for n in (8, 16, 4)}
+    folder = tmp_path / "profiles" / "hw"
+    base, said = load_or_measure(bench[8], folder / "d8.json", family="paced", label="d8")
+    assert said.startswith("profile measured") and base.family == "paced" and base.base is None
+    moved, said = load_or_measure(bench[16], folder / "d16.json", family="paced", label="d16")
+    assert said.startswith("profile transferred from d8's") and moved.base == "d8" and moved.family == "paced"
+    assert moved.shares == base.shares and moved.interference == base.interference and moved.whole == {"requests": 16}
+    assert moved.measured_s < base.measured_s / 2
+    again, said = load_or_measure(bench[16], folder / "d16.json", family="paced")
+    assert again == moved and "transferred from d8" in said  # cached as transferred, and said so
+    _, said = load_or_measure(bench[4], folder / "d4.json", family="paced", label="d4")
+    assert "transferred from d8's" in said  # the one measured in full lends, never d16's transfer
+    full, said = load_or_measure(bench[16], folder / "d16-other.json", family="another")
+    assert said.startswith("profile measured")
+    _, said = load_or_measure(bench[4], folder / "d4.json", family="paced", renew=True)
+    assert said.startswith("profile measured") and "renewed" in said
+    if any(busy):
+        return  # a busy CPU delays each thread's wake-ups as it likes: the times below are for a quiet one
+    for op in user_models.PACED_UNITS_MS:
+        for rows in (16, 8, 4):
+            assert moved.solo_ms(op, {"requests": rows}, None) == pytest.approx(full.solo_ms(op, {"requests": rows}, None),
+                                                                              rel=0.15), (op, rows)
+
+
 # ---- on the simulated GPU (tests/fake_driver.py enforces the green-context rules)
 from test_green_ctx import device  # noqa: E402,F401 - the simulated device, sm90 and sm80
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import optuna
@@ -21,6 +23,13 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster_models import MODEL, PACED  # noqa: E402
 
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -28,15 +37,26 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def scratch():
+    """The cluster's temporary folder (TMPDIR of its nodes' processes, and so of the workers and
+    rank groups they start): what a test counts there is its own, whatever runs beside it."""
+    folder = tempfile.mkdtemp(prefix="dft-ray-")  # short: Ray's socket paths live under it
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(scratch):
     """Head and one joined node, one CPU each; every process they started ended by pid at the end."""
     os.environ.pop("RAY_ADDRESS", None)
+    before, os.environ["TMPDIR"] = os.environ.get("TMPDIR"), scratch  # the nodes' processes inherit it
     # a lost node is found in about 5 s instead of Ray's default ~20 s (health checks every 3 s after 5 s, 5 missed)
     health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 5}
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "gcs_server_port": free_port(),
                                                       "include_dashboard": False, "_system_config": health})
     worker = c.add_node(num_cpus=1)
     c.wait_for_nodes()
+    _restore("TMPDIR", before)
     pids = [p.process.pid for node in (c.head_node, worker) for ps in node.all_processes.values() for p in ps]
     yield c
     c.shutdown()
@@ -183,17 +203,20 @@ def test_a_lost_head_ends_the_tune_in_seconds_with_one_line_saying_what_is_kept(
 
 
 @pytest.mark.slow
-def test_tensor_parallel_groups_are_placed_one_per_node_and_a_node_too_small_is_counted_out(cluster, tmp_path):
+def test_tensor_parallel_groups_are_placed_one_per_node_and_a_node_too_small_is_counted_out(cluster, scratch, tmp_path):
     """`--tp 2 --workers K`: each worker is a group of 2 rank processes (gloo) on one node, its CPU
     slots reserved there by a placement group; two nodes of 2 CPUs hold one group each, the
     1-CPU nodes none. Asking for more groups than the nodes hold is refused with each node's
     numbers before any trial; `all` runs one group per big node, trials measured on both."""
     import glob
-    import tempfile
 
-    folders = set(glob.glob(os.path.join(tempfile.gettempdir(), "dynaflow-tp-*")))  # the groups' rendezvous
-    big = [cluster.add_node(num_cpus=2) for _ in range(2)]
-    cluster.wait_for_nodes()
+    folders = set(glob.glob(os.path.join(scratch, "dynaflow-tp-*")))  # the groups' rendezvous, in the nodes' TMPDIR
+    before, os.environ["TMPDIR"] = os.environ.get("TMPDIR"), scratch
+    try:
+        big = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cluster.wait_for_nodes()
+    finally:
+        _restore("TMPDIR", before)
     ids = {n.node_id[:6] for n in big}
     storage = f"sqlite:///{tmp_path}/s.db"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -218,4 +241,4 @@ def test_tensor_parallel_groups_are_placed_one_per_node_and_a_node_too_small_is_
     assert {w.split("@")[1] for w in workers if "@" in w} == ids, (workers, ids)  # a group on each big node
     assert len(list((tmp_path / "store" / "schedules").rglob("*_tp2.json"))) == 1
     # every group stopped by its worker before the worker was killed: no rendezvous folder left behind
-    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "dynaflow-tp-*"))) == folders
+    assert set(glob.glob(os.path.join(scratch, "dynaflow-tp-*"))) == folders

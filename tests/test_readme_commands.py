@@ -8,7 +8,8 @@ What is not run here is listed with why and where it is tested instead: installs
 daemons, the benchmarks and examples (minutes each: every benchmark must exist and answer --help,
 tests/test_small_ones.py), the vLLM loop. Tuning commands run with a smaller budget appended
 (`BUDGET`, last flag wins), and a line the README shows again runs once, so the whole README
-takes about two minutes. A relative PYTHONPATH
+takes about two minutes. The README's tunes of models of their own (its slowest lines, which no
+later line reads) run in tests/test_readme_models.py, on another worker. A relative PYTHONPATH
 (`PYTHONPATH=tests`) is the clone's folder, as the README means it."""
 import os
 import re
@@ -120,16 +121,26 @@ def test_the_readme_shows_command_lines_and_every_kind_is_known():
     assert len(scripts) >= 10 and [s for s in scripts if not (ROOT / s).is_file()] == []  # what the README names exists
 
 
-@pytest.mark.skipif(not (Path(sys.executable).parent / "dynaflow-tune").exists(),
-                    reason="dynaflow-tune is not installed beside this Python (pip install -e .)")
-def test_every_command_line_the_readme_shows_runs_as_it_says(tmp_path):
+INSTALLED = pytest.mark.skipif(not (Path(sys.executable).parent / "dynaflow-tune").exists(),
+                               reason="dynaflow-tune is not installed beside this Python (pip install -e .)")
+
+
+def apart(argv: list[str]) -> bool:
+    """A tune of a model of its own (an `hf:` architecture, a user module) that no later line reads:
+    tests/test_readme_models.py runs these, beside this file's worker (the README's slowest lines)."""
+    return argv[1:2] == ["tune"] and any(a.startswith(("hf:", "user_models:")) for a in argv)
+
+
+def run_lines(folder: Path, select) -> list[str]:
+    """The README's command lines that `select(argv)` picks, in its order, in `folder`: each as the
+    README says (no traceback; the exit it predicts; bad input one line). Returns the commands run."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     ran, seen = [], set()
     for command, comment in LINES:
         for env, argv in parts(command):
             predicted = re.search(r"\bexit (\d+)", comment)
             expected = int(predicted.group(1)) if predicted else 0
-            if why_not_run(argv) is not None or (repr(env), tuple(argv), expected) in seen:
+            if why_not_run(argv) is not None or not select(argv) or (repr(env), tuple(argv), expected) in seen:
                 continue  # a line shown again (the main job, in the numbers table) runs once
             seen.add((repr(env), tuple(argv), expected))
             if argv[1:2] == ["tune"]:
@@ -141,7 +152,7 @@ def test_every_command_line_the_readme_shows_runs_as_it_says(tmp_path):
                 continue  # a GPU command's time is the GPU kit's, not this test's
             # through a shell, as typed: the README's globs (results/schedules/*/...) expand
             done = subprocess.run(" ".join(shlex.quote(a) if "*" not in a else a for a in argv), shell=True,
-                                  cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                                  cwd=folder, capture_output=True, text=True, timeout=600,
                                   env={**os.environ, "PATH": path, **clone_paths(env)})
             said = done.stdout + done.stderr
             assert "Traceback" not in said, (command, said[-3000:])
@@ -149,4 +160,10 @@ def test_every_command_line_the_readme_shows_runs_as_it_says(tmp_path):
             if expected == 2:
                 assert len(error_lines(done.stderr)) == 1, (command, done.stderr)
             ran.append(argv[1])
+    return ran
+
+
+@INSTALLED
+def test_every_command_line_the_readme_shows_runs_as_it_says(tmp_path):
+    ran = run_lines(tmp_path, lambda argv: not apart(argv))
     assert "tune" in ran and "show" in ran and "measure" in ran

@@ -29,6 +29,7 @@ PREDICTED = "predicted_speedup"  # each trial's prediction, kept with it
 MODEL_ERROR = "model_error"  # the study's: this run's error, with its date
 DRAWS = 400  # schedules drawn from the space to rank by the model (distinct ones are fewer)
 SCREEN_TOP = 3  # what a screened workload measures: the model's top few
+SCREEN_CONFIRM = 1  # ... and what its confirmation re-measures: the best of them (paired rounds, the usual rule)
 
 
 class RandomTrial:
@@ -140,7 +141,7 @@ def make_guide(target, workload: Workload, space: str, profiles_dir: Path | None
         return None, ("model: off (this target measures in another process: its profile is not built there yet); "
                       "the search runs blind, as before")
     path = Path(profiles_dir) / target.hardware.key / f"{workload.key}.json" if profiles_dir is not None else None
-    profile, said = profile_of(path, renew=renew, label=workload.key)
+    profile, said = profile_of(path, renew=renew, label=workload.key, family=workload.family)
     ctx = target.space_context()
     sim = Simulator(profile, ctx.graph, ctx.layout)
     headroom = sim.headroom()

@@ -58,12 +58,13 @@ class LocalTarget:
     def explain(self, schedule: Schedule) -> dict | None:
         return self.bench.explain(schedule)
 
-    def profile(self, path, *, renew: bool = False, label: str = ""):
-        """The performance model's profile of this device and batch (cached at `path`) and a line
-        saying where it came from (runtime/perfmodel)."""
+    def profile(self, path, *, renew: bool = False, label: str = "", family: str = ""):
+        """The performance model's profile of this device and batch (cached at `path`; with `family`,
+        transferred from another batch's of the same model where one is cached beside it) and a
+        line saying where it came from (runtime/perfmodel)."""
         from dynaflow.runtime.perfmodel import load_or_measure
 
-        return load_or_measure(self.bench, path, renew=renew, label=label)
+        return load_or_measure(self.bench, path, renew=renew, label=label, family=family)
 
 
 def explain(target, schedule: Schedule) -> dict | None:

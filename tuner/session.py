@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from .progress import Progress
 from .search import SearchConfig
 from .study import (StudyConfig, StudyResult, enqueue_warm_starts, ensure_baseline, make_sampler, open_study,
                     search_trials, study_name, tally)
-from .guide import Guide, make_guide
+from .guide import SCREEN_CONFIRM, Guide, make_guide
 from .measuring import Target
 
 
@@ -140,6 +141,8 @@ def model_summary(session: Session, verdict: Confirmation) -> dict | None:
 def finish(session: Session, result: StudyResult, config: TuneConfig, *, stop=()) -> WorkloadResult:
     """Confirm the best candidates against the baseline and store the verdict; once `stop` is
     truthy (Ctrl-C), the confirmation ends at its next round and nothing is concluded."""
+    if session.screened:  # the model's top few measured as it predicted: the best of them decides
+        config = dataclasses.replace(config, confirm_top=min(config.confirm_top, SCREEN_CONFIRM))
     try:
         verdict = confirm(session.study, session.target, confirm_config(config), interrupted=result.interrupted,
                           stop=stop)

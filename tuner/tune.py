@@ -115,7 +115,8 @@ def _search(sessions, lanes, config: TuneConfig, stop, log) -> list:
     sessions[0].screened = True
     budget = min(len(search_trials(study)) + SCREEN_TOP, config.trials or float("inf"))
     log(f"model: even optimistically ({guide.optimistic():.3f}x, its best prediction plus its error) no schedule "
-        f"reaches {1 + config.min_effect:.2f}x: measuring only its top {SCREEN_TOP}, then the confirmation decides")
+        f"reaches {1 + config.min_effect:.2f}x: measuring only its top {SCREEN_TOP}, then the confirmation decides "
+        f"on the best of them")
     first = run_search(lanes, dataclasses.replace(full, trials=int(budget)), stop)
     why = guide.contradicted(study, sessions[0].first_trial)
     if why is None or stop:

@@ -45,10 +45,12 @@ class Profile:
     interference: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # mode -> own -> other -> beta
     busy: dict[str, Any] = field(default_factory=dict)
     measured_s: float = 0.0
-    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    created_at: str = field(default_factory=lambda: now())
     whole: dict[str, int] = field(default_factory=dict)  # the whole batch's tokens per kind
     sequential_ms: float | None = None  # the sequential schedule's own call (it may not run the tasks), measured
     error: dict[str, Any] | None = None  # the model's error the last time its predictions were measured
+    family: str = ""  # the model, dtype and parallelism it profiles: its batches' profiles may lend it their grid
+    base: str | None = None  # transferred (profiler.transfer_profile): the profile whose grid it rescaled
     version: int = VERSION
 
     # ---- what the simulator reads
@@ -129,6 +131,11 @@ class Profile:
             pairs = ", ".join(f"{a} beside {b} {beta:.0%}" for a, d in own.items() for b, beta in d.items())
             rows.append(f"interference, {mode} streams (speed lost): {pairs or 'none measured'}")
         return "\n".join(rows)
+
+
+def now() -> str:
+    """A profile's time stamp (UTC)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _share_name(p: Profile, s: int) -> str:

@@ -23,7 +23,7 @@ from .. import telemetry
 from ..files import write_json_atomic
 from ..plan import default_order, staggered_order
 from ..schedule import Schedule, StreamSpec
-from .profile import MAX_BETA, SPLITS, Profile, _features, _fit, _lstsq, _split
+from .profile import MAX_BETA, SPLITS, Profile, _features, _fit, _lstsq, _split, now
 from .simulate import Simulator
 
 BETA_STEPS = [i / 20 for i in range(20)]  # 0 .. 0.95
@@ -201,10 +201,72 @@ def _fit_to_walls(profile: Profile, graph, layout, measured: list[tuple[Schedule
     return profile.replace(interference=beta)
 
 
+def transfer_profile(bench, base: Profile, *, label: str = "", runs: int = 5) -> Profile:
+    """This batch's profile from `base`, one measured in full on another batch of the same model on
+    this device: its shares and interference are the device's and kept; the dispatch gap and the
+    one-stream run cost are this batch's (the costs of more streams moved by as much); each op's
+    lines are rescaled to what this batch measures, the op alone on the whole batch and on two
+    halves (one stream, the whole device), as ms = a * intercept + b * per-token part of the base's
+    line (a, b >= 0, least squares; the same a and b at every share). The base's measured error
+    is this one's until its own is measured. About a sixth of a full profile's runs: what lets
+    many buckets of one model each have a model (`tune --shapes`)."""
+    t0 = time.perf_counter()
+    mark = telemetry.busy_mark()
+    graph, layout = bench.executor.graph, bench.case.layout
+    cuts = [()] + ([_split(layout.num_requests, 2)] if layout.num_requests >= 2 else [])
+    schedules = [Schedule(split_unit="requests", split_sizes=sizes, streams=(StreamSpec(),),
+                          order=default_order(graph, max(1, len(sizes))), label=f"transfer:{len(sizes) or 1}x")
+                 for sizes in cuts]
+    *timelines, sequential = bench.timelines([*schedules, Schedule()], runs=runs)
+    points, whole, gaps = [], str(base.total_share), []
+    for sizes, tl in zip(cuts, timelines):
+        ranges = layout.request_ranges("requests", sizes)
+        spans = sorted(tl.spans, key=lambda x: x.start_ms)
+        for sp in spans:
+            r0, r1 = ranges[sp.nano]
+            points.append([sp.op, base.total_share, _features(layout, r0, r1), sp.end_ms - sp.start_ms])
+        if len(spans) > 1:
+            gaps.append(sum(max(0.0, b.start_ms - a.end_ms) for a, b in zip(spans, spans[1:])) / (len(spans) - 1))
+    ops = {}
+    for op in graph.ops:
+        mine = [(f, ms) for name, _, f, ms in points if name == op.name]
+        a, b = _rescale(base.ops[op.name]["fits"][whole], base.kinds, mine)
+        ops[op.name] = {"resource": str(op.resource),  # this batch's class (a GEMM of a few tokens is memory-bound)
+                        "fits": {k: [a * c[0]] + [b * x for x in c[1:]] for k, c in base.ops[op.name]["fits"].items()}}
+    # this batch's dispatch and one-stream run cost; the costs of more streams moved by as much
+    dispatch = statistics.median(gaps) if gaps else base.dispatch_ms
+    one = statistics.median(_fixed_cost(tl, dispatch if base.issue == "per-stream" else 0.0) for tl in timelines)
+    shift = one - base.run_overhead_ms(1)
+    overhead = {k: max(0.0, v + shift) for k, v in base.overhead_ms.items()} if base.overhead_ms else {"1": one}
+    profile = base.replace(workload=label or bench.case.name, ops=ops, points=points, base=base.workload,
+                           whole=_features(layout, 0, layout.num_requests), created_at=now(), dispatch_ms=dispatch,
+                           overhead_ms=overhead, sequential_ms=statistics.median(sequential.walls_ms))
+    return profile.replace(busy=telemetry.busy_since(mark, bench.device), measured_s=round(time.perf_counter() - t0, 2))
+
+
+def _rescale(line: list[float], kinds: tuple[str, ...], measured: list[tuple[dict[str, int], float]]) -> tuple[float, float]:
+    """(a, b): measured ms ~ a * line's intercept + b * its per-token part, both >= 0 (one common
+    factor where the points cannot tell the two apart)."""
+    rows = [(line[0], sum(c * f.get(k, 0) for c, k in zip(line[1:], kinds)), ms) for f, ms in measured]
+    if not rows:
+        return 1.0, 1.0
+    if len({(round(i, 12), round(t, 12)) for i, t, _ in rows}) > 1 and all(t > 0 for _, t, _ in rows) and rows[0][0] > 0:
+        a, b = _lstsq([[i, t] for i, t, _ in rows], [ms for *_, ms in rows])
+        if a >= 0 and b >= 0:
+            return a, b
+    predicted = sum(i + t for i, t, _ in rows)
+    k = sum(ms for *_, ms in rows) / predicted if predicted > 0 else 1.0
+    return k, k
+
+
 # ---- the cache
-def load_or_measure(bench, path: Path | str | None, *, renew: bool = False, label: str = "") -> tuple[Profile, str]:
+def load_or_measure(bench, path: Path | str | None, *, renew: bool = False, label: str = "",
+                    family: str = "") -> tuple[Profile, str]:
     """The cached profile at `path` when it is for this device and model, else a new one (cached
-    unless it was measured under contention). Returns it and a line saying which."""
+    unless it was measured under contention). With `family` (the model, dtype and parallelism), a
+    profile measured in full for another batch of the family beside `path`, with the same kinds of
+    request, lends its grid: the new one is transferred from it (transfer_profile), not measured in
+    full. Returns it and a line saying which."""
     graph_ops = [op.name for op in bench.executor.graph.ops]
     path = Path(path) if path is not None else None
     why = "renewed (--renew-profile)" if renew else "none cached"
@@ -216,11 +278,18 @@ def load_or_measure(bench, path: Path | str | None, *, renew: bool = False, labe
             elif (reason := telemetry.contention(cached.busy)) is not None:
                 why = f"the cached one was measured under contention ({reason})"
             else:
-                return cached, f"profile read from {path} (measured {cached.created_at}; --renew-profile measures it again)"
+                return cached, f"profile read from {path} (measured {cached.created_at}" + \
+                    (f", transferred from {cached.base}" if cached.base else "") + "; --renew-profile measures it again)"
         except (OSError, ValueError) as e:
             why = f"the cached one is unreadable ({e})"
-    profile = measure_profile(bench, label=label)
-    said = f"profile measured in {profile.measured_s:.1f} s ({why})"
+    base = None if renew or path is None or not family else family_base(path, bench, family)
+    if base is not None:
+        profile = transfer_profile(bench, base, label=label)
+        said = f"profile transferred from {base.workload}'s in {profile.measured_s:.1f} s ({why})"
+    else:
+        profile = measure_profile(bench, label=label)
+        said = f"profile measured in {profile.measured_s:.1f} s ({why})"
+    profile = profile.replace(family=family)
     if (reason := telemetry.contention(profile.busy)) is not None:
         warnings.warn(f"the profile was measured under contention ({reason}): used for this run only, not cached")
         return profile, said + ", under contention: not cached"
@@ -244,3 +313,24 @@ def record_error(path: Path | str | None, profile: Profile, error: dict) -> Prof
     return profile
 
 
+def family_base(path: Path, bench, family: str) -> Profile | None:
+    """The profile measured in full, beside `path`, of this device and family, with this batch's
+    ops and (at least) its kinds of request, nearest to it in tokens (log scale), one of the same
+    kinds first; None when there is none."""
+    layout, ops = bench.case.layout, sorted(op.name for op in bench.executor.graph.ops)
+    kinds, tokens = set(layout.request_kinds), sum(layout.request_tokens)
+    best, best_d = None, (True, math.inf)
+    for other in sorted(path.parent.glob("*.json")) if path.parent.is_dir() else ():
+        if other == path:
+            continue
+        try:
+            p = Profile.from_dict(json.loads(other.read_text()))
+        except (OSError, ValueError):
+            continue
+        if p.family != family or p.base or p.hardware != bench.hardware.key or sorted(p.ops) != ops \
+                or not kinds <= set(p.kinds) or telemetry.contention(p.busy) is not None:
+            continue
+        d = (set(p.kinds) != kinds, abs(math.log2(max(1, sum(p.whole.values())) / max(1, tokens))))
+        if d < best_d:
+            best, best_d = p, d
+    return best
