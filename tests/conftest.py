@@ -34,6 +34,7 @@ QUICK = (
     "tests/test_tuner.py::test_every_failure_type_is_recorded_and_the_study_goes_on",
     "tests/test_perfmodel.py::test_interference_of_unequal_tasks_follows_the_fluid_model",  # the simulator
     "tests/test_perfmodel.py::test_a_task_reading_from_another_stream_waits_for_it_and_for_the_wake_up",
+    "tests/test_perfmodel.py::test_a_rescaled_line_takes_its_intercept_and_per_token_part_from_the_new_batch",  # one profile per model
     "tests/test_guide.py::test_a_workload_where_nothing_could_gain_measures_only_the_models_top_few",  # the model's screen
     "tests/test_remote.py::test_a_station_answers_every_request_and_never_raises",  # the remote protocol
     "tests/test_remote.py::test_vllms_worker_keeps_the_rules",  # ... and its lost-worker path
