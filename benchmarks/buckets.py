@@ -50,13 +50,15 @@ def run(label: str, argv: list[str], folder: Path) -> dict:
         print(out[-3000:])
         raise SystemExit(f"{label}: exit {done.returncode}")
     verdicts = [line for line in out.splitlines() if re.match(r"^\S+_fp32: ", line)]
-    screened = out.count("measuring only its top")
-    full = len(verdicts) - screened + out.count("the full search runs")
+    contradicted = out.count("the full search runs")  # screened, then searched in full
+    screened = out.count("measuring only its top") - contradicted
+    full = len(verdicts) - screened
     transferred = out.count("profile transferred from")
     measured = out.count("model: profile measured")
     for line in verdicts:
         print(f"   {line[:160]}")
-    print(f"   {wall:.1f} s, {len(verdicts)} bucket(s); model screened {screened}, searched in full {full}; "
+    print(f"   {wall:.1f} s, {len(verdicts)} bucket(s); model screened {screened}, searched in full {full} "
+          f"({contradicted} of them after a screen the measurements contradicted); "
           f"profiles: {measured} measured in full, {transferred} transferred", flush=True)
     return {"wall": wall, "buckets": len(verdicts)}
 
