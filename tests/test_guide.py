@@ -10,7 +10,8 @@ from dynaflow.runtime.perfmodel import Profile
 from dynaflow.search_spaces import get_space
 from dynaflow.runtime.store import read_record
 from dynaflow.tuner.config import TuneConfig
-from dynaflow.tuner.guide import MODEL_ERROR, PREDICTED, SCREEN_CONFIRM, SCREEN_TOP, draw, make_guide
+from dynaflow.tuner.guide import (MODEL_ERROR, PREDICTED, RECHECK_ROUNDS, SCREEN_CONFIRM, SCREEN_TOP, draw,
+                                  make_guide)
 from dynaflow.tuner.study import SCHEDULE_KEY, counts_toward_budget
 from dynaflow.tuner.show import describe
 from dynaflow.tuner.tune import tune
@@ -87,8 +88,32 @@ def test_a_screen_the_measurements_contradict_runs_the_full_search(tmp_path):
     [r] = tune(config(tmp_path), make_target=lambda w: target, log=lines.append)
     text = "\n".join(lines)
     assert "model: contradicted, trial" in text and "the full search runs" in text
+    assert f"(the median of {1 + RECHECK_ROUNDS} paired rounds)" in text
     assert r.distinct == 12 and r.record.verdict.value == "winner"
     assert len(r.verdict.candidates) == 3  # a full search: the usual confirmation of its top 3
+
+
+def test_one_lucky_round_does_not_contradict_the_model_its_median_decides(tmp_path):
+    """A screened schedule whose first paired round reads 8 ms against 10 (1.25x, far beyond the
+    prediction) and every later one 12 ms: measured RECHECK_ROUNDS more times, its median round is
+    slower than sequential, so the screen stands; the same schedule fast in every round contradicts
+    it (test above), by the median of its rounds."""
+    from collections import Counter
+
+    seen = Counter()
+
+    def landscape(s):
+        if s.is_sequential:
+            return 10.0
+        seen[s.key()] += 1
+        return 8.0 if seen[s.key()] == 1 else 12.0
+
+    target = ProfiledFake(CTX, landscape, profile=costly_profile())
+    lines = []
+    [r] = tune(config(tmp_path), make_target=lambda w: target, log=lines.append)
+    text = "\n".join(lines)
+    assert "contradicted" not in text and "the search stops here" in text and r.distinct == SCREEN_TOP
+    assert r.record.sequential_best
 
 
 def test_without_the_model_nothing_is_predicted_or_screened(tmp_path):

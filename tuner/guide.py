@@ -13,6 +13,7 @@ a Ray pool) tunes as before, and the run says so.
 from __future__ import annotations
 
 import random
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ MODEL_ERROR = "model_error"  # the study's: this run's error, with its date
 DRAWS = 400  # schedules drawn from the space to rank by the model (distinct ones are fewer)
 SCREEN_TOP = 3  # what a screened workload measures: the model's top few
 SCREEN_CONFIRM = 1  # ... and what its confirmation re-measures: the best of them (paired rounds, the usual rule)
+RECHECK_ROUNDS = 2  # more paired rounds of a screened schedule that seems to beat the model, before the full search
 
 
 class RandomTrial:
@@ -114,19 +116,33 @@ class Guide:
             n += 1
         return n
 
-    def contradicted(self, study: optuna.Study, since: int) -> str | None:
+    def contradicted(self, study: optuna.Study, since: int, recheck=None) -> str | None:
         """A trial of this run measured faster than its prediction by more than the model's error,
-        and fast enough to matter: the model is not to be trusted here (why, or None)."""
+        and fast enough to matter: the model is not to be trusted here (why, or None). With
+        `recheck(schedule) -> [speedup, ...]` (more paired rounds, busy ones left out), a trial that
+        looks so is measured again (RECHECK_ROUNDS more) and contradicts only by the median of its
+        rounds: one round on a noisy host may read 1.03x where five read 0.89x."""
         for t in study.get_trials(deepcopy=False):
             if t.number < since or BASELINE in t.user_attrs:
                 continue
             r, predicted = result_of(t), t.user_attrs.get(PREDICTED)
             if r.speedup is None or predicted is None or r.duplicate or busy(r):  # a busy round is no evidence
                 continue
-            if r.speedup > predicted * (1 + self.error) and r.speedup > 1:
+            if not self._beyond(r.speedup, predicted):
+                continue
+            schedule = r.schedule_obj()
+            if recheck is None or schedule is None:
                 return (f"trial {t.number} measured {r.speedup:.3f}x where the model predicted {predicted:.3f}x "
                         f"(beyond its error of {self.error:.0%})")
+            rounds = [r.speedup, *recheck(schedule)]
+            median = statistics.median(rounds)
+            if self._beyond(median, predicted):
+                return (f"trial {t.number} measured {median:.3f}x (the median of {len(rounds)} paired rounds) where the "
+                        f"model predicted {predicted:.3f}x (beyond its error of {self.error:.0%})")
         return None
+
+    def _beyond(self, measured: float, predicted: float) -> bool:
+        return measured > predicted * (1 + self.error) and measured > 1
 
     def keep_error(self, error: ModelError) -> None:
         if error.n >= 3 and error.median_abs is not None:

@@ -22,7 +22,7 @@ from dynaflow.runtime.store import StoreConfig
 from .config import TuneConfig
 from .interrupt import stop_on_ctrl_c
 from .pool import InlinePool, Pool
-from .guide import MODEL_ERROR, SCREEN_TOP, run_error
+from .guide import MODEL_ERROR, RECHECK_ROUNDS, SCREEN_TOP, run_error
 from .search import Lane, run_search
 from .study import search_trials
 from .session import WorkloadResult, finish, search_config, start
@@ -118,7 +118,8 @@ def _search(sessions, lanes, config: TuneConfig, stop, log) -> list:
         f"reaches {1 + config.min_effect:.2f}x: measuring only its top {SCREEN_TOP}, then the confirmation decides "
         f"on the best of them")
     first = run_search(lanes, dataclasses.replace(full, trials=int(budget)), stop)
-    why = guide.contradicted(study, sessions[0].first_trial)
+    target = sessions[0].target
+    why = guide.contradicted(study, sessions[0].first_trial, recheck=lambda s: _more_rounds(target, s, stop))
     if why is None or stop:
         log("model: its top schedules measured as it predicted; the search stops here (--no-model searches anyway)")
         return first
@@ -130,3 +131,17 @@ def _search(sessions, lanes, config: TuneConfig, stop, log) -> list:
         for k, v in a.outcomes.items():
             b.outcomes[k] = b.outcomes.get(k, 0) + v
     return second
+
+
+def _more_rounds(target, schedule, stop) -> list[float]:
+    """RECHECK_ROUNDS more paired rounds of `schedule`: their speedups, busy or unsteady ones left out."""
+    from .confirm import paired_round
+
+    out = []
+    for k in range(1, RECHECK_ROUNDS + 1):
+        if stop:
+            break
+        r, _ = paired_round(target, schedule, k)
+        if r is not None and r.busy is None and r.unsteady is None:
+            out.append(r.ratio)
+    return out
