@@ -125,21 +125,20 @@ class Workload:
     @property
     def key(self) -> str:
         """Stable, filename-safe; the device type is part of it, the device index is not."""
-        model = re.sub(r"[^A-Za-z0-9.-]+", "-", model_name(self.model))
-        parts = [model, f"d{self.num_decode}x{self.context_len}", f"p{self.prefill_tokens}"]
+        parts = [f"d{self.num_decode}x{self.context_len}", f"p{self.prefill_tokens}"]
         if self.prefill_chunk and self.prefill_chunk != self.prefill_tokens:
             parts.append(f"c{self.prefill_chunk}")
-        parts.append(DTYPE_SHORT[self.dtype])
-        if self.tp > 1:
-            parts.append(f"tp{self.tp}" + ("sp" if self.sequence_parallel else ""))
-        return "_".join(parts)
+        return self._named(parts)
 
     @property
     def family(self) -> str:
         """What the workloads of one model share on a device, whatever their batch: the key less the
         batch's shape (model, dtype, parallelism). Their performance profiles may lend each other
         their grid (runtime/perfmodel)."""
-        parts = [re.sub(r"[^A-Za-z0-9.-]+", "-", model_name(self.model)), DTYPE_SHORT[self.dtype]]
+        return self._named([])
+
+    def _named(self, shape: list[str]) -> str:
+        parts = [re.sub(r"[^A-Za-z0-9.-]+", "-", model_name(self.model)), *shape, DTYPE_SHORT[self.dtype]]
         if self.tp > 1:
             parts.append(f"tp{self.tp}" + ("sp" if self.sequence_parallel else ""))
         return "_".join(parts)

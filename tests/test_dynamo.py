@@ -118,6 +118,7 @@ def test_an_hf_architecture_is_tuned_and_its_record_serves_that_model(tmp_path, 
     assert "model.layers.1.self_attn.q_proj" in capsys.readouterr().out
     for space in ("nanoflow", "dbo"):
         assert main(["tune", "--model", spec, "--workload", "d4x8", "--space", space, "--trials", "3", "--confirm-rounds", "6", "--no-progress",
+                     "--no-model",  # the model on an hf: architecture: tests/test_readme_models.py
                      "--store", str(store), "--storage", f"sqlite:///{tmp_path}/s.db"]) == 0
     smap = ScheduleMap.load(store, model=spec, dtype="float32", device="cpu")
     assert len(smap.raw) == 1

@@ -8,6 +8,7 @@ import optuna
 import pytest
 
 from dynaflow.runtime import Bench, MeasureConfig, Workload
+from dynaflow.runtime.measure import relative_spread
 from dynaflow.runtime.store import ScheduleStore, StoreConfig, StoredSchedule
 from dynaflow.tuner.cli import main
 from dynaflow.tuner.paired import round_ms
@@ -15,7 +16,8 @@ from dynaflow.tuner.paired import round_ms
 
 def _tune(tmp_path, model: str, workload: str, capsys) -> tuple[Path, StoredSchedule]:
     args = ["tune", "--model", model, "--workload", workload, "--space", "dbo", "--trials", "6",
-            "--confirm-rounds", "6", "--repeats", "8", "--storage", f"sqlite:///{tmp_path}/s.db", "--store", str(tmp_path), "--no-progress"]
+            "--confirm-rounds", "6", "--repeats", "8", "--storage", f"sqlite:///{tmp_path}/s.db", "--store", str(tmp_path), "--no-progress",
+            "--no-model"]  # the record's claims, not the model's (the README's main job tunes with it)
     assert main(args) == 0
     out = capsys.readouterr().out
     [path] = list((tmp_path / "schedules").glob("*/*.json"))
@@ -58,7 +60,11 @@ def test_tune_on_a_built_in_preset_writes_a_valid_record_of_a_correct_schedule(t
 
 
 def test_tuned_numbers_match_a_fresh_measurement_within_the_recorded_spread(tmp_path, capsys):
-    """The paced model sleeps like a kernel runs, so its timings hold on a loaded machine."""
+    """The paced model sleeps like a kernel runs, so its timings hold on a loaded machine: a fresh
+    measurement of the stored schedule agrees with the record's figure within the spreads of both:
+    the fresh measurement's, the record's speedup's, and that of the sequential figures the record's
+    one is the median of (its confirmation's rounds: on a loaded CI machine these moved 3.6% while
+    a measurement's own samples spread 2.2%)."""
     path, rec = _tune(tmp_path, "user_models:paced_block", "d16x0", capsys)
     w = Workload(model="user_models:paced_block", num_decode=16)
     assert rec.workload == w
@@ -67,8 +73,12 @@ def test_tuned_numbers_match_a_fresh_measurement_within_the_recorded_spread(tmp_
     assert all(m.ok for m in fresh)
     fresh_tps = statistics.median(w.num_tokens / round_ms(m.samples_ms) * 1e3 for m in fresh)  # the record's estimator
     fresh_spread = statistics.median(m.spread for m in fresh)
-    assert abs(fresh_tps - rec.tokens_per_s) / rec.tokens_per_s <= rec.speedup_spread + fresh_spread, \
-        (rec.schedule, rec.tokens_per_s, rec.speedup, rec.speedup_spread, [m.to_dict() for m in fresh])
+    confirmation = optuna.load_study(study_name=rec.study, storage=rec.storage).user_attrs["confirmation"]
+    rounds = [r["baseline_ms"] for c in confirmation["candidates"] for r in c["comparison"]["rounds"]]
+    assert len(rounds) >= 2  # the record's sequential figure is a median of rounds
+    rounds_spread = relative_spread(rounds)
+    assert abs(fresh_tps - rec.tokens_per_s) / rec.tokens_per_s <= rec.speedup_spread + fresh_spread + rounds_spread, \
+        (rec.schedule, rec.tokens_per_s, rec.speedup, rec.speedup_spread, rounds, [m.to_dict() for m in fresh])
     # idle, two nano-batches on two threads overlap their sleeps (~1.7x stored); under load the
     # noise hides that and sequential is stored: both are valid records, so neither is asserted
 

@@ -45,7 +45,7 @@ class Profile:
     interference: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # mode -> own -> other -> beta
     busy: dict[str, Any] = field(default_factory=dict)
     measured_s: float = 0.0
-    created_at: str = field(default_factory=lambda: now())
+    created_at: str = field(default_factory=lambda: now())  # (now() is defined below)
     whole: dict[str, int] = field(default_factory=dict)  # the whole batch's tokens per kind
     sequential_ms: float | None = None  # the sequential schedule's own call (it may not run the tasks), measured
     error: dict[str, Any] | None = None  # the model's error the last time its predictions were measured

@@ -264,9 +264,9 @@ def load_or_measure(bench, path: Path | str | None, *, renew: bool = False, labe
                     family: str = "") -> tuple[Profile, str]:
     """The cached profile at `path` when it is for this device and model, else a new one (cached
     unless it was measured under contention). With `family` (the model, dtype and parallelism), a
-    profile measured in full for another batch of the family beside `path`, with the same kinds of
-    request, lends its grid: the new one is transferred from it (transfer_profile), not measured in
-    full. Returns it and a line saying which."""
+    profile measured in full for another batch of the family beside `path` (family_base) lends its
+    grid: the new one is transferred from it (transfer_profile), not measured in full. Returns it
+    and a line saying which."""
     graph_ops = [op.name for op in bench.executor.graph.ops]
     path = Path(path) if path is not None else None
     why = "renewed (--renew-profile)" if renew else "none cached"
@@ -325,7 +325,7 @@ def family_base(path: Path, bench, family: str) -> Profile | None:
             continue
         try:
             p = Profile.from_dict(json.loads(other.read_text()))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # not a profile of ours: never a lender
             continue
         if p.family != family or p.base or p.hardware != bench.hardware.key or sorted(p.ops) != ops \
                 or not kinds <= set(p.kinds) or telemetry.contention(p.busy) is not None:
