@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import optuna
 import pytest
@@ -22,13 +23,6 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster_models import MODEL, PACED  # noqa: E402
-
-def _restore(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -49,14 +43,13 @@ def scratch():
 def cluster(scratch):
     """Head and one joined node, one CPU each; every process they started ended by pid at the end."""
     os.environ.pop("RAY_ADDRESS", None)
-    before, os.environ["TMPDIR"] = os.environ.get("TMPDIR"), scratch  # the nodes' processes inherit it
     # a lost node is found in about 5 s instead of Ray's default ~20 s (health checks every 3 s after 5 s, 5 missed)
     health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 5}
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "gcs_server_port": free_port(),
-                                                      "include_dashboard": False, "_system_config": health})
-    worker = c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    _restore("TMPDIR", before)
+    with mock.patch.dict(os.environ, {"TMPDIR": scratch}):  # the nodes' processes inherit it
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "gcs_server_port": free_port(),
+                                                          "include_dashboard": False, "_system_config": health})
+        worker = c.add_node(num_cpus=1)
+        c.wait_for_nodes()
     pids = [p.process.pid for node in (c.head_node, worker) for ps in node.all_processes.values() for p in ps]
     yield c
     c.shutdown()
@@ -211,12 +204,9 @@ def test_tensor_parallel_groups_are_placed_one_per_node_and_a_node_too_small_is_
     import glob
 
     folders = set(glob.glob(os.path.join(scratch, "dynaflow-tp-*")))  # the groups' rendezvous, in the nodes' TMPDIR
-    before, os.environ["TMPDIR"] = os.environ.get("TMPDIR"), scratch
-    try:
+    with mock.patch.dict(os.environ, {"TMPDIR": scratch}):
         big = [cluster.add_node(num_cpus=2) for _ in range(2)]
         cluster.wait_for_nodes()
-    finally:
-        _restore("TMPDIR", before)
     ids = {n.node_id[:6] for n in big}
     storage = f"sqlite:///{tmp_path}/s.db"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

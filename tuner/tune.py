@@ -134,14 +134,16 @@ def _search(sessions, lanes, config: TuneConfig, stop, log) -> list:
 
 
 def _more_rounds(target, schedule, stop) -> list[float]:
-    """RECHECK_ROUNDS more paired rounds of `schedule`: their speedups, busy or unsteady ones left out."""
+    """RECHECK_ROUNDS more paired rounds of `schedule`: the speedups of those that are evidence
+    (Comparison.evidence: no busy or unsteady round)."""
     from .confirm import paired_round
+    from .paired import Comparison
 
-    out = []
+    rounds = []
     for k in range(1, RECHECK_ROUNDS + 1):
         if stop:
             break
         r, _ = paired_round(target, schedule, k)
-        if r is not None and r.busy is None and r.unsteady is None:
-            out.append(r.ratio)
-    return out
+        if r is not None:
+            rounds.append(r)
+    return [r.ratio for r in Comparison(rounds=tuple(rounds)).evidence()]
