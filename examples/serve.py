@@ -105,10 +105,12 @@ def run(args) -> dict:
         print(f"1. served {recording.shapes.total_calls:,} {calls_of(args)} in {len(recording.shapes.calls)} shapes; "
               f"saved {shapes}")
         # 2. tune what was recorded
-        print(f"2. dynaflow-tune tune --shapes {shapes} --buckets {args.buckets} --trials {args.trials}")
+        blind = " --no-model" if args.no_model else ""
+        print(f"2. dynaflow-tune tune --shapes {shapes} --buckets {args.buckets} --trials {args.trials}{blind}")
         code = tuner(["tune", "--shapes", str(shapes), "--buckets", str(args.buckets), "--trials", str(args.trials),
                       "--store", str(store), "--storage", f"sqlite:///{store / 'studies.db'}", "--device", args.device,
-                      "--dtype", args.dtype] + (["--no-progress"] if args.no_progress else []))
+                      "--dtype", args.dtype] + (["--no-progress"] if args.no_progress else [])
+                     + (["--no-model"] if args.no_model else []))
         if code != 0:
             raise SystemExit(f"tuning failed (exit {code})")
         # 3. serve again: the server's three lines at start-up
@@ -165,6 +167,8 @@ def main() -> None:
     p.add_argument("--buckets", type=int, default=4, help="buckets tuned for the recorded shapes")
     p.add_argument("--trials", type=int, default=8, help="distinct schedules measured per bucket")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while tuning (long at --granularity op)")
+    p.add_argument("--no-model", action="store_true", help="tune without the performance model (tune --no-model): "
+                   "no profile measured, every bucket searched")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     run(args)

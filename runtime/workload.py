@@ -157,7 +157,7 @@ class Workload:
         check_device(self.device)
         if self.model in PRESETS:
             return build_preset(self)
-        for prefix, builder in CASE_BUILDERS.items():  # registered by the layers above (runtime.hf: "hf:")
+        for prefix, builder in case_builders().items():  # registered by the layers above (runtime.hf: "hf:")
             if self.model.startswith(prefix):
                 return builder(self)
         factory = load_callable(self.model)
@@ -177,6 +177,7 @@ class Workload:
 def model_name(model: str) -> str:
     """The name records are stored and looked up by: the model itself, or what its prefix's
     registration names it (a vLLM model, `vllm:<folder>`, by its folder's name)."""
+    integrations()
     for prefix, name in MODEL_NAMES.items():
         if model.startswith(prefix):
             return name(model)
@@ -201,10 +202,26 @@ def register_case_builder(prefix: str, builder: Callable[[Workload], Case], *,
                           name: Callable[[str], str] | None = None) -> None:
     """Models named `<prefix>...` are built by `builder(workload)` and their records stored under
     `name(model)` (default: the model as given). runtime.hf registers "hf:", runtime.vllm "vllm:";
-    an integration is a module that registers itself, imported by the package (runtime/__init__)."""
+    an integration is a module that registers itself, imported by `integrations()` (INTEGRATIONS)."""
     CASE_BUILDERS[prefix] = builder
     if name is not None:
         MODEL_NAMES[prefix] = name
+
+
+INTEGRATIONS = ("dynaflow.runtime.hf", "dynaflow.runtime.vllm")  # each registers its prefix when imported
+
+
+def integrations() -> None:
+    """Import the integrations, so that their prefixes are registered (once; cheap after)."""
+    for module in INTEGRATIONS:
+        if module not in sys.modules:
+            importlib.import_module(module)
+
+
+def case_builders() -> dict[str, Callable[[Workload], Case]]:
+    """Model prefix -> the builder of its cases, every integration's registered."""
+    integrations()
+    return CASE_BUILDERS
 
 
 def check_device(device: str) -> None:

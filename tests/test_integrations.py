@@ -69,5 +69,5 @@ def test_an_engine_that_cannot_run_in_a_ray_pool_says_so(engine, tmp_path, monke
 
 
 def test_the_built_in_integrations_are_registrations():
-    assert {"hf:", "vllm:"} <= set(workloads.CASE_BUILDERS) and "vllm:" in workloads.MODEL_NAMES
+    assert {"hf:", "vllm:"} <= set(workloads.case_builders()) and "vllm:" in workloads.MODEL_NAMES
     assert set(targets.INTEGRATIONS) == {"vllm:"} and targets.INTEGRATIONS["vllm:"].no_pool

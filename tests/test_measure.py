@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from dynaflow.runtime import Bench, MeasureConfig, Schedule, StreamSpec, TrialOutcome, Workload, detect, measure
+from dynaflow.runtime import Bench, MeasureConfig, Schedule, StreamSpec, TrialOutcome, Workload, detect
+from dynaflow.runtime.measure import measure
 from dynaflow.runtime.graph import trace
 from dynaflow.tuner.cli import main
 from cli_output import error_lines

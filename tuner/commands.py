@@ -17,7 +17,7 @@ from dynaflow.runtime.hardware import live_device
 from dynaflow.runtime.measure import COLLECTIVE_TIMEOUT_S
 from dynaflow.runtime.store import check_hardware
 from dynaflow.runtime.store import StoreConfig, read_record
-from dynaflow.runtime.workload import CASE_BUILDERS
+from dynaflow.runtime.workload import case_builders
 
 from .config import SAMPLERS, TuneConfig
 from .storage import StorageConfig
@@ -535,7 +535,7 @@ def _model_files(model: str | None) -> tuple[str, ...]:
     import importlib.util
     import sysconfig
 
-    if not model or ":" not in model or any(model.startswith(p) for p in CASE_BUILDERS):
+    if not model or ":" not in model or any(model.startswith(p) for p in case_builders()):
         return ()
     top = model.split(":", 1)[0].split(".")[0]
     try:

@@ -181,9 +181,9 @@ def _fit_to_walls(profile: Profile, graph, layout, measured: list[tuple[Schedule
     if not keys or not measured:
         return profile
     beta = {m: {a: dict(d) for a, d in own.items()} for m, own in profile.interference.items()}
+    sim = Simulator(profile.replace(interference=beta), graph, layout)  # reads `beta`, moved below in place
 
     def loss() -> float:
-        sim = Simulator(profile.replace(interference=beta), graph, layout)
         return sum((math.log(sim.predict(s).ms) - math.log(ms)) ** 2 for s, ms in measured)
 
     best = loss()
