@@ -10,6 +10,12 @@ Besides the schedule, two things decided a run's speed here (docs/verdicts.md ha
   minor faults, 20 -> 37 ms for hf:llama d16x256, decided by the process's history, not by the
   schedule. `keep_freed_memory()` makes glibc keep what is freed (no munmap, no trim): the steady
   state of a caching allocator, which is what a GPU's allocator gives every schedule anyway.
+  It is not a guarantee: torch allocates with posix_memalign, whose small trailing remainder lands
+  in glibc's per-thread cache (tcache) right after the block, where it keeps the freed block from
+  merging back; then a same-size request does not fit the freed block and every run faults fresh
+  pages. Seen in a process that had imported torch and little else (10,240 faults per 40 MiB run),
+  never in a process that had imported a Bench's modules (2026-12-07). So the faults of every
+  timed run are read (`RunState.faults_per_run`): a paired round whose runs refaulted is no evidence (`differs`).
 - **Each thread's intra-op thread count.** `torch.set_num_threads` sets the calling thread's
   OpenMP and MKL counts, and a process-wide value that every thread reads at its first parallel op:
   a stream thread's cap, set while another thread starts, becomes that thread's count for good. The

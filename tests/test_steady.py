@@ -113,8 +113,11 @@ def test_the_backend_refuses_a_thread_count_below_one():
         CPUBackend(threads=0)
 
 
+# what a measuring process has imported (a Bench's modules) before it allocates: whether glibc's
+# memalign leaves its trailing remainder where it blocks reuse depends on the heap's history (below)
 ALLOCATE = """
 import sys, torch
+import dynaflow.runtime.measure
 from dynaflow.runtime import steady
 if sys.argv[1] == "keep":
     print(steady.keep_freed_memory(), file=sys.stderr)
