@@ -23,7 +23,7 @@ from .. import telemetry
 from ..files import write_json_atomic
 from ..plan import default_order, staggered_order
 from ..schedule import Schedule, StreamSpec
-from .profile import MAX_BETA, SPLITS, Profile, _features, _fit, _lstsq, _split, now
+from .profile import MAX_BETA, MODES, SPLITS, Profile, _features, _fit, _lstsq, _split, now
 from .simulate import Simulator
 
 BETA_STEPS = [i / 20 for i in range(20)]  # 0 .. 0.95
@@ -183,22 +183,40 @@ def _fit_to_walls(profile: Profile, graph, layout, measured: list[tuple[Schedule
     beta = {m: {a: dict(d) for a, d in own.items()} for m, own in profile.interference.items()}
     sim = Simulator(profile.replace(interference=beta), graph, layout)  # reads `beta`, moved below in place
 
-    def loss() -> float:
-        return sum((math.log(sim.predict(s).ms) - math.log(ms)) ** 2 for s, ms in measured)
+    def term(i: int) -> float:
+        s, ms = measured[i]
+        return (math.log(sim.predict(s).ms) - math.log(ms)) ** 2
 
-    best = loss()
+    terms = [term(i) for i in range(len(measured))]
+    # a beta of one mode moves only the schedules with a pair of streams in that mode (the simulator's rule)
+    touched = {mode: [i for i, (s, _) in enumerate(measured) if mode in _modes(s)] for mode in MODES}
+    best = sum(terms)
     for _ in range(sweeps):
         moved = False
         for m, a, b in keys:
-            keep = beta[m][a][b]
+            keep, mine = beta[m][a][b], touched.get(m, [])
+            kept = {i: terms[i] for i in mine}
             for value in BETA_STEPS:
+                if value == keep:
+                    continue  # its loss is `best`
                 beta[m][a][b] = value
-                if (now := loss()) < best - 1e-12:
-                    best, keep, moved = now, value, True
+                tried = {i: term(i) for i in mine}
+                if (now := best - sum(kept.values()) + sum(tried.values())) < best - 1e-12:
+                    best, keep, kept, moved = now, value, tried, True
             beta[m][a][b] = keep
+            for i, v in kept.items():
+                terms[i] = v
         if not moved:
             break
     return profile.replace(interference=beta)
+
+
+def _modes(schedule: Schedule) -> set[str]:
+    """The interference modes a schedule's streams meet in: "partitioned" for a pair of streams
+    that both have a share, "shared" for any other pair (runtime/perfmodel/simulate.py `_rate`)."""
+    shares = [s.sm_share for s in schedule.streams]
+    return {"partitioned" if x is not None and y is not None else "shared"
+            for i, x in enumerate(shares) for y in shares[i + 1:]}
 
 
 def transfer_profile(bench, base: Profile, *, label: str = "", runs: int = 5) -> Profile:
