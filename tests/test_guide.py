@@ -116,6 +116,42 @@ def test_one_lucky_round_does_not_contradict_the_model_its_median_decides(tmp_pa
     assert r.record.sequential_best
 
 
+def nearly_profile() -> Profile:
+    """costly_profile with a cheap second stream: its best schedule (one nano-batch on two streams)
+    is predicted about 0.96x, which the assumed error (15%) could lift past 1.03x."""
+    return costly_profile().replace(overhead_ms={"1": 0.0, "2": 1.5})
+
+
+@pytest.mark.parametrize("slower, screened", [(1.0, True), (1.25, False)])
+def test_an_error_measured_on_the_models_top_few_may_screen_the_rest(tmp_path, slower, screened):
+    """No error measured yet on the device: the assumed 15% keeps the screen off before the search.
+    The search's first trials are the model's top few; measured as predicted (the fake runs each
+    schedule in the time the model predicts), the error taken is the 5% floor and even
+    optimistically nothing reaches 1.03x: the search stops there, and the confirmation decides on
+    the best of them. Measured 25% slower than predicted, the error is 25% and the search runs on."""
+    from dynaflow.runtime.perfmodel import Simulator
+
+    prof = nearly_profile()
+    sim = Simulator(prof, CTX.graph, CTX.layout)
+    target = ProfiledFake(CTX, lambda s: sim.predict(s).ms * (1.0 if s.is_sequential else slower), profile=prof)
+    lines = []
+    cfg = config(tmp_path)
+    [r] = tune(cfg, make_target=lambda w: target, log=lines.append)
+    text = "\n".join(lines)
+    guide, _ = make_guide(target, W, "nanoflow", None, seed=0)
+    assert guide.best[0] * 1.15 > 1.03 > guide.best[0] * 1.05  # the assumed error screens nothing; 5% would
+    assert "measuring only its top" not in text  # no screen before the first trial
+    if screened:
+        assert f"model: its error on its top {SCREEN_TOP}, measured: 5% at worst" in text, text
+        assert "the search stops at them" in text and r.distinct == SCREEN_TOP
+        assert len(r.verdict.candidates) == SCREEN_CONFIRM and r.record.sequential_best
+    else:
+        assert "the search stops" not in text and r.distinct == 12
+        assert len(r.verdict.candidates) == 3  # a full search: the usual confirmation of its top 3
+    measured = [t for t in study_of(cfg).trials if counts_toward_budget(t)]
+    assert [t.user_attrs[SCHEDULE_KEY] for t in measured[:SCREEN_TOP]] == [s.key() for _, _, s in guide.ranked[:SCREEN_TOP]]
+
+
 def test_without_the_model_nothing_is_predicted_or_screened(tmp_path):
     target = ProfiledFake(CTX, lambda s: 10.0 if s.is_sequential else 12.0, profile=costly_profile())
     lines = []

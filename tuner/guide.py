@@ -12,6 +12,7 @@ a Ray pool) tunes as before, and the run says so.
 """
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from dataclasses import dataclass
@@ -143,6 +144,15 @@ class Guide:
 
     def _beyond(self, measured: float, predicted: float) -> bool:
         return measured > predicted * (1 + self.error) and measured > 1
+
+    def measured_error(self, error: ModelError) -> bool:
+        """Take this run's error on a few schedules in place of the one assumed, once measured on at
+        least 3: the worst of them (not the median a run of many gives `optimism`), at least 5%;
+        whether it was taken."""
+        if error.n < 3 or error.worst is None or not math.isfinite(error.worst):
+            return False
+        self.error = max(0.05, float(error.worst))
+        return True
 
     def keep_error(self, error: ModelError) -> None:
         if error.n >= 3 and error.median_abs is not None:
