@@ -109,27 +109,27 @@ def _search(sessions, lanes, config: TuneConfig, stop, log) -> list:
     1 + min_effect, only its top few (SCREEN_TOP, then stop) unless what they measure contradicts it."""
     full = search_config(config)
     guide = sessions[0].guide if len(sessions) == 1 else None
-    if guide is None:
+    screens = guide is not None and guide.screens(config.min_effect)
+    # no error measured yet on this device (the assumed one kept the screen off): the search's first
+    # trials are the model's top few anyway, and their error, once measured, may screen the rest
+    early = (guide is not None and not screens and guide.profile.error is None
+             and (not config.trials or config.trials > SCREEN_TOP))
+    if not (screens or early):
         return run_search(lanes, full, stop)
     study = sessions[0].study
     budget = min(len(search_trials(study)) + SCREEN_TOP, config.trials or float("inf"))
-    if guide.screens(config.min_effect):
+    if screens:
         log(f"model: even optimistically ({guide.optimistic():.3f}x, its best prediction plus its error) no schedule "
             f"reaches {1 + config.min_effect:.2f}x: measuring only its top {SCREEN_TOP}, then the confirmation decides "
             f"on the best of them")
-        first = run_search(lanes, dataclasses.replace(full, trials=int(budget)), stop)
-    elif guide.profile.error is None and (config.trials or SCREEN_TOP + 1) > SCREEN_TOP:
-        # no error measured yet on this device: the assumed one kept the screen off; the search's first
-        # trials are the model's top few, and their error, measured, may screen the rest
-        first = run_search(lanes, dataclasses.replace(full, trials=int(budget)), stop)
+    first = run_search(lanes, dataclasses.replace(full, trials=int(budget)), stop)
+    if early:
         error = run_error(study, since=sessions[0].first_trial)
         if stop or not guide.measured_error(error) or not guide.screens(config.min_effect):
-            return _more(first, run_search(lanes, full, stop))
+            return _joined(first, run_search(lanes, full, stop))
         log(f"model: its error on its top {error.n}, measured: {guide.error:.0%} at worst; even optimistically "
             f"({guide.optimistic():.3f}x) no schedule reaches {1 + config.min_effect:.2f}x: the search stops at "
             f"them, and the confirmation decides on the best of them")
-    else:
-        return run_search(lanes, full, stop)
     sessions[0].screened = True
     target = sessions[0].target
     why = guide.contradicted(study, sessions[0].first_trial, recheck=lambda s: _more_rounds(target, s, stop))
@@ -138,10 +138,10 @@ def _search(sessions, lanes, config: TuneConfig, stop, log) -> list:
         return first
     log(f"model: contradicted, {why}: the full search runs")
     sessions[0].screened = False
-    return _more(first, run_search(lanes, full, stop))
+    return _joined(first, run_search(lanes, full, stop))
 
 
-def _more(first: list, second: list) -> list:
+def _joined(first: list, second: list) -> list:
     """The results of a search run in two parts, as one (the second's, with the first's counts added)."""
     for a, b in zip(first, second):
         b.duplicates += a.duplicates

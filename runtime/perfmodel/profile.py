@@ -29,6 +29,12 @@ MAX_BETA = 0.95
 MODES = ("shared", "partitioned")
 
 
+def pair_mode(share: int | None, other: int | None) -> str:
+    """The interference mode two streams run beside each other in: "partitioned" when both have a
+    share of the device, "shared" otherwise."""
+    return "partitioned" if share is not None and other is not None else "shared"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Profile:
     hardware: str

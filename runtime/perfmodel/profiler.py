@@ -23,7 +23,7 @@ from .. import telemetry
 from ..files import write_json_atomic
 from ..plan import default_order, staggered_order
 from ..schedule import Schedule, StreamSpec
-from .profile import MAX_BETA, MODES, SPLITS, Profile, _features, _fit, _lstsq, _split, now
+from .profile import MAX_BETA, MODES, SPLITS, Profile, _features, _fit, _lstsq, _split, now, pair_mode
 from .simulate import Simulator
 
 BETA_STEPS = [i / 20 for i in range(20)]  # 0 .. 0.95
@@ -212,11 +212,9 @@ def _fit_to_walls(profile: Profile, graph, layout, measured: list[tuple[Schedule
 
 
 def _modes(schedule: Schedule) -> set[str]:
-    """The interference modes a schedule's streams meet in: "partitioned" for a pair of streams
-    that both have a share, "shared" for any other pair (runtime/perfmodel/simulate.py `_rate`)."""
+    """The interference modes a schedule's pairs of streams meet in (`pair_mode`)."""
     shares = [s.sm_share for s in schedule.streams]
-    return {"partitioned" if x is not None and y is not None else "shared"
-            for i, x in enumerate(shares) for y in shares[i + 1:]}
+    return {pair_mode(x, y) for i, x in enumerate(shares) for y in shares[i + 1:]}
 
 
 def transfer_profile(bench, base: Profile, *, label: str = "", runs: int = 5) -> Profile:

@@ -28,7 +28,7 @@ from ..batch import BatchLayout
 from ..graph import OpGraph
 from ..plan import default_order
 from ..schedule import Schedule
-from .profile import Profile, _features
+from .profile import Profile, _features, pair_mode
 
 MIN_RATE = 0.05  # a task never stalls outright: interference fitted on two streams, applied to more
 
@@ -184,7 +184,7 @@ class Simulator:
             o = tasks[j]
             if o.stream == t.stream:
                 continue
-            mode = "partitioned" if shares[t.stream] is not None and shares[o.stream] is not None else "shared"
+            mode = pair_mode(shares[t.stream], shares[o.stream])
             beta = self.profile.beta(mode, t.resource, o.resource)
             slow += beta / (1.0 - beta)  # the time it adds per unit of work: these add up
         return max(MIN_RATE, 1.0 / (1.0 + slow))
